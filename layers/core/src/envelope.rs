@@ -1,0 +1,631 @@
+//! The envelope: one message between nodes.
+//!
+//! On the wire (see [`Envelope::to_message`]) the payload is the message body, bytes as they
+//! are; everything else travels beside it as headers:
+//!
+//! | header | value |
+//! |---|---|
+//! | message id | the [`MessageId`], 32 hex digits (AMQP's `message_id` property) |
+//! | `hc-origin` | the sending node's id |
+//! | `hc-target` | `connection:{connection id}`, `node:{node id}`, `broadcast` or `group:{group}` |
+//! | `hc-sender` | the sending connection's id, when a connection sent it |
+//! | `hc-kind` | `text` (the payload is UTF-8) or `binary` |
+//! | `hc-sent-at` | when it was sent, milliseconds since the Unix epoch, by the sender's clock |
+//! | anything else | extension headers (trace context, signatures), carried as they are |
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::broker::{BrokerMessage, RoutingKey};
+use crate::connection::ConnectionId;
+use crate::node::NodeId;
+
+/// Header naming the sending node.
+pub const HEADER_ORIGIN: &str = "hc-origin";
+/// Header naming the target.
+pub const HEADER_TARGET: &str = "hc-target";
+/// Header naming the sending connection.
+pub const HEADER_SENDER: &str = "hc-sender";
+/// Header telling text from binary payloads.
+pub const HEADER_KIND: &str = "hc-kind";
+/// Header with the send time in milliseconds since the Unix epoch.
+pub const HEADER_SENT_AT: &str = "hc-sent-at";
+/// Prefix of the headers this crate reserves; extension headers may not use it.
+pub const RESERVED_HEADER_PREFIX: &str = "hc-";
+
+/// The unique id of one envelope: 128 random bits, written as 32 hex digits.
+///
+/// Receivers use it to recognise a message delivered twice (after a reconnect).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(u128);
+
+impl MessageId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// An id with a chosen value (tests and tools).
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// The id's value.
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = EnvelopeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || EnvelopeError::InvalidMessageId;
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid());
+        }
+        u128::from_str_radix(s, 16).map(Self).map_err(|_| invalid())
+    }
+}
+
+impl Serialize for MessageId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The longest group name accepted, in bytes.
+pub const MAX_GROUP_NAME_LEN: usize = 128;
+
+/// The name of a group (a room): 1 to 128 bytes of printable text, no control characters.
+///
+/// A group message reaches the group's members on every node that has some. Cloning is cheap.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupName(Arc<str>);
+
+impl GroupName {
+    /// Checks `name` and makes a group name of it.
+    pub fn new(name: impl AsRef<str>) -> Result<Self, EnvelopeError> {
+        let name = name.as_ref();
+        let invalid = |reason| EnvelopeError::InvalidGroupName { reason };
+        if name.is_empty() {
+            return Err(invalid("it is empty"));
+        }
+        if name.len() > MAX_GROUP_NAME_LEN {
+            return Err(invalid("it is longer than 128 bytes"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(invalid("it contains control characters"));
+        }
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for GroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl FromStr for GroupName {
+    type Err = EnvelopeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl Serialize for GroupName {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Self::new(&*s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether a payload is text (valid UTF-8, sent to clients as a text frame) or binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadKind {
+    /// UTF-8 text.
+    Text,
+    /// Arbitrary bytes.
+    Binary,
+}
+
+impl PayloadKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Binary => "binary",
+        }
+    }
+}
+
+/// Where an envelope goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// One connection, on the node its id names.
+    Connection(ConnectionId),
+    /// A node itself (node-to-node control traffic).
+    Node(NodeId),
+    /// Every connection on every node.
+    Broadcast,
+    /// The members of a group, on the nodes that have some.
+    Group(GroupName),
+}
+
+impl Target {
+    /// The routing key that takes an envelope for this target to the right node queues.
+    pub fn routing_key(&self) -> RoutingKey {
+        match self {
+            Self::Connection(id) => RoutingKey::Node(id.node().clone()),
+            Self::Node(node) => RoutingKey::Node(node.clone()),
+            Self::Broadcast => RoutingKey::Broadcast,
+            Self::Group(group) => RoutingKey::Group(group.clone()),
+        }
+    }
+
+    fn encode(&self) -> String {
+        match self {
+            Self::Connection(id) => format!("connection:{id}"),
+            Self::Node(node) => format!("node:{node}"),
+            Self::Broadcast => "broadcast".to_owned(),
+            Self::Group(group) => format!("group:{group}"),
+        }
+    }
+
+    fn decode(value: &str) -> Result<Self, EnvelopeError> {
+        let invalid = |reason| EnvelopeError::InvalidHeader {
+            name: HEADER_TARGET,
+            reason,
+        };
+        if value == "broadcast" {
+            return Ok(Self::Broadcast);
+        }
+        let (kind, rest) = value
+            .split_once(':')
+            .ok_or_else(|| invalid("expected connection:, node:, group: or broadcast"))?;
+        match kind {
+            "connection" => rest
+                .parse()
+                .map(Self::Connection)
+                .map_err(|_| invalid("the connection id is invalid")),
+            "node" => NodeId::new(rest)
+                .map(Self::Node)
+                .map_err(|_| invalid("the node id is invalid")),
+            "group" => GroupName::new(rest)
+                .map(Self::Group)
+                .map_err(|_| invalid("the group name is invalid")),
+            _ => Err(invalid("expected connection:, node:, group: or broadcast")),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+/// One message between nodes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Unique id, for duplicate suppression.
+    pub id: MessageId,
+    /// The node that sent it.
+    pub origin: NodeId,
+    /// The connection that sent it, if a connection did.
+    pub sender: Option<ConnectionId>,
+    /// Where it goes.
+    pub target: Target,
+    /// Text or binary payload.
+    pub kind: PayloadKind,
+    /// When it was sent, by the sender's clock (millisecond precision on the wire).
+    pub sent_at: SystemTime,
+    /// Extension headers (trace context, signatures). Names may not start with `hc-`.
+    pub headers: BTreeMap<String, String>,
+    /// The payload, carried as it is.
+    pub payload: Bytes,
+}
+
+impl fmt::Debug for Envelope {
+    // The payload is the user's data: never print it, only its size.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Envelope")
+            .field("id", &self.id)
+            .field("origin", &self.origin)
+            .field("sender", &self.sender)
+            .field("target", &self.target)
+            .field("kind", &self.kind)
+            .field("sent_at", &self.sent_at)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+impl Envelope {
+    /// A new envelope from `origin` to `target`, with a fresh id, sent now.
+    pub fn new(
+        origin: NodeId,
+        target: Target,
+        kind: PayloadKind,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            id: MessageId::random(),
+            origin,
+            sender: None,
+            target,
+            kind,
+            sent_at: crate::node::now_millis(),
+            headers: BTreeMap::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// A new text envelope (see [`Envelope::new`]).
+    pub fn text(origin: NodeId, target: Target, text: impl Into<String>) -> Self {
+        Self::new(origin, target, PayloadKind::Text, text.into())
+    }
+
+    /// A new binary envelope (see [`Envelope::new`]).
+    pub fn binary(origin: NodeId, target: Target, payload: impl Into<Bytes>) -> Self {
+        Self::new(origin, target, PayloadKind::Binary, payload)
+    }
+
+    /// Sets the sending connection.
+    pub fn with_sender(mut self, sender: ConnectionId) -> Self {
+        self.sender = Some(sender);
+        self
+    }
+
+    /// The routing key of the envelope's target.
+    pub fn routing_key(&self) -> RoutingKey {
+        self.target.routing_key()
+    }
+
+    /// The payload as text, if it is a text payload.
+    pub fn payload_text(&self) -> Option<&str> {
+        match self.kind {
+            PayloadKind::Text => std::str::from_utf8(&self.payload).ok(),
+            PayloadKind::Binary => None,
+        }
+    }
+
+    /// The broker message that carries this envelope: the payload as the body, the rest as
+    /// headers (see the [module docs](self)).
+    ///
+    /// Fails when an extension header uses the reserved `hc-` prefix or an empty name, or when
+    /// a text payload is not UTF-8.
+    pub fn to_message(&self) -> Result<BrokerMessage, EnvelopeError> {
+        if self.kind == PayloadKind::Text && std::str::from_utf8(&self.payload).is_err() {
+            return Err(EnvelopeError::TextNotUtf8);
+        }
+        let mut headers = BTreeMap::new();
+        for (name, value) in &self.headers {
+            if name.is_empty() || name.starts_with(RESERVED_HEADER_PREFIX) {
+                return Err(EnvelopeError::ReservedHeader { name: name.clone() });
+            }
+            headers.insert(name.clone(), value.clone());
+        }
+        headers.insert(HEADER_ORIGIN.to_owned(), self.origin.to_string());
+        headers.insert(HEADER_TARGET.to_owned(), self.target.encode());
+        if let Some(sender) = &self.sender {
+            headers.insert(HEADER_SENDER.to_owned(), sender.to_string());
+        }
+        headers.insert(HEADER_KIND.to_owned(), self.kind.as_str().to_owned());
+        let sent_at_ms = self
+            .sent_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        headers.insert(HEADER_SENT_AT.to_owned(), sent_at_ms.to_string());
+        Ok(BrokerMessage {
+            message_id: self.id.to_string(),
+            headers,
+            body: self.payload.clone(),
+        })
+    }
+
+    /// Reads an envelope from a broker message, checking every header. The error names what
+    /// was wrong and never contains the payload.
+    pub fn from_message(message: BrokerMessage) -> Result<Self, EnvelopeError> {
+        let BrokerMessage {
+            message_id,
+            mut headers,
+            body,
+        } = message;
+        let id = message_id.parse()?;
+        let mut take = |name: &'static str| {
+            headers
+                .remove(name)
+                .ok_or(EnvelopeError::MissingHeader { name })
+        };
+        let origin =
+            NodeId::new(take(HEADER_ORIGIN)?).map_err(|_| EnvelopeError::InvalidHeader {
+                name: HEADER_ORIGIN,
+                reason: "the node id is invalid",
+            })?;
+        let target = Target::decode(&take(HEADER_TARGET)?)?;
+        let kind = match take(HEADER_KIND)?.as_str() {
+            "text" => PayloadKind::Text,
+            "binary" => PayloadKind::Binary,
+            _ => {
+                return Err(EnvelopeError::InvalidHeader {
+                    name: HEADER_KIND,
+                    reason: "expected text or binary",
+                });
+            }
+        };
+        let sent_at_ms: u64 =
+            take(HEADER_SENT_AT)?
+                .parse()
+                .map_err(|_| EnvelopeError::InvalidHeader {
+                    name: HEADER_SENT_AT,
+                    reason: "expected milliseconds since the Unix epoch",
+                })?;
+        let sender = match headers.remove(HEADER_SENDER) {
+            None => None,
+            Some(sender) => Some(sender.parse().map_err(|_| EnvelopeError::InvalidHeader {
+                name: HEADER_SENDER,
+                reason: "the connection id is invalid",
+            })?),
+        };
+        if let Some(name) = headers
+            .keys()
+            .find(|name| name.starts_with(RESERVED_HEADER_PREFIX))
+        {
+            return Err(EnvelopeError::ReservedHeader { name: name.clone() });
+        }
+        if kind == PayloadKind::Text && std::str::from_utf8(&body).is_err() {
+            return Err(EnvelopeError::TextNotUtf8);
+        }
+        Ok(Self {
+            id,
+            origin,
+            sender,
+            target,
+            kind,
+            sent_at: UNIX_EPOCH + Duration::from_millis(sent_at_ms),
+            headers,
+            payload: body,
+        })
+    }
+}
+
+/// Why an envelope, or a part of one, is malformed.
+///
+/// The messages name the header or field at fault and never quote the payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// A required header is missing.
+    #[error("envelope header `{name}` is missing")]
+    MissingHeader {
+        /// The header's name.
+        name: &'static str,
+    },
+    /// A header's value is not of its form.
+    #[error("envelope header `{name}` is invalid: {reason}")]
+    InvalidHeader {
+        /// The header's name.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An unknown header uses the reserved `hc-` prefix, or an extension header has no name.
+    #[error("envelope header {name:?} is reserved or unnamed")]
+    ReservedHeader {
+        /// The header's name.
+        name: String,
+    },
+    /// The message id is not 32 hex digits.
+    #[error("envelope message id is not 32 hex digits")]
+    InvalidMessageId,
+    /// A text payload is not valid UTF-8.
+    #[error("envelope payload is marked text but is not valid UTF-8")]
+    TextNotUtf8,
+    /// A group name is not of its form.
+    #[error("invalid group name: {reason}")]
+    InvalidGroupName {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::Incarnation;
+
+    fn node(id: &str) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    fn sample() -> Envelope {
+        let sender = ConnectionId::new(node("a"), Incarnation::from_u64(1), 9);
+        let to = ConnectionId::new(node("b"), Incarnation::from_u64(2), 3);
+        let mut envelope =
+            Envelope::binary(node("a"), Target::Connection(to), vec![0u8, 159, 146, 150])
+                .with_sender(sender);
+        envelope
+            .headers
+            .insert("traceparent".into(), "00-abc-def-01".into());
+        envelope.sent_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        envelope
+    }
+
+    #[test]
+    fn payload_travels_as_the_body_unchanged() {
+        let envelope = sample();
+        let message = envelope.to_message().unwrap();
+        assert_eq!(&message.body[..], &[0u8, 159, 146, 150]);
+        assert_eq!(
+            message.headers[HEADER_TARGET],
+            "connection:b:0000000000000002:3"
+        );
+        assert_eq!(message.headers[HEADER_SENT_AT], "1700000000123");
+        assert_eq!(message.message_id.len(), 32);
+        assert_eq!(Envelope::from_message(message).unwrap(), envelope);
+    }
+
+    #[test]
+    fn every_target_round_trips() {
+        for target in [
+            Target::Node(node("n1")),
+            Target::Broadcast,
+            Target::Group(GroupName::new("room: lobby/1").unwrap()),
+        ] {
+            let envelope = Envelope::text(node("a"), target.clone(), "hello");
+            let back = Envelope::from_message(envelope.to_message().unwrap()).unwrap();
+            assert_eq!(back.target, target);
+            assert_eq!(back.payload_text(), Some("hello"));
+        }
+    }
+
+    #[test]
+    fn routing_keys_follow_targets() {
+        let to = ConnectionId::new(node("b"), Incarnation::from_u64(2), 3);
+        assert_eq!(
+            Target::Connection(to).routing_key(),
+            RoutingKey::Node(node("b"))
+        );
+        assert_eq!(Target::Broadcast.routing_key(), RoutingKey::Broadcast);
+    }
+
+    #[test]
+    fn malformed_messages_name_what_is_wrong() {
+        let good = sample().to_message().unwrap();
+        let broken = |edit: &dyn Fn(&mut BrokerMessage)| {
+            let mut message = good.clone();
+            edit(&mut message);
+            Envelope::from_message(message).unwrap_err()
+        };
+        assert_eq!(
+            broken(&|m| {
+                m.headers.remove(HEADER_ORIGIN);
+            }),
+            EnvelopeError::MissingHeader {
+                name: HEADER_ORIGIN
+            }
+        );
+        assert!(matches!(
+            broken(&|m| {
+                m.headers.insert(HEADER_TARGET.into(), "planet:mars".into());
+            }),
+            EnvelopeError::InvalidHeader {
+                name: HEADER_TARGET,
+                ..
+            }
+        ));
+        assert!(matches!(
+            broken(&|m| {
+                m.headers.insert(HEADER_SENT_AT.into(), "yesterday".into());
+            }),
+            EnvelopeError::InvalidHeader {
+                name: HEADER_SENT_AT,
+                ..
+            }
+        ));
+        assert!(matches!(
+            broken(&|m| {
+                m.headers.insert(HEADER_SENDER.into(), "nobody".into());
+            }),
+            EnvelopeError::InvalidHeader {
+                name: HEADER_SENDER,
+                ..
+            }
+        ));
+        assert_eq!(
+            broken(&|m| m.message_id = "42".into()),
+            EnvelopeError::InvalidMessageId
+        );
+        assert_eq!(
+            broken(&|m| {
+                m.headers.insert(HEADER_KIND.into(), "text".into());
+            }),
+            EnvelopeError::TextNotUtf8
+        );
+        assert!(matches!(
+            broken(&|m| {
+                m.headers.insert("hc-unknown".into(), "x".into());
+            }),
+            EnvelopeError::ReservedHeader { .. }
+        ));
+    }
+
+    #[test]
+    fn error_messages_never_quote_the_payload() {
+        let mut message = Envelope::text(node("a"), Target::Broadcast, "secret-payload")
+            .to_message()
+            .unwrap();
+        message.headers.remove(HEADER_KIND);
+        let err = Envelope::from_message(message).unwrap_err();
+        assert!(!err.to_string().contains("secret"));
+        let envelope = Envelope::text(node("a"), Target::Broadcast, "secret-payload");
+        assert!(!format!("{envelope:?}").contains("secret"));
+    }
+
+    #[test]
+    fn reserved_extension_headers_are_refused_on_send() {
+        let mut envelope = Envelope::text(node("a"), Target::Broadcast, "x");
+        envelope
+            .headers
+            .insert("hc-target".into(), "node:evil".into());
+        assert!(matches!(
+            envelope.to_message(),
+            Err(EnvelopeError::ReservedHeader { .. })
+        ));
+    }
+
+    #[test]
+    fn group_names_are_checked() {
+        assert!(GroupName::new("lobby").is_ok());
+        assert!(GroupName::new("").is_err());
+        assert!(GroupName::new("a\nb").is_err());
+        assert!(GroupName::new("g".repeat(129)).is_err());
+    }
+}

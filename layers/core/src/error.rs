@@ -1,0 +1,102 @@
+//! The errors the backend traits report.
+//!
+//! Each is a small enum a caller can match on; the backend's own error, where there is one,
+//! is kept as the [`source`](std::error::Error::source), never as the only way to tell
+//! failures apart.
+
+use crate::node::NodeId;
+
+/// A boxed error from a backend or an inner service.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A failure of a [`Registry`](crate::Registry).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The registry cannot be reached now (connection refused or lost, timed out). The same
+    /// call may succeed later.
+    #[error("the registry is unreachable")]
+    Unavailable {
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A stored value is not of the expected form; `key` names where it is.
+    #[error("malformed value at registry key {key:?}: {reason}")]
+    Malformed {
+        /// The backend's key of the value.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An argument was refused before reaching the backend.
+    #[error("invalid registry argument: {reason}")]
+    InvalidArgument {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The registry handle was shut down.
+    #[error("the registry was closed")]
+    Closed,
+    /// Any other failure of the backend.
+    #[error("the registry failed")]
+    Backend {
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl RegistryError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// A failure of a [`Broker`](crate::Broker) other than a refused publish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The broker cannot be reached now (connection or channel refused or lost, timed out).
+    /// The same call may succeed later.
+    #[error("the broker is unreachable")]
+    Unavailable {
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The node's queue does not exist (never declared, deleted, or expired).
+    #[error("the queue of node {node} does not exist")]
+    QueueNotFound {
+        /// The node whose queue is missing.
+        node: NodeId,
+    },
+    /// The node's queue already has a consumer; a queue has one consumer at a time.
+    #[error("the queue of node {node} already has a consumer")]
+    QueueInUse {
+        /// The node whose queue is taken.
+        node: NodeId,
+    },
+    /// The delivery was settled already, or its consumer is gone; an unacknowledged message is
+    /// delivered again to the queue's next consumer.
+    #[error("the delivery can no longer be acknowledged: its consumer is gone")]
+    StaleDelivery,
+    /// The broker handle was shut down.
+    #[error("the broker was closed")]
+    Closed,
+    /// Any other failure of the backend.
+    #[error("the broker failed")]
+    Backend {
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl BrokerError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}

@@ -1,0 +1,54 @@
+//! The shared model of `hybrid-cluster`.
+//!
+//! Every layer of the cluster speaks the types defined here, so that each layer crate can be
+//! used alone without depending on the facade:
+//!
+//! - [`node`]: who a node is ([`NodeId`], [`Incarnation`]) and what it tells its peers
+//!   ([`NodeInfo`], with a stable JSON form documented on the type).
+//! - [`connection`]: [`ConnectionId`], which names the node a WebSocket connection lives on, so
+//!   a message for it needs no lookup to find its way.
+//! - [`envelope`]: [`Envelope`], a message between nodes. Its payload is bytes carried as bytes;
+//!   the routing metadata travels beside it, never wrapped around it.
+//! - [`config`]: connection strings ([`RedisUrl`], [`AmqpUrl`]) and the cluster prefix
+//!   ([`ClusterPrefix`]), checked at start-up with errors that name the problem.
+//! - [`registry`] and [`broker`]: the two backend traits. A [`Registry`] keeps node records under
+//!   leases and tells watchers when they change (Redis in production); a [`Broker`] moves
+//!   messages between node queues with publisher confirmation and acknowledged delivery
+//!   (RabbitMQ in production). Both are object safe, so a backend can be chosen at run time,
+//!   and small, so another client library or broker can be slotted in.
+//!
+//! The in-memory implementations of both traits live in `hybrid-cluster-memory`.
+//!
+//! ```
+//! use hybrid_cluster_core::{ConnectionId, Incarnation, NodeId, NodeInfo};
+//!
+//! let node = NodeId::new("node-1")?;
+//! let info = NodeInfo::new(node.clone(), Incarnation::random(), "10.0.0.5", 5001);
+//! assert!(info.is_available());
+//!
+//! // A connection id names its node, so a sender knows where to route without a lookup.
+//! let id: ConnectionId = "node-1:00000000000000a1:7".parse()?;
+//! assert_eq!(id.node(), &node);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod envelope;
+pub mod error;
+pub mod node;
+pub mod registry;
+
+pub use broker::{
+    Acker, Acknowledge, Broker, BrokerMessage, ConsumeOptions, Deliveries, Delivery, PublishError,
+    QueueOptions, RoutingKey, Settlement,
+};
+pub use config::{AmqpUrl, ClusterPrefix, ConfigError, RedisUrl};
+pub use connection::{ConnectionId, ConnectionIdError, ConnectionIds};
+pub use envelope::{Envelope, EnvelopeError, GroupName, MessageId, PayloadKind, Target};
+pub use error::{BoxError, BrokerError, RegistryError};
+pub use node::{
+    Incarnation, InvalidIncarnation, InvalidNodeId, NodeId, NodeInfo, NodeRecordError, NodeStatus,
+};
+pub use registry::{NodeRecord, Registry, RegistryEvent, RegistryEvents, RemovalCause};
