@@ -11,6 +11,8 @@
 //!   the routing metadata travels beside it, never wrapped around it.
 //! - [`config`]: connection strings ([`RedisUrl`], [`AmqpUrl`]) and the cluster prefix
 //!   ([`ClusterPrefix`]), checked at start-up with errors that name the problem.
+//! - [`live`]: [`LiveNodeInfo`], a peer's info kept current by discovery after the peer was
+//!   inserted, which balancers read through [`HasNodeInfo`].
 //! - [`registry`] and [`broker`]: the two backend traits. A [`Registry`] keeps node records under
 //!   leases and tells watchers when they change (Redis in production); a [`Broker`] moves
 //!   messages between node queues with publisher confirmation and acknowledged delivery
@@ -37,6 +39,7 @@ pub mod config;
 pub mod connection;
 pub mod envelope;
 pub mod error;
+pub mod live;
 pub mod node;
 pub mod registry;
 
@@ -48,6 +51,7 @@ pub use config::{AmqpUrl, ClusterPrefix, ConfigError, RedisUrl};
 pub use connection::{ConnectionId, ConnectionIdError, ConnectionIds};
 pub use envelope::{Envelope, EnvelopeError, GroupName, MessageId, PayloadKind, Target};
 pub use error::{BoxError, BrokerError, RegistryError};
+pub use live::{Epoch, HasNodeInfo, LiveNodeInfo};
 pub use node::{
     Incarnation, InvalidIncarnation, InvalidNodeId, NodeId, NodeInfo, NodeRecordError, NodeStatus,
 };
