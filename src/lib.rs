@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub use hybrid_cluster_core::{broker, config, connection, envelope, error, node, registry};
+pub use hybrid_cluster_discovery as discovery;
 pub use hybrid_cluster_memory as memory;
 
 pub use hybrid_cluster_core::{

@@ -46,7 +46,8 @@ impl Epoch {
         self.0.load(Ordering::Acquire)
     }
 
-    fn bump(&self) {
+    /// Marks a change no cell records, such as a node joining or leaving.
+    pub fn bump(&self) {
         self.0.fetch_add(1, Ordering::AcqRel);
     }
 }

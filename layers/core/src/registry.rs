@@ -41,6 +41,12 @@ pub struct NodeRecord {
     pub key: String,
     /// The record, as written.
     pub value: Bytes,
+    /// How long the record's lease had left when it was read, where the backend tells.
+    ///
+    /// A watcher can arm its own timer with it, on its own clock, and check the record again
+    /// when it runs out: crash detection within the lease, with no clock comparison between
+    /// machines.
+    pub expires_in: Option<Duration>,
 }
 
 impl fmt::Debug for NodeRecord {
@@ -49,6 +55,7 @@ impl fmt::Debug for NodeRecord {
             .field("node", &self.node)
             .field("key", &self.key)
             .field("value", &String::from_utf8_lossy(&self.value))
+            .field("expires_in", &self.expires_in)
             .finish()
     }
 }

@@ -55,6 +55,17 @@ struct Leased<T> {
     expires_at: Instant,
 }
 
+impl Leased<Bytes> {
+    fn to_record(&self, node: &NodeId) -> NodeRecord {
+        NodeRecord {
+            node: node.clone(),
+            key: node_key(node),
+            value: self.value.clone(),
+            expires_in: Some(self.expires_at.saturating_duration_since(Instant::now())),
+        }
+    }
+}
+
 fn node_key(node: &NodeId) -> String {
     format!("nodes:{node}")
 }
@@ -173,6 +184,7 @@ impl Registry for MemoryRegistry {
                 key: node_key(&node),
                 node,
                 value: record,
+                expires_in: Some(lease.max(Duration::from_millis(1))),
             }));
         });
         done(Ok(()))
@@ -191,13 +203,9 @@ impl Registry for MemoryRegistry {
     }
 
     fn node(&self, node: &NodeId) -> BoxFuture<'static, Result<Option<NodeRecord>, RegistryError>> {
-        let record = self.shared.locked(|state| {
-            state.nodes.get(node).map(|leased| NodeRecord {
-                node: node.clone(),
-                key: node_key(node),
-                value: leased.value.clone(),
-            })
-        });
+        let record = self
+            .shared
+            .locked(|state| state.nodes.get(node).map(|leased| leased.to_record(node)));
         done(Ok(record))
     }
 
@@ -206,11 +214,7 @@ impl Registry for MemoryRegistry {
             state
                 .nodes
                 .iter()
-                .map(|(node, leased)| NodeRecord {
-                    node: node.clone(),
-                    key: node_key(node),
-                    value: leased.value.clone(),
-                })
+                .map(|(node, leased)| leased.to_record(node))
                 .collect()
         });
         done(Ok(records))

@@ -1,0 +1,121 @@
+//! Discovery's settings.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::future::BoxFuture;
+use hybrid_cluster_core::NodeInfo;
+
+use crate::error::DiscoveryError;
+use crate::stats::ConnectionCounter;
+
+/// A user's own source of node info, called on every heartbeat instead of the automatic one.
+pub type NodeInfoProvider = Arc<dyn Fn() -> BoxFuture<'static, NodeInfo> + Send + Sync>;
+
+/// How a node registers and follows its peers.
+///
+/// ```
+/// use std::time::Duration;
+/// use hybrid_cluster_discovery::DiscoveryConfig;
+///
+/// // Crashes seen within 3 s: a heartbeat every second, a lease of three.
+/// let config = DiscoveryConfig::default().with_heartbeat(Duration::from_secs(1));
+/// assert_eq!(config.lease, Duration::from_secs(3));
+/// ```
+#[derive(Clone)]
+pub struct DiscoveryConfig {
+    /// How often this node renews its record. Default 5 s (the seed's).
+    pub heartbeat: Duration,
+    /// How long the record lives without renewal: a crashed node is gone for its peers within
+    /// this. Default 3 heartbeats.
+    pub lease: Duration,
+    /// How often the whole view is read again from the registry, as a safety net for missed
+    /// events. Default 30 s.
+    pub resync_interval: Duration,
+    /// The first delay before reconnecting after the registry was lost. Default 100 ms.
+    pub min_reconnect_delay: Duration,
+    /// The longest delay between reconnection attempts. Default 5 s.
+    pub max_reconnect_delay: Duration,
+    /// The source of the connection count published on every heartbeat.
+    pub connections: ConnectionCounter,
+    /// The user's own node-info source, if any (see [`DiscoveryConfig::with_provider`]).
+    pub provider: Option<NodeInfoProvider>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        let heartbeat = Duration::from_secs(5);
+        Self {
+            heartbeat,
+            lease: heartbeat * 3,
+            resync_interval: Duration::from_secs(30),
+            min_reconnect_delay: Duration::from_millis(100),
+            max_reconnect_delay: Duration::from_secs(5),
+            connections: ConnectionCounter::new(),
+            provider: None,
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    /// Sets the heartbeat, and the lease to three heartbeats.
+    pub fn with_heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self.lease = heartbeat * 3;
+        self
+    }
+
+    /// Sets the lease alone.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Counts connections with `connections` (the cluster layer passes its own).
+    pub fn with_connections(mut self, connections: ConnectionCounter) -> Self {
+        self.connections = connections;
+        self
+    }
+
+    /// Builds the node info of every heartbeat with `provider` instead of measuring it. The
+    /// registrar still sets the node's identity (id, incarnation, registration time), its
+    /// status and the heartbeat time, whatever the provider returns.
+    pub fn with_provider<F, Fut>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = NodeInfo> + Send + 'static,
+    {
+        self.provider = Some(Arc::new(move || Box::pin(provider())));
+        self
+    }
+
+    pub(crate) fn check(&self) -> Result<(), DiscoveryError> {
+        let invalid = |reason| Err(DiscoveryError::InvalidConfig { reason });
+        if self.heartbeat.is_zero() {
+            return invalid("the heartbeat must be longer than zero");
+        }
+        if self.lease <= self.heartbeat {
+            return invalid("the lease must be longer than the heartbeat");
+        }
+        if self.resync_interval.is_zero() {
+            return invalid("the resync interval must be longer than zero");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DiscoveryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiscoveryConfig")
+            .field("heartbeat", &self.heartbeat)
+            .field("lease", &self.lease)
+            .field("resync_interval", &self.resync_interval)
+            .field("min_reconnect_delay", &self.min_reconnect_delay)
+            .field("max_reconnect_delay", &self.max_reconnect_delay)
+            .field("connections", &self.connections)
+            .field("provider", &self.provider.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}

@@ -1,0 +1,301 @@
+//! Discovery on the in-memory registry, with paused time: the lease logic, join, update, leave,
+//! restart and malformed records.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hybrid_cluster_core::{Incarnation, NodeId, NodeInfo, NodeStatus, Registry};
+use hybrid_cluster_memory::MemoryRegistry;
+use tokio::time::Instant;
+use tower::discover::Change;
+use tower::load::Load;
+
+use crate::{ClusterView, Discovery, DiscoveryConfig, DiscoveryError, NodeDiscover, NodeService};
+
+fn node(id: &str) -> NodeId {
+    NodeId::new(id).unwrap()
+}
+
+fn info(id: &str) -> NodeInfo {
+    let mut info = NodeInfo::new(node(id), Incarnation::random(), "127.0.0.1", 5000);
+    info.max_connections = 100;
+    info
+}
+
+fn config() -> DiscoveryConfig {
+    DiscoveryConfig::default().with_heartbeat(Duration::from_secs(5))
+}
+
+async fn start(registry: &Arc<MemoryRegistry>, id: &str) -> Discovery {
+    Discovery::start(registry.clone(), info(id), config())
+        .await
+        .unwrap()
+}
+
+fn ids(view: &ClusterView) -> BTreeSet<String> {
+    view.nodes().iter().map(|n| n.node_id.to_string()).collect()
+}
+
+async fn next_change<F, S>(discover: &mut NodeDiscover<F, S>) -> Change<NodeId, NodeService<S>>
+where
+    F: FnMut(&NodeInfo) -> S,
+{
+    tokio::time::timeout(Duration::from_secs(60), discover.next())
+        .await
+        .expect("a change in time")
+        .expect("the stream is open")
+        .expect("never an error")
+}
+
+fn inserted<S>(change: Change<NodeId, NodeService<S>>) -> NodeId {
+    match change {
+        Change::Insert(node, _) => node,
+        Change::Remove(node) => panic!("expected an insert, got the removal of {node}"),
+    }
+}
+
+fn removed<S>(change: Change<NodeId, NodeService<S>>) -> NodeId {
+    match change {
+        Change::Remove(node) => node,
+        Change::Insert(node, _) => panic!("expected a removal, got the insert of {node}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_nodes_join_and_every_view_sees_all() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let a = start(&registry, "a").await;
+    let b = start(&registry, "b").await;
+    let c = start(&registry, "c").await;
+    let all: BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
+    for discovery in [&a, &b, &c] {
+        discovery.view().wait_until(|nodes| nodes.len() == 3).await;
+        assert_eq!(ids(discovery.view()), all);
+    }
+
+    let mut discover = a.discover(|info: &NodeInfo| info.node_id.to_string());
+    let mut seen = BTreeSet::new();
+    for _ in 0..3 {
+        seen.insert(inserted(next_change(&mut discover).await).to_string());
+    }
+    assert_eq!(seen, all);
+}
+
+#[tokio::test(start_paused = true)]
+async fn updates_are_seen_in_place_without_replacing_the_service() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let a = start(&registry, "a").await;
+    let b = start(&registry, "b").await;
+    a.view().wait_until(|nodes| nodes.len() == 2).await;
+
+    let mut discover = a.discover(|_: &NodeInfo| ());
+    let mut services = Vec::new();
+    for _ in 0..2 {
+        match next_change(&mut discover).await {
+            Change::Insert(node, service) => services.push((node, service)),
+            Change::Remove(node) => panic!("unexpected removal of {node}"),
+        }
+    }
+    let (_, b_service) = services.into_iter().find(|(n, _)| n == &node("b")).unwrap();
+    assert_eq!(b_service.load(), 0.0);
+
+    // A pushed update is seen at once, not at the next heartbeat.
+    let epoch = a.view().epoch().current();
+    b.connections().set(25);
+    b.registrar().refresh().await.unwrap();
+    a.view()
+        .wait_until(|nodes| {
+            nodes
+                .iter()
+                .any(|n| n.node_id == node("b") && n.connection_count == 25)
+        })
+        .await;
+    assert_ne!(a.view().epoch().current(), epoch);
+    assert_eq!(
+        b_service.load(),
+        0.25,
+        "the inserted service reads the live info"
+    );
+
+    // The heartbeat publishes the counter by itself.
+    b.connections().set(50);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    a.view()
+        .wait_until(|nodes| nodes.iter().any(|n| n.connection_count == 50))
+        .await;
+    assert_eq!(b_service.load(), 0.5);
+
+    // Draining: still seen, but its load is infinite so balancers skip it.
+    b.drain().await.unwrap();
+    a.view()
+        .wait_until(|nodes| nodes.iter().any(|n| n.status == NodeStatus::Draining))
+        .await;
+    assert!(b_service.load().is_infinite());
+    assert_eq!(ids(a.view()).len(), 2);
+    assert!(
+        futures_util::FutureExt::now_or_never(discover.next()).is_none(),
+        "no change for an update"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_leave_is_seen_at_once() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let a = start(&registry, "a").await;
+    let b = start(&registry, "b").await;
+    a.view().wait_until(|nodes| nodes.len() == 2).await;
+    let mut discover = a.discover(|_: &NodeInfo| ());
+    next_change(&mut discover).await;
+    next_change(&mut discover).await;
+
+    let left = Instant::now();
+    b.leave().await.unwrap();
+    assert_eq!(removed(next_change(&mut discover).await), node("b"));
+    assert_eq!(left.elapsed(), Duration::ZERO, "no timer is involved");
+    assert_eq!(ids(a.view()), BTreeSet::from(["a".to_owned()]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_stops_heart_beating_is_removed_within_its_lease() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let a = start(&registry, "a").await;
+    let b = start(&registry, "b").await;
+    a.view().wait_until(|nodes| nodes.len() == 2).await;
+    let mut discover = a.discover(|_: &NodeInfo| ());
+    next_change(&mut discover).await;
+    next_change(&mut discover).await;
+
+    // Let a few heartbeats pass, then b crashes right after one.
+    tokio::time::advance(Duration::from_secs(12)).await;
+    b.registrar().refresh().await.unwrap();
+    let crashed = Instant::now();
+    drop(b);
+    assert_eq!(removed(next_change(&mut discover).await), node("b"));
+    let seen_after = crashed.elapsed();
+    let lease = config().lease;
+    assert!(
+        seen_after <= lease,
+        "seen after {seen_after:?}, lease {lease:?}"
+    );
+    assert!(
+        seen_after >= lease - Duration::from_secs(1),
+        "too early: {seen_after:?}"
+    );
+    // a, which kept heart-beating, is still there.
+    assert_eq!(ids(a.view()), BTreeSet::from(["a".to_owned()]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_record_is_skipped_and_discovery_goes_on() {
+    let registry = Arc::new(MemoryRegistry::new());
+    registry
+        .put_node(
+            &node("garbage"),
+            "{not json".into(),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let impostor = info("someone-else").to_json().unwrap();
+    registry
+        .put_node(&node("impostor"), impostor.into(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let a = start(&registry, "a").await;
+    let b = start(&registry, "b").await;
+    a.view().wait_until(|nodes| nodes.len() == 2).await;
+    assert_eq!(
+        ids(a.view()),
+        BTreeSet::from(["a".to_owned(), "b".to_owned()])
+    );
+
+    // A known node whose record turns malformed keeps its last good info.
+    registry
+        .put_node(&node("b"), "[]".into(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    b.connections().set(7);
+    b.registrar().refresh().await.unwrap();
+    a.view()
+        .wait_until(|nodes| nodes.iter().any(|n| n.connection_count == 7))
+        .await;
+    assert_eq!(ids(a.view()).len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn offline_and_restarted_nodes_are_replaced() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let a = start(&registry, "a").await;
+    let b = start(&registry, "b").await;
+    a.view().wait_until(|nodes| nodes.len() == 2).await;
+    let mut discover = a.discover(|info: &NodeInfo| info.incarnation);
+    next_change(&mut discover).await;
+    next_change(&mut discover).await;
+
+    // b restarts under a new incarnation: its old service goes, a new one comes.
+    drop(b);
+    let b = start(&registry, "b").await;
+    assert_eq!(removed(next_change(&mut discover).await), node("b"));
+    match next_change(&mut discover).await {
+        Change::Insert(id, service) => {
+            assert_eq!(id, node("b"));
+            assert_eq!(*service.get_ref(), b.registrar().info().incarnation);
+        }
+        Change::Remove(id) => panic!("unexpected removal of {id}"),
+    }
+
+    // Offline means gone.
+    b.registrar().set_status(NodeStatus::Offline).await.unwrap();
+    assert_eq!(removed(next_change(&mut discover).await), node("b"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn updates_for_another_node_and_invalid_configs_are_refused() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let a = start(&registry, "a").await;
+    assert!(matches!(
+        a.update_node_info(info("b")).await,
+        Err(DiscoveryError::WrongNode { .. })
+    ));
+    let mut bad = info("a");
+    bad.cpu_usage_percent = 250.0;
+    assert!(matches!(
+        a.update_node_info(bad).await,
+        Err(DiscoveryError::InvalidNodeInfo(_))
+    ));
+    let config = DiscoveryConfig::default().with_lease(Duration::from_secs(1));
+    assert!(matches!(
+        Discovery::start(registry.clone(), info("c"), config).await,
+        Err(DiscoveryError::InvalidConfig { .. })
+    ));
+    a.leave().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_supplies_the_figures_but_not_the_identity() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let config = config().with_provider(|| async {
+        let mut info = info("not-me");
+        info.connection_count = 42;
+        info.cpu_usage_percent = 12.5;
+        info.status = NodeStatus::Offline;
+        info
+    });
+    let a = Discovery::start(registry.clone(), info("a"), config)
+        .await
+        .unwrap();
+    a.view().wait_until(|nodes| !nodes.is_empty()).await;
+    let seen = a
+        .view()
+        .node(&node("a"))
+        .expect("a is registered under its own id");
+    assert_eq!(seen.connection_count, 42);
+    assert_eq!(seen.cpu_usage_percent, 12.5);
+    assert_eq!(
+        seen.status,
+        NodeStatus::Active,
+        "the status stays the registrar's"
+    );
+}

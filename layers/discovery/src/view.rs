@@ -1,0 +1,445 @@
+//! The peers' view: which nodes exist, and their live info.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use hybrid_cluster_core::live::{Epoch, LiveNodeInfo};
+use hybrid_cluster_core::registry::RegistryEvents;
+use hybrid_cluster_core::{
+    NodeId, NodeInfo, NodeRecord, NodeStatus, Registry, RegistryError, RegistryEvent, RemovalCause,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::config::DiscoveryConfig;
+use crate::discover::NodeDiscover;
+use crate::registrar::error_chain;
+
+/// How long after a peer's lease should have run out its record is checked: Redis removes an
+/// expired key exactly when read, so a few milliseconds suffice.
+const EXPIRY_GRACE: Duration = Duration::from_millis(5);
+
+/// The nodes of the cluster as one node sees them, at one moment.
+///
+/// Membership changes (a node joins, leaves, expires, restarts under a new incarnation, goes
+/// Offline) produce a new `Membership`; changes of a member's figures (connections, CPU,
+/// memory, status Active/Draining) update its [`LiveNodeInfo`] in place.
+#[derive(Clone, Default)]
+pub struct Membership {
+    nodes: BTreeMap<NodeId, LiveNodeInfo>,
+}
+
+impl Membership {
+    /// The members, in id order, with their live info.
+    pub fn iter(&self) -> impl Iterator<Item = (&NodeId, &LiveNodeInfo)> {
+        self.nodes.iter()
+    }
+
+    /// A member's live info.
+    pub fn get(&self, node: &NodeId) -> Option<&LiveNodeInfo> {
+        self.nodes.get(node)
+    }
+
+    /// How many members there are.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+impl fmt::Debug for Membership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.nodes.keys()).finish()
+    }
+}
+
+/// Follows the registry and keeps the view of every node, this one included.
+///
+/// A background task watches the registry's change events, lists all records when it
+/// (re)connects and every [`resync_interval`](DiscoveryConfig::resync_interval), and checks a
+/// peer's record again when its lease should have run out, so a crashed node is dropped within
+/// its lease (measured on this node's clock from the lease the peer wrote, never by comparing
+/// clocks). A graceful leave arrives as an event, at once.
+///
+/// # When the registry goes away
+/// The view keeps the last known nodes (a lost registry is not a lost cluster), logs the
+/// failure, and reconnects with backoff. Once back, it lists the records again: nodes that
+/// left or expired meanwhile are removed then, and nodes that re-registered stay.
+///
+/// A malformed record (not the documented JSON, or naming another node than its key) is
+/// skipped with a warning naming its key, once per distinct value; it never stops discovery,
+/// and a node already known keeps its last good info.
+///
+/// Dropping the last clone stops the task.
+#[derive(Clone)]
+pub struct ClusterView {
+    members: watch::Receiver<Arc<Membership>>,
+    updates: watch::Receiver<u64>,
+    epoch: Epoch,
+    _task: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl fmt::Debug for ClusterView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterView")
+            .field("members", &*self.members.borrow())
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl ClusterView {
+    /// Starts following `registry`.
+    ///
+    /// It returns at once; the first listing arrives shortly after. Use
+    /// [`ClusterView::ready`] to wait for it.
+    pub fn start(registry: Arc<dyn Registry>, config: &DiscoveryConfig) -> Self {
+        let (sender, members) = watch::channel(Arc::new(Membership::default()));
+        let (updates_sender, updates) = watch::channel(0);
+        let epoch = Epoch::new();
+        let worker = Worker {
+            registry,
+            updates: updates_sender,
+            resync_interval: config.resync_interval,
+            backoff: Backoff::new(config.min_reconnect_delay, config.max_reconnect_delay),
+            sender,
+            epoch: epoch.clone(),
+            members: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            deadline_of: HashMap::new(),
+            malformed: HashMap::new(),
+            listed: false,
+        };
+        let task = tokio::spawn(worker.run());
+        Self {
+            members,
+            updates,
+            epoch,
+            _task: Arc::new(AbortOnDrop(task)),
+        }
+    }
+
+    /// Waits until the registry was listed once (or the view stopped).
+    pub async fn ready(&self) {
+        // The worker publishes after its first listing, even an empty one, and never before:
+        // any change since this view was made means the registry was listed.
+        let mut members = self.members.clone();
+        let _ = members.changed().await;
+    }
+
+    /// The current members.
+    pub fn members(&self) -> Arc<Membership> {
+        Arc::clone(&self.members.borrow())
+    }
+
+    /// Every member's current info, in id order.
+    pub fn nodes(&self) -> Vec<Arc<NodeInfo>> {
+        self.members().iter().map(|(_, live)| live.get()).collect()
+    }
+
+    /// One member's current info.
+    pub fn node(&self, node: &NodeId) -> Option<Arc<NodeInfo>> {
+        self.members().get(node).map(LiveNodeInfo::get)
+    }
+
+    /// The epoch every member's live info bumps when it changes.
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// A receiver of membership changes (joins, leaves, restarts).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Membership>> {
+        self.members.clone()
+    }
+
+    /// A receiver that is told of every change, membership or a member's info; its value is
+    /// the [`epoch`](ClusterView::epoch) after the change. For status pages and tests that
+    /// wait for the view to reach some state.
+    pub fn updates(&self) -> watch::Receiver<u64> {
+        self.updates.clone()
+    }
+
+    /// Waits until `condition` holds for the current nodes, checking again after every change.
+    pub async fn wait_until(&self, mut condition: impl FnMut(&[Arc<NodeInfo>]) -> bool) {
+        let mut updates = self.updates();
+        loop {
+            updates.borrow_and_update();
+            if condition(&self.nodes()) {
+                return;
+            }
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A tower `Discover` of the members: services built by `make_service` from a node's
+    /// info when it joins (no I/O allowed there), removed when it leaves.
+    pub fn discover<F, S>(&self, make_service: F) -> NodeDiscover<F, S>
+    where
+        F: FnMut(&NodeInfo) -> S,
+    {
+        NodeDiscover::new(self.subscribe(), make_service)
+    }
+}
+
+struct Worker {
+    registry: Arc<dyn Registry>,
+    updates: watch::Sender<u64>,
+    resync_interval: Duration,
+    backoff: Backoff,
+    sender: watch::Sender<Arc<Membership>>,
+    epoch: Epoch,
+    members: BTreeMap<NodeId, LiveNodeInfo>,
+    deadlines: BTreeSet<(Instant, NodeId)>,
+    deadline_of: HashMap<NodeId, Instant>,
+    /// The last malformed value seen per key, so each is reported once.
+    malformed: HashMap<String, Bytes>,
+    listed: bool,
+}
+
+enum Disconnected {
+    Registry(RegistryError),
+    WatchEnded,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        loop {
+            let reason = self.follow().await;
+            let delay = self.backoff.next_delay();
+            match reason {
+                Disconnected::Registry(error) => tracing::warn!(
+                    error = %error_chain(&error),
+                    nodes = self.members.len(),
+                    retry_in = ?delay,
+                    "lost the registry; keeping the last known view"
+                ),
+                Disconnected::WatchEnded => tracing::warn!(
+                    nodes = self.members.len(),
+                    retry_in = ?delay,
+                    "the registry's change events stopped; keeping the last known view"
+                ),
+            }
+            tokio::time::sleep(delay).await;
+            if self.sender.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Watches, lists, then applies events until the registry is lost.
+    async fn follow(&mut self) -> Disconnected {
+        let mut events: RegistryEvents = match self.registry.watch().await {
+            Ok(events) => events,
+            Err(error) => return Disconnected::Registry(error),
+        };
+        if let Err(error) = self.resync().await {
+            return Disconnected::Registry(error);
+        }
+        if self.listed {
+            tracing::debug!(nodes = self.members.len(), "following the registry");
+        }
+        self.backoff.reset();
+        let mut resync =
+            tokio::time::interval_at(Instant::now() + self.resync_interval, self.resync_interval);
+        loop {
+            let next_deadline = self.deadlines.first().map(|(at, _)| *at);
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Ok(RegistryEvent::Updated(record))) => {
+                        if self.apply(record) {
+                            self.publish();
+                        }
+                    }
+                    Some(Ok(RegistryEvent::Removed { node, cause })) => {
+                        if self.remove(&node, cause) {
+                            self.publish();
+                        }
+                    }
+                    Some(Ok(RegistryEvent::Lagged)) => {
+                        if let Err(error) = self.resync().await {
+                            return Disconnected::Registry(error);
+                        }
+                    }
+                    Some(Err(error)) => return Disconnected::Registry(error),
+                    None => return Disconnected::WatchEnded,
+                },
+                () = sleep_until(next_deadline), if next_deadline.is_some() => {
+                    if let Err(error) = self.check_due().await {
+                        return Disconnected::Registry(error);
+                    }
+                }
+                _ = resync.tick() => {
+                    if let Err(error) = self.resync().await {
+                        return Disconnected::Registry(error);
+                    }
+                }
+                () = self.sender.closed() => return Disconnected::WatchEnded,
+            }
+        }
+    }
+
+    /// Lists every record and makes the view match it.
+    async fn resync(&mut self) -> Result<(), RegistryError> {
+        let records = self.registry.nodes().await?;
+        let mut changed = !self.listed;
+        let listed: BTreeSet<NodeId> = records.iter().map(|r| r.node.clone()).collect();
+        for record in records {
+            changed |= self.apply(record);
+        }
+        let gone: Vec<NodeId> = self
+            .members
+            .keys()
+            .filter(|node| !listed.contains(*node))
+            .cloned()
+            .collect();
+        for node in gone {
+            changed |= self.remove(&node, RemovalCause::Expired);
+        }
+        self.listed = true;
+        if changed {
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// Checks the records whose lease should have run out.
+    async fn check_due(&mut self) -> Result<(), RegistryError> {
+        let now = Instant::now();
+        let due: Vec<NodeId> = self
+            .deadlines
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, node)| node.clone())
+            .collect();
+        let mut changed = false;
+        for node in due {
+            self.clear_deadline(&node);
+            match self.registry.node(&node).await? {
+                Some(record) => changed |= self.apply(record),
+                None => changed |= self.remove(&node, RemovalCause::Expired),
+            }
+        }
+        if changed {
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// Applies one record; returns whether the membership changed.
+    fn apply(&mut self, record: NodeRecord) -> bool {
+        let info = match NodeInfo::from_json(&record.value) {
+            Ok(info) if info.node_id == record.node => info,
+            Ok(info) => {
+                self.report_malformed(&record, &format!("it names node {}", info.node_id));
+                return false;
+            }
+            Err(error) => {
+                self.report_malformed(&record, &error_chain(&error));
+                return false;
+            }
+        };
+        self.malformed.remove(&record.key);
+        match record.expires_in {
+            Some(lease) => self.set_deadline(&info.node_id, Instant::now() + lease + EXPIRY_GRACE),
+            None => self.clear_deadline(&info.node_id),
+        }
+        if info.status == NodeStatus::Offline {
+            return self.remove(&info.node_id, RemovalCause::Left);
+        }
+        match self.members.get(&info.node_id) {
+            Some(live) if live.get().incarnation == info.incarnation => {
+                if *live.get() != info {
+                    live.update(info);
+                    self.updates.send_replace(self.epoch.current());
+                }
+                false
+            }
+            Some(_) => {
+                tracing::info!(node = %info.node_id, incarnation = %info.incarnation, "node restarted");
+                let live = LiveNodeInfo::with_epoch(info.clone(), self.epoch.clone());
+                self.members.insert(info.node_id, live);
+                true
+            }
+            None => {
+                tracing::info!(
+                    node = %info.node_id,
+                    url = %info.ws_url(),
+                    status = %info.status,
+                    "node joined"
+                );
+                let live = LiveNodeInfo::with_epoch(info.clone(), self.epoch.clone());
+                self.members.insert(info.node_id, live);
+                true
+            }
+        }
+    }
+
+    fn report_malformed(&mut self, record: &NodeRecord, reason: &str) {
+        if self.malformed.get(&record.key) != Some(&record.value) {
+            tracing::warn!(key = %record.key, reason, "skipping a malformed node record");
+            self.malformed
+                .insert(record.key.clone(), record.value.clone());
+        }
+    }
+
+    /// Removes a member; returns whether it was one.
+    fn remove(&mut self, node: &NodeId, cause: RemovalCause) -> bool {
+        self.clear_deadline(node);
+        if self.members.remove(node).is_none() {
+            return false;
+        }
+        match cause {
+            RemovalCause::Left => tracing::info!(%node, "node left"),
+            RemovalCause::Expired => tracing::warn!(%node, "node expired: its lease ran out"),
+        }
+        true
+    }
+
+    fn set_deadline(&mut self, node: &NodeId, at: Instant) {
+        self.clear_deadline(node);
+        self.deadlines.insert((at, node.clone()));
+        self.deadline_of.insert(node.clone(), at);
+    }
+
+    fn clear_deadline(&mut self, node: &NodeId) {
+        if let Some(at) = self.deadline_of.remove(node) {
+            self.deadlines.remove(&(at, node.clone()));
+        }
+    }
+
+    fn publish(&mut self) {
+        // A membership change is a change balancers must see too.
+        self.epoch.bump();
+        self.sender.send_replace(Arc::new(Membership {
+            nodes: self.members.clone(),
+        }));
+        self.updates.send_replace(self.epoch.current());
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

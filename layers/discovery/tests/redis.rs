@@ -1,0 +1,408 @@
+//! Discovery against the real Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`), each test
+//! under a prefix of its own so tests run in parallel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hybrid_cluster_core::{ClusterPrefix, Incarnation, NodeId, NodeInfo, RedisUrl, Registry};
+use hybrid_cluster_discovery::{Discovery, DiscoveryConfig, RedisOptions, RedisRegistry};
+use tokio::time::{Instant, timeout};
+use tower::balance::p2c::Balance;
+use tower::{Service, ServiceExt};
+
+fn redis_url() -> RedisUrl {
+    std::env::var("REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+        .parse()
+        .expect("REDIS_URL is a Redis connection string")
+}
+
+/// A prefix no other test uses.
+fn unique_prefix(test: &str) -> ClusterPrefix {
+    ClusterPrefix::new(format!("hc-test:{test}:{:08x}", rand_u32())).unwrap()
+}
+
+fn rand_u32() -> u32 {
+    rand::random()
+}
+
+/// A registry with a connection of its own, as a separate node process would have.
+async fn registry(prefix: &ClusterPrefix, client_name: &str) -> Arc<RedisRegistry> {
+    let options = RedisOptions {
+        client_name: client_name.to_owned(),
+        ..RedisOptions::default()
+    };
+    Arc::new(
+        RedisRegistry::connect(&redis_url(), prefix, options)
+            .await
+            .expect("Redis is running (./scripts/test.sh starts it)"),
+    )
+}
+
+fn info(id: &str) -> NodeInfo {
+    let mut info = NodeInfo::new(
+        NodeId::new(id).unwrap(),
+        Incarnation::random(),
+        "127.0.0.1",
+        5000,
+    );
+    info.max_connections = 1000;
+    info
+}
+
+fn fast() -> DiscoveryConfig {
+    DiscoveryConfig::default().with_heartbeat(Duration::from_millis(200))
+}
+
+async fn node(prefix: &ClusterPrefix, id: &str, config: DiscoveryConfig) -> Discovery {
+    let registry = registry(prefix, &format!("hc-{id}")).await;
+    Discovery::start(registry, info(id), config).await.unwrap()
+}
+
+fn ids(discovery: &Discovery) -> BTreeSet<String> {
+    discovery
+        .nodes()
+        .iter()
+        .map(|n| n.node_id.to_string())
+        .collect()
+}
+
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    timeout(Duration::from_secs(10), future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
+}
+
+/// Deletes what a test left in Redis.
+async fn clean(prefix: &ClusterPrefix) {
+    let registry = registry(prefix, "hc-cleanup").await;
+    let keys = registry.keys();
+    let mut connection = registry.connection();
+    let ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(keys.index_key())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let mut pipe = redis::pipe();
+    pipe.cmd("DEL").arg(keys.index_key()).ignore();
+    for id in ids {
+        if let Ok(id) = NodeId::new(&id) {
+            pipe.cmd("DEL").arg(keys.node_key(&id)).ignore();
+        }
+    }
+    pipe.query_async::<()>(&mut connection).await.unwrap();
+}
+
+#[tokio::test]
+async fn three_nodes_join_and_see_each_other() {
+    let prefix = unique_prefix("join");
+    let a = node(&prefix, "a", fast()).await;
+    let b = node(&prefix, "b", fast()).await;
+    let c = node(&prefix, "c", fast()).await;
+    for discovery in [&a, &b, &c] {
+        within(
+            "all three are seen",
+            discovery.view().wait_until(|n| n.len() == 3),
+        )
+        .await;
+        assert_eq!(ids(discovery), ["a", "b", "c"].map(String::from).into());
+    }
+    // The records are where the docs say, with a lease running.
+    let registry = registry(&prefix, "hc-inspect").await;
+    let mut connection = registry.connection();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(registry.keys().node_key(&NodeId::new("a").unwrap()))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 600, "lease left: {pttl} ms");
+    for discovery in [a, b, c] {
+        discovery.leave().await.unwrap();
+    }
+    clean(&prefix).await;
+}
+
+#[tokio::test]
+async fn node_info_updates_are_seen_by_peers() {
+    let prefix = unique_prefix("update");
+    let a = node(&prefix, "a", fast()).await;
+    let b = node(&prefix, "b", fast()).await;
+    within("b sees a", b.view().wait_until(|n| n.len() == 2)).await;
+
+    // Pushed at once.
+    let mut update = a.registrar().info();
+    update.metadata.insert("zone".into(), "eu-1".into());
+    a.update_node_info(update).await.unwrap();
+    within(
+        "b sees a's metadata",
+        b.view().wait_until(|n| {
+            n.iter()
+                .any(|n| n.metadata.get("zone").is_some_and(|z| z == "eu-1"))
+        }),
+    )
+    .await;
+
+    // Published by the heartbeat, with measured resources.
+    a.connections().set(321);
+    within(
+        "b sees a's connection count",
+        b.view()
+            .wait_until(|n| n.iter().any(|n| n.connection_count == 321)),
+    )
+    .await;
+    let seen = b.view().node(&NodeId::new("a").unwrap()).unwrap();
+    assert!(seen.memory_usage_bytes > 0, "memory is measured");
+    assert!((0.0..=100.0).contains(&seen.cpu_usage_percent));
+    a.leave().await.unwrap();
+    b.leave().await.unwrap();
+    clean(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_graceful_leave_is_seen_in_under_a_second() {
+    let prefix = unique_prefix("leave");
+    // A long heartbeat and lease: only the leave event can explain a prompt removal.
+    let slow = DiscoveryConfig::default().with_heartbeat(Duration::from_secs(10));
+    let a = node(&prefix, "a", slow.clone()).await;
+    let b = node(&prefix, "b", slow).await;
+    within("a sees b", a.view().wait_until(|n| n.len() == 2)).await;
+
+    let left = Instant::now();
+    b.leave().await.unwrap();
+    within("b is gone", a.view().wait_until(|n| n.len() == 1)).await;
+    let seen_after = left.elapsed();
+    eprintln!("graceful leave seen after {seen_after:?}");
+    assert!(
+        seen_after < Duration::from_secs(1),
+        "seen after {seen_after:?}"
+    );
+    a.leave().await.unwrap();
+    clean(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_node_that_stops_heart_beating_is_removed_within_its_lease() {
+    let prefix = unique_prefix("crash");
+    let config = fast();
+    let lease = config.lease;
+    let a = node(&prefix, "a", config.clone()).await;
+    let b = node(&prefix, "b", config).await;
+    within("a sees b", a.view().wait_until(|n| n.len() == 2)).await;
+
+    b.registrar().refresh().await.unwrap();
+    let crashed = Instant::now();
+    drop(b); // no goodbye: the heartbeat just stops
+    within("b expires", a.view().wait_until(|n| n.len() == 1)).await;
+    let seen_after = crashed.elapsed();
+    eprintln!("crash seen after {seen_after:?} (lease {lease:?})");
+    // Within the lease, plus the time to read the expired record and some scheduling slack.
+    assert!(
+        seen_after < lease + Duration::from_millis(300),
+        "seen after {seen_after:?}"
+    );
+    assert!(
+        seen_after >= lease - Duration::from_millis(50),
+        "too early: {seen_after:?}"
+    );
+    a.leave().await.unwrap();
+    clean(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_malformed_record_is_skipped() {
+    let prefix = unique_prefix("malformed");
+    let registry = registry(&prefix, "hc-writer").await;
+    let keys = registry.keys().clone();
+    let mut connection = registry.connection();
+    // Garbage under a node key, a record naming another node, and an invalid index member.
+    redis::pipe()
+        .cmd("SET")
+        .arg(keys.node_key(&NodeId::new("garbage").unwrap()))
+        .arg("{not json")
+        .arg("PX")
+        .arg(60_000)
+        .ignore()
+        .cmd("SET")
+        .arg(keys.node_key(&NodeId::new("impostor").unwrap()))
+        .arg(info("someone-else").to_json().unwrap())
+        .arg("PX")
+        .arg(60_000)
+        .ignore()
+        .cmd("SADD")
+        .arg(keys.index_key())
+        .arg("garbage")
+        .arg("impostor")
+        .arg("not a node id")
+        .ignore()
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+
+    let a = node(&prefix, "a", fast()).await;
+    let b = node(&prefix, "b", fast()).await;
+    within("a sees b", a.view().wait_until(|n| n.len() == 2)).await;
+    assert_eq!(ids(&a), ["a", "b"].map(String::from).into());
+    // Discovery keeps going: a heartbeat's update is still seen.
+    b.connections().set(9);
+    within(
+        "a sees b's update",
+        a.view()
+            .wait_until(|n| n.iter().any(|n| n.connection_count == 9)),
+    )
+    .await;
+    a.leave().await.unwrap();
+    b.leave().await.unwrap();
+    clean(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_killed_redis_connection_is_recovered_from() {
+    let prefix = unique_prefix("kill");
+    // Node a connects as a Redis user of its own, so its connections, and no other test's,
+    // can be killed with `CLIENT KILL USER`.
+    let admin = registry(&prefix, "hc-admin").await;
+    let mut connection = admin.connection();
+    let user = format!("hc-victim-{:08x}", rand_u32());
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">victim-password")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let base = redis_url();
+    let victim_url: RedisUrl = format!(
+        "redis://{user}:victim-password@{}:{}/{}",
+        base.host(),
+        base.port(),
+        base.db()
+    )
+    .parse()
+    .unwrap();
+    let victim_registry = Arc::new(
+        RedisRegistry::connect(&victim_url, &prefix, RedisOptions::default())
+            .await
+            .unwrap(),
+    );
+    let a = Discovery::start(victim_registry, info("a"), fast())
+        .await
+        .unwrap();
+    let b = node(&prefix, "b", fast()).await;
+    within("a sees b", a.view().wait_until(|n| n.len() == 2)).await;
+
+    // Kill every connection of node a: its commands and its subscription.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("USER")
+        .arg(&user)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        killed >= 2,
+        "a's command and pub/sub connections, killed {killed}"
+    );
+
+    // a's heartbeat reconnects (it stays registered), and a's view resubscribes (it sees b's
+    // updates again).
+    a.connections().set(11);
+    within(
+        "b sees a's heartbeat after the kill",
+        b.view().wait_until(|n| {
+            n.iter()
+                .any(|n| n.node_id.as_str() == "a" && n.connection_count == 11)
+        }),
+    )
+    .await;
+    b.connections().set(22);
+    within(
+        "a's view follows b again",
+        a.view().wait_until(|n| {
+            n.iter()
+                .any(|n| n.node_id.as_str() == "b" && n.connection_count == 22)
+        }),
+    )
+    .await;
+    assert_eq!(ids(&a), ["a", "b"].map(String::from).into());
+    let listed = admin.nodes().await.unwrap();
+    assert_eq!(listed.len(), 2, "a is still registered");
+    a.leave().await.unwrap();
+    b.leave().await.unwrap();
+    let _: i64 = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    clean(&prefix).await;
+}
+
+#[tokio::test]
+async fn p2c_balances_over_the_discovered_nodes() {
+    let prefix = unique_prefix("p2c");
+    let busy = node(&prefix, "busy", fast()).await;
+    let idle = node(&prefix, "idle", fast()).await;
+    busy.connections().set(900);
+    busy.registrar().refresh().await.unwrap();
+    idle.connections().set(10);
+    idle.registrar().refresh().await.unwrap();
+    within(
+        "loads are seen",
+        busy.view().wait_until(|n| {
+            n.len() == 2
+                && n.iter().any(|n| n.connection_count == 900)
+                && n.iter().any(|n| n.connection_count == 10)
+        }),
+    )
+    .await;
+
+    let discover = busy.discover(|info: &NodeInfo| {
+        let name = info.node_id.to_string();
+        tower::service_fn(move |()| {
+            let name = name.clone();
+            async move { Ok::<_, std::convert::Infallible>(name) }
+        })
+    });
+    let mut balance = Balance::new(discover);
+    // With two nodes p2c compares both every time: the idle one always wins.
+    for _ in 0..20 {
+        let chosen = balance.ready().await.unwrap().call(()).await.unwrap();
+        assert_eq!(chosen, "idle");
+    }
+    // Draining takes a node out of the running even when it is the least loaded.
+    idle.drain().await.unwrap();
+    within(
+        "the drain is seen",
+        busy.view().wait_until(|n| {
+            n.iter()
+                .any(|n| n.status == hybrid_cluster_core::NodeStatus::Draining)
+        }),
+    )
+    .await;
+    let chosen = balance.ready().await.unwrap().call(()).await.unwrap();
+    assert_eq!(chosen, "busy");
+    busy.leave().await.unwrap();
+    idle.leave().await.unwrap();
+    clean(&prefix).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_a_clear_error_at_start_up() {
+    let url: RedisUrl = "redis://127.0.0.1:1".parse().unwrap();
+    let options = RedisOptions {
+        connection_timeout: Duration::from_millis(500),
+        ..RedisOptions::default()
+    };
+    let error = RedisRegistry::connect(&url, &ClusterPrefix::default(), options)
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error:?}");
+    assert_eq!(error.to_string(), "the registry is unreachable");
+}
