@@ -270,3 +270,50 @@ pub trait Broker: fmt::Debug + Send + Sync + 'static {
         Poll::Ready(Ok(()))
     }
 }
+
+/// A shared broker is a broker: generic code can take `B: Broker` and be handed an `Arc`.
+impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
+    fn declare_queue(
+        &self,
+        node: &NodeId,
+        options: &QueueOptions,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        (**self).declare_queue(node, options)
+    }
+
+    fn delete_queue(&self, node: &NodeId) -> BoxFuture<'static, Result<(), BrokerError>> {
+        (**self).delete_queue(node)
+    }
+
+    fn bind(&self, node: &NodeId, key: &RoutingKey) -> BoxFuture<'static, Result<(), BrokerError>> {
+        (**self).bind(node, key)
+    }
+
+    fn unbind(
+        &self,
+        node: &NodeId,
+        key: &RoutingKey,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        (**self).unbind(node, key)
+    }
+
+    fn publish(
+        &self,
+        key: &RoutingKey,
+        message: BrokerMessage,
+    ) -> BoxFuture<'static, Result<(), PublishError>> {
+        (**self).publish(key, message)
+    }
+
+    fn consume(
+        &self,
+        node: &NodeId,
+        options: &ConsumeOptions,
+    ) -> BoxFuture<'static, Result<Deliveries, BrokerError>> {
+        (**self).consume(node, options)
+    }
+
+    fn poll_flow(&self, cx: &mut Context<'_>) -> Poll<Result<(), BrokerError>> {
+        (**self).poll_flow(cx)
+    }
+}

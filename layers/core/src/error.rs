@@ -66,6 +66,15 @@ pub enum BrokerError {
         #[source]
         source: BoxError,
     },
+    /// The broker pushes back: too many publishes wait for confirmation already. Nothing was
+    /// sent; the same call may succeed once earlier publishes are confirmed (callers that
+    /// respect [`Broker::poll_flow`](crate::Broker::poll_flow) never see it).
+    #[error("the broker is overloaded: too many publishes are waiting for confirmation")]
+    Overloaded {
+        /// The backend's explanation.
+        #[source]
+        source: BoxError,
+    },
     /// The node's queue does not exist (never declared, deleted, or expired).
     #[error("the queue of node {node} does not exist")]
     QueueNotFound {
@@ -97,6 +106,6 @@ pub enum BrokerError {
 impl BrokerError {
     /// Whether retrying the same call later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
+        matches!(self, Self::Unavailable { .. } | Self::Overloaded { .. })
     }
 }

@@ -46,6 +46,11 @@ impl Epoch {
         self.0.load(Ordering::Acquire)
     }
 
+    /// Whether `self` and `other` are the same counter (clones of one epoch).
+    pub fn same_as(&self, other: &Epoch) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Marks a change no cell records, such as a node joining or leaving.
     pub fn bump(&self) {
         self.0.fetch_add(1, Ordering::AcqRel);

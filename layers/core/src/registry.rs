@@ -147,3 +147,48 @@ pub trait Registry: fmt::Debug + Send + Sync + 'static {
     /// Removes the route `name`. Removing a missing route succeeds.
     fn remove_route(&self, name: &str) -> BoxFuture<'static, Result<(), RegistryError>>;
 }
+
+/// A shared registry is a registry: generic code can take `R: Registry` and be handed an `Arc`.
+impl<R: Registry + ?Sized> Registry for std::sync::Arc<R> {
+    fn put_node(
+        &self,
+        node: &NodeId,
+        record: Bytes,
+        lease: Duration,
+    ) -> BoxFuture<'static, Result<(), RegistryError>> {
+        (**self).put_node(node, record, lease)
+    }
+
+    fn remove_node(&self, node: &NodeId) -> BoxFuture<'static, Result<(), RegistryError>> {
+        (**self).remove_node(node)
+    }
+
+    fn node(&self, node: &NodeId) -> BoxFuture<'static, Result<Option<NodeRecord>, RegistryError>> {
+        (**self).node(node)
+    }
+
+    fn nodes(&self) -> BoxFuture<'static, Result<Vec<NodeRecord>, RegistryError>> {
+        (**self).nodes()
+    }
+
+    fn watch(&self) -> BoxFuture<'static, Result<RegistryEvents, RegistryError>> {
+        (**self).watch()
+    }
+
+    fn put_route(
+        &self,
+        name: &str,
+        connection: &ConnectionId,
+        lease: Duration,
+    ) -> BoxFuture<'static, Result<(), RegistryError>> {
+        (**self).put_route(name, connection, lease)
+    }
+
+    fn route(&self, name: &str) -> BoxFuture<'static, Result<Option<ConnectionId>, RegistryError>> {
+        (**self).route(name)
+    }
+
+    fn remove_route(&self, name: &str) -> BoxFuture<'static, Result<(), RegistryError>> {
+        (**self).remove_route(name)
+    }
+}

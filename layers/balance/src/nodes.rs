@@ -1,0 +1,715 @@
+//! The node set: every known node with its current info, indexed for sub-linear picks.
+//!
+//! This is the balancer's view without any tower in it, shared by the [`Balance`] service,
+//! the [`Placer`] and the benchmarks. A [`NodeSet`] holds one [`LiveNodeInfo`] per node and a
+//! snapshot of its last read value; [`NodeSet::refresh`] re-reads the nodes whose info changed
+//! and re-indexes only those. A [`Selector`] then picks among the *available* nodes.
+//!
+//! # What is available
+//! A node is available when it is [`Active`](NodeStatus::Active), below its
+//! `max_connections` (counting the connections [charged](NodeSet::charge) to it since its
+//! last update) and, inside the [`Balance`] service, when its service is ready. Only available
+//! nodes are in the indexes; the others are only counted, so that [`NoAvailableNode`] can say
+//! why none is left.
+//!
+//! # Indexes
+//! Each available node sits in four structures, all maintained on change (insert, remove,
+//! info update, charge, readiness) in `O(log n)`:
+//!
+//! | index | serves | a pick costs |
+//! |---|---|---|
+//! | ordered set by connection load, then join order | `LeastConnections` | `O(log n)` |
+//! | ordered set by CPU % + memory %, then join order | `LeastResourceUsage` | `O(log n)` |
+//! | ordered map by join order | `RoundRobin` | `O(log n)` |
+//! | dense vector | `Random`, `PowerOfTwoChoices` | `O(1)` |
+//!
+//! # Following info changes
+//! [`refresh`](NodeSet::refresh) loads the [`Epoch`] the inserted cells share (the cells of
+//! one discovery share one) and scans the nodes' [`version`](LiveNodeInfo::version)s only when
+//! it moved: one atomic load while nothing changed. The set adopts the first inserted cell's
+//! epoch, or the one given to [`NodeSet::with_shared_epoch`]; once a cell with another epoch
+//! is inserted, every refresh compares every node's version (`O(n)` atomic loads), so no
+//! update is ever missed.
+//!
+//! ```
+//! use hybrid_cluster_balance::{NodeSet, Selector, Strategy};
+//! use hybrid_cluster_core::{Epoch, Incarnation, LiveNodeInfo, NodeId, NodeInfo};
+//!
+//! let epoch = Epoch::new();
+//! let mut nodes = NodeSet::with_shared_epoch(epoch.clone());
+//! let mut cells = Vec::new();
+//! for (name, connections) in [("a", 40), ("b", 10), ("c", 30)] {
+//!     let mut info = NodeInfo::new(NodeId::new(name)?, Incarnation::random(), "10.0.0.1", 5001);
+//!     info.connection_count = connections;
+//!     let cell = LiveNodeInfo::with_epoch(info, epoch.clone());
+//!     nodes.insert(NodeId::new(name)?, cell.clone());
+//!     cells.push(cell);
+//! }
+//! let mut selector = Selector::seeded(Strategy::LeastConnections, 7);
+//! assert_eq!(selector.pick(&nodes)?.key.as_str(), "b");
+//!
+//! // b reports a burst of connections: the next refresh re-indexes it.
+//! let mut busier = (*cells[1].get()).clone();
+//! busier.connection_count = 90;
+//! cells[1].update(busier);
+//! nodes.refresh();
+//! assert_eq!(selector.pick(&nodes)?.key.as_str(), "c");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`Balance`]: crate::Balance
+//! [`Placer`]: crate::Placer
+//! [`Selector`]: crate::Selector
+//! [`NoAvailableNode`]: crate::NoAvailableNode
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use hybrid_cluster_core::{Epoch, LiveNodeInfo, NodeInfo, NodeStatus};
+
+use crate::error::NoAvailableNode;
+
+/// Connections relative to capacity, as an exact fraction (`den > 0`), compared by
+/// cross-multiplication so that equal loads are exactly equal (no float noise in ties).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ratio {
+    num: u64,
+    den: u64,
+}
+
+impl Ratio {
+    fn new(connections: u64, max: u32) -> Self {
+        Self {
+            num: connections,
+            den: u64::from(max.max(1)),
+        }
+    }
+}
+
+impl PartialEq for Ratio {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Ratio {}
+
+impl PartialOrd for Ratio {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ratio {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (u128::from(self.num) * u128::from(other.den))
+            .cmp(&(u128::from(other.num) * u128::from(self.den)))
+    }
+}
+
+/// CPU % + memory %, in thousandths of a percent (`0..=200_000`); unreadable values sort last.
+fn usage_of(info: &NodeInfo) -> u32 {
+    let sum = f64::from(info.cpu_usage_percent) + f64::from(info.memory_usage_percent);
+    if sum.is_nan() {
+        return u32::MAX;
+    }
+    // Clamped to 0..=200 first, so the cast cannot truncate.
+    (sum.clamp(0.0, 200.0) * 1000.0).round() as u32
+}
+
+/// Why a node is or is not in the indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Available = 0,
+    Draining = 1,
+    Offline = 2,
+    Full = 3,
+    NotReady = 4,
+}
+
+struct Slot<K> {
+    key: K,
+    live: LiveNodeInfo,
+    info: Arc<NodeInfo>,
+    version: u64,
+    /// Join order: unique, never reused; the rotation order of round robin and of ties.
+    seq: u64,
+    ready: bool,
+    /// Connections charged since the last update, added to the reported count.
+    charged: u32,
+    class: Class,
+    load: Ratio,
+    usage: u32,
+    /// Position in `available` while available.
+    pos: usize,
+}
+
+impl<K> Slot<K> {
+    fn connections(&self) -> u64 {
+        u64::from(self.info.connection_count) + u64::from(self.charged)
+    }
+
+    /// Recomputes the derived keys and class from `info`, `charged` and `ready`.
+    fn derive(&mut self) {
+        let connections = self.connections();
+        self.load = Ratio::new(connections, self.info.max_connections);
+        self.usage = usage_of(&self.info);
+        self.class = match self.info.status {
+            NodeStatus::Draining => Class::Draining,
+            NodeStatus::Offline => Class::Offline,
+            NodeStatus::Active if connections >= u64::from(self.info.max_connections) => {
+                Class::Full
+            }
+            NodeStatus::Active if !self.ready => Class::NotReady,
+            NodeStatus::Active => Class::Available,
+        };
+    }
+}
+
+#[derive(Debug)]
+enum Follow {
+    /// No node inserted yet: the first one's epoch is adopted.
+    Undecided,
+    /// Cells with different epochs were inserted: every refresh checks every version.
+    EachNode,
+    /// Every cell bumps this epoch: a refresh first checks whether it moved.
+    Shared { epoch: Epoch, seen: u64 },
+}
+
+impl Follow {
+    /// Follows one more cell: adopts its epoch when none is known yet, and falls back to
+    /// checking every node when the cell bumps another epoch.
+    fn admit(&mut self, live: &LiveNodeInfo) {
+        match self {
+            Self::Undecided => {
+                *self = Self::Shared {
+                    seen: live.epoch().current(),
+                    epoch: live.epoch().clone(),
+                }
+            }
+            Self::Shared { epoch, .. } if !epoch.same_as(live.epoch()) => *self = Self::EachNode,
+            Self::Shared { .. } | Self::EachNode => {}
+        }
+    }
+}
+
+/// One node as the set sees it, returned by a pick.
+#[derive(Debug)]
+pub struct Candidate<'a, K> {
+    /// The node's key (in a discovery, usually its [`NodeId`](hybrid_cluster_core::NodeId)).
+    pub key: &'a K,
+    /// The node's info as of the set's last [`refresh`](NodeSet::refresh).
+    pub info: &'a Arc<NodeInfo>,
+}
+
+/// Every known node with its current info, indexed by load, resource usage and join order.
+///
+/// See the [module docs](self). Keys are whatever identifies a node to its source: a
+/// [`NodeId`](hybrid_cluster_core::NodeId) for the placement view, the `Discover` key inside
+/// the balancer.
+pub struct NodeSet<K> {
+    slots: Vec<Option<Slot<K>>>,
+    free: Vec<usize>,
+    by_key: HashMap<K, usize>,
+    next_seq: u64,
+    pub(crate) available: Vec<usize>,
+    pub(crate) by_seq: BTreeMap<u64, usize>,
+    pub(crate) by_load: BTreeSet<(Ratio, u64, usize)>,
+    pub(crate) by_usage: BTreeSet<(u32, u64, usize)>,
+    counts: [usize; 5],
+    follow: Follow,
+}
+
+impl<K> Default for NodeSet<K> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            next_seq: 0,
+            available: Vec::new(),
+            by_seq: BTreeMap::new(),
+            by_load: BTreeSet::new(),
+            by_usage: BTreeSet::new(),
+            counts: [0; 5],
+            follow: Follow::Undecided,
+        }
+    }
+}
+
+impl<K: fmt::Debug> fmt::Debug for NodeSet<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeSet")
+            .field(
+                "nodes",
+                &self
+                    .slots
+                    .iter()
+                    .flatten()
+                    .map(|s| (&s.key, s.class))
+                    .collect::<Vec<_>>(),
+            )
+            .field("follow", &self.follow)
+            .finish()
+    }
+}
+
+impl<K> NodeSet<K> {
+    /// An empty set. Its [`refresh`](Self::refresh) costs one atomic load while nothing
+    /// changed when every inserted cell shares one [`Epoch`] (as the cells of one discovery
+    /// do), and checks every node's version otherwise.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty set whose [`refresh`](Self::refresh) costs one atomic load while `epoch` has
+    /// not moved. A cell inserted with another epoch makes every refresh check every node, so
+    /// no update is missed.
+    pub fn with_shared_epoch(epoch: Epoch) -> Self {
+        let seen = epoch.current();
+        Self {
+            follow: Follow::Shared { epoch, seen },
+            ..Self::default()
+        }
+    }
+
+    /// Nodes known, available or not.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether no node is known.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Nodes a pick can choose now.
+    pub fn available_len(&self) -> usize {
+        self.available.len()
+    }
+
+    /// Every known node with its info as of the last refresh, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = Candidate<'_, K>> {
+        self.slots.iter().flatten().map(|slot| Candidate {
+            key: &slot.key,
+            info: &slot.info,
+        })
+    }
+
+    /// Why no node can be chosen: the counts of nodes known and of each exclusion.
+    pub fn unavailable(&self) -> NoAvailableNode {
+        NoAvailableNode {
+            known: self.len(),
+            draining: self.counts[Class::Draining as usize],
+            offline: self.counts[Class::Offline as usize],
+            full: self.counts[Class::Full as usize],
+            not_ready: self.counts[Class::NotReady as usize],
+        }
+    }
+
+    /// Re-reads the info of the nodes whose cell was updated since the last look, resets
+    /// their charged connections, and re-indexes them. Returns how many changed.
+    ///
+    /// With a shared epoch, this is one atomic load when nothing changed.
+    pub fn refresh(&mut self) -> usize {
+        if let Follow::Shared { epoch, seen } = &mut self.follow {
+            let now = epoch.current();
+            if now == *seen {
+                return 0;
+            }
+            // Read the epoch before the versions: an update racing with the scan bumps the
+            // epoch after this load, so the next refresh scans again.
+            *seen = now;
+        }
+        let mut changed = 0;
+        for idx in 0..self.slots.len() {
+            let Some(slot) = &self.slots[idx] else {
+                continue;
+            };
+            let version = slot.live.version();
+            if version != slot.version {
+                self.reindex(idx, |slot| {
+                    slot.version = version;
+                    slot.info = slot.live.get();
+                    slot.charged = 0;
+                });
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    /// Internal: the slot at `idx` (present while indexed).
+    pub(crate) fn slot_key(&self, idx: usize) -> Option<(&K, &Arc<NodeInfo>, u64)> {
+        self.slots
+            .get(idx)?
+            .as_ref()
+            .map(|s| (&s.key, &s.info, s.seq))
+    }
+
+    pub(crate) fn slot_load(&self, idx: usize) -> Option<Ratio> {
+        self.slots.get(idx)?.as_ref().map(|s| s.load)
+    }
+
+    /// Applies `change` to the slot, re-derives it and updates the indexes: only the keys
+    /// that moved while its class stays the same (a heartbeat, a charge), everything when
+    /// its class changed.
+    fn reindex(&mut self, idx: usize, change: impl FnOnce(&mut Slot<K>)) {
+        let Some(slot) = self.slots[idx].as_mut() else {
+            return;
+        };
+        let (class, load, usage) = (slot.class, slot.load, slot.usage);
+        change(slot);
+        slot.derive();
+        if slot.class != class {
+            self.unindex_as(idx, class, load, usage);
+            self.index(idx);
+        } else if class == Class::Available {
+            let seq = slot.seq;
+            if slot.load != load {
+                self.by_load.remove(&(load, seq, idx));
+                self.by_load.insert((slot.load, seq, idx));
+            }
+            if slot.usage != usage {
+                self.by_usage.remove(&(usage, seq, idx));
+                self.by_usage.insert((slot.usage, seq, idx));
+            }
+        }
+    }
+
+    fn index(&mut self, idx: usize) {
+        let Some(slot) = self.slots[idx].as_mut() else {
+            return;
+        };
+        self.counts[slot.class as usize] += 1;
+        if slot.class == Class::Available {
+            slot.pos = self.available.len();
+            self.available.push(idx);
+            self.by_seq.insert(slot.seq, idx);
+            self.by_load.insert((slot.load, slot.seq, idx));
+            self.by_usage.insert((slot.usage, slot.seq, idx));
+        }
+    }
+
+    /// Takes the slot out of the indexes.
+    fn unindex(&mut self, idx: usize) {
+        if let Some(slot) = self.slots[idx].as_ref() {
+            let (class, load, usage) = (slot.class, slot.load, slot.usage);
+            self.unindex_as(idx, class, load, usage);
+        }
+    }
+
+    /// Takes the slot out of the indexes, where it was filed under `class`, `load` and
+    /// `usage` (its values before a change).
+    fn unindex_as(&mut self, idx: usize, class: Class, load: Ratio, usage: u32) {
+        let Some(slot) = self.slots[idx].as_ref() else {
+            return;
+        };
+        self.counts[class as usize] -= 1;
+        if class == Class::Available {
+            let (pos, seq) = (slot.pos, slot.seq);
+            self.available.swap_remove(pos);
+            if let Some(&moved) = self.available.get(pos)
+                && let Some(moved) = self.slots[moved].as_mut()
+            {
+                moved.pos = pos;
+            }
+            self.by_seq.remove(&seq);
+            self.by_load.remove(&(load, seq, idx));
+            self.by_usage.remove(&(usage, seq, idx));
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash> NodeSet<K> {
+    /// Adds a node, ready, or replaces the cell of a known one (keeping its place in the
+    /// rotation). Returns whether it replaced one.
+    pub fn insert(&mut self, key: K, live: LiveNodeInfo) -> bool {
+        self.insert_with(key, live, true)
+    }
+
+    /// As [`insert`](Self::insert); a new node starts ready or not as `ready` says, a known
+    /// one keeps its readiness.
+    pub(crate) fn insert_with(&mut self, key: K, live: LiveNodeInfo, ready: bool) -> bool {
+        self.follow.admit(&live);
+        let version = live.version();
+        let info = live.get();
+        if let Some(&idx) = self.by_key.get(&key) {
+            self.reindex(idx, |slot| {
+                slot.live = live;
+                slot.info = info;
+                slot.version = version;
+                slot.charged = 0;
+            });
+            return true;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut slot = Slot {
+            key: key.clone(),
+            live,
+            info,
+            version,
+            seq,
+            ready,
+            charged: 0,
+            class: Class::NotReady,
+            load: Ratio::new(0, 1),
+            usage: 0,
+            pos: 0,
+        };
+        slot.derive();
+        let idx = match self.free.pop() {
+            Some(idx) => {
+                self.slots[idx] = Some(slot);
+                idx
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.by_key.insert(key, idx);
+        self.index(idx);
+        false
+    }
+
+    /// Forgets a node. Returns whether it was known.
+    pub fn remove(&mut self, key: &K) -> bool {
+        let Some(idx) = self.by_key.remove(key) else {
+            return false;
+        };
+        self.unindex(idx);
+        self.slots[idx] = None;
+        self.free.push(idx);
+        true
+    }
+
+    /// The node's info as of the last refresh.
+    pub fn get(&self, key: &K) -> Option<&Arc<NodeInfo>> {
+        let idx = *self.by_key.get(key)?;
+        self.slots[idx].as_ref().map(|slot| &slot.info)
+    }
+
+    /// Whether the node is known and a pick may choose it now.
+    pub fn is_available(&self, key: &K) -> bool {
+        self.by_key
+            .get(key)
+            .and_then(|&idx| self.slots[idx].as_ref())
+            .is_some_and(|slot| slot.class == Class::Available)
+    }
+
+    /// Counts one more connection on the node until its info is next updated, so that picks
+    /// made between two heartbeats see the clients already sent there (and stop at
+    /// `max_connections`). Returns whether the node is known.
+    pub fn charge(&mut self, key: &K) -> bool {
+        let Some(&idx) = self.by_key.get(key) else {
+            return false;
+        };
+        self.reindex(idx, |slot| slot.charged = slot.charged.saturating_add(1));
+        true
+    }
+
+    /// Marks the node's service ready or not (the balancer's readiness tracking).
+    pub(crate) fn set_ready(&mut self, key: &K, ready: bool) {
+        let Some(&idx) = self.by_key.get(key) else {
+            return;
+        };
+        if self.slots[idx].as_ref().is_some_and(|s| s.ready != ready) {
+            self.reindex(idx, |slot| slot.ready = ready);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hybrid_cluster_core::{Incarnation, NodeId};
+
+    use super::*;
+
+    fn cell(name: &str, connections: u32, max: u32) -> LiveNodeInfo {
+        let mut info = NodeInfo::new(
+            NodeId::new(name).unwrap(),
+            Incarnation::from_u64(1),
+            "10.0.0.1",
+            5001,
+        );
+        info.connection_count = connections;
+        info.max_connections = max;
+        LiveNodeInfo::new(info)
+    }
+
+    /// Every index holds exactly the available nodes.
+    fn check_invariants<K: Clone + Eq + Hash>(set: &NodeSet<K>) {
+        let available: Vec<usize> = (0..set.slots.len())
+            .filter(|&i| {
+                set.slots[i]
+                    .as_ref()
+                    .is_some_and(|s| s.class == Class::Available)
+            })
+            .collect();
+        assert_eq!(set.available.len(), available.len());
+        assert_eq!(set.by_seq.len(), available.len());
+        assert_eq!(set.by_load.len(), available.len());
+        assert_eq!(set.by_usage.len(), available.len());
+        for (pos, &idx) in set.available.iter().enumerate() {
+            let slot = set.slots[idx].as_ref().unwrap();
+            assert_eq!(slot.pos, pos);
+            assert_eq!(set.by_seq.get(&slot.seq), Some(&idx));
+            assert!(set.by_load.contains(&(slot.load, slot.seq, idx)));
+            assert!(set.by_usage.contains(&(slot.usage, slot.seq, idx)));
+        }
+        assert_eq!(set.counts.iter().sum::<usize>(), set.len());
+    }
+
+    #[test]
+    fn ratios_compare_exactly() {
+        assert_eq!(Ratio::new(1, 2), Ratio::new(50, 100));
+        assert!(Ratio::new(1, 3) < Ratio::new(34, 100));
+        assert!(Ratio::new(0, 10) < Ratio::new(1, 10_000));
+    }
+
+    #[test]
+    fn classes_and_counts_follow_changes() {
+        let mut set = NodeSet::new();
+        let a = cell("a", 0, 10);
+        set.insert("a", a.clone());
+        set.insert("b", cell("b", 10, 10));
+        let mut draining = (*cell("c", 0, 10).get()).clone();
+        draining.status = NodeStatus::Draining;
+        set.insert("c", LiveNodeInfo::new(draining));
+        check_invariants(&set);
+        assert_eq!(set.available_len(), 1);
+        assert_eq!(
+            set.unavailable(),
+            NoAvailableNode {
+                known: 3,
+                draining: 1,
+                offline: 0,
+                full: 1,
+                not_ready: 0
+            }
+        );
+
+        // Charging fills a up to its limit; its next update resets the charge.
+        for _ in 0..10 {
+            assert!(set.is_available(&"a"));
+            set.charge(&"a");
+        }
+        assert!(!set.is_available(&"a"));
+        check_invariants(&set);
+        a.update((*a.get()).clone());
+        assert_eq!(set.refresh(), 1);
+        assert!(set.is_available(&"a"));
+
+        set.set_ready(&"a", false);
+        assert_eq!(set.unavailable().not_ready, 1);
+        check_invariants(&set);
+        assert!(set.remove(&"a"));
+        assert!(!set.remove(&"a"));
+        check_invariants(&set);
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.available_len(), 0);
+    }
+
+    #[test]
+    fn shared_epoch_refresh_skips_when_unchanged_and_catches_updates() {
+        let epoch = Epoch::new();
+        let mut set = NodeSet::with_shared_epoch(epoch.clone());
+        let a = LiveNodeInfo::with_epoch((*cell("a", 1, 10).get()).clone(), epoch.clone());
+        set.insert("a", a.clone());
+        assert_eq!(set.refresh(), 0);
+        let mut info = (*a.get()).clone();
+        info.connection_count = 7;
+        a.update(info);
+        assert_eq!(set.refresh(), 1);
+        assert_eq!(set.get(&"a").unwrap().connection_count, 7);
+        assert_eq!(set.refresh(), 0);
+    }
+
+    #[test]
+    fn indexed_picks_match_a_linear_scan_under_random_churn() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+
+        use crate::strategy::{Selector, Strategy};
+
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut set = NodeSet::new();
+        let mut cells: HashMap<u32, LiveNodeInfo> = HashMap::new();
+        let mut least_connections = Selector::seeded(Strategy::LeastConnections, 1);
+        let mut least_usage = Selector::seeded(Strategy::LeastResourceUsage, 1);
+        for _ in 0..5000 {
+            let key = rng.random_range(0..40u32);
+            match rng.random_range(0..6) {
+                0 => {
+                    let live = cell("n", rng.random_range(0..12), rng.random_range(0..12));
+                    set.insert(key, live.clone());
+                    cells.insert(key, live);
+                }
+                1 => {
+                    set.remove(&key);
+                    cells.remove(&key);
+                }
+                2 => {
+                    set.charge(&key);
+                }
+                3 => set.set_ready(&key, rng.random()),
+                _ => {
+                    if let Some(live) = cells.get(&key) {
+                        let mut info = (*live.get()).clone();
+                        info.connection_count = rng.random_range(0..12);
+                        info.cpu_usage_percent = rng.random_range(0..4) as f32 * 10.0;
+                        info.status = match rng.random_range(0..8) {
+                            0 => NodeStatus::Draining,
+                            1 => NodeStatus::Offline,
+                            _ => NodeStatus::Active,
+                        };
+                        live.update(info);
+                    }
+                    set.refresh();
+                }
+            }
+            check_invariants(&set);
+            let available = || {
+                set.slots
+                    .iter()
+                    .flatten()
+                    .filter(|slot| slot.class == Class::Available)
+            };
+            match least_connections.pick(&set) {
+                Ok(candidate) => {
+                    let min = available().map(|slot| slot.load).min().unwrap();
+                    let idx = set.by_key[candidate.key];
+                    assert_eq!(set.slots[idx].as_ref().unwrap().load, min);
+                    let usage = least_usage.pick(&set).unwrap();
+                    let min = available().map(|slot| slot.usage).min().unwrap();
+                    let idx = set.by_key[usage.key];
+                    assert_eq!(set.slots[idx].as_ref().unwrap().usage, min);
+                }
+                Err(none) => {
+                    assert_eq!(available().count(), 0);
+                    assert_eq!(none.known, cells.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn slots_are_reused_without_breaking_indexes() {
+        let mut set = NodeSet::new();
+        for round in 0..50u32 {
+            for i in 0..20u32 {
+                set.insert(i, cell("n", (i * 7 + round) % 12, 10));
+            }
+            for i in (0..20u32).step_by(3) {
+                set.remove(&i);
+            }
+            check_invariants(&set);
+        }
+        assert!(set.slots.len() <= 20);
+    }
+}

@@ -1,0 +1,380 @@
+//! Placement of new WebSocket clients: keep one here, send it to another node, or refuse it.
+//!
+//! The cluster layer sees each upgrade request before the handler does and asks a [`Placer`]
+//! where the client should go. [`Placer::place`] is synchronous and cheap (a short lock, a
+//! refresh that is one atomic load when nothing changed, an `O(log n)` pick), so it can run
+//! on every upgrade. It answers:
+//!
+//! - [`Placement::Accept`]: serve the client on this node;
+//! - [`Placement::Redirect`]: send it to another node, with the address, port and endpoint
+//!   to give it ([`Redirect::ws_url`] builds the URL);
+//! - [`Placement::Refuse`]: no node has room ([`NoAvailableNode`] says why).
+//!
+//! # Policies
+//! - [`PlacementPolicy::AcceptUnlessFull`] (default): keep the client when this node is
+//!   Active and below its limit; otherwise redirect it to the node the strategy picks;
+//!   otherwise refuse. A draining node therefore redirects every new client.
+//! - [`PlacementPolicy::AlwaysOptimal`]: place every client on the node the strategy picks,
+//!   this one included.
+//!
+//! # The view
+//! A placer holds a shared view of the nodes: this node's own [`LiveNodeInfo`] (which the
+//! node keeps current) and its peers', fed directly ([`Placer::insert`],
+//! [`Placer::remove`]) or from a discovery ([`Placer::follow`]). Clones share the view.
+//! Each decision [charges](NodeSet::charge) one connection to the node it chose, until that
+//! node's info is next updated, so that clients placed between two heartbeats spread out
+//! and stop at each node's limit rather than all going to the node that was least loaded at
+//! the last heartbeat.
+//!
+//! ```
+//! use hybrid_cluster_balance::{Placement, PlacementPolicy, Placer, Selector, Strategy};
+//! use hybrid_cluster_core::{Incarnation, LiveNodeInfo, NodeId, NodeInfo};
+//!
+//! let node = |name: &str, address: &str, connections: u32| -> Result<LiveNodeInfo, Box<dyn std::error::Error>> {
+//!     let mut info = NodeInfo::new(NodeId::new(name)?, Incarnation::random(), address, 5001);
+//!     info.connection_count = connections;
+//!     info.max_connections = 100;
+//!     Ok(LiveNodeInfo::new(info))
+//! };
+//! let local = node("node-a", "10.0.0.1", 100)?; // full
+//! let placer = Placer::new(local.clone());
+//! placer.insert(node("node-b", "10.0.0.2", 10)?);
+//!
+//! match placer.place() {
+//!     Placement::Redirect(to) => assert_eq!(to.ws_url(), "ws://10.0.0.2:5001/ws"),
+//!     other => panic!("expected a redirect, got {other:?}"),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`NoAvailableNode`]: crate::NoAvailableNode
+
+use std::fmt;
+use std::pin::pin;
+use std::sync::Arc;
+
+use futures_util::future::poll_fn;
+use hybrid_cluster_core::{Epoch, HasNodeInfo, LiveNodeInfo, NodeId};
+use parking_lot::Mutex;
+use tower::discover::{Change, Discover};
+
+use crate::error::{BoxError, NoAvailableNode};
+use crate::nodes::NodeSet;
+use crate::strategy::Selector;
+
+/// Where a new client should go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Serve it on this node.
+    Accept,
+    /// Send it to another node.
+    Redirect(Redirect),
+    /// No node can take it.
+    Refuse(NoAvailableNode),
+}
+
+/// The node a client is sent to, and how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// The node.
+    pub node: NodeId,
+    /// Its host name or IP address.
+    pub address: String,
+    /// Its WebSocket port.
+    pub port: u16,
+    /// Its WebSocket endpoint path.
+    pub endpoint: String,
+}
+
+impl Redirect {
+    /// The URL of the node's endpoint, e.g. `ws://10.0.0.5:5001/ws` (IPv6 in brackets).
+    pub fn ws_url(&self) -> String {
+        if self.address.contains(':') && !self.address.starts_with('[') {
+            format!("ws://[{}]:{}{}", self.address, self.port, self.endpoint)
+        } else {
+            format!("ws://{}:{}{}", self.address, self.port, self.endpoint)
+        }
+    }
+}
+
+/// When a client is kept on this node. See the [module docs](self).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PlacementPolicy {
+    /// Keep it unless this node is full or not Active; then the strategy's pick.
+    #[default]
+    AcceptUnlessFull,
+    /// Always the strategy's pick, this node included.
+    AlwaysOptimal,
+}
+
+struct View {
+    nodes: NodeSet<NodeId>,
+    selector: Selector,
+}
+
+/// Decides where new clients go, from a shared view of the nodes. Cloning is cheap and
+/// shares the view. See the [module docs](self).
+#[derive(Clone)]
+pub struct Placer {
+    local: NodeId,
+    policy: PlacementPolicy,
+    view: Arc<Mutex<View>>,
+}
+
+impl fmt::Debug for Placer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let view = self.view.lock();
+        f.debug_struct("Placer")
+            .field("local", &self.local)
+            .field("policy", &self.policy)
+            .field("strategy", &view.selector.strategy())
+            .field("nodes", &view.nodes)
+            .finish()
+    }
+}
+
+impl Placer {
+    /// A placer for the node whose live info is `local`, with the default policy
+    /// ([`AcceptUnlessFull`](PlacementPolicy::AcceptUnlessFull)) and strategy (least
+    /// connections).
+    pub fn new(local: LiveNodeInfo) -> Self {
+        Self::with(local, PlacementPolicy::default(), Selector::default(), None)
+    }
+
+    /// A placer with a chosen policy and selector. With `epoch`, the view follows info
+    /// changes by that one shared epoch (every cell inserted, `local` included, must bump
+    /// it); without, by each node's version.
+    pub fn with(
+        local: LiveNodeInfo,
+        policy: PlacementPolicy,
+        selector: Selector,
+        epoch: Option<Epoch>,
+    ) -> Self {
+        let mut nodes = match epoch {
+            Some(epoch) => NodeSet::with_shared_epoch(epoch),
+            None => NodeSet::new(),
+        };
+        let id = local.get().node_id.clone();
+        nodes.insert(id.clone(), local);
+        Self {
+            local: id,
+            policy,
+            view: Arc::new(Mutex::new(View { nodes, selector })),
+        }
+    }
+
+    /// This node's id.
+    pub fn local(&self) -> &NodeId {
+        &self.local
+    }
+
+    /// The policy applied.
+    pub fn policy(&self) -> PlacementPolicy {
+        self.policy
+    }
+
+    /// Nodes in the view, this one included.
+    pub fn len(&self) -> usize {
+        self.view.lock().nodes.len()
+    }
+
+    /// Whether the view is empty (never: it holds this node).
+    pub fn is_empty(&self) -> bool {
+        self.view.lock().nodes.is_empty()
+    }
+
+    /// Adds a peer, or replaces its cell. A cell for this node's own id is ignored: the
+    /// placer keeps the one it was built with.
+    pub fn insert(&self, peer: LiveNodeInfo) {
+        let id = peer.get().node_id.clone();
+        if id != self.local {
+            self.view.lock().nodes.insert(id, peer);
+        }
+    }
+
+    /// Forgets a peer. This node cannot be removed. Returns whether the peer was known.
+    pub fn remove(&self, peer: &NodeId) -> bool {
+        *peer != self.local && self.view.lock().nodes.remove(peer)
+    }
+
+    /// Feeds the view from `discover` until it ends (`Ok`) or fails (its error). Spawn it
+    /// beside the server; the view keeps the last nodes seen once it returns. Changes for
+    /// this node's own id are ignored.
+    pub async fn follow<D>(&self, discover: D) -> Result<(), BoxError>
+    where
+        D: Discover<Key = NodeId>,
+        D::Service: HasNodeInfo,
+        D::Error: Into<BoxError>,
+    {
+        let mut discover = pin!(discover);
+        while let Some(change) = poll_fn(|cx| discover.as_mut().poll_discover(cx)).await {
+            match change.map_err(Into::into)? {
+                Change::Insert(id, service) => {
+                    if id != self.local {
+                        let live = service.live_node_info().clone();
+                        self.view.lock().nodes.insert(id, live);
+                    }
+                }
+                Change::Remove(id) => {
+                    self.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a new client should go, by the policy and the strategy, from the current view.
+    pub fn place(&self) -> Placement {
+        let mut view = self.view.lock();
+        let View { nodes, selector } = &mut *view;
+        nodes.refresh();
+        if self.policy == PlacementPolicy::AcceptUnlessFull && nodes.is_available(&self.local) {
+            nodes.charge(&self.local);
+            return Placement::Accept;
+        }
+        let placement = match selector.pick(nodes) {
+            Err(none) => return Placement::Refuse(none),
+            Ok(candidate) if *candidate.key == self.local => Placement::Accept,
+            Ok(candidate) => Placement::Redirect(Redirect {
+                node: candidate.key.clone(),
+                address: candidate.info.address.clone(),
+                port: candidate.info.port,
+                endpoint: candidate.info.endpoint.clone(),
+            }),
+        };
+        let chosen = match &placement {
+            Placement::Redirect(redirect) => &redirect.node,
+            _ => &self.local,
+        };
+        nodes.charge(chosen);
+        placement
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use hybrid_cluster_core::{Incarnation, NodeInfo, NodeStatus};
+
+    use super::*;
+    use crate::strategy::Strategy;
+
+    fn cell(name: &str, connections: u32, max: u32) -> LiveNodeInfo {
+        let mut info = NodeInfo::new(
+            NodeId::new(name).unwrap(),
+            Incarnation::from_u64(1),
+            format!("{name}.local"),
+            5001,
+        );
+        info.connection_count = connections;
+        info.max_connections = max;
+        LiveNodeInfo::new(info)
+    }
+
+    fn set_status(cell: &LiveNodeInfo, status: NodeStatus) {
+        let mut info = (*cell.get()).clone();
+        info.status = status;
+        cell.update(info);
+    }
+
+    fn target(placement: &Placement) -> &str {
+        match placement {
+            Placement::Accept => "local",
+            Placement::Redirect(redirect) => redirect.node.as_str(),
+            Placement::Refuse(_) => "refused",
+        }
+    }
+
+    #[test]
+    fn accepts_while_there_is_room_then_redirects_then_refuses() {
+        let local = cell("a", 8, 10);
+        let placer = Placer::new(local.clone());
+        placer.insert(cell("b", 0, 1));
+        // Two places left here, then one on b, then none.
+        let decisions: Vec<Placement> = (0..4).map(|_| placer.place()).collect();
+        assert_eq!(decisions[0], Placement::Accept);
+        assert_eq!(decisions[1], Placement::Accept);
+        let Placement::Redirect(redirect) = &decisions[2] else {
+            panic!("expected a redirect: {:?}", decisions[2]);
+        };
+        assert_eq!(redirect.node.as_str(), "b");
+        assert_eq!(redirect.ws_url(), "ws://b.local:5001/ws");
+        assert_eq!(
+            decisions[3],
+            Placement::Refuse(NoAvailableNode {
+                known: 2,
+                full: 2,
+                ..NoAvailableNode::default()
+            })
+        );
+
+        // The heartbeat reports what is really there: two clients left a.
+        let mut info = (*local.get()).clone();
+        info.connection_count = 8;
+        local.update(info);
+        assert_eq!(placer.place(), Placement::Accept);
+    }
+
+    #[test]
+    fn a_draining_node_redirects_every_client() {
+        let local = cell("a", 0, 100);
+        let placer = Placer::new(local.clone());
+        placer.insert(cell("b", 50, 100));
+        placer.insert(cell("c", 50, 100));
+        set_status(&local, NodeStatus::Draining);
+        let mut counts = HashMap::new();
+        for _ in 0..20 {
+            *counts
+                .entry(target(&placer.place()).to_owned())
+                .or_insert(0) += 1;
+        }
+        assert_eq!(counts, HashMap::from([("b".into(), 10), ("c".into(), 10)]));
+    }
+
+    #[test]
+    fn always_optimal_places_by_the_strategy_this_node_included() {
+        let local = cell("a", 20, 100);
+        let placer = Placer::with(
+            local,
+            PlacementPolicy::AlwaysOptimal,
+            Selector::seeded(Strategy::LeastConnections, 1),
+            None,
+        );
+        placer.insert(cell("b", 0, 100));
+        placer.insert(cell("c", 10, 100));
+        let mut counts = HashMap::new();
+        for _ in 0..60 {
+            *counts
+                .entry(target(&placer.place()).to_owned())
+                .or_insert(0) += 1;
+        }
+        // 30 + 60 = 90 connections: 30 each, so b took 30, c 20 and this node 10.
+        assert_eq!(
+            counts,
+            HashMap::from([("b".into(), 30), ("c".into(), 20), ("local".into(), 10)])
+        );
+    }
+
+    #[test]
+    fn the_local_node_cannot_be_replaced_or_removed_by_peers() {
+        let local = cell("a", 0, 10);
+        let placer = Placer::new(local);
+        placer.insert(cell("a", 10, 10));
+        assert!(!placer.remove(&NodeId::new("a").unwrap()));
+        assert_eq!(placer.len(), 1);
+        assert_eq!(placer.place(), Placement::Accept);
+    }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed() {
+        let redirect = Redirect {
+            node: NodeId::new("b").unwrap(),
+            address: "::1".into(),
+            port: 9000,
+            endpoint: "/ws".into(),
+        };
+        assert_eq!(redirect.ws_url(), "ws://[::1]:9000/ws");
+    }
+}
