@@ -1,0 +1,195 @@
+//! The forwarding [`Service`]: sends an [`Envelope`] to the node queues its target names.
+//!
+//! [`Forward`] is the endpoint of a stack, not a middleware around another service: its
+//! "inner service" is the broker. Stack tower's own layers on top of it (`timeout`, `retry`,
+//! `buffer`).
+//!
+//! - **Readiness** (`poll_ready`): a permit from a semaphore bounding the messages sent and
+//!   not yet confirmed (shared by all clones, reserved in `poll_ready` and spent in `call`, as
+//!   tower's `ConcurrencyLimit` does), then [`Broker::poll_flow`]: pending while the broker
+//!   pushes back (flow control, a lost connection being restored), an error once the broker
+//!   has been unreachable for longer than its bound, or was closed.
+//! - **Call**: checks the payload size, encodes the envelope ([`Envelope::to_message`]: the
+//!   payload is the body as it is, metadata goes in headers) and publishes it. The message
+//!   is ordered when `call` is made: envelopes sent one after another through one service
+//!   reach each node in that order, even when their futures are awaited together.
+//! - **Response**: the future resolves `Ok(())` once the broker confirmed the message, or
+//!   with a [`ForwardError`] saying why it was not taken. Dropping the future does not
+//!   withdraw a message already published; it only stops waiting for the confirmation.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use hybrid_cluster_core::{Envelope, NodeId, QueueOptions, Target};
+//! use hybrid_cluster_memory::MemoryBroker;
+//! use hybrid_cluster_routing::{Forward, ForwardError, NodeTopology};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = Arc::new(MemoryBroker::new());
+//! let b = NodeId::new("node-b")?;
+//! let _node_b = NodeTopology::declare(broker.clone(), b.clone(), &QueueOptions::default()).await?;
+//!
+//! let a = NodeId::new("node-a")?;
+//! let forward = Forward::new(broker);
+//! forward.clone().oneshot(Envelope::text(a.clone(), Target::Node(b), "hi")).await?;
+//!
+//! // A node that is gone: the caller learns of it.
+//! let gone = Target::Node(NodeId::new("node-z")?);
+//! let err = forward.oneshot(Envelope::text(a, gone, "hi")).await.unwrap_err();
+//! assert!(matches!(err, ForwardError::Unroutable { .. }));
+//! # Ok(())
+//! # }
+//! ```
+
+mod future;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use hybrid_cluster_core::{Broker, Envelope};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tower_service::Service;
+
+pub use self::future::ResponseFuture;
+use crate::error::ForwardError;
+
+/// How a [`Forward`] service behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardConfig {
+    /// Messages sent and not yet confirmed, at most, over all clones of the service. At least 1.
+    pub max_in_flight: usize,
+    /// The largest payload sent, in bytes; larger ones fail with
+    /// [`ForwardError::PayloadTooLarge`] before reaching the broker.
+    pub max_payload: usize,
+}
+
+impl Default for ForwardConfig {
+    /// 256 messages in flight, payloads up to 8 MiB.
+    fn default() -> Self {
+        Self {
+            max_in_flight: 256,
+            max_payload: 8 * 1024 * 1024,
+        }
+    }
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// The forwarding service: a `Service<Envelope>` that publishes each envelope to the node
+/// queues of its target and resolves once the broker confirmed it.
+///
+/// See the [module docs](self). Clones share the in-flight bound and the broker; each clone
+/// must be polled ready before it is called.
+pub struct Forward<B: ?Sized> {
+    broker: Arc<B>,
+    semaphore: Arc<Semaphore>,
+    acquire: Option<Acquire>,
+    permit: Option<OwnedSemaphorePermit>,
+    max_payload: usize,
+}
+
+impl<B: Broker + ?Sized> Forward<B> {
+    /// A service publishing through `broker`, with the default [`ForwardConfig`].
+    pub fn new(broker: Arc<B>) -> Self {
+        Self::with_config(broker, ForwardConfig::default())
+    }
+
+    /// A service publishing through `broker` as `config` says.
+    pub fn with_config(broker: Arc<B>, config: ForwardConfig) -> Self {
+        Self {
+            broker,
+            semaphore: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            acquire: None,
+            permit: None,
+            max_payload: config.max_payload,
+        }
+    }
+
+    /// The broker it publishes through.
+    pub fn broker(&self) -> &Arc<B> {
+        &self.broker
+    }
+
+    /// Messages that may be sent now before the in-flight bound is reached, over all clones.
+    pub fn available_permits(&self) -> usize {
+        self.semaphore.available_permits()
+    }
+}
+
+impl<B: ?Sized> Clone for Forward<B> {
+    /// A clone shares the broker and the in-flight bound, but holds no permit: it must be
+    /// polled ready on its own.
+    fn clone(&self) -> Self {
+        Self {
+            broker: Arc::clone(&self.broker),
+            semaphore: Arc::clone(&self.semaphore),
+            acquire: None,
+            permit: None,
+            max_payload: self.max_payload,
+        }
+    }
+}
+
+impl<B: fmt::Debug + ?Sized> fmt::Debug for Forward<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("broker", &self.broker)
+            .field("available_permits", &self.semaphore.available_permits())
+            .field("ready", &self.permit.is_some())
+            .field("max_payload", &self.max_payload)
+            .finish()
+    }
+}
+
+impl<B: Broker + ?Sized> Service<Envelope> for Forward<B> {
+    type Response = ();
+    type Error = ForwardError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.permit.is_none() {
+            let acquire = self
+                .acquire
+                .get_or_insert_with(|| Box::pin(Arc::clone(&self.semaphore).acquire_owned()));
+            let acquired = ready!(acquire.as_mut().poll(cx));
+            self.acquire = None;
+            match acquired {
+                Ok(permit) => self.permit = Some(permit),
+                // The semaphore is never closed; should it be, nothing can be sent.
+                Err(_) => {
+                    return Poll::Ready(Err(ForwardError::Broker(
+                        hybrid_cluster_core::BrokerError::Closed,
+                    )));
+                }
+            }
+        }
+        // Holding the permit, wait for the broker to take publishes.
+        self.broker.poll_flow(cx).map_err(ForwardError::Broker)
+    }
+
+    fn call(&mut self, envelope: Envelope) -> Self::Future {
+        let Some(permit) = self.permit.take() else {
+            return ResponseFuture::failed(ForwardError::NotReady);
+        };
+        if envelope.payload.len() > self.max_payload {
+            return ResponseFuture::failed(ForwardError::PayloadTooLarge {
+                len: envelope.payload.len(),
+                max: self.max_payload,
+            });
+        }
+        let message = match envelope.to_message() {
+            Ok(message) => message,
+            Err(e) => return ResponseFuture::failed(ForwardError::Encode(e)),
+        };
+        // `publish` orders the message now, at the call.
+        let publish = self.broker.publish(&envelope.routing_key(), message);
+        ResponseFuture::publishing(publish, envelope.target, permit)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,339 @@
+//! The connection: made, its topology declared, watched, and made again when lost.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::StreamExt;
+use hybrid_cluster_core::{NodeId, QueueOptions, RoutingKey};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::consumer;
+use super::error::RabbitError;
+use super::shared::{Link, Shared, shut_down};
+use super::wire;
+
+pub(crate) type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+/// Connects, within the configured time.
+async fn connect(shared: &Shared) -> Result<(Connection, Events), RabbitError> {
+    let mut properties = ConnectionProperties::default();
+    if let Some(name) = &shared.config.connection_name {
+        properties = properties.with_connection_name(name.clone().into());
+    }
+    let connecting = Connection::connect(&shared.uri, properties);
+    let connection = match tokio::time::timeout(shared.config.connect_timeout, connecting).await {
+        Err(_) => {
+            return Err(RabbitError::ConnectTimeout {
+                url: shared.url.clone(),
+                after: shared.config.connect_timeout,
+            });
+        }
+        Ok(Err(source)) => {
+            return Err(RabbitError::Connect {
+                url: shared.url.clone(),
+                source,
+            });
+        }
+        Ok(Ok(connection)) => connection,
+    };
+    let events: Events = Box::pin(connection.events_listener());
+    Ok((connection, events))
+}
+
+/// Declares the cluster's exchange and its dead-letter exchange and queue.
+async fn declare_cluster(shared: &Shared, channel: &Channel) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let names = &shared.names;
+    channel
+        .exchange_declare(
+            names.exchange.clone(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            names.dead_letter.clone(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let arguments = wire::dead_letter_arguments(
+        shared.config.dead_letter_max_length,
+        shared.config.dead_letter_expires,
+    );
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(names.dead_letter.clone(), options, arguments)
+        .await?;
+    channel
+        .queue_bind(
+            names.dead_letter.clone(),
+            names.dead_letter.clone(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn declare_queue(
+    shared: &Shared,
+    channel: &Channel,
+    node: &NodeId,
+    options: &QueueOptions,
+) -> lapin::Result<()> {
+    let Ok(queue) = shared.names.queue(node) else {
+        return Ok(());
+    };
+    channel
+        .queue_declare(
+            queue,
+            QueueDeclareOptions::default(),
+            wire::queue_arguments(options, &shared.names),
+        )
+        .await
+        .map(drop)
+}
+
+pub(crate) async fn bind(
+    shared: &Shared,
+    channel: &Channel,
+    node: &NodeId,
+    key: &RoutingKey,
+) -> lapin::Result<()> {
+    let (Ok(queue), Ok(key)) = (shared.names.queue(node), wire::short(key.to_string())) else {
+        return Ok(());
+    };
+    channel
+        .queue_bind(
+            queue,
+            shared.names.exchange.clone(),
+            key,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Connects and declares everything this broker declared before, then starts its consumers
+/// again. Returns the new connection, not yet published.
+pub(crate) async fn establish(shared: &Arc<Shared>) -> Result<(Link, Events), RabbitError> {
+    let (connection, events) = connect(shared).await?;
+    let connection = Arc::new(connection);
+    let mut channel = connection
+        .create_channel()
+        .await
+        .map_err(RabbitError::Amqp)?;
+    declare_cluster(shared, &channel)
+        .await
+        .map_err(RabbitError::Amqp)?;
+
+    // From here on, an operation done on an older connection is done again on this one.
+    let (generation, queues, bindings) = {
+        let mut state = shared.state.lock();
+        state.generation += 1;
+        (
+            state.generation,
+            state.queues.clone(),
+            state.bindings.clone(),
+        )
+    };
+    let link = Link {
+        generation,
+        connection,
+    };
+
+    // A refused declaration (another declaration of the queue with other arguments) closes
+    // the channel: warn, and go on with a new one.
+    for (node, options) in &queues {
+        if let Err(error) = declare_queue(shared, &channel, node, options).await {
+            channel = replay_failed(&link, error, "declaring a node queue again", node).await?;
+        }
+    }
+    for (node, key) in &bindings {
+        if let Err(error) = bind(shared, &channel, node, key).await {
+            channel = replay_failed(&link, error, "binding a node queue again", node).await?;
+        }
+    }
+    drop(channel);
+
+    let consumers: Vec<(NodeId, u64, u16, mpsc::Sender<_>)> = {
+        let mut state = shared.state.lock();
+        state
+            .consumers
+            .retain(|_, entry| !entry.deliveries.is_closed());
+        state
+            .consumers
+            .iter()
+            .map(|(node, entry)| {
+                (
+                    node.clone(),
+                    entry.id,
+                    entry.prefetch,
+                    entry.deliveries.clone(),
+                )
+            })
+            .collect()
+    };
+    for (node, id, prefetch, deliveries) in consumers {
+        let Ok(queue) = shared.names.queue(&node) else {
+            continue;
+        };
+        match consumer::start(&link, &queue, prefetch).await {
+            Ok((channel, lapin_consumer)) => {
+                tokio::spawn(consumer::forward(
+                    Arc::clone(shared),
+                    generation,
+                    node,
+                    id,
+                    channel,
+                    lapin_consumer,
+                    deliveries,
+                ));
+            }
+            Err(error) if wire::is_connection_error(&error) => {
+                return Err(RabbitError::Amqp(error));
+            }
+            Err(error) => {
+                // The queue is gone or taken: the consumer's stream ends.
+                warn!(%node, %error, "resuming a consumer failed; its stream ends");
+                let mut state = shared.state.lock();
+                if state
+                    .consumers
+                    .get(&node)
+                    .is_some_and(|entry| entry.id == id)
+                {
+                    state.consumers.remove(&node);
+                }
+            }
+        }
+    }
+    Ok((link, events))
+}
+
+async fn replay_failed(
+    link: &Link,
+    error: lapin::Error,
+    what: &str,
+    node: &NodeId,
+) -> Result<Channel, RabbitError> {
+    if wire::is_connection_error(&error) && !link.connection.status().connected() {
+        return Err(RabbitError::Amqp(error));
+    }
+    warn!(%node, %error, "{what} failed");
+    link.connection
+        .create_channel()
+        .await
+        .map_err(RabbitError::Amqp)
+}
+
+enum Watched {
+    Lost(String),
+    Shutdown,
+}
+
+/// Follows the connection's events until it is lost or the broker shuts down.
+async fn watch(
+    shared: &Shared,
+    link: &Link,
+    events: &mut Events,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Watched {
+    loop {
+        tokio::select! {
+            () = shut_down(shutdown) => return Watched::Shutdown,
+            () = shared.broken.notified() => {
+                if shared.broken_generation.load(Ordering::SeqCst) >= link.generation {
+                    return Watched::Lost("a channel failed".into());
+                }
+            }
+            event = events.next() => match event {
+                None => return Watched::Lost("the connection ended".into()),
+                Some(Event::Error(error)) => {
+                    if !link.connection.status().connected() {
+                        return Watched::Lost(error.to_string());
+                    }
+                    // A channel-level error (a refused declaration): the connection is fine.
+                    debug!(%error, "channel error");
+                }
+                Some(Event::ConnectionBlocked(reason)) => {
+                    warn!(%reason, "RabbitMQ blocked publishing");
+                    shared.set_blocked(true);
+                }
+                Some(Event::ConnectionUnblocked) => {
+                    info!("RabbitMQ unblocked publishing");
+                    shared.set_blocked(false);
+                }
+                Some(_) => {}
+            },
+        }
+    }
+}
+
+async fn close(link: &Link) {
+    let closing = link.connection.close(200, "OK".into());
+    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+}
+
+/// Keeps the broker connected: watches the connection, and when it is lost connects again
+/// with exponential backoff (the first attempt at once), declaring the topology again and
+/// resuming consumers.
+pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: Events) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        match watch(&shared, &link, &mut events, &mut shutdown).await {
+            Watched::Shutdown => {
+                close(&link).await;
+                return;
+            }
+            Watched::Lost(reason) => {
+                warn!(url = %shared.url, %reason, "lost the connection to RabbitMQ; reconnecting");
+            }
+        }
+        shared.set_down();
+        close(&link).await;
+        let mut delay = Duration::ZERO;
+        loop {
+            tokio::select! {
+                () = shut_down(&mut shutdown) => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            let attempt = tokio::select! {
+                () = shut_down(&mut shutdown) => return,
+                attempt = establish(&shared) => attempt,
+            };
+            match attempt {
+                Ok((new_link, new_events)) => {
+                    link = new_link;
+                    events = new_events;
+                    shared.set_up(link.clone());
+                    info!(url = %shared.url, generation = link.generation, "reconnected to RabbitMQ");
+                    break;
+                }
+                Err(error) => {
+                    delay = (delay * 2)
+                        .max(shared.config.reconnect_delay)
+                        .min(shared.config.max_reconnect_delay);
+                    warn!(%error, retry_in = ?delay, "reconnecting to RabbitMQ failed");
+                }
+            }
+        }
+    }
+}

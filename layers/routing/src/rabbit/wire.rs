@@ -1,0 +1,271 @@
+//! The mapping between the core model and AMQP: names, messages, queue arguments, errors.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use hybrid_cluster_core::{BrokerError, BrokerMessage, ClusterPrefix, NodeId, QueueOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, ErrorKind};
+
+use super::error::RabbitError;
+
+/// The names a cluster uses in RabbitMQ, all starting with its prefix.
+#[derive(Clone, Debug)]
+pub(crate) struct Names {
+    prefix: String,
+    /// The cluster's direct exchange: `{prefix}`.
+    pub(crate) exchange: ShortString,
+    /// The dead-letter exchange (fanout) and queue: `{prefix}:dead-letter`.
+    pub(crate) dead_letter: ShortString,
+}
+
+impl Names {
+    pub(crate) fn new(prefix: &ClusterPrefix) -> Result<Self, RabbitError> {
+        let prefix = prefix.as_str().to_owned();
+        Ok(Self {
+            exchange: short(prefix.clone())?,
+            dead_letter: short(format!("{prefix}:dead-letter"))?,
+            prefix,
+        })
+    }
+
+    /// A node's queue: `{prefix}:node:{node id}`.
+    pub(crate) fn queue(&self, node: &NodeId) -> Result<ShortString, RabbitError> {
+        short(format!("{}:node:{node}", self.prefix))
+    }
+}
+
+pub(crate) fn short(value: String) -> Result<ShortString, RabbitError> {
+    ShortString::try_new(value).map_err(|e| RabbitError::InvalidMessage {
+        reason: e.to_string(),
+    })
+}
+
+/// The AMQP properties carrying a message's id and headers. Header values travel as long
+/// strings.
+pub(crate) fn encode(message: &BrokerMessage) -> Result<BasicProperties, RabbitError> {
+    let invalid = |what: &str, len: usize| RabbitError::InvalidMessage {
+        reason: format!("{what} is {len} bytes long, more than AMQP's 255"),
+    };
+    let message_id = ShortString::try_new(message.message_id.clone())
+        .map_err(|_| invalid("the message id", message.message_id.len()))?;
+    let mut headers = FieldTable::default();
+    for (name, value) in &message.headers {
+        let key =
+            ShortString::try_new(name.clone()).map_err(|_| invalid("a header name", name.len()))?;
+        headers.insert(
+            key,
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    }
+    Ok(BasicProperties::default()
+        .with_message_id(message_id)
+        .with_headers(headers))
+}
+
+/// The message a delivery carries. A missing message id reads as empty (and fails the
+/// envelope check); string headers are taken as they are (invalid UTF-8 replaced), numbers
+/// and booleans in their text form, and headers of other types are left out.
+pub(crate) fn decode(properties: &BasicProperties, body: Vec<u8>) -> BrokerMessage {
+    let message_id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .unwrap_or_default();
+    let mut headers = BTreeMap::new();
+    if let Some(table) = properties.headers() {
+        for (name, value) in table.inner() {
+            let text = match value {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::ShortString(s) => s.as_str().to_owned(),
+                AMQPValue::Boolean(b) => b.to_string(),
+                AMQPValue::ShortShortInt(n) => n.to_string(),
+                AMQPValue::ShortShortUInt(n) => n.to_string(),
+                AMQPValue::ShortInt(n) => n.to_string(),
+                AMQPValue::ShortUInt(n) => n.to_string(),
+                AMQPValue::LongInt(n) => n.to_string(),
+                AMQPValue::LongUInt(n) => n.to_string(),
+                AMQPValue::LongLongInt(n) => n.to_string(),
+                AMQPValue::Timestamp(n) => n.to_string(),
+                _ => continue,
+            };
+            headers.insert(name.as_str().to_owned(), text);
+        }
+    }
+    BrokerMessage {
+        message_id,
+        headers,
+        body: Bytes::from(body),
+    }
+}
+
+fn millis(duration: std::time::Duration) -> AMQPValue {
+    // RabbitMQ wants a positive whole number of milliseconds.
+    let ms = i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    AMQPValue::LongLongInt(ms)
+}
+
+/// The arguments of a node's queue.
+pub(crate) fn queue_arguments(options: &QueueOptions, names: &Names) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if let Some(expires) = options.expires {
+        arguments.insert("x-expires".into(), millis(expires));
+    }
+    if let Some(max) = options.max_length {
+        arguments.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(i64::from(max)),
+        );
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
+    if options.dead_letter {
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(names.dead_letter.as_str().into()),
+        );
+    }
+    arguments
+}
+
+/// The arguments of the dead-letter queue.
+pub(crate) fn dead_letter_arguments(
+    max_length: Option<u32>,
+    expires: Option<std::time::Duration>,
+) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if let Some(max) = max_length {
+        arguments.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(i64::from(max)),
+        );
+    }
+    if let Some(expires) = expires {
+        arguments.insert("x-expires".into(), millis(expires));
+    }
+    arguments
+}
+
+fn soft_error(error: &lapin::Error) -> Option<(AMQPSoftError, &str)> {
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some((soft.clone(), amqp.get_message().as_str())),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether RabbitMQ answered NOT_FOUND about a queue.
+pub(crate) fn is_queue_not_found(error: &lapin::Error) -> bool {
+    matches!(soft_error(error), Some((AMQPSoftError::NOTFOUND, text)) if !text.contains("no exchange"))
+}
+
+/// Whether the error is about the connection rather than the operation.
+pub(crate) fn is_connection_error(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::IOError(_)
+            | ErrorKind::InvalidConnectionState(_)
+            | ErrorKind::InvalidChannelState(..)
+            | ErrorKind::InvalidChannel(_)
+            | ErrorKind::MissingHeartbeatError
+            | ErrorKind::RuntimeShutdownError(_)
+    ) || matches!(
+        error.kind(),
+        ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Hard(_))
+    )
+}
+
+/// The core error for a failed operation on `node`'s queue.
+pub(crate) fn broker_error(error: lapin::Error, node: &NodeId, consuming: bool) -> BrokerError {
+    if is_queue_not_found(&error) {
+        return BrokerError::QueueNotFound { node: node.clone() };
+    }
+    if consuming
+        && matches!(
+            soft_error(&error),
+            Some((
+                AMQPSoftError::ACCESSREFUSED | AMQPSoftError::RESOURCELOCKED,
+                _
+            ))
+        )
+    {
+        return BrokerError::QueueInUse { node: node.clone() };
+    }
+    if is_connection_error(&error) {
+        BrokerError::Unavailable {
+            source: Box::new(RabbitError::Amqp(error)),
+        }
+    } else {
+        BrokerError::Backend {
+            source: Box::new(RabbitError::Amqp(error)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_properties() {
+        let mut headers = BTreeMap::new();
+        headers.insert("hc-origin".to_owned(), "node-a".to_owned());
+        headers.insert("traceparent".to_owned(), "00-1-2-01".to_owned());
+        let message = BrokerMessage {
+            message_id: "0123456789abcdef0123456789abcdef".into(),
+            headers,
+            body: Bytes::from_static(&[0, 159, 146, 150]),
+        };
+        let properties = encode(&message).unwrap();
+        let back = decode(&properties, message.body.to_vec());
+        assert_eq!(back, message);
+    }
+
+    #[test]
+    fn oversized_names_are_refused_not_panicking() {
+        let mut message = BrokerMessage::default();
+        message.headers.insert("h".repeat(300), "x".into());
+        assert!(matches!(
+            encode(&message),
+            Err(RabbitError::InvalidMessage { .. })
+        ));
+        let message = BrokerMessage {
+            message_id: "i".repeat(256),
+            ..BrokerMessage::default()
+        };
+        assert!(encode(&message).is_err());
+    }
+
+    #[test]
+    fn foreign_headers_are_read_as_text_or_left_out() {
+        let mut table = FieldTable::default();
+        table.insert("n".into(), AMQPValue::LongInt(-4));
+        table.insert("b".into(), AMQPValue::Boolean(true));
+        table.insert("t".into(), AMQPValue::FieldTable(FieldTable::default()));
+        let properties = BasicProperties::default().with_headers(table);
+        let message = decode(&properties, Vec::new());
+        assert_eq!(message.message_id, "");
+        assert_eq!(message.headers.get("n").map(String::as_str), Some("-4"));
+        assert_eq!(message.headers.get("b").map(String::as_str), Some("true"));
+        assert!(!message.headers.contains_key("t"));
+    }
+
+    #[test]
+    fn names_start_with_the_prefix() {
+        let names = Names::new(&"test:c1".parse().unwrap()).unwrap();
+        assert_eq!(names.exchange.as_str(), "test:c1");
+        assert_eq!(names.dead_letter.as_str(), "test:c1:dead-letter");
+        let node = NodeId::new("dead-letter").unwrap();
+        assert_eq!(
+            names.queue(&node).unwrap().as_str(),
+            "test:c1:node:dead-letter"
+        );
+    }
+}

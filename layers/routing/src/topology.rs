@@ -1,0 +1,261 @@
+//! A node's place in the broker: its queue, its bindings, and its group memberships.
+//!
+//! [`NodeTopology::declare`] declares the node's queue and binds it to the node's own key
+//! and to the broadcast key. Groups (rooms) are bound by reference count:
+//! [`add_member`](NodeTopology::add_member) binds the queue to the group's key when the
+//! node's first local member joins, and [`remove_member`](NodeTopology::remove_member)
+//! unbinds it when the last one leaves, so a group message reaches exactly the nodes that
+//! have members of it, and a group with no member anywhere is unroutable.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use hybrid_cluster_core::{GroupName, NodeId, QueueOptions, RoutingKey};
+//! use hybrid_cluster_memory::MemoryBroker;
+//! use hybrid_cluster_routing::NodeTopology;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = Arc::new(MemoryBroker::new());
+//! let node = NodeId::new("node-1")?;
+//! let topology = NodeTopology::declare(broker.clone(), node.clone(), &QueueOptions::default()).await?;
+//! let lobby = GroupName::new("lobby")?;
+//!
+//! topology.add_member(&lobby).await?; // first member: binds
+//! topology.add_member(&lobby).await?; // second: no broker call
+//! assert!(broker.bindings(&node).contains(&RoutingKey::Group(lobby.clone())));
+//! topology.remove_member(&lobby).await?;
+//! assert_eq!(topology.members(&lobby), 1);
+//! topology.remove_member(&lobby).await?; // last member: unbinds
+//! assert!(!broker.bindings(&node).contains(&RoutingKey::Group(lobby)));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use hybrid_cluster_core::{
+    Broker, BrokerError, ConsumeOptions, Deliveries, GroupName, NodeId, QueueOptions, RoutingKey,
+};
+use parking_lot::Mutex;
+
+/// One node's queue, bindings and group memberships on a [`Broker`].
+pub struct NodeTopology<B: ?Sized> {
+    broker: Arc<B>,
+    node: NodeId,
+    /// Local members per group, readable at any time.
+    members: Mutex<BTreeMap<GroupName, usize>>,
+    /// Serialises bind and unbind calls, so that a first join and a last leave racing each
+    /// other reach the broker in the order the counts changed. Held across the broker call,
+    /// hence tokio's lock.
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl<B: Broker + ?Sized> NodeTopology<B> {
+    /// Declares `node`'s queue with `options` and binds it to the node's own key and to the
+    /// broadcast key. Idempotent: a restarted node finds its queue (and the messages waiting
+    /// in it) again, as long as the queue has not expired.
+    pub async fn declare(
+        broker: Arc<B>,
+        node: NodeId,
+        options: &QueueOptions,
+    ) -> Result<Self, BrokerError> {
+        broker.declare_queue(&node, options).await?;
+        broker.bind(&node, &RoutingKey::Node(node.clone())).await?;
+        broker.bind(&node, &RoutingKey::Broadcast).await?;
+        Ok(Self {
+            broker,
+            node,
+            members: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The node.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<B> {
+        &self.broker
+    }
+
+    /// Starts the one consumer of the node's queue (see [`Receiver`](crate::Receiver)).
+    pub async fn consume(&self, options: &ConsumeOptions) -> Result<Deliveries, BrokerError> {
+        self.broker.consume(&self.node, options).await
+    }
+
+    /// Counts one more local member of `group`, binding the node's queue to the group's key
+    /// when it is the first. Returns the number of local members now.
+    ///
+    /// When the bind fails the count is unchanged and the error is returned: the member was
+    /// not added.
+    pub async fn add_member(&self, group: &GroupName) -> Result<usize, BrokerError> {
+        let _changing = self.changes.lock().await;
+        let count = self.members(group);
+        if count == 0 {
+            self.broker
+                .bind(&self.node, &RoutingKey::Group(group.clone()))
+                .await?;
+        }
+        let mut members = self.members.lock();
+        let entry = members.entry(group.clone()).or_insert(0);
+        *entry += 1;
+        Ok(*entry)
+    }
+
+    /// Counts one local member of `group` less, unbinding the node's queue from the group's
+    /// key when it was the last. Returns the number of local members now; removing from a
+    /// group with no local member does nothing and returns 0.
+    ///
+    /// When the unbind fails the count is unchanged (the member is still counted) and the
+    /// error is returned, so the call can be made again.
+    pub async fn remove_member(&self, group: &GroupName) -> Result<usize, BrokerError> {
+        let _changing = self.changes.lock().await;
+        match self.members(group) {
+            0 => return Ok(0),
+            1 => {
+                self.broker
+                    .unbind(&self.node, &RoutingKey::Group(group.clone()))
+                    .await?;
+            }
+            _ => {}
+        }
+        let mut members = self.members.lock();
+        let left = match members.get_mut(group) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                *count
+            }
+            _ => {
+                members.remove(group);
+                0
+            }
+        };
+        Ok(left)
+    }
+
+    /// The number of local members of `group`.
+    pub fn members(&self, group: &GroupName) -> usize {
+        self.members.lock().get(group).copied().unwrap_or(0)
+    }
+
+    /// The groups with local members, with their counts, in name order.
+    pub fn groups(&self) -> Vec<(GroupName, usize)> {
+        self.members
+            .lock()
+            .iter()
+            .map(|(group, count)| (group.clone(), *count))
+            .collect()
+    }
+
+    /// Leaves the cluster for good: deletes the node's queue, with its bindings and the
+    /// messages still in it. (A node that crashes instead has its queue expire.)
+    pub async fn leave(self) -> Result<(), BrokerError> {
+        self.broker.delete_queue(&self.node).await
+    }
+}
+
+impl<B: fmt::Debug + ?Sized> fmt::Debug for NodeTopology<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeTopology")
+            .field("node", &self.node)
+            .field("groups", &self.members.lock().len())
+            .field("broker", &self.broker)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hybrid_cluster_memory::MemoryBroker;
+
+    use super::*;
+
+    fn group(name: &str) -> GroupName {
+        GroupName::new(name).unwrap()
+    }
+
+    #[tokio::test]
+    async fn groups_are_bound_while_they_have_local_members() {
+        let broker = Arc::new(MemoryBroker::new());
+        let a = NodeId::new("a").unwrap();
+        let b = NodeId::new("b").unwrap();
+        let options = QueueOptions::default();
+        let node_a = NodeTopology::declare(broker.clone(), a.clone(), &options)
+            .await
+            .unwrap();
+        let node_b = NodeTopology::declare(broker.clone(), b.clone(), &options)
+            .await
+            .unwrap();
+        let room = group("room");
+        let key = RoutingKey::Group(room.clone());
+
+        assert_eq!(node_a.add_member(&room).await.unwrap(), 1);
+        assert_eq!(node_a.add_member(&room).await.unwrap(), 2);
+        assert_eq!(
+            broker.bindings(&a),
+            [
+                RoutingKey::Node(a.clone()),
+                RoutingKey::Broadcast,
+                key.clone()
+            ]
+        );
+        assert_eq!(
+            broker.bindings(&b),
+            [RoutingKey::Node(b.clone()), RoutingKey::Broadcast]
+        );
+
+        assert_eq!(node_a.remove_member(&room).await.unwrap(), 1);
+        assert!(broker.bindings(&a).contains(&key), "a member is left");
+        assert_eq!(node_a.remove_member(&room).await.unwrap(), 0);
+        assert!(!broker.bindings(&a).contains(&key));
+        assert_eq!(node_a.remove_member(&room).await.unwrap(), 0);
+        assert!(node_a.groups().is_empty());
+
+        // The other node's membership is its own.
+        node_b.add_member(&room).await.unwrap();
+        assert!(broker.bindings(&b).contains(&key));
+        assert!(!broker.bindings(&a).contains(&key));
+    }
+
+    #[tokio::test]
+    async fn a_failed_bind_adds_no_member() {
+        let broker = Arc::new(MemoryBroker::new());
+        let a = NodeId::new("a").unwrap();
+        let node_a = NodeTopology::declare(broker.clone(), a.clone(), &QueueOptions::default())
+            .await
+            .unwrap();
+        broker.delete_queue(&a).await.unwrap();
+        let err = node_a.add_member(&group("room")).await.unwrap_err();
+        assert!(matches!(err, BrokerError::QueueNotFound { .. }));
+        assert_eq!(node_a.members(&group("room")), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_joins_and_leaves_end_consistent() {
+        let broker = Arc::new(MemoryBroker::new());
+        let a = NodeId::new("a").unwrap();
+        let node_a = Arc::new(
+            NodeTopology::declare(broker.clone(), a.clone(), &QueueOptions::default())
+                .await
+                .unwrap(),
+        );
+        let room = group("room");
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (node_a, room) = (node_a.clone(), room.clone());
+            tasks.push(tokio::spawn(async move {
+                node_a.add_member(&room).await.unwrap();
+                node_a.remove_member(&room).await.unwrap();
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(node_a.members(&room), 0);
+        assert!(!broker.bindings(&a).contains(&RoutingKey::Group(room)));
+    }
+}

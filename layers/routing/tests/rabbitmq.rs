@@ -1,0 +1,599 @@
+//! The routing layer against a real RabbitMQ (env `AMQP_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Each test uses its own cluster prefix, so they run
+//! in parallel, and cleans up what it declared (node queues also expire on their own).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt, TryStreamExt, stream};
+use hybrid_cluster_core::{
+    AmqpUrl, BrokerError, ClusterPrefix, ConsumeOptions, Envelope, GroupName, MessageId, NodeId,
+    QueueOptions, Target,
+};
+use hybrid_cluster_routing::{
+    Forward, ForwardError, NodeTopology, RabbitBroker, RabbitConfig, RabbitError, Receiver,
+    StatsHandle,
+};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn url() -> AmqpUrl {
+    std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+        .parse()
+        .expect("a valid AMQP_URL")
+}
+
+/// A cluster of its own for one test.
+struct Cluster {
+    prefix: ClusterPrefix,
+}
+
+impl Cluster {
+    fn new(test: &str) -> Self {
+        let tag = format!("{:08x}", MessageId::random().as_u128() as u32);
+        Self {
+            prefix: ClusterPrefix::new(format!("hc-test:{test}:{tag}")).unwrap(),
+        }
+    }
+
+    fn connection_name(&self, node: &str) -> String {
+        format!("{}:{node}", self.prefix)
+    }
+
+    /// A broker for one node (each node has its own connection, as in production).
+    async fn broker(&self, node: &str) -> Arc<RabbitBroker> {
+        let config = RabbitConfig {
+            connection_name: Some(self.connection_name(node)),
+            dead_letter_expires: Some(Duration::from_secs(60)),
+            ..RabbitConfig::default()
+        };
+        Arc::new(
+            RabbitBroker::connect(&url(), &self.prefix, config)
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// Deletes the cluster's exchanges and dead-letter queue.
+    async fn clean_up(&self) {
+        let connection = raw_connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let prefix = self.prefix.as_str();
+        let dead = format!("{prefix}:dead-letter");
+        let _ = channel
+            .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        for exchange in [prefix, dead.as_str()] {
+            let _ = channel
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+async fn raw_connection() -> Connection {
+    Connection::connect(
+        &url().to_connection_string(),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap()
+}
+
+fn node_id(name: &str) -> NodeId {
+    NodeId::new(name).unwrap()
+}
+
+fn queue_options() -> QueueOptions {
+    QueueOptions {
+        expires: Some(Duration::from_secs(30)),
+        ..QueueOptions::default()
+    }
+}
+
+/// A node: its topology and a receiver handing envelopes to a channel.
+struct Node {
+    topology: NodeTopology<RabbitBroker>,
+    inbox: mpsc::Receiver<Envelope>,
+    stats: StatsHandle,
+    task: JoinHandle<()>,
+}
+
+async fn start_node(broker: Arc<RabbitBroker>, name: &str) -> Node {
+    let topology = NodeTopology::declare(broker, node_id(name), &queue_options())
+        .await
+        .unwrap();
+    let deliveries = topology
+        .consume(&ConsumeOptions { prefetch: 64 })
+        .await
+        .unwrap();
+    let receiver = Receiver::new(deliveries);
+    let stats = receiver.stats();
+    let (tx, inbox) = mpsc::channel(1024);
+    let local = service_fn(move |envelope: Envelope| {
+        let tx = tx.clone();
+        async move { tx.send(envelope).await.map_err(BoxError::from) }
+    });
+    let task = tokio::spawn(async move {
+        receiver.run(local).await.unwrap();
+    });
+    Node {
+        topology,
+        inbox,
+        stats,
+        task,
+    }
+}
+
+impl Node {
+    async fn recv(&mut self) -> Envelope {
+        tokio::time::timeout(WAIT, self.inbox.recv())
+            .await
+            .expect("a message in time")
+            .expect("the receiver is running")
+    }
+
+    /// Receives until the envelope with id `until` and returns the payloads before it.
+    async fn recv_until(&mut self, until: MessageId) -> Vec<String> {
+        let mut got = Vec::new();
+        loop {
+            let envelope = self.recv().await;
+            if envelope.id == until {
+                return got;
+            }
+            got.push(envelope.payload_text().unwrap().to_owned());
+        }
+    }
+
+    async fn leave(self) {
+        self.task.abort();
+        self.topology.leave().await.unwrap();
+    }
+}
+
+fn text(from: &str, target: Target, text: impl Into<String>) -> Envelope {
+    Envelope::text(node_id(from), target, text)
+}
+
+/// Sends every envelope through `forward`, many in flight, in order.
+async fn send_all(forward: &Forward<RabbitBroker>, envelopes: Vec<Envelope>) {
+    forward
+        .clone()
+        .call_all(stream::iter(envelopes))
+        .try_collect::<Vec<()>>()
+        .await
+        .unwrap();
+}
+
+fn numbered(n: usize) -> Vec<String> {
+    (0..n).map(|i| i.to_string()).collect()
+}
+
+async fn rabbitmqctl(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args(&args)
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// The (queue, routing key) bindings of the cluster's exchange, from RabbitMQ itself.
+async fn bindings(cluster: &Cluster) -> Vec<(String, String)> {
+    let out = rabbitmqctl(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "source_name",
+        "destination_name",
+        "routing_key",
+    ])
+    .await;
+    let mut found: Vec<(String, String)> = out
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let (source, queue, key) = (fields.next()?, fields.next()?, fields.next()?);
+            (source == cluster.prefix.as_str()).then(|| (queue.to_owned(), key.to_owned()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn unicast_between_two_nodes_in_order() {
+    let cluster = Cluster::new("unicast");
+    let (broker_a, broker_b) = (cluster.broker("a").await, cluster.broker("b").await);
+    let mut b = start_node(broker_b, "b").await;
+    let forward = Forward::new(broker_a);
+
+    let mut envelopes: Vec<Envelope> = (0..500)
+        .map(|i| text("a", Target::Node(node_id("b")), i.to_string()))
+        .collect();
+    // Binary payloads travel as they are.
+    let binary = Envelope::binary(
+        node_id("a"),
+        Target::Node(node_id("b")),
+        vec![0u8, 255, 1, 254],
+    );
+    envelopes.push(binary.clone());
+    send_all(&forward, envelopes).await;
+    let mut got = Vec::new();
+    for _ in 0..500 {
+        got.push(b.recv().await.payload_text().unwrap().to_owned());
+    }
+    assert_eq!(got, numbered(500));
+    let last = b.recv().await;
+    assert_eq!(last, binary);
+    assert_eq!(b.stats.get().handled, 501);
+    b.leave().await;
+    cluster.clean_up().await;
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_node_exactly_once() {
+    let cluster = Cluster::new("broadcast");
+    let broker_a = cluster.broker("a").await;
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let broker = if name == "a" {
+            broker_a.clone()
+        } else {
+            cluster.broker(name).await
+        };
+        nodes.push((name, start_node(broker, name).await));
+    }
+    let forward = Forward::new(broker_a);
+    let broadcasts = (0..50)
+        .map(|i| text("a", Target::Broadcast, i.to_string()))
+        .collect();
+    send_all(&forward, broadcasts).await;
+    // A unicast to each node after the broadcasts: per-sender order means any extra copy
+    // would arrive before it.
+    for (name, node) in &mut nodes {
+        let marker = text("a", Target::Node(node_id(name)), "end");
+        let id = marker.id;
+        send_all(&forward, vec![marker]).await;
+        assert_eq!(node.recv_until(id).await, numbered(50), "node {name}");
+    }
+    for (_, node) in nodes {
+        node.leave().await;
+    }
+    cluster.clean_up().await;
+}
+
+#[tokio::test]
+async fn a_group_reaches_only_the_nodes_with_members() {
+    let cluster = Cluster::new("group");
+    let broker_a = cluster.broker("a").await;
+    let mut b = start_node(cluster.broker("b").await, "b").await;
+    let mut c = start_node(cluster.broker("c").await, "c").await;
+    let forward = Forward::new(broker_a.clone());
+    let room = GroupName::new("room-1").unwrap();
+    let to_room = |t: &str| text("a", Target::Group(room.clone()), t);
+
+    // No member anywhere: unroutable, and said so.
+    let err = forward
+        .clone()
+        .oneshot(to_room("nobody"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ForwardError::Unroutable { .. }), "{err:?}");
+
+    b.topology.add_member(&room).await.unwrap();
+    b.topology.add_member(&room).await.unwrap();
+    let queue_b = broker_a.queue_name(&node_id("b"));
+    let queue_c = broker_a.queue_name(&node_id("c"));
+    let group_bindings: Vec<_> = bindings(&cluster)
+        .await
+        .into_iter()
+        .filter(|(_, key)| key.starts_with("group."))
+        .collect();
+    assert_eq!(
+        group_bindings,
+        vec![(queue_b.clone(), "group.room-1".to_owned())]
+    );
+
+    send_all(&forward, vec![to_room("for members")]).await;
+    for (name, node) in [("b", &mut b), ("c", &mut c)] {
+        let marker = text("a", Target::Node(node_id(name)), "end");
+        let id = marker.id;
+        send_all(&forward, vec![marker]).await;
+        let got = node.recv_until(id).await;
+        let expected: Vec<String> = if name == "b" {
+            vec!["for members".into()]
+        } else {
+            vec![]
+        };
+        assert_eq!(got, expected, "node {name}");
+    }
+
+    // The last local member leaves: the binding goes, the group is unroutable again.
+    b.topology.remove_member(&room).await.unwrap();
+    assert!(
+        bindings(&cluster)
+            .await
+            .iter()
+            .any(|(_, k)| k == "group.room-1")
+    );
+    b.topology.remove_member(&room).await.unwrap();
+    let all = bindings(&cluster).await;
+    assert!(!all.iter().any(|(_, k)| k.starts_with("group.")), "{all:?}");
+    assert!(all.contains(&(queue_c, "broadcast".to_owned())));
+    let err = forward.oneshot(to_room("gone")).await.unwrap_err();
+    assert!(matches!(err, ForwardError::Unroutable { .. }));
+
+    b.leave().await;
+    c.leave().await;
+    cluster.clean_up().await;
+}
+
+#[tokio::test]
+async fn a_send_to_a_node_that_is_gone_fails_with_unroutable() {
+    let cluster = Cluster::new("unroutable");
+    let broker_a = cluster.broker("a").await;
+    let forward = Forward::new(broker_a.clone());
+    let ghost = Target::Node(node_id("ghost"));
+    let err = forward
+        .clone()
+        .oneshot(text("a", ghost.clone(), "hello?"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ForwardError::Unroutable { ref target } if *target == ghost));
+
+    // A node that leaves for good becomes unroutable at once.
+    let mut b = start_node(cluster.broker("b").await, "b").await;
+    send_all(&forward, vec![text("a", Target::Node(node_id("b")), "hi")]).await;
+    assert_eq!(b.recv().await.payload_text(), Some("hi"));
+    b.leave().await;
+    let err = forward
+        .oneshot(text("a", Target::Node(node_id("b")), "still there?"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ForwardError::Unroutable { .. }), "{err:?}");
+    cluster.clean_up().await;
+}
+
+#[tokio::test]
+async fn a_malformed_message_is_dead_lettered_and_good_ones_keep_flowing() {
+    let cluster = Cluster::new("malformed");
+    let broker_a = cluster.broker("a").await;
+    let mut b = start_node(cluster.broker("b").await, "b").await;
+    let forward = Forward::new(broker_a.clone());
+    let to_b = |t: &str| text("a", Target::Node(node_id("b")), t);
+
+    send_all(&forward, vec![to_b("before")]).await;
+    // Someone else publishes to node b's key without the envelope headers.
+    let raw = raw_connection().await;
+    let channel = raw.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            cluster.prefix.as_str().into(),
+            "node.b".into(),
+            BasicPublishOptions::default(),
+            b"not an envelope",
+            BasicProperties::default().with_message_id("junk".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    send_all(&forward, vec![to_b("after")]).await;
+
+    assert_eq!(b.recv().await.payload_text(), Some("before"));
+    assert_eq!(b.recv().await.payload_text(), Some("after"));
+    assert_eq!(b.stats.get().dead_lettered, 1);
+
+    // The dead letter reaches the cluster's dead-letter queue, body unchanged. RabbitMQ routes
+    // it there after the reject, asynchronously: wait for it as a consumer would.
+    let mut dead_letters = channel
+        .basic_consume(
+            broker_a.dead_letter_name().into(),
+            "dead-letter-check".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let dead = tokio::time::timeout(Duration::from_secs(10), dead_letters.next())
+        .await
+        .expect("a dead letter in time")
+        .expect("the consumer is open")
+        .unwrap();
+    assert_eq!(dead.data, b"not an envelope");
+    b.leave().await;
+    cluster.clean_up().await;
+}
+
+/// The pid of the connection named `name`, from `rabbitmqctl list_connections` (RabbitMQ 3.10
+/// has no `user_provided_name` column: the name is in the client properties).
+async fn connection_pid(name: &str) -> String {
+    let out = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ])
+    .await;
+    let quoted = format!("\"{name}\"");
+    out.lines()
+        .find_map(|line| {
+            let (pid, properties) = line.split_once('\t')?;
+            properties.contains(&quoted).then(|| pid.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no connection named {name} in {out}"))
+}
+
+#[tokio::test]
+async fn a_forced_connection_close_loses_and_duplicates_nothing() {
+    let cluster = Cluster::new("close");
+    let (broker_a, broker_b) = (cluster.broker("a").await, cluster.broker("b").await);
+    let mut b = start_node(broker_b.clone(), "b").await;
+    let forward = Forward::new(broker_a.clone());
+    let pids = [
+        connection_pid(&cluster.connection_name("a")).await,
+        connection_pid(&cluster.connection_name("b")).await,
+    ];
+
+    // A steady stream of sends (1 per ms), many in flight, across the close.
+    const N: usize = 3000;
+    let sender = {
+        let mut forward = forward.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(1));
+            let mut in_flight = FuturesUnordered::new();
+            for i in 0..N {
+                ticks.tick().await;
+                while let Some(Some(sent)) = in_flight.next().now_or_never() {
+                    sent?;
+                }
+                let envelope = text("a", Target::Node(node_id("b")), i.to_string());
+                let ready = forward.ready().await?;
+                in_flight.push(ready.call(envelope));
+            }
+            while let Some(sent) = in_flight.next().await {
+                sent?;
+            }
+            Ok::<(), ForwardError>(())
+        })
+    };
+
+    let mut got = Vec::with_capacity(N);
+    while got.len() < 300 {
+        got.push(b.recv().await.payload_text().unwrap().to_owned());
+    }
+    // Close both nodes' connections from the server side, mid-stream.
+    for pid in &pids {
+        rabbitmqctl(&["close_connection", pid, "test: forced close"]).await;
+    }
+    while got.len() < N {
+        got.push(b.recv().await.payload_text().unwrap().to_owned());
+    }
+    sender.await.unwrap().expect("every send confirmed");
+
+    assert_eq!(got, numbered(N), "nothing lost, duplicated or reordered");
+    assert!(broker_a.reconnections() >= 1, "a reconnected");
+    assert!(broker_b.reconnections() >= 1, "b reconnected");
+    // Nothing more is waiting: a marker comes next.
+    let marker = text("a", Target::Node(node_id("b")), "end");
+    let id = marker.id;
+    send_all(&forward, vec![marker]).await;
+    assert!(b.recv_until(id).await.is_empty());
+    eprintln!("across the close: {:?}", b.stats.get());
+    b.leave().await;
+    cluster.clean_up().await;
+}
+
+#[derive(Clone)]
+struct RetryTransient(usize);
+
+impl tower::retry::Policy<Envelope, (), BoxError> for RetryTransient {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _: &mut Envelope,
+        result: &mut Result<(), BoxError>,
+    ) -> Option<Self::Future> {
+        let transient = match result {
+            Ok(()) => false,
+            Err(e) => {
+                e.is::<tower::timeout::error::Elapsed>()
+                    || e.downcast_ref::<ForwardError>()
+                        .is_some_and(ForwardError::is_transient)
+            }
+        };
+        (transient && self.0 > 0).then(|| {
+            self.0 -= 1;
+            std::future::ready(())
+        })
+    }
+
+    fn clone_request(&mut self, request: &Envelope) -> Option<Envelope> {
+        Some(request.clone())
+    }
+}
+
+#[tokio::test]
+async fn the_service_composes_with_timeout_and_retry() {
+    let cluster = Cluster::new("stack");
+    let broker_a = cluster.broker("a").await;
+    let mut b = start_node(cluster.broker("b").await, "b").await;
+    let stack = ServiceBuilder::new()
+        .retry(RetryTransient(3))
+        .timeout(Duration::from_secs(5))
+        .service(Forward::new(broker_a));
+
+    let envelopes: Vec<Envelope> = (0..200)
+        .map(|i| text("a", Target::Node(node_id("b")), i.to_string()))
+        .collect();
+    stack
+        .clone()
+        .call_all(stream::iter(envelopes))
+        .try_collect::<Vec<()>>()
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..200 {
+        got.push(b.recv().await.payload_text().unwrap().to_owned());
+    }
+    assert_eq!(got, numbered(200));
+
+    // A definite failure is not retried and comes out typed through the stack.
+    let err = stack
+        .oneshot(text("a", Target::Node(node_id("ghost")), "x"))
+        .await
+        .unwrap_err();
+    let err = err.downcast::<ForwardError>().expect("a ForwardError");
+    assert!(matches!(*err, ForwardError::Unroutable { .. }));
+    b.leave().await;
+    cluster.clean_up().await;
+}
+
+#[tokio::test]
+async fn a_wrong_url_is_a_clear_error() {
+    let prefix = Cluster::new("url").prefix;
+    let unreachable: AmqpUrl = "amqp://guest:s3cret@127.0.0.1:1/%2f".parse().unwrap();
+    let err = RabbitBroker::connect(&unreachable, &prefix, RabbitConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable { .. }));
+    let source = std::error::Error::source(&err).unwrap();
+    let message = source.to_string();
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(!message.contains("s3cret"), "{message}");
+    assert!(source.downcast_ref::<RabbitError>().is_some());
+
+    let mut wrong_password = url().to_connection_string();
+    wrong_password = wrong_password.replacen(":guest@", ":not-the-password@", 1);
+    let wrong: AmqpUrl = wrong_password.parse().unwrap();
+    let err = RabbitBroker::connect(&wrong, &prefix, RabbitConfig::default())
+        .await
+        .unwrap_err();
+    let message = std::error::Error::source(&err).unwrap().to_string();
+    assert!(!message.contains("not-the-password"), "{message}");
+}
