@@ -1,310 +1,312 @@
-//! Three nodes of one cluster in one process, on the embedded in-memory backends.
+//! Three nodes of one cluster in one process, with real WebSocket clients.
 //!
-//! Run it with `cargo run --example cluster`: no Redis and no RabbitMQ needed. It shows what
-//! every later layer builds on: nodes registering under leases and seeing each other, messages
-//! routed to one node, to all, and to a group's members only, a send to a node that is gone
-//! refused rather than lost, a crashed node dropped when its lease runs out, and a graceful
-//! leave seen at once.
+//! ```sh
+//! cargo run --example cluster                                  # embedded backends, no servers
+//! cargo run --example cluster -- --redis redis://127.0.0.1:6379 --amqp amqp://guest:guest@127.0.0.1:5672/%2f
+//! ```
+//!
+//! Each node serves the demo protocol (see `hybrid_cluster::protocol`) on a loopback port.
+//! Clients connect to different nodes; the demo prints placement (a full node redirects), a
+//! message across nodes, a group, a broadcast, and a node leaving gracefully, its client
+//! reconnecting where the close frame says.
 
-use std::collections::BTreeMap;
 use std::error::Error;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use hybrid_cluster::broker::ConsumeOptions;
-use hybrid_cluster::registry::{RegistryEvent, RemovalCause};
-use hybrid_cluster::{
-    Broker, Envelope, GroupName, Incarnation, MemoryBroker, MemoryRegistry, NodeId, NodeInfo,
-    QueueOptions, Registry, RoutingKey, Target,
-};
-use hybrid_cluster::{ConnectionIds, PublishError};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use axum::serve::ListenerExt;
+use futures_util::{SinkExt, StreamExt};
+use hybrid_cluster::server::{ServerConfig, router};
+use hybrid_cluster::{AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
-const HEARTBEAT: Duration = Duration::from_millis(200);
-const LEASE: Duration = Duration::from_millis(600);
+type BoxError = Box<dyn Error + Send + Sync>;
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// What a node's consumer saw, for the main task to print in order.
-struct Received {
-    node: NodeId,
-    envelope: Envelope,
+struct Log(Instant);
+
+impl Log {
+    fn say(&self, line: impl AsRef<str>) {
+        println!("[{:>5} ms] {}", self.0.elapsed().as_millis(), line.as_ref());
+    }
 }
 
-struct DemoNode {
-    id: NodeId,
-    info: NodeInfo,
-    connections: ConnectionIds,
-    tasks: Vec<JoinHandle<()>>,
+/// A demo client: a name, its socket, and the id the cluster gave it.
+struct Client {
+    name: &'static str,
+    socket: Socket,
+    id: String,
+    node: String,
 }
 
-impl DemoNode {
-    async fn start(
-        name: &str,
-        port: u16,
-        registry: &MemoryRegistry,
-        broker: &MemoryBroker,
-        received: mpsc::Sender<Received>,
-    ) -> Result<Self, Box<dyn Error>> {
-        let id = NodeId::new(name)?;
-        let incarnation = Incarnation::random();
-        let mut info = NodeInfo::new(id.clone(), incarnation, "127.0.0.1", port);
-        info.max_connections = 1_000;
-
-        // The node's queue, bound to its own key and to the broadcast key.
-        broker.declare_queue(&id, &QueueOptions::default()).await?;
-        broker.bind(&id, &RoutingKey::Node(id.clone())).await?;
-        broker.bind(&id, &RoutingKey::Broadcast).await?;
-        let mut deliveries = broker.consume(&id, &ConsumeOptions::default()).await?;
-        let node = id.clone();
-        let consumer = tokio::spawn(async move {
-            while let Some(Ok(delivery)) = deliveries.next().await {
-                let envelope = match Envelope::from_message(delivery.message) {
-                    Ok(envelope) => envelope,
-                    Err(e) => {
-                        println!("    {node} dead-letters a malformed message: {e}");
-                        let _ = delivery.acker.dead_letter().await;
-                        continue;
-                    }
-                };
-                let _ = delivery.acker.ack().await;
-                let _ = received
-                    .send(Received {
-                        node: node.clone(),
-                        envelope,
-                    })
-                    .await;
+impl Client {
+    /// Connects to `url`, following one redirect, and reads the welcome.
+    async fn connect(name: &'static str, url: &str, log: &Log) -> Result<Self, BoxError> {
+        let (socket, _) = match connect_async(url).await {
+            Ok(connected) => connected,
+            Err(tungstenite::Error::Http(response)) => {
+                let location = response
+                    .headers()
+                    .get("location")
+                    .and_then(|l| l.to_str().ok())
+                    .ok_or_else(|| format!("{name}: refused with {}", response.status()))?
+                    .to_owned();
+                log.say(format!(
+                    "{name} -> {url}: {} {}, redirected to {location}",
+                    response.status().as_u16(),
+                    response.status().canonical_reason().unwrap_or("")
+                ));
+                connect_async(location.as_str()).await?
             }
-        });
-
-        // Register, then keep the lease alive with a heartbeat.
-        registry
-            .put_node(&id, info.to_json()?.into(), LEASE)
-            .await?;
-        let heartbeat = {
-            let registry = registry.clone();
-            let mut info = info.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(HEARTBEAT);
-                loop {
-                    tick.tick().await;
-                    info.last_heartbeat = hybrid_cluster::node::now_millis();
-                    if let Ok(record) = info.to_json() {
-                        let _ = registry.put_node(&info.node_id, record.into(), LEASE).await;
-                    }
-                }
-            })
+            Err(e) => return Err(e.into()),
         };
-        Ok(Self {
-            connections: ConnectionIds::new(id.clone(), incarnation),
-            id,
-            info,
-            tasks: vec![consumer, heartbeat],
-        })
+        let mut client = Self {
+            name,
+            socket,
+            id: String::new(),
+            node: String::new(),
+        };
+        let welcome = client.next().await?;
+        client.id = welcome["connection_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        client.node = welcome["node_id"].as_str().unwrap_or_default().to_owned();
+        log.say(format!(
+            "{name} is connection {} on {}",
+            client.id, client.node
+        ));
+        Ok(client)
     }
 
-    /// Stops heart-beating and consuming without a word to anyone, as a crash would.
-    fn crash(self) {
-        for task in self.tasks {
-            task.abort();
-        }
-    }
-
-    /// Leaves cleanly: deregisters at once, then removes its queue.
-    async fn leave(
-        self,
-        registry: &MemoryRegistry,
-        broker: &MemoryBroker,
-    ) -> Result<(), Box<dyn Error>> {
-        for task in &self.tasks {
-            task.abort();
-        }
-        registry.remove_node(&self.id).await?;
-        broker.delete_queue(&self.id).await?;
+    async fn send(&mut self, request: Value) -> Result<(), BoxError> {
+        self.socket.send(Message::text(request.to_string())).await?;
         Ok(())
     }
+
+    /// The next JSON frame, within a second.
+    async fn next(&mut self) -> Result<Value, BoxError> {
+        loop {
+            let frame = timeout(Duration::from_secs(1), self.socket.next())
+                .await
+                .map_err(|_| format!("{}: nothing arrived", self.name))?
+                .ok_or_else(|| format!("{}: the connection ended", self.name))??;
+            match frame {
+                Message::Text(text) => return Ok(serde_json::from_str(&text)?),
+                Message::Close(close) => {
+                    return Ok(json!({
+                        "type": "closed",
+                        "code": close.as_ref().map(|c| u16::from(c.code)),
+                        "reason": close.as_ref().map(|c| c.reason.to_string()),
+                    }));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether nothing arrives within 200 ms.
+    async fn quiet(&mut self) -> bool {
+        timeout(Duration::from_millis(200), self.socket.next())
+            .await
+            .is_err()
+    }
 }
 
-fn describe(target: &Target) -> String {
-    match target {
-        Target::Connection(id) => format!("connection {id}"),
-        Target::Node(node) => format!("node {node}"),
-        Target::Broadcast => "everyone".to_owned(),
-        Target::Group(group) => format!("group {group:?}"),
+struct Args {
+    backends: Backends,
+    prefix: ClusterPrefix,
+    servers: bool,
+}
+
+fn args() -> Result<Args, BoxError> {
+    let mut redis = None;
+    let mut amqp = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--redis" => redis = Some(value.parse::<RedisUrl>()?),
+            "--amqp" => amqp = Some(value.parse::<AmqpUrl>()?),
+            other => {
+                return Err(
+                    format!("unknown option {other} (known: --redis URL --amqp URL)").into(),
+                );
+            }
+        }
     }
+    let prefix = ClusterPrefix::new(format!("demo:{:08x}", rand::random::<u32>()))?;
+    Ok(match (redis, amqp) {
+        (Some(redis), Some(amqp)) => Args {
+            backends: Backends::servers(redis, amqp),
+            prefix,
+            servers: true,
+        },
+        (None, None) => Args {
+            backends: Backends::embedded(),
+            prefix,
+            servers: false,
+        },
+        _ => return Err("give both --redis and --amqp, or neither".into()),
+    })
+}
+
+async fn start_node(
+    name: &str,
+    max_connections: u32,
+    args: &Args,
+) -> Result<(Cluster, String), BoxError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let mut config = ClusterConfig::new(NodeId::new(name)?, "127.0.0.1", port);
+    config.max_connections = max_connections;
+    config.prefix = args.prefix.clone();
+    config.discovery = config.discovery.with_heartbeat(Duration::from_millis(500));
+    config.shutdown_grace = Duration::from_secs(2);
+    let cluster = Cluster::start(config, args.backends.clone()).await?;
+    let app = router(cluster.clone(), ServerConfig::default());
+    // Small frames go out at once: without TCP_NODELAY, Nagle's algorithm and delayed ACKs
+    // hold a reply for up to 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((cluster, format!("ws://127.0.0.1:{port}/ws")))
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn Error>> {
-    let started = Instant::now();
-    let log = |line: String| println!("[{:>5} ms] {line}", started.elapsed().as_millis());
-
-    println!("hybrid-cluster demo: 3 nodes in one process on the embedded in-memory backends");
-    println!(
-        "(heartbeat every {} ms, lease {} ms)\n",
-        HEARTBEAT.as_millis(),
-        LEASE.as_millis()
-    );
-
-    // Every node shares these, as every node would share one Redis and one RabbitMQ.
-    let registry = MemoryRegistry::new();
-    let broker = MemoryBroker::new();
-
-    // node-a's view of the cluster: watch, then list (see the registry docs).
-    let mut events = registry.watch().await?;
-    let (received_tx, mut received) = mpsc::channel(64);
-
-    let a = DemoNode::start("node-a", 5001, &registry, &broker, received_tx.clone()).await?;
-    let b = DemoNode::start("node-b", 5002, &registry, &broker, received_tx.clone()).await?;
-    let c = DemoNode::start("node-c", 5003, &registry, &broker, received_tx.clone()).await?;
-    drop(received_tx);
-
-    let mut seen = BTreeMap::new();
-    while seen.len() < 3 {
-        if let Some(Ok(RegistryEvent::Updated(record))) = events.next().await {
-            let info = NodeInfo::from_json(&record.value)?;
-            if seen.insert(info.node_id.clone(), ()).is_none() {
-                log(format!(
-                    "node-a sees {} join at {} ({} / {} connections, {})",
-                    info.node_id,
-                    info.ws_url(),
-                    info.connection_count,
-                    info.max_connections,
-                    info.status
-                ));
-            }
-        }
+async fn main() -> Result<(), BoxError> {
+    let args = args()?;
+    let log = Log(Instant::now());
+    if args.servers {
+        println!(
+            "hybrid-cluster demo: 3 nodes on Redis and RabbitMQ (prefix {})\n",
+            args.prefix
+        );
+    } else {
+        println!(
+            "hybrid-cluster demo: 3 nodes in one process on the embedded backends (no Redis, no RabbitMQ)\n"
+        );
     }
-    let listed: Vec<String> = registry
+
+    let (node1, url1) = start_node("node-1", 2, &args).await?;
+    log.say(format!("node-1 serves {url1} (at most 2 connections)"));
+    let (node2, url2) = start_node("node-2", 100, &args).await?;
+    log.say(format!("node-2 serves {url2}"));
+    let (node3, url3) = start_node("node-3", 100, &args).await?;
+    log.say(format!("node-3 serves {url3}"));
+    node1
+        .discovery()
+        .view()
+        .wait_until(|nodes| nodes.len() == 3)
+        .await;
+    let seen: Vec<String> = node1
         .nodes()
-        .await?
-        .into_iter()
-        .map(|r| r.node.to_string())
+        .iter()
+        .map(|n| n.node_id.to_string())
         .collect();
-    log(format!("registry lists {}", listed.join(", ")));
+    log.say(format!("node-1 sees {}", seen.join(", ")));
     println!();
 
-    let expect = |count: usize, what: &str| {
-        log(what.to_owned());
-        count
-    };
-    let mut print_deliveries = async |count: usize| {
-        for _ in 0..count {
-            let Some(Received { node, envelope }) = received.recv().await else {
-                break;
-            };
-            log(format!(
-                "    {node} receives {:?} for {} from {}",
-                envelope.payload_text().unwrap_or("<binary>"),
-                describe(&envelope.target),
-                envelope.origin
-            ));
-        }
-    };
-
-    // A connection on node-b: its id names node-b, so node-a routes with no lookup.
-    let bob = b.connections.next_id();
-    let alice = a.connections.next_id();
-    let n = expect(1, &format!("{alice} on node-a sends to {bob} on node-b"));
-    let hello = Envelope::text(a.id.clone(), Target::Connection(bob.clone()), "hello, bob")
-        .with_sender(alice.clone());
-    broker
-        .publish(&hello.routing_key(), hello.to_message()?)
-        .await?;
-    print_deliveries(n).await;
-
-    let n = expect(3, "node-c broadcasts");
-    let news = Envelope::text(c.id.clone(), Target::Broadcast, "news for all");
-    broker
-        .publish(&news.routing_key(), news.to_message()?)
-        .await?;
-    print_deliveries(n).await;
-
-    let lobby = GroupName::new("lobby")?;
-    let lobby_key = RoutingKey::Group(lobby.clone());
-    broker.bind(&b.id, &lobby_key).await?;
-    broker.bind(&c.id, &lobby_key).await?;
-    let n = expect(
-        2,
-        "node-b and node-c have members in group \"lobby\"; node-a sends to the group",
-    );
-    let invite = Envelope::text(a.id.clone(), Target::Group(lobby), "lobby opens");
-    broker
-        .publish(&invite.routing_key(), invite.to_message()?)
-        .await?;
-    print_deliveries(n).await;
-
-    let ghost = NodeId::new("node-x")?;
-    let lost = Envelope::text(a.id.clone(), Target::Node(ghost.clone()), "anyone?");
-    match broker
-        .publish(&lost.routing_key(), lost.to_message()?)
-        .await
-    {
-        Err(PublishError::Unroutable { key }) => log(format!(
-            "node-a sends to {ghost}, which never existed: refused ({key} is unroutable), not lost"
-        )),
-        other => log(format!("unexpected outcome for {ghost}: {other:?}")),
-    }
+    let mut alice = Client::connect("alice", &url1, &log).await?;
+    let mut bob = Client::connect("bob", &url2, &log).await?;
+    let mut carol = Client::connect("carol", &url3, &log).await?;
+    let mut dave = Client::connect("dave", &url1, &log).await?;
+    // node-1 is full now (alice, dave): erin is sent elsewhere by the balancer.
+    let mut erin = Client::connect("erin", &url1, &log).await?;
     println!();
 
-    log("node-c crashes: no goodbye, its heartbeat stops".to_owned());
-    let crashed_at = Instant::now();
-    c.crash();
-    await_removal(&mut events, &log, RemovalCause::Expired, crashed_at).await;
+    log.say(format!(
+        "alice -> bob: {{\"op\":\"send\",\"to\":\"{}\",\"data\":\"hi bob\",\"id\":1}}",
+        bob.id
+    ));
+    alice
+        .send(json!({"op": "send", "to": bob.id, "data": "hi bob", "id": 1}))
+        .await?;
+    log.say(format!("    bob   gets {}", bob.next().await?));
+    log.say(format!(
+        "    alice gets {} (confirmed by the broker)",
+        alice.next().await?
+    ));
 
-    log("node-b leaves gracefully".to_owned());
-    let left_at = Instant::now();
-    b.leave(&registry, &broker).await?;
-    await_removal(&mut events, &log, RemovalCause::Left, left_at).await;
+    for client in [&mut bob, &mut carol] {
+        client.send(json!({"op": "join", "group": "lobby"})).await?;
+        let reply = client.next().await?;
+        log.say(format!("{} on {} gets {reply}", client.name, client.node));
+    }
+    log.say("alice -> group lobby");
+    alice
+        .send(json!({"op": "group", "group": "lobby", "data": {"text": "lobby opens"}}))
+        .await?;
+    log.say(format!("    bob   gets {}", bob.next().await?));
+    log.say(format!("    carol gets {}", carol.next().await?));
+    log.say(format!(
+        "    alice and dave get nothing: {}",
+        alice.quiet().await && dave.quiet().await
+    ));
 
-    let late = Envelope::text(
-        a.id.clone(),
-        Target::Connection(bob.clone()),
-        "still there?",
-    );
-    match broker
-        .publish(&late.routing_key(), late.to_message()?)
-        .await
-    {
-        Err(e) => log(format!("node-a sends to {bob} again: refused ({e})")),
-        Ok(()) => log(format!("node-a sends to {bob} again: accepted")),
+    log.say("carol broadcasts");
+    carol
+        .send(json!({"op": "broadcast", "data": "news for all"}))
+        .await?;
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave, &mut erin] {
+        let message = client.next().await?;
+        log.say(format!(
+            "    {:<5} on {} gets {message}",
+            client.name, client.node
+        ));
     }
 
-    let listed: Vec<String> = registry
+    log.say("dave -> a connection that never existed");
+    dave.send(json!({"op": "send", "to": "node-2:00000000000000aa:99", "data": 1, "id": "x"}))
+        .await?;
+    log.say(format!("    dave gets {}", dave.next().await?));
+    println!();
+
+    log.say("node-3 shuts down gracefully");
+    let left = Instant::now();
+    let shutdown = tokio::spawn({
+        let node3 = node3.clone();
+        async move { node3.shutdown().await }
+    });
+    let closed = carol.next().await?;
+    log.say(format!("    carol gets {closed}"));
+    shutdown.await??;
+    node1
+        .discovery()
+        .view()
+        .wait_until(|nodes| nodes.len() == 2)
+        .await;
+    log.say(format!(
+        "    node-1 no longer sees node-3 ({} ms after the shutdown began)",
+        left.elapsed().as_millis()
+    ));
+    let reconnect = closed["reason"]
+        .as_str()
+        .and_then(|reason| serde_json::from_str::<Value>(reason).ok())
+        .and_then(|reason| reason["reconnect"].as_str().map(str::to_owned))
+        .ok_or("the close reason names no node")?;
+    let carol = Client::connect("carol", &reconnect, &log).await?;
+    log.say(format!("carol is back, on {}", carol.node));
+    println!();
+
+    let seen: Vec<String> = node1
         .nodes()
-        .await?
-        .into_iter()
-        .map(|r| r.node.to_string())
+        .iter()
+        .map(|n| {
+            format!(
+                "{} ({} connections, {})",
+                n.node_id, n.connection_count, n.status
+            )
+        })
         .collect();
-    log(format!("registry lists {}", listed.join(", ")));
-    println!(
-        "\n{} stays up with {} of {} connections used. Done.",
-        a.info.node_id, a.info.connection_count, a.info.max_connections
-    );
-    a.crash();
+    log.say(format!("node-1 sees {}", seen.join(", ")));
+    drop((alice, bob, carol, dave, erin));
+    node1.shutdown().await?;
+    node2.shutdown().await?;
+    println!("\nDone.");
     Ok(())
-}
-
-/// Waits for node-a's view to drop a node, and says how long it took.
-async fn await_removal(
-    events: &mut hybrid_cluster::registry::RegistryEvents,
-    log: &impl Fn(String),
-    expected: RemovalCause,
-    since: Instant,
-) {
-    while let Some(event) = events.next().await {
-        if let Ok(RegistryEvent::Removed { node, cause }) = event {
-            let how = match cause {
-                RemovalCause::Expired => "its lease ran out",
-                RemovalCause::Left => "it said goodbye",
-            };
-            log(format!(
-                "    node-a drops {node} after {} ms: {how}",
-                since.elapsed().as_millis()
-            ));
-            if cause == expected {
-                return;
-            }
-        }
-    }
 }

@@ -75,10 +75,10 @@ ensure_rabbitmq
 
 if cargo nextest --version >/dev/null 2>&1; then
   say "running the test suite (cargo-nextest)"
-  cargo nextest run --workspace --all-targets --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@"
 else
   say "running the test suite (cargo test; install cargo-nextest for a faster run)"
-  cargo test --workspace --all-targets --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@"
 fi
 say "running the doc tests"
 cargo test --workspace --doc --no-fail-fast

@@ -77,7 +77,8 @@ impl Default for ForwardConfig {
     }
 }
 
-type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+type Acquire =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send + Sync>>;
 
 /// The forwarding service: a `Service<Envelope>` that publishes each envelope to the node
 /// queues of its target and resolves once the broker confirmed it.

@@ -1,0 +1,374 @@
+//! One running node of the cluster: discovery, placement, routing and its connections, wired.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use hybrid_cluster_balance::{Placement, Placer, Selector};
+use hybrid_cluster_core::{
+    Broker, ConnectionIds, ConsumeOptions, Envelope, Incarnation, LiveNodeInfo, NodeId, NodeInfo,
+    NodeStatus, Registry, Target,
+};
+use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
+use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker, RabbitConfig, Receiver};
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+
+use crate::config::{Backends, ClusterConfig};
+use crate::error::ClusterError;
+use crate::handle::{ClusterConnection, ClusterHandle};
+use crate::hybrid::HybridClusterLayer;
+use crate::local::{CloseFrame, LocalConnections};
+use crate::shutdown::close_reason;
+
+/// The WebSocket close code sent to clients when their node shuts down: 1012, service restart.
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
+
+/// What the cluster layer decided for one upgrade request.
+pub(crate) enum Admission {
+    /// Serve it here, as this connection.
+    Accept(ClusterConnection),
+    /// Send the client to this URL.
+    Redirect(String),
+    /// No node has room.
+    Unavailable,
+}
+
+pub(crate) struct Node {
+    pub(crate) id: NodeId,
+    pub(crate) incarnation: Incarnation,
+    pub(crate) config: ClusterConfig,
+    pub(crate) local: Arc<LocalConnections>,
+    pub(crate) topology: NodeTopology<dyn Broker>,
+    pub(crate) forward: Forward<dyn Broker>,
+    pub(crate) discovery: Discovery,
+    placer: Placer,
+    ids: ConnectionIds,
+    /// This node's cell in the view, so that draining shows in placement at once.
+    local_info: LiveNodeInfo,
+    draining: AtomicBool,
+    stopped: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for task in self.tasks.get_mut().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Node {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Decides what becomes of a new WebSocket client.
+    pub(crate) fn admit(self: &Arc<Self>) -> Admission {
+        let placement = self.placer.place();
+        match placement {
+            Placement::Accept
+                if !self.is_draining()
+                    && self.local.len() < self.config.max_connections as usize =>
+            {
+                let id = self.ids.next_id();
+                let inbox = self.local.register(id.clone());
+                tracing::debug!(connection = %id, "accepted a WebSocket client");
+                Admission::Accept(ClusterConnection::new(
+                    ClusterHandle::new(Arc::clone(self), Some(id)),
+                    inbox,
+                ))
+            }
+            Placement::Redirect(redirect) => {
+                tracing::debug!(to = %redirect.node, "redirecting a WebSocket client");
+                Admission::Redirect(redirect.ws_url())
+            }
+            Placement::Accept | Placement::Refuse(_) => Admission::Unavailable,
+        }
+    }
+
+    /// Hands an envelope that came through the broker to the local connections it is for.
+    fn deliver_incoming(&self, envelope: Envelope) {
+        let envelope = Arc::new(envelope);
+        match &envelope.target {
+            Target::Connection(id) => {
+                if id.node() != &self.id || id.incarnation() != self.incarnation {
+                    tracing::debug!(connection = %id, "dropping a message for a previous run of this node");
+                } else if self.local.deliver_to(id, Arc::clone(&envelope)).is_err() {
+                    tracing::debug!(connection = %id, "dropping a message for a connection that closed");
+                }
+            }
+            // This node delivered its own broadcasts and group messages locally already.
+            Target::Broadcast if envelope.origin != self.id => {
+                self.local.deliver_all(&envelope);
+            }
+            Target::Group(group) if envelope.origin != self.id => {
+                self.local.deliver_group(group, &envelope);
+            }
+            Target::Broadcast | Target::Group(_) => {}
+            Target::Node(_) => {
+                tracing::debug!(from = %envelope.origin, "ignoring a node message: none is defined yet");
+            }
+        }
+    }
+
+    /// Marks this node Draining, here at once and for its peers.
+    async fn drain(&self) -> Result<(), ClusterError> {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut info = (*self.local_info.get()).clone();
+        info.status = NodeStatus::Draining;
+        self.local_info.update(info);
+        self.discovery.drain().await?;
+        Ok(())
+    }
+}
+
+/// A running node of the cluster.
+///
+/// [`Cluster::start`] registers the node, declares its queue, starts receiving and follows
+/// the other nodes. [`Cluster::layer`] gives the tower layer to stack onto the WebSocket
+/// server; [`Cluster::handle`] sends from anywhere in the process; [`Cluster::shutdown`]
+/// leaves gracefully. Cloning is cheap; the node stops when the last clone and the last
+/// connection are dropped.
+#[derive(Clone)]
+pub struct Cluster {
+    pub(crate) node: Arc<Node>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node.id)
+            .field("incarnation", &self.node.incarnation)
+            .field("connections", &self.node.local.len())
+            .field("draining", &self.node.is_draining())
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// Starts this node: connects the backends, declares its queue, registers it, and starts
+    /// receiving. Fails, naming the problem, when a backend cannot be reached.
+    pub async fn start(config: ClusterConfig, backends: Backends) -> Result<Self, ClusterError> {
+        let (registry, broker): (Arc<dyn Registry>, Arc<dyn Broker>) = match backends {
+            Backends::Embedded { registry, broker } => (Arc::new(registry), Arc::new(broker)),
+            Backends::Servers { redis, amqp } => {
+                let registry =
+                    RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
+                let rabbit = RabbitConfig {
+                    connection_name: Some(format!("hybrid-cluster {}", config.node_id)),
+                    ..RabbitConfig::default()
+                };
+                let broker = RabbitBroker::connect(&amqp, &config.prefix, rabbit).await?;
+                (Arc::new(registry), Arc::new(broker))
+            }
+        };
+        let id = config.node_id.clone();
+        let incarnation = Incarnation::random();
+
+        let topology =
+            NodeTopology::declare(Arc::clone(&broker), id.clone(), &config.queue).await?;
+        let deliveries = topology.consume(&ConsumeOptions::default()).await?;
+
+        let counter = ConnectionCounter::new();
+        let local = Arc::new(LocalConnections::new(
+            counter.clone(),
+            config.inbox_capacity,
+            config.slow_client,
+        ));
+        let mut info = NodeInfo::new(id.clone(), incarnation, config.address.clone(), config.port);
+        info.endpoint = config.endpoint.clone();
+        info.max_connections = config.max_connections;
+        let discovery = Discovery::start(
+            registry,
+            info,
+            config.discovery.clone().with_connections(counter),
+        )
+        .await?;
+        let local_info = discovery
+            .view()
+            .members()
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| LiveNodeInfo::new(discovery.registrar().info()));
+        let placer = Placer::with(
+            local_info.clone(),
+            config.placement,
+            Selector::new(config.strategy),
+            Some(discovery.view().epoch().clone()),
+        );
+        let forward = Forward::with_config(broker, config.forward.clone());
+
+        let node = Arc::new(Node {
+            ids: ConnectionIds::new(id.clone(), incarnation),
+            id,
+            incarnation,
+            config,
+            local,
+            topology,
+            forward,
+            placer,
+            local_info,
+            draining: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            discovery,
+        });
+
+        let receiving = {
+            let weak = Arc::downgrade(&node);
+            let destination = tower::service_fn(move |envelope: Envelope| {
+                let node = Weak::upgrade(&weak);
+                async move {
+                    match node {
+                        Some(node) => {
+                            node.deliver_incoming(envelope);
+                            Ok(())
+                        }
+                        None => Err("the node stopped"),
+                    }
+                }
+            });
+            let node_id = node.id.clone();
+            tokio::spawn(async move {
+                if let Err(error) = Receiver::new(deliveries).run(destination).await {
+                    tracing::error!(node = %node_id, %error, "stopped receiving messages");
+                }
+            })
+        };
+        let placing = {
+            let placer = node.placer.clone();
+            let discover = node.discovery.discover(|_: &NodeInfo| ());
+            tokio::spawn(async move {
+                if let Err(error) = placer.follow(discover).await {
+                    tracing::error!(%error, "placement stopped following discovery");
+                }
+            })
+        };
+        let unbinding = {
+            let weak = Arc::downgrade(&node);
+            let local = Arc::clone(&node.local);
+            tokio::spawn(async move {
+                loop {
+                    let groups = local.departed_groups().await;
+                    let Some(node) = weak.upgrade() else { return };
+                    for group in groups {
+                        if let Err(error) = node.topology.remove_member(&group).await {
+                            tracing::warn!(%group, %error, "could not unbind a group its last member left");
+                        }
+                    }
+                }
+            })
+        };
+        node.tasks.lock().extend([receiving, placing, unbinding]);
+        tracing::info!(
+            node = %node.id,
+            incarnation = %node.incarnation,
+            url = %node.local_info.get().ws_url(),
+            "node started"
+        );
+        Ok(Self { node })
+    }
+
+    /// The tower layer that makes a WebSocket server's connections part of this cluster.
+    pub fn layer(&self) -> HybridClusterLayer {
+        HybridClusterLayer::new(self.clone())
+    }
+
+    /// A handle that sends from this node (with no sending connection).
+    pub fn handle(&self) -> ClusterHandle {
+        ClusterHandle::new(Arc::clone(&self.node), None)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node.id
+    }
+
+    /// This run of the node.
+    pub fn incarnation(&self) -> Incarnation {
+        self.node.incarnation
+    }
+
+    /// Every node of the cluster as this node sees it, this one included.
+    pub fn nodes(&self) -> Vec<Arc<NodeInfo>> {
+        self.node.discovery.nodes()
+    }
+
+    /// This node's discovery (its registrar and its view of the cluster).
+    pub fn discovery(&self) -> &Discovery {
+        &self.node.discovery
+    }
+
+    /// Live connections on this node.
+    pub fn local_connections(&self) -> usize {
+        self.node.local.len()
+    }
+
+    /// Whether this node is draining or stopped.
+    pub fn is_draining(&self) -> bool {
+        self.node.is_draining()
+    }
+
+    /// Sets this node Draining: it keeps serving its connections, but new clients are sent
+    /// to other nodes, and peers' balancers stop choosing it.
+    pub async fn drain(&self) -> Result<(), ClusterError> {
+        self.node.drain().await
+    }
+
+    /// Leaves the cluster gracefully: drains, closes every local connection with close code
+    /// 1012 and a reason naming a node to reconnect to (JSON, see
+    /// [`close_reason`](crate::shutdown::close_reason)), waits for them to go (at most
+    /// [`ClusterConfig::shutdown_grace`]), then leaves discovery and removes the node's queue.
+    /// Calling it again after it succeeded does nothing; after it failed, it tries again.
+    pub async fn shutdown(&self) -> Result<(), ClusterError> {
+        let node = &self.node;
+        if node.stopped.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Err(error) = node.drain().await {
+            tracing::warn!(%error, "could not publish the drain; leaving anyway");
+        }
+        let redirect = match node.placer.place() {
+            Placement::Redirect(redirect) => Some(redirect),
+            Placement::Accept | Placement::Refuse(_) => None,
+        };
+        let frame = CloseFrame {
+            code: CLOSE_SERVICE_RESTART,
+            reason: close_reason(redirect.as_ref()),
+        };
+        node.local.close_all(&frame);
+        if tokio::time::timeout(node.config.shutdown_grace, node.local.wait_empty())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = node.local.len(),
+                "clients did not close within the grace period; leaving anyway"
+            );
+        }
+        // Every step is taken even when one fails; a failed shutdown can be called again.
+        let left = node.discovery.registrar().leave().await;
+        for task in node.tasks.lock().drain(..) {
+            task.abort();
+        }
+        let deleted = node.topology.broker().delete_queue(&node.id).await;
+        match (left, deleted) {
+            (Ok(()), Ok(())) => {
+                tracing::info!(node = %node.id, "node left the cluster");
+                Ok(())
+            }
+            (Err(error), _) => {
+                node.stopped.store(false, Ordering::Release);
+                Err(error.into())
+            }
+            (Ok(()), Err(error)) => {
+                node.stopped.store(false, Ordering::Release);
+                Err(error.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! How a cluster node is set up.
+
+use std::time::Duration;
+
+use hybrid_cluster_balance::{PlacementPolicy, Strategy};
+use hybrid_cluster_core::node::DEFAULT_ENDPOINT;
+use hybrid_cluster_core::{AmqpUrl, ClusterPrefix, NodeId, QueueOptions, RedisUrl};
+use hybrid_cluster_discovery::DiscoveryConfig;
+use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
+use hybrid_cluster_routing::ForwardConfig;
+
+/// What a connection whose inbox is full gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowClientPolicy {
+    /// Drop the oldest queued message to make room (counted, and logged once per connection).
+    DropOldest,
+    /// Close the connection with this WebSocket close code: 1013 (try again later) or 1008
+    /// (policy violation).
+    Close {
+        /// The close code.
+        code: u16,
+    },
+}
+
+impl SlowClientPolicy {
+    /// Close with 1013, "try again later".
+    pub const CLOSE_TRY_AGAIN_LATER: Self = Self::Close { code: 1013 };
+    /// Close with 1008, "policy violation".
+    pub const CLOSE_POLICY_VIOLATION: Self = Self::Close { code: 1008 };
+}
+
+impl Default for SlowClientPolicy {
+    /// [`SlowClientPolicy::DropOldest`].
+    fn default() -> Self {
+        Self::DropOldest
+    }
+}
+
+/// Where the registry and the broker are.
+#[derive(Clone, Debug)]
+pub enum Backends {
+    /// In this process: every node given clones of the same registry and broker forms one
+    /// cluster (demos and tests).
+    Embedded {
+        /// The shared registry.
+        registry: MemoryRegistry,
+        /// The shared broker.
+        broker: MemoryBroker,
+    },
+    /// Redis for discovery and RabbitMQ for routing.
+    Servers {
+        /// Redis.
+        redis: RedisUrl,
+        /// RabbitMQ.
+        amqp: AmqpUrl,
+    },
+}
+
+impl Backends {
+    /// A fresh in-process registry and broker; clone the result for every node of the cluster.
+    pub fn embedded() -> Self {
+        Self::Embedded {
+            registry: MemoryRegistry::new(),
+            broker: MemoryBroker::new(),
+        }
+    }
+
+    /// Redis and RabbitMQ at these URLs.
+    pub fn servers(redis: RedisUrl, amqp: AmqpUrl) -> Self {
+        Self::Servers { redis, amqp }
+    }
+}
+
+/// How one node of the cluster runs.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// The node's id, unique in the cluster.
+    pub node_id: NodeId,
+    /// The host name or address clients reach this node at (redirects point there).
+    pub address: String,
+    /// The port of this node's WebSocket endpoint.
+    pub port: u16,
+    /// The path of the WebSocket endpoint. Default `/ws`.
+    pub endpoint: String,
+    /// Connections this node admits at most. Default 10,000.
+    pub max_connections: u32,
+    /// The prefix of every name the cluster uses in Redis and RabbitMQ. Default
+    /// `websocket:cluster`.
+    pub prefix: ClusterPrefix,
+    /// How the balancer picks a node for new clients. Default least connections.
+    pub strategy: Strategy,
+    /// When a client is kept here rather than sent to the best node. Default accept unless
+    /// full.
+    pub placement: PlacementPolicy,
+    /// Heartbeat, lease and reconnection settings of discovery.
+    pub discovery: DiscoveryConfig,
+    /// Messages a connection's inbox holds at most. Default 1,024.
+    pub inbox_capacity: usize,
+    /// What a connection whose inbox is full gets. Default drop the oldest.
+    pub slow_client: SlowClientPolicy,
+    /// The node's queue in the broker.
+    pub queue: QueueOptions,
+    /// The forwarding service's in-flight bound and payload limit.
+    pub forward: ForwardConfig,
+    /// How long a shutdown waits for clients to close before it leaves anyway. Default 5 s.
+    pub shutdown_grace: Duration,
+}
+
+impl ClusterConfig {
+    /// A node reachable at `address:port`, with every other setting at its default.
+    pub fn new(node_id: NodeId, address: impl Into<String>, port: u16) -> Self {
+        Self {
+            node_id,
+            address: address.into(),
+            port,
+            endpoint: DEFAULT_ENDPOINT.to_owned(),
+            max_connections: hybrid_cluster_core::node::DEFAULT_MAX_CONNECTIONS,
+            prefix: ClusterPrefix::default(),
+            strategy: Strategy::default(),
+            placement: PlacementPolicy::default(),
+            discovery: DiscoveryConfig::default(),
+            inbox_capacity: 1024,
+            slow_client: SlowClientPolicy::default(),
+            queue: QueueOptions::default(),
+            forward: ForwardConfig::default(),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}

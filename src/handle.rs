@@ -1,0 +1,315 @@
+//! Sending into the cluster: [`ClusterHandle`], and the per-connection [`ClusterConnection`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use hybrid_cluster_core::{
+    ConnectionId, Envelope, GroupName, NodeId, NodeInfo, PayloadKind, Target,
+};
+use hybrid_cluster_routing::ForwardError;
+use parking_lot::Mutex;
+use tower::ServiceExt;
+
+use crate::cluster::Node;
+use crate::error::SendError;
+use crate::local::Inbox;
+
+/// Sends messages into the cluster: to one connection anywhere, to every connection, to a
+/// group's members; joins and leaves groups. Cheap to clone.
+///
+/// A handle from [`ClusterConnection::handle`] sends *as* its connection (receivers see it as
+/// the sender) and can join groups; one from [`Cluster::handle`](crate::Cluster::handle) sends
+/// as the node.
+///
+/// Sending to a connection on this node never touches the broker. Sending to another node
+/// costs no registry lookup: the connection id names the node, and the node's liveness and
+/// incarnation are read from this node's view of the cluster. A send resolves once the
+/// message is in the target's inbox (same node) or confirmed by the broker (another node).
+#[derive(Clone)]
+pub struct ClusterHandle {
+    node: Arc<Node>,
+    sender: Option<ConnectionId>,
+}
+
+impl fmt::Debug for ClusterHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterHandle")
+            .field("node", &self.node.id)
+            .field("sender", &self.sender)
+            .finish()
+    }
+}
+
+impl ClusterHandle {
+    pub(crate) fn new(node: Arc<Node>, sender: Option<ConnectionId>) -> Self {
+        Self { node, sender }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node.id
+    }
+
+    /// The connection this handle sends as, if any.
+    pub fn connection_id(&self) -> Option<&ConnectionId> {
+        self.sender.as_ref()
+    }
+
+    /// Every node of the cluster as this node sees it, this one included.
+    pub fn nodes(&self) -> Vec<Arc<NodeInfo>> {
+        self.node.discovery.nodes()
+    }
+
+    /// Live connections on this node.
+    pub fn local_connections(&self) -> usize {
+        self.node.local.len()
+    }
+
+    /// Members of `group` on this node.
+    pub fn local_members(&self, group: &GroupName) -> usize {
+        self.node.local.members(group)
+    }
+
+    fn envelope(&self, target: Target, kind: PayloadKind, payload: Bytes) -> Envelope {
+        let mut envelope = Envelope::new(self.node.id.clone(), target, kind, payload);
+        envelope.sender = self.sender.clone();
+        envelope
+    }
+
+    fn forward(&self, envelope: Envelope) -> BoxFuture<'static, Result<(), ForwardError>> {
+        Box::pin(self.node.forward.clone().oneshot(envelope))
+    }
+
+    /// Sends `payload` to the connection `to`, wherever it is.
+    ///
+    /// Fails with [`SendError::NotFound`] when the connection does not exist (on this node,
+    /// checked at once; on another node, when the id belongs to a previous run of it), and
+    /// with [`SendError::Unreachable`] when its node is gone or the broker refused.
+    pub async fn send(
+        &self,
+        to: &ConnectionId,
+        kind: PayloadKind,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), SendError> {
+        let envelope = self.envelope(Target::Connection(to.clone()), kind, payload.into());
+        let not_found = || SendError::NotFound {
+            connection: to.clone(),
+        };
+        if to.node() == &self.node.id {
+            if to.incarnation() != self.node.incarnation {
+                return Err(not_found());
+            }
+            return self
+                .node
+                .local
+                .deliver_to(to, Arc::new(envelope))
+                .map_err(|_| not_found());
+        }
+        match self.node.discovery.view().node(to.node()) {
+            None => {
+                return Err(SendError::Unreachable {
+                    node: to.node().clone(),
+                    source: None,
+                });
+            }
+            Some(info) if info.incarnation != to.incarnation() => return Err(not_found()),
+            Some(_) => {}
+        }
+        self.forward(envelope).await.map_err(|error| match error {
+            ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => {
+                SendError::Invalid(error)
+            }
+            _ => SendError::Unreachable {
+                node: to.node().clone(),
+                source: Some(error),
+            },
+        })
+    }
+
+    /// Sends a text message to the connection `to` (see [`ClusterHandle::send`]).
+    pub async fn send_text(
+        &self,
+        to: &ConnectionId,
+        text: impl Into<String>,
+    ) -> Result<(), SendError> {
+        self.send(to, PayloadKind::Text, text.into()).await
+    }
+
+    /// Sends `payload` to every connection of the cluster, this handle's own included, once.
+    ///
+    /// Local connections get it at once; other nodes through the broker. An error means the
+    /// broker did not take it: this node's connections have it, the others' may not.
+    pub async fn broadcast(
+        &self,
+        kind: PayloadKind,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), SendError> {
+        let envelope = self.envelope(Target::Broadcast, kind, payload.into());
+        self.node.local.deliver_all(&Arc::new(envelope.clone()));
+        self.forward(envelope).await.map_err(|error| match error {
+            ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => {
+                SendError::Invalid(error)
+            }
+            _ => SendError::Broadcast(error),
+        })
+    }
+
+    /// Broadcasts a text message (see [`ClusterHandle::broadcast`]).
+    pub async fn broadcast_text(&self, text: impl Into<String>) -> Result<(), SendError> {
+        self.broadcast(PayloadKind::Text, text.into()).await
+    }
+
+    /// Sends `payload` to every member of `group`, on every node that has some. A group with
+    /// no member anywhere is not an error: nobody gets it.
+    pub async fn send_to_group(
+        &self,
+        group: &GroupName,
+        kind: PayloadKind,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), SendError> {
+        let envelope = self.envelope(Target::Group(group.clone()), kind, payload.into());
+        self.node
+            .local
+            .deliver_group(group, &Arc::new(envelope.clone()));
+        match self.forward(envelope).await {
+            Ok(()) | Err(ForwardError::Unroutable { .. }) => Ok(()),
+            Err(error @ (ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. })) => {
+                Err(SendError::Invalid(error))
+            }
+            Err(error) => Err(SendError::Broadcast(error)),
+        }
+    }
+
+    /// Sends a text message to a group (see [`ClusterHandle::send_to_group`]).
+    pub async fn send_group_text(
+        &self,
+        group: &GroupName,
+        text: impl Into<String>,
+    ) -> Result<(), SendError> {
+        self.send_to_group(group, PayloadKind::Text, text.into())
+            .await
+    }
+
+    fn sender(&self) -> Result<&ConnectionId, SendError> {
+        self.sender
+            .as_ref()
+            .ok_or(SendError::NoConnection)
+            .and_then(|id| {
+                if self.node.local.contains(id) {
+                    Ok(id)
+                } else {
+                    Err(SendError::NotRegistered {
+                        connection: id.clone(),
+                    })
+                }
+            })
+    }
+
+    /// Adds this handle's connection to `group`. The node's queue is bound to the group while
+    /// it has members, so group messages reach exactly the nodes with members. Joining twice
+    /// is not an error.
+    pub async fn join(&self, group: &GroupName) -> Result<(), SendError> {
+        let id = self.sender()?;
+        let not_registered = |_| SendError::NotRegistered {
+            connection: id.clone(),
+        };
+        if !self.node.local.join(id, group).map_err(not_registered)? {
+            return Ok(());
+        }
+        if let Err(error) = self.node.topology.add_member(group).await {
+            let _ = self.node.local.leave(id, group);
+            return Err(SendError::Group(error));
+        }
+        Ok(())
+    }
+
+    /// Removes this handle's connection from `group`. Leaving a group one is not in is not an
+    /// error.
+    pub async fn leave(&self, group: &GroupName) -> Result<(), SendError> {
+        let id = self.sender()?;
+        let not_registered = |_| SendError::NotRegistered {
+            connection: id.clone(),
+        };
+        if !self.node.local.leave(id, group).map_err(not_registered)? {
+            return Ok(());
+        }
+        self.node
+            .topology
+            .remove_member(group)
+            .await
+            .map(|_| ())
+            .map_err(SendError::Group)
+    }
+}
+
+/// One WebSocket connection admitted by the cluster layer: its id, its [`Inbox`] of messages
+/// from anywhere in the cluster, and a [`ClusterHandle`] that sends as it.
+///
+/// The layer puts it in the upgrade request's extensions; take it with
+/// [`ClusterConnection::take`] (plain hyper) or as an axum extractor, and move it into the
+/// socket task. Dropping it (or its inbox) removes the connection from the node.
+#[derive(Debug)]
+pub struct ClusterConnection {
+    handle: ClusterHandle,
+    inbox: Inbox,
+}
+
+impl ClusterConnection {
+    pub(crate) fn new(handle: ClusterHandle, inbox: Inbox) -> Self {
+        Self { handle, inbox }
+    }
+
+    /// Takes the connection the cluster layer put in a request's extensions.
+    pub fn take(extensions: &mut http::Extensions) -> Option<Self> {
+        extensions
+            .get::<ConnectionSlot>()
+            .and_then(ConnectionSlot::take)
+    }
+
+    /// The connection's cluster-wide id.
+    pub fn id(&self) -> &ConnectionId {
+        self.inbox.connection_id()
+    }
+
+    /// The handle that sends as this connection.
+    pub fn handle(&self) -> &ClusterHandle {
+        &self.handle
+    }
+
+    /// The connection's inbox.
+    pub fn inbox(&mut self) -> &mut Inbox {
+        &mut self.inbox
+    }
+
+    /// Splits into the sending handle and the inbox, for a socket task that reads and writes
+    /// in separate halves. The connection lives as long as the inbox.
+    pub fn into_parts(self) -> (ClusterHandle, Inbox) {
+        (self.handle, self.inbox)
+    }
+}
+
+/// The request extension holding an admitted connection until a handler takes it. Dropped
+/// with the request when nobody takes it, which removes the connection.
+#[derive(Clone)]
+pub struct ConnectionSlot(Arc<Mutex<Option<ClusterConnection>>>);
+
+impl ConnectionSlot {
+    pub(crate) fn new(connection: ClusterConnection) -> Self {
+        Self(Arc::new(Mutex::new(Some(connection))))
+    }
+
+    /// Takes the connection, once.
+    pub fn take(&self) -> Option<ClusterConnection> {
+        self.0.lock().take()
+    }
+}
+
+impl fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ConnectionSlot")
+            .field(&self.0.lock().as_ref().map(ClusterConnection::id))
+            .finish()
+    }
+}

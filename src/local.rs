@@ -1,0 +1,566 @@
+//! This node's connections: their bounded inboxes, their groups, and their count.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use futures_core::Stream;
+use hybrid_cluster_core::{ConnectionId, Envelope, GroupName};
+use hybrid_cluster_discovery::ConnectionCounter;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use crate::config::SlowClientPolicy;
+
+/// What a connection's socket task gets from its [`Inbox`].
+#[derive(Clone, Debug)]
+pub enum InboxItem {
+    /// A message for this connection (sent to it, broadcast, or sent to one of its groups).
+    Message(Arc<Envelope>),
+    /// Close the WebSocket with this frame, then stop: the client was too slow for its
+    /// policy, or the node is shutting down.
+    Close(CloseFrame),
+}
+
+/// A WebSocket close frame to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseFrame {
+    /// The close code (1001 going away, 1008 policy violation, 1012 service restart, 1013 try
+    /// again later).
+    pub code: u16,
+    /// The reason, at most 123 bytes.
+    pub reason: String,
+}
+
+/// Why a message could not be put in an inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// No such connection here.
+    NotFound,
+}
+
+struct InboxState {
+    queue: VecDeque<Arc<Envelope>>,
+    close: Option<CloseFrame>,
+    /// The close frame was handed out: the stream has ended.
+    finished: bool,
+    waker: Option<Waker>,
+    dropped: u64,
+}
+
+/// The shared half of one inbox, held by the connection table.
+pub(crate) struct InboxSlot {
+    state: Mutex<InboxState>,
+    capacity: usize,
+    policy: SlowClientPolicy,
+    id: ConnectionId,
+    stats: Arc<LocalStats>,
+}
+
+impl InboxSlot {
+    /// Queues a message by the slow-client policy.
+    fn push(&self, envelope: Arc<Envelope>) {
+        let waker = {
+            let mut state = self.state.lock();
+            if state.close.is_some() || state.finished {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if state.queue.len() >= self.capacity {
+                match self.policy {
+                    SlowClientPolicy::DropOldest => {
+                        state.queue.pop_front();
+                        state.dropped += 1;
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        if state.dropped == 1 {
+                            tracing::warn!(
+                                connection = %self.id,
+                                capacity = self.capacity,
+                                "slow client: its inbox is full, dropping its oldest messages"
+                            );
+                        }
+                    }
+                    SlowClientPolicy::Close { code } => {
+                        state.queue.clear();
+                        state.close = Some(CloseFrame {
+                            code,
+                            reason: "too slow: inbox overflow".to_owned(),
+                        });
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        self.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            connection = %self.id,
+                            capacity = self.capacity,
+                            code,
+                            "slow client: its inbox is full, closing it"
+                        );
+                        return wake(state.waker.take());
+                    }
+                }
+            }
+            state.queue.push_back(envelope);
+            state.waker.take()
+        };
+        wake(waker);
+    }
+
+    /// Closes the inbox once its queued messages are handed out.
+    fn close(&self, frame: CloseFrame) {
+        let waker = {
+            let mut state = self.state.lock();
+            if state.close.is_none() && !state.finished {
+                state.close = Some(frame);
+            }
+            state.waker.take()
+        };
+        wake(waker);
+    }
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+/// The messages for one connection, from anywhere in the cluster.
+///
+/// Bounded: when the socket task does not keep up, the node's
+/// [`SlowClientPolicy`] applies (drop the oldest, or close the connection). The stream ends
+/// after an [`InboxItem::Close`]. Dropping the inbox removes the connection from the node
+/// (it leaves its groups, and its count goes down).
+pub struct Inbox {
+    slot: Arc<InboxSlot>,
+    _registration: Registration,
+}
+
+impl Inbox {
+    /// The connection this inbox belongs to.
+    pub fn connection_id(&self) -> &ConnectionId {
+        &self.slot.id
+    }
+
+    /// Messages dropped from this inbox under the drop-oldest policy.
+    pub fn dropped(&self) -> u64 {
+        self.slot.state.lock().dropped
+    }
+}
+
+impl fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.slot.state.lock();
+        f.debug_struct("Inbox")
+            .field("connection", &self.slot.id)
+            .field("queued", &state.queue.len())
+            .field("capacity", &self.slot.capacity)
+            .field("dropped", &state.dropped)
+            .finish()
+    }
+}
+
+impl Stream for Inbox {
+    type Item = InboxItem;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<InboxItem>> {
+        let mut state = self.slot.state.lock();
+        if state.finished {
+            return Poll::Ready(None);
+        }
+        if let Some(envelope) = state.queue.pop_front() {
+            return Poll::Ready(Some(InboxItem::Message(envelope)));
+        }
+        if let Some(frame) = state.close.take() {
+            state.finished = true;
+            return Poll::Ready(Some(InboxItem::Close(frame)));
+        }
+        state.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Removes its connection from the table when dropped.
+struct Registration {
+    table: Arc<LocalConnections>,
+    id: ConnectionId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.table.deregister(&self.id);
+    }
+}
+
+/// Counts kept by the table.
+#[derive(Debug, Default)]
+pub(crate) struct LocalStats {
+    pub(crate) dropped: AtomicU64,
+    pub(crate) slow_closes: AtomicU64,
+}
+
+struct Entry {
+    slot: Arc<InboxSlot>,
+    groups: BTreeSet<GroupName>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<ConnectionId, Entry>,
+    groups: HashMap<GroupName, HashSet<ConnectionId>>,
+}
+
+/// The connections of this node.
+pub(crate) struct LocalConnections {
+    table: RwLock<Table>,
+    counter: ConnectionCounter,
+    capacity: usize,
+    policy: SlowClientPolicy,
+    pub(crate) stats: Arc<LocalStats>,
+    /// Woken whenever a connection goes, for shutdown to wait on.
+    emptied: Notify,
+    /// Groups a departed connection left, to be unbound by the node.
+    departed: Mutex<Vec<GroupName>>,
+    departures: Notify,
+}
+
+impl LocalConnections {
+    pub(crate) fn new(
+        counter: ConnectionCounter,
+        capacity: usize,
+        policy: SlowClientPolicy,
+    ) -> Self {
+        Self {
+            table: RwLock::new(Table::default()),
+            counter,
+            capacity: capacity.max(1),
+            policy,
+            stats: Arc::default(),
+            emptied: Notify::new(),
+            departed: Mutex::new(Vec::new()),
+            departures: Notify::new(),
+        }
+    }
+
+    /// Adds a connection and returns its inbox.
+    pub(crate) fn register(self: &Arc<Self>, id: ConnectionId) -> Inbox {
+        let slot = Arc::new(InboxSlot {
+            state: Mutex::new(InboxState {
+                queue: VecDeque::new(),
+                close: None,
+                finished: false,
+                waker: None,
+                dropped: 0,
+            }),
+            capacity: self.capacity,
+            policy: self.policy,
+            id: id.clone(),
+            stats: Arc::clone(&self.stats),
+        });
+        self.table.write().entries.insert(
+            id.clone(),
+            Entry {
+                slot: Arc::clone(&slot),
+                groups: BTreeSet::new(),
+            },
+        );
+        self.counter.increment();
+        Inbox {
+            slot,
+            _registration: Registration {
+                table: Arc::clone(self),
+                id,
+            },
+        }
+    }
+
+    fn deregister(&self, id: &ConnectionId) {
+        let left = {
+            let mut table = self.table.write();
+            let Some(entry) = table.entries.remove(id) else {
+                return;
+            };
+            for group in &entry.groups {
+                if let Some(members) = table.groups.get_mut(group) {
+                    members.remove(id);
+                    if members.is_empty() {
+                        table.groups.remove(group);
+                    }
+                }
+            }
+            entry.groups
+        };
+        self.counter.decrement();
+        if !left.is_empty() {
+            self.departed.lock().extend(left);
+            self.departures.notify_one();
+        }
+        self.emptied.notify_waiters();
+    }
+
+    /// Takes the groups departed connections left, waiting for some when there are none.
+    pub(crate) async fn departed_groups(&self) -> Vec<GroupName> {
+        loop {
+            let notified = self.departures.notified();
+            let groups = std::mem::take(&mut *self.departed.lock());
+            if !groups.is_empty() {
+                return groups;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.table.read().entries.len()
+    }
+
+    pub(crate) fn contains(&self, id: &ConnectionId) -> bool {
+        self.table.read().entries.contains_key(id)
+    }
+
+    /// Puts a message in one connection's inbox.
+    pub(crate) fn deliver_to(
+        &self,
+        id: &ConnectionId,
+        envelope: Arc<Envelope>,
+    ) -> Result<(), Refused> {
+        let slot = self
+            .table
+            .read()
+            .entries
+            .get(id)
+            .map(|entry| Arc::clone(&entry.slot))
+            .ok_or(Refused::NotFound)?;
+        slot.push(envelope);
+        Ok(())
+    }
+
+    /// Puts a message in every connection's inbox; returns how many.
+    pub(crate) fn deliver_all(&self, envelope: &Arc<Envelope>) -> usize {
+        let slots: Vec<Arc<InboxSlot>> = self
+            .table
+            .read()
+            .entries
+            .values()
+            .map(|entry| Arc::clone(&entry.slot))
+            .collect();
+        for slot in &slots {
+            slot.push(Arc::clone(envelope));
+        }
+        slots.len()
+    }
+
+    /// Puts a message in the inbox of every local member of `group`; returns how many.
+    pub(crate) fn deliver_group(&self, group: &GroupName, envelope: &Arc<Envelope>) -> usize {
+        let slots: Vec<Arc<InboxSlot>> = {
+            let table = self.table.read();
+            let Some(members) = table.groups.get(group) else {
+                return 0;
+            };
+            members
+                .iter()
+                .filter_map(|id| table.entries.get(id))
+                .map(|entry| Arc::clone(&entry.slot))
+                .collect()
+        };
+        for slot in &slots {
+            slot.push(Arc::clone(envelope));
+        }
+        slots.len()
+    }
+
+    /// Adds a connection to a group; returns whether it was not a member yet.
+    pub(crate) fn join(&self, id: &ConnectionId, group: &GroupName) -> Result<bool, Refused> {
+        let mut table = self.table.write();
+        let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
+        if !entry.groups.insert(group.clone()) {
+            return Ok(false);
+        }
+        table
+            .groups
+            .entry(group.clone())
+            .or_default()
+            .insert(id.clone());
+        Ok(true)
+    }
+
+    /// Removes a connection from a group; returns whether it was a member.
+    pub(crate) fn leave(&self, id: &ConnectionId, group: &GroupName) -> Result<bool, Refused> {
+        let mut table = self.table.write();
+        let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
+        if !entry.groups.remove(group) {
+            return Ok(false);
+        }
+        if let Some(members) = table.groups.get_mut(group) {
+            members.remove(id);
+            if members.is_empty() {
+                table.groups.remove(group);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Local members of a group.
+    pub(crate) fn members(&self, group: &GroupName) -> usize {
+        self.table.read().groups.get(group).map_or(0, HashSet::len)
+    }
+
+    /// Closes every inbox with `frame` once its queued messages are out.
+    pub(crate) fn close_all(&self, frame: &CloseFrame) {
+        let slots: Vec<Arc<InboxSlot>> = self
+            .table
+            .read()
+            .entries
+            .values()
+            .map(|entry| Arc::clone(&entry.slot))
+            .collect();
+        for slot in slots {
+            slot.close(frame.clone());
+        }
+    }
+
+    /// Waits until no connection is left.
+    pub(crate) async fn wait_empty(&self) {
+        loop {
+            let notified = self.emptied.notified();
+            if self.len() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl fmt::Debug for LocalConnections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalConnections")
+            .field("connections", &self.len())
+            .field("capacity", &self.capacity)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::{FutureExt, StreamExt};
+    use hybrid_cluster_core::{Incarnation, NodeId, Target};
+
+    use super::*;
+
+    fn id(n: u64) -> ConnectionId {
+        ConnectionId::new(NodeId::new("a").unwrap(), Incarnation::from_u64(1), n)
+    }
+
+    fn message(text: &str) -> Arc<Envelope> {
+        Arc::new(Envelope::text(
+            NodeId::new("a").unwrap(),
+            Target::Broadcast,
+            text,
+        ))
+    }
+
+    fn next_text(inbox: &mut Inbox) -> Option<String> {
+        match inbox.next().now_or_never()?? {
+            InboxItem::Message(envelope) => envelope.payload_text().map(str::to_owned),
+            InboxItem::Close(frame) => Some(format!("close {}", frame.code)),
+        }
+    }
+
+    #[test]
+    fn registration_counts_and_dropping_the_inbox_deregisters() {
+        let counter = ConnectionCounter::new();
+        let table = Arc::new(LocalConnections::new(
+            counter.clone(),
+            8,
+            SlowClientPolicy::DropOldest,
+        ));
+        let inbox = table.register(id(1));
+        let _other = table.register(id(2));
+        assert_eq!((table.len(), counter.get()), (2, 2));
+        let group = GroupName::new("g").unwrap();
+        assert_eq!(table.join(&id(1), &group), Ok(true));
+        assert_eq!(table.join(&id(1), &group), Ok(false));
+        drop(inbox);
+        assert_eq!((table.len(), counter.get()), (1, 1));
+        assert_eq!(table.members(&group), 0);
+        assert_eq!(std::mem::take(&mut *table.departed.lock()), vec![group]);
+        assert_eq!(
+            table.deliver_to(&id(1), message("x")),
+            Err(Refused::NotFound)
+        );
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_within_the_bound() {
+        let table = Arc::new(LocalConnections::new(
+            ConnectionCounter::new(),
+            2,
+            SlowClientPolicy::DropOldest,
+        ));
+        let mut inbox = table.register(id(1));
+        for text in ["1", "2", "3", "4"] {
+            table.deliver_to(&id(1), message(text)).unwrap();
+        }
+        assert_eq!(next_text(&mut inbox).as_deref(), Some("3"));
+        assert_eq!(next_text(&mut inbox).as_deref(), Some("4"));
+        assert_eq!(next_text(&mut inbox), None);
+        assert_eq!(inbox.dropped(), 2);
+        assert_eq!(table.stats.dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn close_policy_closes_the_slow_connection_at_once() {
+        let table = Arc::new(LocalConnections::new(
+            ConnectionCounter::new(),
+            2,
+            SlowClientPolicy::Close { code: 1013 },
+        ));
+        let mut inbox = table.register(id(1));
+        for text in ["1", "2", "3", "4"] {
+            table.deliver_to(&id(1), message(text)).unwrap();
+        }
+        assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1013"));
+        assert!(
+            matches!(inbox.next().now_or_never(), Some(None)),
+            "the stream ends after the close"
+        );
+        assert_eq!(table.stats.slow_closes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn shutdown_close_comes_after_the_queued_messages() {
+        let table = Arc::new(LocalConnections::new(
+            ConnectionCounter::new(),
+            8,
+            SlowClientPolicy::DropOldest,
+        ));
+        let mut inbox = table.register(id(1));
+        table.deliver_all(&message("last words"));
+        table.close_all(&CloseFrame {
+            code: 1012,
+            reason: "{}".to_owned(),
+        });
+        assert_eq!(next_text(&mut inbox).as_deref(), Some("last words"));
+        assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1012"));
+    }
+
+    #[test]
+    fn groups_reach_only_their_members() {
+        let table = Arc::new(LocalConnections::new(
+            ConnectionCounter::new(),
+            8,
+            SlowClientPolicy::DropOldest,
+        ));
+        let mut a = table.register(id(1));
+        let mut b = table.register(id(2));
+        let group = GroupName::new("g").unwrap();
+        table.join(&id(2), &group).unwrap();
+        assert_eq!(table.deliver_group(&group, &message("members")), 1);
+        assert_eq!(next_text(&mut a), None);
+        assert_eq!(next_text(&mut b).as_deref(), Some("members"));
+        assert_eq!(table.leave(&id(2), &group), Ok(true));
+        assert_eq!(table.deliver_group(&group, &message("nobody")), 0);
+    }
+}

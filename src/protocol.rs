@@ -1,0 +1,294 @@
+//! The demo protocol the node program speaks to its WebSocket clients: JSON text frames.
+//!
+//! | client sends | effect |
+//! |---|---|
+//! | `{"op":"send","to":ID,"data":ANY}` | the connection `ID`, on any node, gets `{"type":"message","from":SENDER,"data":ANY}` |
+//! | `{"op":"broadcast","data":ANY}` | every connection of the cluster, the sender included, gets `{"type":"broadcast","from":SENDER,"data":ANY}` once |
+//! | `{"op":"join","group":G}` | the sender joins group `G` and gets `{"type":"joined","group":G}` |
+//! | `{"op":"leave","group":G}` | the sender leaves `G` and gets `{"type":"left","group":G}` |
+//! | `{"op":"group","group":G,"data":ANY}` | every member of `G`, on any node, gets `{"type":"group","group":G,"from":SENDER,"data":ANY}` |
+//!
+//! On open the server sends `{"type":"welcome","connection_id":ID,"node_id":NODE}`. Any op may
+//! carry an `"id"` (any JSON value); the server then answers `{"type":"ack","id":…}` once the
+//! message is confirmed by the broker (or delivered locally), or
+//! `{"type":"error","id":…,"code":…,"message":…}`. Error codes: `bad_request` (malformed JSON,
+//! an unknown op, a missing or invalid field: the connection stays open), `not_found` (no such
+//! connection), `unreachable` (its node is gone or the broker refused), `internal`. A client
+//! that sends faster than the broker confirms is slowed down: the server stops reading it.
+//!
+//! `data` travels between nodes as the bytes the client sent, never parsed again nor wrapped.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// One request of a client, as parsed from a text frame.
+#[derive(Debug)]
+pub enum ClientOp {
+    /// Send to one connection.
+    Send {
+        /// The target connection id, as text.
+        to: String,
+        /// The payload, as the client wrote it.
+        data: Box<RawValue>,
+        /// The client's correlation id.
+        id: Option<Box<RawValue>>,
+    },
+    /// Send to every connection.
+    Broadcast {
+        /// The payload.
+        data: Box<RawValue>,
+        /// The client's correlation id.
+        id: Option<Box<RawValue>>,
+    },
+    /// Join a group.
+    Join {
+        /// The group.
+        group: String,
+        /// The client's correlation id.
+        id: Option<Box<RawValue>>,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group.
+        group: String,
+        /// The client's correlation id.
+        id: Option<Box<RawValue>>,
+    },
+    /// Send to a group's members.
+    Group {
+        /// The group.
+        group: String,
+        /// The payload.
+        data: Box<RawValue>,
+        /// The client's correlation id.
+        id: Option<Box<RawValue>>,
+    },
+}
+
+impl ClientOp {
+    /// Parses a text frame. On failure, the error message says what is wrong, and the
+    /// correlation id is recovered when the frame is JSON with an `"id"`.
+    pub fn parse(text: &str) -> Result<Self, BadRequest> {
+        // `data` is kept as the raw text the client wrote, which serde's internally tagged
+        // enums cannot do: read the fields first, then the op.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Frame {
+            op: String,
+            #[serde(default)]
+            to: Option<String>,
+            #[serde(default)]
+            group: Option<String>,
+            #[serde(default)]
+            data: Option<Box<RawValue>>,
+            #[serde(default)]
+            id: Option<Box<RawValue>>,
+        }
+        let frame: Frame = serde_json::from_str(text).map_err(|error| {
+            #[derive(Deserialize)]
+            struct OnlyId {
+                #[serde(default)]
+                id: Option<Box<RawValue>>,
+            }
+            let id = serde_json::from_str::<OnlyId>(text).ok().and_then(|o| o.id);
+            BadRequest {
+                id,
+                message: error.to_string(),
+            }
+        })?;
+        let Frame {
+            op,
+            to,
+            group,
+            data,
+            id,
+        } = frame;
+        let missing = |field: &str, id| BadRequest {
+            id,
+            message: format!("op `{op}` needs the field `{field}`"),
+        };
+        let op = match op.as_str() {
+            "send" => match (to, data) {
+                (Some(to), Some(data)) => Self::Send { to, data, id },
+                (None, _) => return Err(missing("to", id)),
+                (_, None) => return Err(missing("data", id)),
+            },
+            "broadcast" => match data {
+                Some(data) => Self::Broadcast { data, id },
+                None => return Err(missing("data", id)),
+            },
+            "join" | "leave" => match group {
+                Some(group) if op == "join" => Self::Join { group, id },
+                Some(group) => Self::Leave { group, id },
+                None => return Err(missing("group", id)),
+            },
+            "group" => match (group, data) {
+                (Some(group), Some(data)) => Self::Group { group, data, id },
+                (None, _) => return Err(missing("group", id)),
+                (_, None) => return Err(missing("data", id)),
+            },
+            other => {
+                return Err(BadRequest {
+                    message: format!(
+                        "unknown op `{other}` (expected send, broadcast, join, leave or group)"
+                    ),
+                    id,
+                });
+            }
+        };
+        Ok(op)
+    }
+
+    /// The client's correlation id.
+    pub fn id(&self) -> Option<&RawValue> {
+        match self {
+            Self::Send { id, .. }
+            | Self::Broadcast { id, .. }
+            | Self::Join { id, .. }
+            | Self::Leave { id, .. }
+            | Self::Group { id, .. } => id.as_deref(),
+        }
+    }
+}
+
+/// A frame that is not a valid request.
+#[derive(Debug)]
+pub struct BadRequest {
+    /// The correlation id, when one could be read.
+    pub id: Option<Box<RawValue>>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// One message of the server to a client.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerMessage<'a> {
+    /// Sent once, on open.
+    Welcome {
+        /// The client's connection id.
+        connection_id: &'a str,
+        /// The node it is connected to.
+        node_id: &'a str,
+    },
+    /// A message sent to this connection.
+    Message {
+        /// The sending connection, if a connection sent it.
+        from: Option<&'a str>,
+        /// The payload, as its sender wrote it.
+        data: &'a RawValue,
+    },
+    /// A broadcast.
+    Broadcast {
+        /// The sending connection.
+        from: Option<&'a str>,
+        /// The payload.
+        data: &'a RawValue,
+    },
+    /// A group message.
+    Group {
+        /// The group.
+        group: &'a str,
+        /// The sending connection.
+        from: Option<&'a str>,
+        /// The payload.
+        data: &'a RawValue,
+    },
+    /// The connection joined a group.
+    Joined {
+        /// The group.
+        group: &'a str,
+    },
+    /// The connection left a group.
+    Left {
+        /// The group.
+        group: &'a str,
+    },
+    /// A request was carried out.
+    Ack {
+        /// The request's correlation id.
+        id: &'a RawValue,
+    },
+    /// A request failed.
+    Error {
+        /// The request's correlation id, if it had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// A stable code: `bad_request`, `not_found`, `unreachable`, `internal`.
+        code: &'a str,
+        /// A human-readable explanation.
+        message: &'a str,
+    },
+}
+
+impl ServerMessage<'_> {
+    /// The message as a JSON text frame.
+    pub fn to_json(&self) -> String {
+        // Serialising these types cannot fail: every field is a string or valid raw JSON.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"could not encode a reply"}"#.to_owned()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_keep_data_as_written() {
+        let op = ClientOp::parse(r#"{"op":"send","to":"n:1:2","data":{"b": [1, 2.50]},"id":7}"#)
+            .unwrap();
+        let ClientOp::Send { to, data, id } = op else {
+            panic!("expected a send");
+        };
+        assert_eq!(to, "n:1:2");
+        assert_eq!(data.get(), r#"{"b": [1, 2.50]}"#);
+        assert_eq!(id.unwrap().get(), "7");
+        assert!(matches!(
+            ClientOp::parse(r#"{"op":"join","group":"lobby"}"#).unwrap(),
+            ClientOp::Join { .. }
+        ));
+    }
+
+    #[test]
+    fn bad_requests_say_why_and_keep_the_id() {
+        let bad = ClientOp::parse(r#"{"op":"fly","id":"x1"}"#).unwrap_err();
+        assert_eq!(bad.id.unwrap().get(), r#""x1""#);
+        assert!(bad.message.contains("fly"), "{}", bad.message);
+        let bad = ClientOp::parse("not json").unwrap_err();
+        assert!(bad.id.is_none());
+        let bad = ClientOp::parse(r#"{"op":"send","data":1}"#).unwrap_err();
+        assert!(bad.message.contains("to"), "{}", bad.message);
+    }
+
+    #[test]
+    fn replies_are_the_documented_json() {
+        let data = RawValue::from_string(r#"{"x":1}"#.to_owned()).unwrap();
+        assert_eq!(
+            ServerMessage::Message {
+                from: Some("a:1:1"),
+                data: &data
+            }
+            .to_json(),
+            r#"{"type":"message","from":"a:1:1","data":{"x":1}}"#
+        );
+        assert_eq!(
+            ServerMessage::Error {
+                id: None,
+                code: "bad_request",
+                message: "no"
+            }
+            .to_json(),
+            r#"{"type":"error","code":"bad_request","message":"no"}"#
+        );
+        assert_eq!(
+            ServerMessage::Welcome {
+                connection_id: "a:1:1",
+                node_id: "a"
+            }
+            .to_json(),
+            r#"{"type":"welcome","connection_id":"a:1:1","node_id":"a"}"#
+        );
+    }
+}

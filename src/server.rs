@@ -1,0 +1,380 @@
+//! A ready-made node server on axum: `/ws` speaking the [demo protocol](crate::protocol),
+//! `GET /cluster/nodes` and `GET /healthz`. The node program, the demo and the end-to-end
+//! tests run it; it is also a worked example of serving a [`ClusterConnection`].
+//!
+//! ```no_run
+//! use hybrid_cluster::{Backends, Cluster, ClusterConfig, NodeId};
+//! use hybrid_cluster::server::{ServerConfig, router};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ClusterConfig::new(NodeId::new("node-1")?, "127.0.0.1", 5001);
+//! let cluster = Cluster::start(config, Backends::embedded()).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:5001").await?;
+//! // Small frames go out at once: without TCP_NODELAY, Nagle's algorithm and delayed ACKs
+//! // can hold a message for 40 ms.
+//! use axum::serve::ListenerExt;
+//! let listener = listener.tap_io(|tcp| {
+//!     let _ = tcp.set_nodelay(true);
+//! });
+//! axum::serve(listener, router(cluster, ServerConfig::default())).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::ws::{
+    CloseFrame as WsCloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade,
+};
+use axum::extract::{FromRequestParts, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, SplitSink};
+use futures_util::{SinkExt, StreamExt};
+use hybrid_cluster_core::{ConnectionId, Envelope, GroupName, NodeInfo, PayloadKind, Target};
+use serde_json::value::RawValue;
+
+use crate::cluster::Cluster;
+use crate::error::SendError;
+use crate::handle::{ClusterConnection, ClusterHandle};
+use crate::local::InboxItem;
+use crate::protocol::{ClientOp, ServerMessage};
+
+/// WebSocket settings of the node server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The read buffer of each connection. Default 4 KiB: an idle connection costs little
+    /// (tungstenite's own default of 128 KiB would cost that much per connection).
+    pub read_buffer_size: usize,
+    /// The write buffer of each connection. Default 4 KiB.
+    pub write_buffer_size: usize,
+    /// The largest message a client may send. Default 64 KiB.
+    pub max_message_size: usize,
+    /// Requests of one connection awaiting the broker's confirmation at most; past it the
+    /// server stops reading that connection until some are confirmed. Default 128.
+    pub max_pending_per_connection: usize,
+    /// How long a write may wait for the client to read: a client that takes nothing for this
+    /// long is dropped, so a stuck client never holds its task, its connection slot or a
+    /// shutdown. Default 5 s.
+    pub write_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            read_buffer_size: 4 * 1024,
+            write_buffer_size: 4 * 1024,
+            max_message_size: 64 * 1024,
+            max_pending_per_connection: 128,
+            write_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    cluster: Cluster,
+    config: ServerConfig,
+}
+
+/// The node's routes: `/ws` (behind the cluster layer), `/cluster/nodes`, `/healthz`.
+pub fn router(cluster: Cluster, config: ServerConfig) -> Router {
+    let ws = Router::new()
+        .route(&cluster.node.config.endpoint, get(upgrade))
+        .route_layer(cluster.layer());
+    Router::new()
+        .merge(ws)
+        .route("/cluster/nodes", get(nodes))
+        .route("/healthz", get(health))
+        .with_state(AppState { cluster, config })
+}
+
+/// What a handler gets when the cluster layer did not run before it.
+#[derive(Debug)]
+pub struct MissingConnection;
+
+impl IntoResponse for MissingConnection {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no cluster connection: HybridClusterLayer must wrap this route",
+        )
+            .into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClusterConnection {
+    type Rejection = MissingConnection;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        ClusterConnection::take(&mut parts.extensions).ok_or(MissingConnection)
+    }
+}
+
+async fn upgrade(
+    State(state): State<AppState>,
+    upgrade: WebSocketUpgrade,
+    connection: ClusterConnection,
+) -> Response {
+    let config = state.config;
+    upgrade
+        .read_buffer_size(config.read_buffer_size)
+        .write_buffer_size(config.write_buffer_size)
+        .max_message_size(config.max_message_size)
+        .on_upgrade(move |socket| serve_connection(socket, connection, config))
+}
+
+async fn nodes(State(state): State<AppState>) -> Json<Vec<NodeInfo>> {
+    Json(
+        state
+            .cluster
+            .nodes()
+            .iter()
+            .map(|n| (**n).clone())
+            .collect(),
+    )
+}
+
+async fn health(State(state): State<AppState>) -> StatusCode {
+    if state.cluster.is_draining() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// Serves one client: the demo protocol in, the connection's inbox out.
+pub async fn serve_connection(
+    socket: WebSocket,
+    connection: ClusterConnection,
+    config: ServerConfig,
+) {
+    let (handle, mut inbox) = connection.into_parts();
+    let Some(id) = handle.connection_id().cloned() else {
+        return;
+    };
+    let (mut sink, mut stream) = socket.split();
+    let welcome = ServerMessage::Welcome {
+        connection_id: &id.to_string(),
+        node_id: handle.node_id().as_str(),
+    }
+    .to_json();
+    if !write(
+        &mut sink,
+        config.write_timeout,
+        vec![Message::Text(welcome.into())],
+    )
+    .await
+    {
+        return;
+    }
+    let mut pending = FuturesOrdered::new();
+    loop {
+        let reading = pending.len() < config.max_pending_per_connection;
+        let mut closing = false;
+        let outgoing: Vec<Message> = tokio::select! {
+            item = inbox.next() => match item {
+                Some(InboxItem::Message(envelope)) => vec![Message::Text(render(&envelope).into())],
+                Some(InboxItem::Close(frame)) => {
+                    closing = true;
+                    let close = WsCloseFrame { code: frame.code, reason: Utf8Bytes::from(frame.reason) };
+                    vec![Message::Close(Some(close))]
+                }
+                None => break,
+            },
+            Some(replies) = pending.next(), if !pending.is_empty() => {
+                let replies: Vec<String> = replies;
+                replies.into_iter().map(|reply| Message::Text(reply.into())).collect()
+            }
+            frame = stream.next(), if reading => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    // Boxed as `Send` here, where the lifetimes are concrete.
+                    let reply: BoxFuture<'static, Vec<String>> =
+                        Box::pin(handle_op(handle.clone(), text.to_string()));
+                    pending.push_back(reply);
+                    Vec::new()
+                }
+                Some(Ok(Message::Binary(_))) => vec![Message::Text(
+                    ServerMessage::Error {
+                        id: None,
+                        code: "bad_request",
+                        message: "binary frames are not part of the protocol: send JSON text",
+                    }
+                    .to_json()
+                    .into(),
+                )],
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Vec::new(),
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            },
+        };
+        if !outgoing.is_empty() && !write(&mut sink, config.write_timeout, outgoing).await {
+            break;
+        }
+        if closing {
+            break;
+        }
+    }
+}
+
+/// Writes `messages`; false when the client is gone or took nothing for `limit`.
+///
+/// A client closed by the slow-client policy still gets its close frame (and so its close
+/// code) if it reads within `limit`; one that never reads is dropped then.
+async fn write(
+    sink: &mut SplitSink<WebSocket, Message>,
+    limit: Duration,
+    messages: Vec<Message>,
+) -> bool {
+    let writing = async {
+        for message in messages {
+            sink.feed(message).await?;
+        }
+        sink.flush().await
+    };
+    matches!(tokio::time::timeout(limit, writing).await, Ok(Ok(())))
+}
+
+/// The frame a client gets for a message from its inbox.
+fn render(envelope: &Envelope) -> String {
+    let text = match envelope.kind {
+        PayloadKind::Text => String::from_utf8_lossy(&envelope.payload).into_owned(),
+        PayloadKind::Binary => String::new(),
+    };
+    // Clients of this protocol send JSON `data`; anything else sent through the API arrives
+    // as a JSON string.
+    let data = RawValue::from_string(text.clone())
+        .or_else(|_| RawValue::from_string(serde_json::Value::String(text).to_string()));
+    let Ok(data) = data else {
+        return ServerMessage::Error {
+            id: None,
+            code: "internal",
+            message: "a message could not be encoded",
+        }
+        .to_json();
+    };
+    let from = envelope.sender.as_ref().map(ToString::to_string);
+    let from = from.as_deref();
+    match &envelope.target {
+        Target::Connection(_) | Target::Node(_) => ServerMessage::Message { from, data: &data },
+        Target::Broadcast => ServerMessage::Broadcast { from, data: &data },
+        Target::Group(group) => ServerMessage::Group {
+            group: group.as_str(),
+            from,
+            data: &data,
+        },
+    }
+    .to_json()
+}
+
+fn error_reply(id: Option<&RawValue>, code: &str, message: &str) -> String {
+    ServerMessage::Error { id, code, message }.to_json()
+}
+
+fn send_error_reply(id: Option<&RawValue>, error: &SendError) -> String {
+    let message = crate::error::error_chain(error);
+    error_reply(id, error.code(), &message)
+}
+
+fn ack(id: Option<&RawValue>) -> Option<String> {
+    id.map(|id| ServerMessage::Ack { id }.to_json())
+}
+
+/// Carries out one request; returns the replies to send, in order.
+async fn handle_op(handle: ClusterHandle, text: String) -> Vec<String> {
+    let op = match ClientOp::parse(&text) {
+        Ok(op) => op,
+        Err(bad) => return vec![error_reply(bad.id.as_deref(), "bad_request", &bad.message)],
+    };
+    let id: Option<Box<RawValue>> = op.id().map(ToOwned::to_owned);
+    let outcome = match op {
+        ClientOp::Send { to, data, .. } => match to.parse::<ConnectionId>() {
+            Ok(to) => Outcome::Sent(
+                handle
+                    .send(&to, PayloadKind::Text, data.get().to_owned())
+                    .await,
+            ),
+            Err(e) => Outcome::BadRequest(e.to_string()),
+        },
+        ClientOp::Broadcast { data, .. } => Outcome::Sent(
+            handle
+                .broadcast(PayloadKind::Text, data.get().to_owned())
+                .await,
+        ),
+        ClientOp::Group { group, data, .. } => match GroupName::new(&group) {
+            Ok(group) => Outcome::Sent(
+                handle
+                    .send_to_group(&group, PayloadKind::Text, data.get().to_owned())
+                    .await,
+            ),
+            Err(e) => Outcome::BadRequest(e.to_string()),
+        },
+        ClientOp::Join { group, .. } => match GroupName::new(&group) {
+            Ok(group) => {
+                let result = handle.join(&group).await;
+                Outcome::Membership {
+                    joined: true,
+                    group,
+                    result,
+                }
+            }
+            Err(e) => Outcome::BadRequest(e.to_string()),
+        },
+        ClientOp::Leave { group, .. } => match GroupName::new(&group) {
+            Ok(group) => {
+                let result = handle.leave(&group).await;
+                Outcome::Membership {
+                    joined: false,
+                    group,
+                    result,
+                }
+            }
+            Err(e) => Outcome::BadRequest(e.to_string()),
+        },
+    };
+    outcome.replies(id.as_deref())
+}
+
+/// What came of one request.
+enum Outcome {
+    Sent(Result<(), SendError>),
+    Membership {
+        joined: bool,
+        group: GroupName,
+        result: Result<(), SendError>,
+    },
+    BadRequest(String),
+}
+
+impl Outcome {
+    fn replies(self, id: Option<&RawValue>) -> Vec<String> {
+        match self {
+            Self::BadRequest(message) => vec![error_reply(id, "bad_request", &message)],
+            Self::Sent(Err(error))
+            | Self::Membership {
+                result: Err(error), ..
+            } => {
+                vec![send_error_reply(id, &error)]
+            }
+            Self::Sent(Ok(())) => ack(id).into_iter().collect(),
+            Self::Membership {
+                joined,
+                group,
+                result: Ok(()),
+            } => {
+                let group = group.as_str();
+                let done = if joined {
+                    ServerMessage::Joined { group }
+                } else {
+                    ServerMessage::Left { group }
+                };
+                std::iter::once(done.to_json()).chain(ack(id)).collect()
+            }
+        }
+    }
+}

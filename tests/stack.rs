@@ -1,0 +1,426 @@
+//! The cluster layer stacked by hand, as a user would: under tower's timeout on an axum
+//! router, and on a plain hyper server with tokio-tungstenite, without axum. The backends are
+//! embedded, so no server is needed; the sockets are real (loopback).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::get;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::header::{CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use http::{Method, Request};
+use http_body_util::Full;
+use hybrid_cluster::server::{self, ServerConfig};
+use hybrid_cluster::{
+    Backends, Cluster, ClusterConfig, ClusterConnection, ConnectionId, ConnectionSlot, GroupName,
+    InboxItem, NodeId, SendError,
+};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tower::timeout::TimeoutLayer;
+use tower::timeout::error::Elapsed;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
+}
+
+/// A node on `backends`, and the listener its server is to use.
+async fn start(backends: &Backends, name: &str) -> (Cluster, TcpListener) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = ClusterConfig::new(NodeId::new(name).unwrap(), "127.0.0.1", port);
+    let cluster = Cluster::start(config, backends.clone()).await.unwrap();
+    (cluster, listener)
+}
+
+fn ws_url(listener: &TcpListener) -> String {
+    format!("ws://{}/ws", listener.local_addr().unwrap())
+}
+
+type ClientSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn next_text(socket: &mut ClientSocket) -> String {
+    loop {
+        match within("a frame arrives", socket.next()).await {
+            Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET: the status and the body.
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    within("the HTTP response", stream.read_to_end(&mut response))
+        .await
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// axum, with tower's timeout
+
+async fn ws_handler(upgrade: WebSocketUpgrade, connection: ClusterConnection) -> Response {
+    upgrade.on_upgrade(move |socket| {
+        server::serve_connection(socket, connection, ServerConfig::default())
+    })
+}
+
+async fn timed_out(error: BoxError) -> StatusCode {
+    if error.is::<Elapsed>() {
+        StatusCode::REQUEST_TIMEOUT
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    }
+}
+
+#[tokio::test]
+async fn the_layer_stacks_with_tower_timeout_on_an_axum_router() {
+    let (cluster, listener) = start(&Backends::embedded(), "axum-node").await;
+    let port = listener.local_addr().unwrap().port();
+    let url = ws_url(&listener);
+    let app = Router::new()
+        .route("/ws", get(ws_handler))
+        .route("/never", get(std::future::pending::<&'static str>))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(timed_out))
+                .layer(TimeoutLayer::new(Duration::from_millis(200)))
+                .layer(cluster.layer()),
+        );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    // One WebSocket round trip through the whole stack.
+    let (mut socket, _) = within("the upgrade", connect_async(&url)).await.unwrap();
+    let welcome: Value = serde_json::from_str(&next_text(&mut socket).await).unwrap();
+    assert_eq!(welcome["node_id"], "axum-node");
+    let id = welcome["connection_id"].as_str().unwrap().to_owned();
+    assert_eq!(cluster.local_connections(), 1);
+    let op = json!({"op": "send", "to": id, "data": "round trip", "id": 1});
+    socket.send(Message::text(op.to_string())).await.unwrap();
+    let mut frames: Vec<Value> = Vec::new();
+    for _ in 0..2 {
+        frames.push(serde_json::from_str(&next_text(&mut socket).await).unwrap());
+    }
+    frames.sort_by_key(|f| f["type"].as_str().unwrap().to_owned());
+    assert_eq!(
+        frames,
+        vec![
+            json!({"type": "ack", "id": 1}),
+            json!({"type": "message", "from": id, "data": "round trip"}),
+        ]
+    );
+
+    // The timeout still applies to ordinary requests, which the cluster layer passes on.
+    assert_eq!(http_get(port, "/never").await.0, 408);
+
+    // Shutting down closes the socket with 1012; with no other node, the reason is `{}`.
+    let (shutdown, close) = tokio::join!(cluster.shutdown(), async {
+        loop {
+            match within("the close frame", socket.next()).await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    });
+    shutdown.unwrap();
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1012);
+    assert_eq!(close.reason.as_str(), "{}");
+    server.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// hyper and tokio-tungstenite, no axum
+
+fn response(status: u16) -> http::Response<Full<Bytes>> {
+    http::Response::builder()
+        .status(status)
+        .body(Full::default())
+        .unwrap()
+}
+
+/// Answers a WebSocket upgrade the cluster layer admitted: the 101 here, then the socket in a
+/// task of its own.
+async fn upgrade(
+    mut request: Request<Incoming>,
+) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    let Some(connection) = ClusterConnection::take(request.extensions_mut()) else {
+        return Ok(response(500));
+    };
+    let Some(key) = request.headers().get(SEC_WEBSOCKET_KEY) else {
+        return Ok(response(400));
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(&mut request).await else {
+            return;
+        };
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        pump(socket, connection).await;
+    });
+    Ok(http::Response::builder()
+        .status(101)
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "Upgrade")
+        .header(SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Full::default())
+        .unwrap())
+}
+
+/// Says the connection's id, then writes its inbox to the socket until either side closes.
+async fn pump<S>(mut socket: WebSocketStream<S>, connection: ClusterConnection)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (_handle, mut inbox) = connection.into_parts();
+    let id = inbox.connection_id().to_string();
+    if socket.send(Message::text(id)).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            item = inbox.next() => match item {
+                Some(InboxItem::Message(envelope)) => {
+                    let text = envelope.payload_text().unwrap_or_default().to_owned();
+                    if socket.send(Message::text(text)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(InboxItem::Close(frame)) => {
+                    let frame = CloseFrame {
+                        code: frame.code.into(),
+                        reason: frame.reason.into(),
+                    };
+                    let _ = socket.close(Some(frame)).await;
+                    return;
+                }
+                None => return,
+            },
+            frame = socket.next() => match frame {
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+/// Serves `service` with hyper on `listener`, upgrades allowed.
+async fn serve_hyper<S>(listener: TcpListener, service: S)
+where
+    S: Service<Request<Incoming>, Response = http::Response<Full<Bytes>>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let service = TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_plain_hyper_server_takes_the_connection_and_a_message_crosses_nodes() {
+    let backends = Backends::embedded();
+    let (a, a_listener) = start(&backends, "hyper-a").await;
+    let (b, b_listener) = start(&backends, "hyper-b").await;
+    for node in [&a, &b] {
+        within(
+            "both nodes see each other",
+            node.discovery().view().wait_until(|nodes| nodes.len() == 2),
+        )
+        .await;
+    }
+    let b_url = ws_url(&b_listener);
+    let a_url = ws_url(&a_listener);
+    let mut servers = Vec::new();
+    for (node, listener) in [(&a, a_listener), (&b, b_listener)] {
+        let service = ServiceBuilder::new()
+            .layer(node.layer())
+            .service(service_fn(upgrade));
+        servers.push(tokio::spawn(serve_hyper(listener, service)));
+    }
+
+    let (mut socket, response) = within("the upgrade", connect_async(&b_url)).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let id: ConnectionId = next_text(&mut socket).await.parse().unwrap();
+    assert_eq!(id.node().as_str(), "hyper-b");
+    assert_eq!(b.local_connections(), 1);
+
+    // From node A's handle to the client on node B, through the shared broker.
+    a.handle().send_text(&id, "from A").await.unwrap();
+    assert_eq!(next_text(&mut socket).await, "from A");
+    b.handle().send_text(&id, "from B").await.unwrap();
+    assert_eq!(next_text(&mut socket).await, "from B");
+    a.handle().broadcast_text("to all").await.unwrap();
+    assert_eq!(next_text(&mut socket).await, "to all");
+
+    // B leaves: its client is closed with 1012 and told to go to A.
+    let (shutdown, close) = tokio::join!(b.shutdown(), async {
+        match within("the close frame", socket.next()).await {
+            Some(Ok(Message::Close(frame))) => frame,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    });
+    shutdown.unwrap();
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1012);
+    let reason: Value = serde_json::from_str(close.reason.as_str()).unwrap();
+    assert_eq!(reason, json!({"node": "hyper-a", "reconnect": a_url}));
+    assert_eq!(b.local_connections(), 0);
+
+    // The client goes there.
+    let (mut socket, _) = within("the upgrade", connect_async(&a_url)).await.unwrap();
+    let id: ConnectionId = next_text(&mut socket).await.parse().unwrap();
+    assert_eq!(id.node().as_str(), "hyper-a");
+    a.handle().send_text(&id, "welcome back").await.unwrap();
+    assert_eq!(next_text(&mut socket).await, "welcome back");
+
+    socket.close(None).await.unwrap();
+    a.shutdown().await.unwrap();
+    for server in servers {
+        server.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests that are not upgrades
+
+#[tokio::test]
+async fn requests_that_are_not_upgrades_pass_through_untouched() {
+    let (cluster, _listener) = start(&Backends::embedded(), "passthrough").await;
+    // The inner service tells what it was given: the request's method, path, headers and
+    // body, and whether it carried a cluster connection.
+    let inner = service_fn(|request: Request<String>| async move {
+        let slot = request.extensions().get::<ConnectionSlot>().is_some();
+        let mut response = http::Response::builder()
+            .status(StatusCode::IM_A_TEAPOT)
+            .header("x-method", request.method().as_str())
+            .header("x-uri", request.uri().to_string())
+            .header("x-slot", slot.to_string());
+        for (name, value) in request.headers() {
+            response = response.header(format!("x-echo-{name}"), value);
+        }
+        Ok::<_, Infallible>(response.body(request.into_body()).unwrap())
+    });
+    let mut service = ServiceBuilder::new().layer(cluster.layer()).service(inner);
+
+    let requests = [
+        // A plain GET of the WebSocket path.
+        Request::get("/ws?x=1").body("plain".to_owned()).unwrap(),
+        // Upgrade headers, but not a GET.
+        Request::builder()
+            .method(Method::POST)
+            .uri("/ws")
+            .header(UPGRADE, "websocket")
+            .header(CONNECTION, "Upgrade")
+            .body("post".to_owned())
+            .unwrap(),
+        // An upgrade to another protocol.
+        Request::get("/ws")
+            .header(UPGRADE, "h2c")
+            .header(CONNECTION, "Upgrade")
+            .body("h2c".to_owned())
+            .unwrap(),
+        // `Upgrade: websocket` without `Connection: upgrade`.
+        Request::get("/ws")
+            .header(UPGRADE, "websocket")
+            .header(CONNECTION, "keep-alive")
+            .body("keep-alive".to_owned())
+            .unwrap(),
+    ];
+    for request in requests {
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        let headers = request.headers().clone();
+        let body = request.body().clone();
+        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::IM_A_TEAPOT, "{uri}");
+        assert_eq!(response.headers()["x-method"], method.as_str());
+        assert_eq!(response.headers()["x-uri"], uri.to_string().as_str());
+        assert_eq!(response.headers()["x-slot"], "false", "{method} {uri}");
+        for (name, value) in &headers {
+            assert_eq!(&response.headers()[format!("x-echo-{name}")], value);
+        }
+        assert_eq!(
+            response.headers().len(),
+            3 + headers.len(),
+            "no header added"
+        );
+        assert_eq!(response.body(), &body);
+        assert_eq!(cluster.local_connections(), 0);
+    }
+
+    // A real upgrade request through the same stack is admitted; the inner service does not
+    // take the connection, so it goes with the request.
+    let upgrade = Request::get("/ws")
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "Upgrade")
+        .body(String::new())
+        .unwrap();
+    let response = service.ready().await.unwrap().call(upgrade).await.unwrap();
+    assert_eq!(response.headers()["x-slot"], "true");
+    assert_eq!(cluster.local_connections(), 0);
+
+    cluster.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node's own handle
+
+/// A node's own handle sends as no connection, so it cannot join a group; it says so.
+#[tokio::test]
+async fn a_node_handle_cannot_join_a_group_and_says_why() {
+    let (cluster, _listener) = start(&Backends::embedded(), "node-handle").await;
+    let group = GroupName::new("g").unwrap();
+    let join = cluster.handle().join(&group).await;
+    let leave = cluster.handle().leave(&group).await;
+    assert!(!cluster.is_draining());
+    cluster.shutdown().await.unwrap();
+    for error in [join.unwrap_err(), leave.unwrap_err()] {
+        assert!(
+            matches!(error, SendError::NoConnection),
+            "a running node's handle was refused with: {error}"
+        );
+    }
+}
