@@ -6,8 +6,8 @@ use std::sync::{Arc, Weak};
 
 use hybrid_cluster_balance::{Placement, Placer, Selector};
 use hybrid_cluster_core::{
-    Broker, ConnectionIds, ConsumeOptions, Envelope, Incarnation, LiveNodeInfo, NodeId, NodeInfo,
-    NodeStatus, Registry, Target,
+    Broker, ConnectionId, ConnectionIds, ConsumeOptions, Envelope, Incarnation, LiveNodeInfo,
+    NodeId, NodeInfo, NodeStatus, PayloadKind, Registry, Target,
 };
 use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
 use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker, RabbitConfig, Receiver};
@@ -18,8 +18,24 @@ use crate::config::{Backends, ClusterConfig};
 use crate::error::ClusterError;
 use crate::handle::{ClusterConnection, ClusterHandle};
 use crate::hybrid::HybridClusterLayer;
-use crate::local::{CloseFrame, LocalConnections};
+use crate::local::{CloseFrame, InboxItem, LocalConnections, Undeliverable};
 use crate::shutdown::close_reason;
+
+/// The extension header of an undeliverable notice: the id of the message not delivered.
+const HEADER_UNDELIVERABLE: &str = "undeliverable";
+/// The extension header of an undeliverable notice: the connection that was gone.
+const HEADER_UNDELIVERABLE_TO: &str = "undeliverable-to";
+
+/// Reads an undeliverable notice, if `envelope` is one.
+fn undeliverable_notice(envelope: &Envelope) -> Option<Undeliverable> {
+    let message_id = envelope.headers.get(HEADER_UNDELIVERABLE)?.parse().ok()?;
+    let to = envelope
+        .headers
+        .get(HEADER_UNDELIVERABLE_TO)?
+        .parse()
+        .ok()?;
+    Some(Undeliverable { message_id, to })
+}
 
 /// The WebSocket close code sent to clients when their node shuts down: 1012, service restart.
 pub const CLOSE_SERVICE_RESTART: u16 = 1012;
@@ -89,14 +105,23 @@ impl Node {
     }
 
     /// Hands an envelope that came through the broker to the local connections it is for.
-    fn deliver_incoming(&self, envelope: Envelope) {
+    fn deliver_incoming(self: &Arc<Self>, envelope: Envelope) {
         let envelope = Arc::new(envelope);
         match &envelope.target {
             Target::Connection(id) => {
-                if id.node() != &self.id || id.incarnation() != self.incarnation {
-                    tracing::debug!(connection = %id, "dropping a message for a previous run of this node");
-                } else if self.local.deliver_to(id, Arc::clone(&envelope)).is_err() {
-                    tracing::debug!(connection = %id, "dropping a message for a connection that closed");
+                if let Some(notice) = undeliverable_notice(&envelope) {
+                    // Best effort: the sender may have closed meanwhile too.
+                    let _ = self.local.deliver_to(id, InboxItem::Undeliverable(notice));
+                    return;
+                }
+                let delivered = id.node() == &self.id
+                    && id.incarnation() == self.incarnation
+                    && self
+                        .local
+                        .deliver_to(id, InboxItem::Message(Arc::clone(&envelope)))
+                        .is_ok();
+                if !delivered {
+                    self.report_undeliverable(&envelope, id);
                 }
             }
             // This node delivered its own broadcasts and group messages locally already.
@@ -111,6 +136,36 @@ impl Node {
                 tracing::debug!(from = %envelope.origin, "ignoring a node message: none is defined yet");
             }
         }
+    }
+
+    /// Tells the sender of a message for a connection that is gone: no message is lost
+    /// without its sender learning of it.
+    fn report_undeliverable(self: &Arc<Self>, envelope: &Envelope, to: &ConnectionId) {
+        let Some(sender) = envelope.sender.clone() else {
+            tracing::debug!(connection = %to, message = %envelope.id, "a message from a node handle found its connection gone");
+            return;
+        };
+        tracing::debug!(connection = %to, message = %envelope.id, %sender, "telling the sender its message found the connection gone");
+        let mut notice = Envelope::new(
+            self.id.clone(),
+            Target::Connection(sender),
+            PayloadKind::Binary,
+            bytes::Bytes::new(),
+        );
+        notice
+            .headers
+            .insert(HEADER_UNDELIVERABLE.to_owned(), envelope.id.to_string());
+        notice
+            .headers
+            .insert(HEADER_UNDELIVERABLE_TO.to_owned(), to.to_string());
+        // Boxed as `Send` here, where the lifetimes are concrete.
+        let send: futures_util::future::BoxFuture<'static, _> =
+            Box::pin(tower::ServiceExt::oneshot(self.forward.clone(), notice));
+        tokio::spawn(async move {
+            if let Err(error) = send.await {
+                tracing::debug!(%error, "could not send an undeliverable notice");
+            }
+        });
     }
 
     /// Marks this node Draining, here at once and for its peers.
@@ -321,7 +376,7 @@ impl Cluster {
 
     /// Leaves the cluster gracefully: drains, closes every local connection with close code
     /// 1012 and a reason naming a node to reconnect to (JSON, see
-    /// [`close_reason`](crate::shutdown::close_reason)), waits for them to go (at most
+    /// [`close_reason`]), waits for them to go (at most
     /// [`ClusterConfig::shutdown_grace`]), then leaves discovery and removes the node's queue.
     /// Calling it again after it succeeded does nothing; after it failed, it tries again.
     pub async fn shutdown(&self) -> Result<(), ClusterError> {

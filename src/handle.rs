@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use hybrid_cluster_core::{
-    ConnectionId, Envelope, GroupName, NodeId, NodeInfo, PayloadKind, Target,
+    ConnectionId, Envelope, GroupName, MessageId, NodeId, NodeInfo, PayloadKind, Target,
 };
 use hybrid_cluster_routing::ForwardError;
 use parking_lot::Mutex;
@@ -14,7 +14,7 @@ use tower::ServiceExt;
 
 use crate::cluster::Node;
 use crate::error::SendError;
-use crate::local::Inbox;
+use crate::local::{Inbox, InboxItem};
 
 /// Sends messages into the cluster: to one connection anywhere, to every connection, to a
 /// group's members; joins and leaves groups. Cheap to clone.
@@ -82,7 +82,11 @@ impl ClusterHandle {
         Box::pin(self.node.forward.clone().oneshot(envelope))
     }
 
-    /// Sends `payload` to the connection `to`, wherever it is.
+    /// Sends `payload` to the connection `to`, wherever it is, and returns the message's id.
+    ///
+    /// On another node, a connection that closed before the message arrived cannot be known
+    /// here in advance: that node answers with a notice, which reaches this handle's
+    /// connection as [`InboxItem::Undeliverable`] naming the message id.
     ///
     /// Fails with [`SendError::NotFound`] when the connection does not exist (on this node,
     /// checked at once; on another node, when the id belongs to a previous run of it), and
@@ -92,8 +96,9 @@ impl ClusterHandle {
         to: &ConnectionId,
         kind: PayloadKind,
         payload: impl Into<Bytes>,
-    ) -> Result<(), SendError> {
+    ) -> Result<MessageId, SendError> {
         let envelope = self.envelope(Target::Connection(to.clone()), kind, payload.into());
+        let id = envelope.id;
         let not_found = || SendError::NotFound {
             connection: to.clone(),
         };
@@ -104,7 +109,8 @@ impl ClusterHandle {
             return self
                 .node
                 .local
-                .deliver_to(to, Arc::new(envelope))
+                .deliver_to(to, InboxItem::Message(Arc::new(envelope)))
+                .map(|()| id)
                 .map_err(|_| not_found());
         }
         match self.node.discovery.view().node(to.node()) {
@@ -117,15 +123,18 @@ impl ClusterHandle {
             Some(info) if info.incarnation != to.incarnation() => return Err(not_found()),
             Some(_) => {}
         }
-        self.forward(envelope).await.map_err(|error| match error {
-            ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => {
-                SendError::Invalid(error)
-            }
-            _ => SendError::Unreachable {
-                node: to.node().clone(),
-                source: Some(error),
-            },
-        })
+        self.forward(envelope)
+            .await
+            .map(|()| id)
+            .map_err(|error| match error {
+                ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => {
+                    SendError::Invalid(error)
+                }
+                _ => SendError::Unreachable {
+                    node: to.node().clone(),
+                    source: Some(error),
+                },
+            })
     }
 
     /// Sends a text message to the connection `to` (see [`ClusterHandle::send`]).
@@ -133,7 +142,7 @@ impl ClusterHandle {
         &self,
         to: &ConnectionId,
         text: impl Into<String>,
-    ) -> Result<(), SendError> {
+    ) -> Result<MessageId, SendError> {
         self.send(to, PayloadKind::Text, text.into()).await
     }
 
@@ -145,19 +154,23 @@ impl ClusterHandle {
         &self,
         kind: PayloadKind,
         payload: impl Into<Bytes>,
-    ) -> Result<(), SendError> {
+    ) -> Result<MessageId, SendError> {
         let envelope = self.envelope(Target::Broadcast, kind, payload.into());
+        let id = envelope.id;
         self.node.local.deliver_all(&Arc::new(envelope.clone()));
-        self.forward(envelope).await.map_err(|error| match error {
-            ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => {
-                SendError::Invalid(error)
-            }
-            _ => SendError::Broadcast(error),
-        })
+        self.forward(envelope)
+            .await
+            .map(|()| id)
+            .map_err(|error| match error {
+                ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => {
+                    SendError::Invalid(error)
+                }
+                _ => SendError::Broadcast(error),
+            })
     }
 
     /// Broadcasts a text message (see [`ClusterHandle::broadcast`]).
-    pub async fn broadcast_text(&self, text: impl Into<String>) -> Result<(), SendError> {
+    pub async fn broadcast_text(&self, text: impl Into<String>) -> Result<MessageId, SendError> {
         self.broadcast(PayloadKind::Text, text.into()).await
     }
 
@@ -168,13 +181,14 @@ impl ClusterHandle {
         group: &GroupName,
         kind: PayloadKind,
         payload: impl Into<Bytes>,
-    ) -> Result<(), SendError> {
+    ) -> Result<MessageId, SendError> {
         let envelope = self.envelope(Target::Group(group.clone()), kind, payload.into());
+        let id = envelope.id;
         self.node
             .local
             .deliver_group(group, &Arc::new(envelope.clone()));
         match self.forward(envelope).await {
-            Ok(()) | Err(ForwardError::Unroutable { .. }) => Ok(()),
+            Ok(()) | Err(ForwardError::Unroutable { .. }) => Ok(id),
             Err(error @ (ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. })) => {
                 Err(SendError::Invalid(error))
             }
@@ -187,7 +201,7 @@ impl ClusterHandle {
         &self,
         group: &GroupName,
         text: impl Into<String>,
-    ) -> Result<(), SendError> {
+    ) -> Result<MessageId, SendError> {
         self.send_to_group(group, PayloadKind::Text, text.into())
             .await
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use futures_core::Stream;
-use hybrid_cluster_core::{ConnectionId, Envelope, GroupName};
+use hybrid_cluster_core::{ConnectionId, Envelope, GroupName, MessageId};
 use hybrid_cluster_discovery::ConnectionCounter;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -17,12 +17,25 @@ use crate::config::SlowClientPolicy;
 
 /// What a connection's socket task gets from its [`Inbox`].
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum InboxItem {
     /// A message for this connection (sent to it, broadcast, or sent to one of its groups).
     Message(Arc<Envelope>),
+    /// A message this connection sent to a connection on another node was not delivered: the
+    /// target closed before it arrived (or belonged to an earlier run of its node).
+    Undeliverable(Undeliverable),
     /// Close the WebSocket with this frame, then stop: the client was too slow for its
     /// policy, or the node is shutting down.
     Close(CloseFrame),
+}
+
+/// The notice of a message that reached its node but not its connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undeliverable {
+    /// The id the send returned.
+    pub message_id: MessageId,
+    /// The connection it was for.
+    pub to: ConnectionId,
 }
 
 /// A WebSocket close frame to send.
@@ -43,7 +56,7 @@ pub(crate) enum Refused {
 }
 
 struct InboxState {
-    queue: VecDeque<Arc<Envelope>>,
+    queue: VecDeque<InboxItem>,
     close: Option<CloseFrame>,
     /// The close frame was handed out: the stream has ended.
     finished: bool,
@@ -62,7 +75,7 @@ pub(crate) struct InboxSlot {
 
 impl InboxSlot {
     /// Queues a message by the slow-client policy.
-    fn push(&self, envelope: Arc<Envelope>) {
+    fn push(&self, item: InboxItem) {
         let waker = {
             let mut state = self.state.lock();
             if state.close.is_some() || state.finished {
@@ -101,7 +114,7 @@ impl InboxSlot {
                     }
                 }
             }
-            state.queue.push_back(envelope);
+            state.queue.push_back(item);
             state.waker.take()
         };
         wake(waker);
@@ -169,8 +182,8 @@ impl Stream for Inbox {
         if state.finished {
             return Poll::Ready(None);
         }
-        if let Some(envelope) = state.queue.pop_front() {
-            return Poll::Ready(Some(InboxItem::Message(envelope)));
+        if let Some(item) = state.queue.pop_front() {
+            return Poll::Ready(Some(item));
         }
         if let Some(frame) = state.close.take() {
             state.finished = true;
@@ -319,12 +332,8 @@ impl LocalConnections {
         self.table.read().entries.contains_key(id)
     }
 
-    /// Puts a message in one connection's inbox.
-    pub(crate) fn deliver_to(
-        &self,
-        id: &ConnectionId,
-        envelope: Arc<Envelope>,
-    ) -> Result<(), Refused> {
+    /// Puts a message or a notice in one connection's inbox.
+    pub(crate) fn deliver_to(&self, id: &ConnectionId, item: InboxItem) -> Result<(), Refused> {
         let slot = self
             .table
             .read()
@@ -332,7 +341,7 @@ impl LocalConnections {
             .get(id)
             .map(|entry| Arc::clone(&entry.slot))
             .ok_or(Refused::NotFound)?;
-        slot.push(envelope);
+        slot.push(item);
         Ok(())
     }
 
@@ -346,7 +355,7 @@ impl LocalConnections {
             .map(|entry| Arc::clone(&entry.slot))
             .collect();
         for slot in &slots {
-            slot.push(Arc::clone(envelope));
+            slot.push(InboxItem::Message(Arc::clone(envelope)));
         }
         slots.len()
     }
@@ -365,7 +374,7 @@ impl LocalConnections {
                 .collect()
         };
         for slot in &slots {
-            slot.push(Arc::clone(envelope));
+            slot.push(InboxItem::Message(Arc::clone(envelope)));
         }
         slots.len()
     }
@@ -465,6 +474,7 @@ mod tests {
         match inbox.next().now_or_never()?? {
             InboxItem::Message(envelope) => envelope.payload_text().map(str::to_owned),
             InboxItem::Close(frame) => Some(format!("close {}", frame.code)),
+            InboxItem::Undeliverable(notice) => Some(format!("undeliverable {}", notice.to)),
         }
     }
 
@@ -487,7 +497,7 @@ mod tests {
         assert_eq!(table.members(&group), 0);
         assert_eq!(std::mem::take(&mut *table.departed.lock()), vec![group]);
         assert_eq!(
-            table.deliver_to(&id(1), message("x")),
+            table.deliver_to(&id(1), InboxItem::Message(message("x"))),
             Err(Refused::NotFound)
         );
     }
@@ -501,7 +511,9 @@ mod tests {
         ));
         let mut inbox = table.register(id(1));
         for text in ["1", "2", "3", "4"] {
-            table.deliver_to(&id(1), message(text)).unwrap();
+            table
+                .deliver_to(&id(1), InboxItem::Message(message(text)))
+                .unwrap();
         }
         assert_eq!(next_text(&mut inbox).as_deref(), Some("3"));
         assert_eq!(next_text(&mut inbox).as_deref(), Some("4"));
@@ -519,7 +531,9 @@ mod tests {
         ));
         let mut inbox = table.register(id(1));
         for text in ["1", "2", "3", "4"] {
-            table.deliver_to(&id(1), message(text)).unwrap();
+            table
+                .deliver_to(&id(1), InboxItem::Message(message(text)))
+                .unwrap();
         }
         assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1013"));
         assert!(

@@ -11,7 +11,9 @@
 //! On open the server sends `{"type":"welcome","connection_id":ID,"node_id":NODE}`. Any op may
 //! carry an `"id"` (any JSON value); the server then answers `{"type":"ack","id":…}` once the
 //! message is confirmed by the broker (or delivered locally), or
-//! `{"type":"error","id":…,"code":…,"message":…}`. Error codes: `bad_request` (malformed JSON,
+//! `{"type":"error","id":…,"code":…,"message":…}`; a send to a connection that closed on
+//! another node is acked when the broker took it, then answered by that node with
+//! `{"type":"error","id":…,"code":"not_found",…}`. Error codes: `bad_request` (malformed JSON,
 //! an unknown op, a missing or invalid field: the connection stays open), `not_found` (no such
 //! connection), `unreachable` (its node is gone or the broker refused), `internal`. A client
 //! that sends faster than the broker confirms is slowed down: the server stops reading it.

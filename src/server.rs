@@ -22,6 +22,8 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -37,7 +39,9 @@ use axum::routing::get;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, SplitSink};
 use futures_util::{SinkExt, StreamExt};
-use hybrid_cluster_core::{ConnectionId, Envelope, GroupName, NodeInfo, PayloadKind, Target};
+use hybrid_cluster_core::{
+    ConnectionId, Envelope, GroupName, MessageId, NodeInfo, PayloadKind, Target,
+};
 use serde_json::value::RawValue;
 
 use crate::cluster::Cluster;
@@ -174,6 +178,7 @@ pub async fn serve_connection(
     {
         return;
     }
+    let sent = Arc::new(SentIds::default());
     let mut pending = FuturesOrdered::new();
     loop {
         let reading = pending.len() < config.max_pending_per_connection;
@@ -181,6 +186,14 @@ pub async fn serve_connection(
         let outgoing: Vec<Message> = tokio::select! {
             item = inbox.next() => match item {
                 Some(InboxItem::Message(envelope)) => vec![Message::Text(render(&envelope).into())],
+                Some(InboxItem::Undeliverable(notice)) => {
+                    let id = sent.client_id(notice.message_id);
+                    let message = format!(
+                        "message {} was not delivered: connection {} is gone",
+                        notice.message_id, notice.to
+                    );
+                    vec![Message::Text(error_reply(id.as_deref(), "not_found", &message).into())]
+                }
                 Some(InboxItem::Close(frame)) => {
                     closing = true;
                     let close = WsCloseFrame { code: frame.code, reason: Utf8Bytes::from(frame.reason) };
@@ -196,7 +209,7 @@ pub async fn serve_connection(
                 Some(Ok(Message::Text(text))) => {
                     // Boxed as `Send` here, where the lifetimes are concrete.
                     let reply: BoxFuture<'static, Vec<String>> =
-                        Box::pin(handle_op(handle.clone(), text.to_string()));
+                        Box::pin(handle_op(handle.clone(), Arc::clone(&sent), text.to_string()));
                     pending.push_back(reply);
                     Vec::new()
                 }
@@ -238,6 +251,31 @@ async fn write(
         sink.flush().await
     };
     matches!(tokio::time::timeout(limit, writing).await, Ok(Ok(())))
+}
+
+/// The correlation ids of a connection's latest sends, by message id, so that a notice of a
+/// message not delivered can name the request it answers. Bounded: the oldest are forgotten.
+#[derive(Default)]
+struct SentIds(parking_lot::Mutex<VecDeque<(MessageId, Box<RawValue>)>>);
+
+impl SentIds {
+    const CAPACITY: usize = 1024;
+
+    fn remember(&self, message_id: MessageId, id: Box<RawValue>) {
+        let mut sent = self.0.lock();
+        if sent.len() == Self::CAPACITY {
+            sent.pop_front();
+        }
+        sent.push_back((message_id, id));
+    }
+
+    fn client_id(&self, message_id: MessageId) -> Option<Box<RawValue>> {
+        let sent = self.0.lock();
+        sent.iter()
+            .rev()
+            .find(|(sent_id, _)| *sent_id == message_id)
+            .map(|(_, id)| id.clone())
+    }
 }
 
 /// The frame a client gets for a message from its inbox.
@@ -286,7 +324,7 @@ fn ack(id: Option<&RawValue>) -> Option<String> {
 }
 
 /// Carries out one request; returns the replies to send, in order.
-async fn handle_op(handle: ClusterHandle, text: String) -> Vec<String> {
+async fn handle_op(handle: ClusterHandle, sent: Arc<SentIds>, text: String) -> Vec<String> {
     let op = match ClientOp::parse(&text) {
         Ok(op) => op,
         Err(bad) => return vec![error_reply(bad.id.as_deref(), "bad_request", &bad.message)],
@@ -294,23 +332,30 @@ async fn handle_op(handle: ClusterHandle, text: String) -> Vec<String> {
     let id: Option<Box<RawValue>> = op.id().map(ToOwned::to_owned);
     let outcome = match op {
         ClientOp::Send { to, data, .. } => match to.parse::<ConnectionId>() {
-            Ok(to) => Outcome::Sent(
-                handle
+            Ok(to) => {
+                let result = handle
                     .send(&to, PayloadKind::Text, data.get().to_owned())
-                    .await,
-            ),
+                    .await;
+                if let (Ok(message_id), Some(id)) = (&result, &id) {
+                    // A notice may come back for it: remember whose request it was.
+                    sent.remember(*message_id, id.clone());
+                }
+                Outcome::Sent(result.map(|_| ()))
+            }
             Err(e) => Outcome::BadRequest(e.to_string()),
         },
         ClientOp::Broadcast { data, .. } => Outcome::Sent(
             handle
                 .broadcast(PayloadKind::Text, data.get().to_owned())
-                .await,
+                .await
+                .map(|_| ()),
         ),
         ClientOp::Group { group, data, .. } => match GroupName::new(&group) {
             Ok(group) => Outcome::Sent(
                 handle
                     .send_to_group(&group, PayloadKind::Text, data.get().to_owned())
-                    .await,
+                    .await
+                    .map(|_| ()),
             ),
             Err(e) => Outcome::BadRequest(e.to_string()),
         },

@@ -1149,3 +1149,42 @@ async fn bad_requests_get_errors_and_the_http_routes_answer() {
     b.shutdown().await;
     tc.assert_left_nothing(&[]).await;
 }
+
+#[tokio::test]
+async fn a_send_to_a_connection_gone_on_another_node_comes_back_as_an_error() {
+    let tc = TestCluster::new("gone");
+    let a = tc.start("a", |_| {}).await;
+    let b = tc.start("b", |_| {}).await;
+    a.wait_for_members(&[&a, &b]).await;
+
+    let mut alice = Client::connect(&a).await;
+    let bob = Client::connect(&b).await;
+    let bob_id = bob.id.clone();
+    drop(bob);
+    // Node b notices the closed socket on its own; there is no event to await for it.
+    within("b lets bob go", async {
+        while b.cluster.local_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    // Node a cannot know: b is alive and bob's id is of b's current run. The broker confirms
+    // (ack), then b answers that bob is gone, and alice hears of it with her request's id.
+    alice
+        .send(json!({"op": "send", "to": bob_id, "data": "hello?", "id": 7}))
+        .await;
+    assert_eq!(alice.next_json().await, json!({"type": "ack", "id": 7}));
+    let error = alice.next_json().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "not_found", "{error}");
+    assert_eq!(error["id"], 7, "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains(&bob_id),
+        "{error}"
+    );
+
+    a.shutdown().await;
+    b.shutdown().await;
+    tc.assert_left_nothing(&[]).await;
+}

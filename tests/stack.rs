@@ -228,6 +228,8 @@ where
                     let _ = socket.close(Some(frame)).await;
                     return;
                 }
+                // Notices of undelivered sends: this test server sends nothing itself.
+                Some(_) => {}
                 None => return,
             },
             frame = socket.next() => match frame {
