@@ -13,8 +13,9 @@
 //! least-connections|round-robin|least-resource-usage|random|p2c`, `--max-connections N`,
 //! `--prefix P`, `--heartbeat-ms MS`. `RUST_LOG` sets the log level (default `info`).
 //!
-//! Serves `ws://HOST:P/ws` (the protocol of `hybrid_cluster::protocol`), `GET /cluster/nodes`
-//! and `GET /healthz`. Ctrl-C (or SIGTERM) shuts the node down gracefully: clients are closed
+//! Serves `ws://HOST:P/ws` (the protocol of `hybrid_cluster::protocol`), `GET /cluster` (a
+//! status page), `GET /cluster/nodes`, `GET /healthz` and `GET /metrics` (Prometheus text
+//! form; see `hybrid_cluster::metrics` for what is there). Ctrl-C (or SIGTERM) shuts the node down gracefully: clients are closed
 //! with code 1012 and a reason naming another node to reconnect to.
 
 use std::error::Error;
@@ -25,6 +26,7 @@ use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl, Strategy,
 };
+use metrics_exporter_prometheus::PrometheusBuilder;
 use tracing_subscriber::EnvFilter;
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -146,8 +148,12 @@ async fn main() -> Result<(), BoxError> {
         }
     };
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.port)).await?;
+    let metrics = PrometheusBuilder::new().install_recorder()?;
     let cluster = Cluster::start(config, backends).await?;
-    let app = router(cluster.clone(), ServerConfig::default());
+    let app = router(cluster.clone(), ServerConfig::default()).route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(metrics.render())),
+    );
     let stopping = cluster.clone();
     // Small frames go out at once (no Nagle delay).
     let listener = listener.tap_io(|tcp| {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: starts Redis and RabbitMQ on loopback when they are not running
-# (installing them from the system's packages when they are missing), then runs every test of
-# the workspace, doc tests included.
+# (installing them from the system's packages when they are missing, as it installs Chromium
+# for the status-page test), then runs every test of the workspace, doc tests included.
 #
 #   ./scripts/test.sh            # everything
 #   ./scripts/test.sh -E 'test(lease)'   # extra arguments go to cargo-nextest (or cargo test)
@@ -70,8 +70,16 @@ ensure_rabbitmq() {
   wait_for_port 5672 120 RabbitMQ
 }
 
+ensure_chromium() {
+  # The status page is tested in a real headless browser.
+  if [[ -n ${CHROMIUM:-} ]]; then say "using Chromium at CHROMIUM=$CHROMIUM"; return; fi
+  command -v chromium >/dev/null && { say "Chromium is installed"; return; }
+  install_package chromium chromium
+}
+
 ensure_redis
 ensure_rabbitmq
+ensure_chromium
 
 if cargo nextest --version >/dev/null 2>&1; then
   say "running the test suite (cargo-nextest)"

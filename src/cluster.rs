@@ -19,7 +19,9 @@ use crate::error::ClusterError;
 use crate::handle::{ClusterConnection, ClusterHandle};
 use crate::hybrid::HybridClusterLayer;
 use crate::local::{CloseFrame, InboxItem, LocalConnections, Undeliverable};
+use crate::metrics::Metrics;
 use crate::shutdown::close_reason;
+use crate::trace::TraceContext;
 
 /// The extension header of an undeliverable notice: the id of the message not delivered.
 const HEADER_UNDELIVERABLE: &str = "undeliverable";
@@ -65,6 +67,7 @@ pub(crate) struct Node {
     draining: AtomicBool,
     stopped: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) metrics: Metrics,
 }
 
 impl Drop for Node {
@@ -90,6 +93,7 @@ impl Node {
             {
                 let id = self.ids.next_id();
                 let inbox = self.local.register(id.clone());
+                self.metrics.upgrade("accepted");
                 tracing::debug!(connection = %id, "accepted a WebSocket client");
                 Admission::Accept(ClusterConnection::new(
                     ClusterHandle::new(Arc::clone(self), Some(id)),
@@ -97,15 +101,30 @@ impl Node {
                 ))
             }
             Placement::Redirect(redirect) => {
+                self.metrics.upgrade("redirected");
                 tracing::debug!(to = %redirect.node, "redirecting a WebSocket client");
                 Admission::Redirect(redirect.ws_url())
             }
-            Placement::Accept | Placement::Refuse(_) => Admission::Unavailable,
+            Placement::Accept | Placement::Refuse(_) => {
+                self.metrics.upgrade("refused");
+                Admission::Unavailable
+            }
         }
     }
 
     /// Hands an envelope that came through the broker to the local connections it is for.
     fn deliver_incoming(self: &Arc<Self>, envelope: Envelope) {
+        let trace_id = TraceContext::of(&envelope)
+            .map(|context| context.trace_id_hex())
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "hybrid_cluster.deliver",
+            node = %self.id,
+            from = %envelope.origin,
+            message_id = %envelope.id,
+            trace_id = %trace_id,
+        );
+        let _entered = span.enter();
         let envelope = Arc::new(envelope);
         match &envelope.target {
             Target::Connection(id) => {
@@ -120,15 +139,20 @@ impl Node {
                         .local
                         .deliver_to(id, InboxItem::Message(Arc::clone(&envelope)))
                         .is_ok();
-                if !delivered {
+                if delivered {
+                    self.metrics.received("unicast");
+                } else {
+                    self.metrics.dropped("connection_gone");
                     self.report_undeliverable(&envelope, id);
                 }
             }
             // This node delivered its own broadcasts and group messages locally already.
             Target::Broadcast if envelope.origin != self.id => {
+                self.metrics.received("broadcast");
                 self.local.deliver_all(&envelope);
             }
             Target::Group(group) if envelope.origin != self.id => {
+                self.metrics.received("group");
                 self.local.deliver_group(group, &envelope);
             }
             Target::Broadcast | Target::Group(_) => {}
@@ -229,10 +253,12 @@ impl Cluster {
         let deliveries = topology.consume(&ConsumeOptions::default()).await?;
 
         let counter = ConnectionCounter::new();
+        let metrics = Metrics::new(id.as_str());
         let local = Arc::new(LocalConnections::new(
             counter.clone(),
             config.inbox_capacity,
             config.slow_client,
+            metrics.clone(),
         ));
         let mut info = NodeInfo::new(id.clone(), incarnation, config.address.clone(), config.port);
         info.endpoint = config.endpoint.clone();
@@ -271,6 +297,7 @@ impl Cluster {
             stopped: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             discovery,
+            metrics,
         });
 
         let receiving = {
@@ -318,7 +345,35 @@ impl Cluster {
                 }
             })
         };
-        node.tasks.lock().extend([receiving, placing, unbinding]);
+        let watching = {
+            let metrics = node.metrics.clone();
+            let mut members = node.discovery.view().subscribe();
+            tokio::spawn(async move {
+                let mut known: std::collections::BTreeSet<NodeId> =
+                    std::collections::BTreeSet::new();
+                loop {
+                    let now: std::collections::BTreeSet<NodeId> = members
+                        .borrow_and_update()
+                        .iter()
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for _ in now.difference(&known) {
+                        metrics.discovery_change("join");
+                    }
+                    for _ in known.difference(&now) {
+                        metrics.discovery_change("leave");
+                    }
+                    metrics.nodes(now.len());
+                    known = now;
+                    if members.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        node.tasks
+            .lock()
+            .extend([receiving, placing, unbinding, watching]);
         tracing::info!(
             node = %node.id,
             incarnation = %node.incarnation,

@@ -10,11 +10,22 @@ use hybrid_cluster_core::{
 };
 use hybrid_cluster_routing::ForwardError;
 use parking_lot::Mutex;
+use tokio::time::Instant;
 use tower::ServiceExt;
+use tracing::Instrument;
 
 use crate::cluster::Node;
 use crate::error::SendError;
 use crate::local::{Inbox, InboxItem};
+use crate::trace::TraceContext;
+
+/// Messages sent to the broker and not yet confirmed.
+fn in_flight(node: &Node) -> usize {
+    node.config
+        .forward
+        .max_in_flight
+        .saturating_sub(node.forward.available_permits())
+}
 
 /// Sends messages into the cluster: to one connection anywhere, to every connection, to a
 /// group's members; joins and leaves groups. Cheap to clone.
@@ -75,11 +86,41 @@ impl ClusterHandle {
     fn envelope(&self, target: Target, kind: PayloadKind, payload: Bytes) -> Envelope {
         let mut envelope = Envelope::new(self.node.id.clone(), target, kind, payload);
         envelope.sender = self.sender.clone();
+        TraceContext::start(envelope.id).inject(&mut envelope);
         envelope
     }
 
+    /// The span of one send, carrying the trace id the receiving node's span will carry too.
+    fn span(&self, kind: &'static str, envelope: &Envelope) -> tracing::Span {
+        let trace_id = TraceContext::of(envelope)
+            .map(|context| context.trace_id_hex())
+            .unwrap_or_default();
+        tracing::info_span!(
+            "hybrid_cluster.send",
+            node = %self.node.id,
+            kind,
+            message_id = %envelope.id,
+            trace_id = %trace_id,
+        )
+    }
+
     fn forward(&self, envelope: Envelope) -> BoxFuture<'static, Result<(), ForwardError>> {
-        Box::pin(self.node.forward.clone().oneshot(envelope))
+        let node = Arc::clone(&self.node);
+        // Boxed as `Send` first, where the lifetimes are concrete.
+        let send: BoxFuture<'static, Result<(), ForwardError>> =
+            Box::pin(self.node.forward.clone().oneshot(envelope));
+        Box::pin(async move {
+            let result = send.await;
+            node.metrics.in_flight(in_flight(&node));
+            result
+        })
+    }
+
+    /// Records a send's outcome and duration.
+    fn record<T, E>(&self, kind: &'static str, started: Instant, result: &Result<T, E>) {
+        self.node
+            .metrics
+            .sent(kind, result.is_ok(), started.elapsed().as_secs_f64());
     }
 
     /// Sends `payload` to the connection `to`, wherever it is, and returns the message's id.
@@ -97,7 +138,19 @@ impl ClusterHandle {
         kind: PayloadKind,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, SendError> {
+        let started = Instant::now();
         let envelope = self.envelope(Target::Connection(to.clone()), kind, payload.into());
+        let span = self.span("unicast", &envelope);
+        let result = self.send_inner(to, envelope).instrument(span).await;
+        self.record("unicast", started, &result);
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        to: &ConnectionId,
+        envelope: Envelope,
+    ) -> Result<MessageId, SendError> {
         let id = envelope.id;
         let not_found = || SendError::NotFound {
             connection: to.clone(),
@@ -155,10 +208,14 @@ impl ClusterHandle {
         kind: PayloadKind,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, SendError> {
+        let started = Instant::now();
         let envelope = self.envelope(Target::Broadcast, kind, payload.into());
         let id = envelope.id;
+        let span = self.span("broadcast", &envelope);
         self.node.local.deliver_all(&Arc::new(envelope.clone()));
-        self.forward(envelope)
+        let result = self
+            .forward(envelope)
+            .instrument(span)
             .await
             .map(|()| id)
             .map_err(|error| match error {
@@ -166,7 +223,9 @@ impl ClusterHandle {
                     SendError::Invalid(error)
                 }
                 _ => SendError::Broadcast(error),
-            })
+            });
+        self.record("broadcast", started, &result);
+        result
     }
 
     /// Broadcasts a text message (see [`ClusterHandle::broadcast`]).
@@ -182,18 +241,22 @@ impl ClusterHandle {
         kind: PayloadKind,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, SendError> {
+        let started = Instant::now();
         let envelope = self.envelope(Target::Group(group.clone()), kind, payload.into());
         let id = envelope.id;
+        let span = self.span("group", &envelope);
         self.node
             .local
             .deliver_group(group, &Arc::new(envelope.clone()));
-        match self.forward(envelope).await {
+        let result = match self.forward(envelope).instrument(span).await {
             Ok(()) | Err(ForwardError::Unroutable { .. }) => Ok(id),
             Err(error @ (ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. })) => {
                 Err(SendError::Invalid(error))
             }
             Err(error) => Err(SendError::Broadcast(error)),
-        }
+        };
+        self.record("group", started, &result);
+        result
     }
 
     /// Sends a text message to a group (see [`ClusterHandle::send_to_group`]).

@@ -6,10 +6,12 @@ pub mod error;
 pub mod handle;
 pub mod hybrid;
 pub mod local;
+pub mod metrics;
 pub mod protocol;
 #[cfg(feature = "axum")]
 pub mod server;
 pub mod shutdown;
+pub mod trace;
 
 pub use hybrid_cluster_balance as balance;
 pub use hybrid_cluster_core::{broker, connection, envelope, live, node, registry};

@@ -14,6 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use crate::config::SlowClientPolicy;
+use crate::metrics::Metrics;
 
 /// What a connection's socket task gets from its [`Inbox`].
 #[derive(Clone, Debug)]
@@ -71,6 +72,7 @@ pub(crate) struct InboxSlot {
     policy: SlowClientPolicy,
     id: ConnectionId,
     stats: Arc<LocalStats>,
+    metrics: Metrics,
 }
 
 impl InboxSlot {
@@ -80,6 +82,7 @@ impl InboxSlot {
             let mut state = self.state.lock();
             if state.close.is_some() || state.finished {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.dropped("connection_gone");
                 return;
             }
             if state.queue.len() >= self.capacity {
@@ -88,6 +91,8 @@ impl InboxSlot {
                         state.queue.pop_front();
                         state.dropped += 1;
                         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.dropped("slow_client");
+                        self.metrics.slow_client("drop_oldest");
                         if state.dropped == 1 {
                             tracing::warn!(
                                 connection = %self.id,
@@ -104,6 +109,8 @@ impl InboxSlot {
                         });
                         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                         self.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.dropped("slow_client");
+                        self.metrics.slow_client("close");
                         tracing::warn!(
                             connection = %self.id,
                             capacity = self.capacity,
@@ -231,6 +238,7 @@ pub(crate) struct LocalConnections {
     capacity: usize,
     policy: SlowClientPolicy,
     pub(crate) stats: Arc<LocalStats>,
+    metrics: Metrics,
     /// Woken whenever a connection goes, for shutdown to wait on.
     emptied: Notify,
     /// Groups a departed connection left, to be unbound by the node.
@@ -243,6 +251,7 @@ impl LocalConnections {
         counter: ConnectionCounter,
         capacity: usize,
         policy: SlowClientPolicy,
+        metrics: Metrics,
     ) -> Self {
         Self {
             table: RwLock::new(Table::default()),
@@ -250,6 +259,7 @@ impl LocalConnections {
             capacity: capacity.max(1),
             policy,
             stats: Arc::default(),
+            metrics,
             emptied: Notify::new(),
             departed: Mutex::new(Vec::new()),
             departures: Notify::new(),
@@ -270,15 +280,21 @@ impl LocalConnections {
             policy: self.policy,
             id: id.clone(),
             stats: Arc::clone(&self.stats),
+            metrics: self.metrics.clone(),
         });
-        self.table.write().entries.insert(
-            id.clone(),
-            Entry {
-                slot: Arc::clone(&slot),
-                groups: BTreeSet::new(),
-            },
-        );
+        let count = {
+            let mut table = self.table.write();
+            table.entries.insert(
+                id.clone(),
+                Entry {
+                    slot: Arc::clone(&slot),
+                    groups: BTreeSet::new(),
+                },
+            );
+            table.entries.len()
+        };
         self.counter.increment();
+        self.metrics.connections(count);
         Inbox {
             slot,
             _registration: Registration {
@@ -289,7 +305,7 @@ impl LocalConnections {
     }
 
     fn deregister(&self, id: &ConnectionId) {
-        let left = {
+        let (left, count) = {
             let mut table = self.table.write();
             let Some(entry) = table.entries.remove(id) else {
                 return;
@@ -302,9 +318,10 @@ impl LocalConnections {
                     }
                 }
             }
-            entry.groups
+            (entry.groups, table.entries.len())
         };
         self.counter.decrement();
+        self.metrics.connections(count);
         if !left.is_empty() {
             self.departed.lock().extend(left);
             self.departures.notify_one();
@@ -485,6 +502,7 @@ mod tests {
             counter.clone(),
             8,
             SlowClientPolicy::DropOldest,
+            Metrics::new("a"),
         ));
         let inbox = table.register(id(1));
         let _other = table.register(id(2));
@@ -508,6 +526,7 @@ mod tests {
             ConnectionCounter::new(),
             2,
             SlowClientPolicy::DropOldest,
+            Metrics::new("a"),
         ));
         let mut inbox = table.register(id(1));
         for text in ["1", "2", "3", "4"] {
@@ -528,6 +547,7 @@ mod tests {
             ConnectionCounter::new(),
             2,
             SlowClientPolicy::Close { code: 1013 },
+            Metrics::new("a"),
         ));
         let mut inbox = table.register(id(1));
         for text in ["1", "2", "3", "4"] {
@@ -549,6 +569,7 @@ mod tests {
             ConnectionCounter::new(),
             8,
             SlowClientPolicy::DropOldest,
+            Metrics::new("a"),
         ));
         let mut inbox = table.register(id(1));
         table.deliver_all(&message("last words"));
@@ -566,6 +587,7 @@ mod tests {
             ConnectionCounter::new(),
             8,
             SlowClientPolicy::DropOldest,
+            Metrics::new("a"),
         ));
         let mut a = table.register(id(1));
         let mut b = table.register(id(2));

@@ -1,5 +1,6 @@
 //! A ready-made node server on axum: `/ws` speaking the [demo protocol](crate::protocol),
-//! `GET /cluster/nodes` and `GET /healthz`. The node program, the demo and the end-to-end
+//! `GET /cluster` (a status page), `GET /cluster/nodes` (every node's info as JSON) and
+//! `GET /healthz`. The node program, the demo and the end-to-end
 //! tests run it; it is also a worked example of serving a [`ClusterConnection`].
 //!
 //! ```no_run
@@ -34,7 +35,7 @@ use axum::extract::ws::{
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, SplitSink};
@@ -94,6 +95,7 @@ pub fn router(cluster: Cluster, config: ServerConfig) -> Router {
         .route_layer(cluster.layer());
     Router::new()
         .merge(ws)
+        .route("/cluster", get(status_page))
         .route("/cluster/nodes", get(nodes))
         .route("/healthz", get(health))
         .with_state(AppState { cluster, config })
@@ -132,6 +134,14 @@ async fn upgrade(
         .write_buffer_size(config.write_buffer_size)
         .max_message_size(config.max_message_size)
         .on_upgrade(move |socket| serve_connection(socket, connection, config))
+}
+
+/// The status page: every node, its status, connections against capacity, CPU and memory,
+/// refreshed every 2 s from `/cluster/nodes`. Plain HTML and JavaScript, no build step.
+pub const STATUS_PAGE: &str = include_str!("status.html");
+
+async fn status_page() -> Html<&'static str> {
+    Html(STATUS_PAGE)
 }
 
 async fn nodes(State(state): State<AppState>) -> Json<Vec<NodeInfo>> {
