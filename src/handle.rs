@@ -295,11 +295,29 @@ impl ClusterHandle {
         if !self.node.local.join(id, group).map_err(not_registered)? {
             return Ok(());
         }
-        if let Err(error) = self.node.topology.add_member(group).await {
+        if let Err(error) = self.change_membership(group, true).await {
             let _ = self.node.local.leave(id, group);
-            return Err(SendError::Group(error));
+            return Err(error);
         }
         Ok(())
+    }
+
+    /// Binds or unbinds the node's queue for `group` in a task of its own, so that a caller
+    /// that gives up (a client closing mid-join) cannot leave a binding without its count.
+    async fn change_membership(&self, group: &GroupName, join: bool) -> Result<(), SendError> {
+        let node = Arc::clone(&self.node);
+        let group = group.clone();
+        let change = tokio::spawn(async move {
+            if join {
+                node.topology.add_member(&group).await
+            } else {
+                node.topology.remove_member(&group).await
+            }
+        });
+        match change.await {
+            Ok(result) => result.map(|_| ()).map_err(SendError::Group),
+            Err(_) => Err(SendError::Group(hybrid_cluster_core::BrokerError::Closed)),
+        }
     }
 
     /// Removes this handle's connection from `group`. Leaving a group one is not in is not an
@@ -312,12 +330,7 @@ impl ClusterHandle {
         if !self.node.local.leave(id, group).map_err(not_registered)? {
             return Ok(());
         }
-        self.node
-            .topology
-            .remove_member(group)
-            .await
-            .map(|_| ())
-            .map_err(SendError::Group)
+        self.change_membership(group, false).await
     }
 }
 
