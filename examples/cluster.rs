@@ -138,7 +138,9 @@ fn args() -> Result<Args, BoxError> {
             }
         }
     }
-    let prefix = ClusterPrefix::new(format!("demo:{:08x}", rand::random::<u32>()))?;
+    // One fixed prefix: every run reuses the same exchange and dead-letter queue in RabbitMQ
+    // rather than leaving new ones behind (nodes remove their own queues and keys on leaving).
+    let prefix = ClusterPrefix::new("hybrid-cluster-demo")?;
     Ok(match (redis, amqp) {
         (Some(redis), Some(amqp)) => Args {
             backends: Backends::servers(redis, amqp),
