@@ -52,6 +52,14 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A cluster secret was refused. The message names where it came from, never its value.
+    #[error("invalid cluster secret from {origin}: {reason}")]
+    Secret {
+        /// Where the secret came from: `configuration`, or `environment variable {name}`.
+        origin: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 /// Hides the user-info part of a URL-like string (`scheme://user:pass@host` becomes

@@ -11,7 +11,23 @@
 //! | `hc-sender` | the sending connection's id, when a connection sent it |
 //! | `hc-kind` | `text` (the payload is UTF-8) or `binary` |
 //! | `hc-sent-at` | when it was sent, milliseconds since the Unix epoch, by the sender's clock |
-//! | anything else | extension headers (trace context, signatures), carried as they are |
+//! | `hc-mac` | when the cluster has a [`ClusterSecret`]: the HMAC-SHA256 of the envelope, 64 lowercase hex digits |
+//! | anything else | extension headers (trace context), carried as they are |
+//!
+//! # What the MAC covers
+//!
+//! [`Envelope::sign`] computes HMAC-SHA256, keyed with the cluster secret, over a sequence of
+//! fields, each written as its length in bytes (8 bytes, big-endian) followed by its bytes:
+//!
+//! 1. the domain `hybrid-cluster envelope v1`;
+//! 2. the message id (32 lowercase hex digits), the origin, the target (as in `hc-target`),
+//!    the sender (empty when none), the kind (`text` or `binary`), the send time (decimal
+//!    milliseconds, as in `hc-sent-at`);
+//! 3. the number of extension headers (8 bytes, big-endian), then each header's name and
+//!    value, in name order (`hc-mac` is not among them);
+//! 4. the payload.
+//!
+//! Any change to any of them makes [`Envelope::verify`] fail.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,6 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::auth::{AuthError, ClusterSecret, Signature};
 use crate::broker::{BrokerMessage, RoutingKey};
 use crate::connection::ConnectionId;
 use crate::node::NodeId;
@@ -36,6 +53,11 @@ pub const HEADER_SENDER: &str = "hc-sender";
 pub const HEADER_KIND: &str = "hc-kind";
 /// Header with the send time in milliseconds since the Unix epoch.
 pub const HEADER_SENT_AT: &str = "hc-sent-at";
+/// Header with the envelope's MAC (64 hex digits), when it is signed.
+pub const HEADER_MAC: &str = "hc-mac";
+
+/// The domain of envelope MACs.
+const ENVELOPE_DOMAIN: &str = "hybrid-cluster envelope v1";
 /// Prefix of the headers this crate reserves; extension headers may not use it.
 pub const RESERVED_HEADER_PREFIX: &str = "hc-";
 
@@ -264,10 +286,13 @@ pub struct Envelope {
     pub kind: PayloadKind,
     /// When it was sent, by the sender's clock (millisecond precision on the wire).
     pub sent_at: SystemTime,
-    /// Extension headers (trace context, signatures). Names may not start with `hc-`.
+    /// Extension headers (trace context). Names may not start with `hc-`.
     pub headers: BTreeMap<String, String>,
     /// The payload, carried as it is.
     pub payload: Bytes,
+    /// The MAC made with the cluster secret ([`Envelope::sign`]), if it is signed. Any change
+    /// to the other fields after signing makes it fail to verify.
+    pub signature: Option<Signature>,
 }
 
 impl fmt::Debug for Envelope {
@@ -282,6 +307,7 @@ impl fmt::Debug for Envelope {
             .field("sent_at", &self.sent_at)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("payload_len", &self.payload.len())
+            .field("signed", &self.signature.is_some())
             .finish()
     }
 }
@@ -303,6 +329,7 @@ impl Envelope {
             sent_at: crate::node::now_millis(),
             headers: BTreeMap::new(),
             payload: payload.into(),
+            signature: None,
         }
     }
 
@@ -320,6 +347,68 @@ impl Envelope {
     pub fn with_sender(mut self, sender: ConnectionId) -> Self {
         self.sender = Some(sender);
         self
+    }
+
+    /// Signs the envelope with the cluster secret: sets its [`signature`](Envelope::signature)
+    /// to the MAC of its current fields (see the [module docs](self)). Sign last, after every
+    /// other change.
+    pub fn sign(&mut self, secret: &ClusterSecret) {
+        self.signature = Some(self.mac(secret).finish());
+    }
+
+    /// Checks that the envelope was signed with `secret` and is unchanged since, then that it
+    /// was sent within `window` of `now` (either way: the sender's clock may be ahead).
+    ///
+    /// The MAC is checked first (in constant time), so a forged envelope is reported as
+    /// [`AuthError::BadSignature`] whatever time it claims. Duplicates are not this method's
+    /// business: a receiver remembers the ids it handled.
+    pub fn verify(
+        &self,
+        secret: &ClusterSecret,
+        now: SystemTime,
+        window: Duration,
+    ) -> Result<(), AuthError> {
+        let signature = self.signature.as_ref().ok_or(AuthError::Unsigned)?;
+        self.mac(secret).verify(signature)?;
+        let sent_at = UNIX_EPOCH + Duration::from_millis(self.sent_at_ms());
+        match now.duration_since(sent_at) {
+            Ok(age) if age > window => Err(AuthError::Stale { age }),
+            Ok(_) => Ok(()),
+            Err(ahead) if ahead.duration() > window => Err(AuthError::FromTheFuture {
+                ahead: ahead.duration(),
+            }),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn mac(&self, secret: &ClusterSecret) -> crate::auth::MacInput {
+        let mut mac = secret.mac(ENVELOPE_DOMAIN);
+        mac.field(self.id.to_string().as_bytes());
+        mac.field(self.origin.as_str().as_bytes());
+        mac.field(self.target.encode().as_bytes());
+        match &self.sender {
+            Some(sender) => mac.field(sender.to_string().as_bytes()),
+            None => mac.field(b""),
+        }
+        mac.field(self.kind.as_str().as_bytes());
+        mac.field(self.sent_at_ms().to_string().as_bytes());
+        mac.count(self.headers.len());
+        for (name, value) in &self.headers {
+            mac.field(name.as_bytes());
+            mac.field(value.as_bytes());
+        }
+        mac.field(&self.payload);
+        mac
+    }
+
+    /// The send time as carried on the wire: whole milliseconds since the Unix epoch.
+    fn sent_at_ms(&self) -> u64 {
+        let millis = self
+            .sent_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        u64::try_from(millis).unwrap_or(u64::MAX)
     }
 
     /// The routing key of the envelope's target.
@@ -357,12 +446,10 @@ impl Envelope {
             headers.insert(HEADER_SENDER.to_owned(), sender.to_string());
         }
         headers.insert(HEADER_KIND.to_owned(), self.kind.as_str().to_owned());
-        let sent_at_ms = self
-            .sent_at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        headers.insert(HEADER_SENT_AT.to_owned(), sent_at_ms.to_string());
+        headers.insert(HEADER_SENT_AT.to_owned(), self.sent_at_ms().to_string());
+        if let Some(signature) = &self.signature {
+            headers.insert(HEADER_MAC.to_owned(), signature.to_string());
+        }
         Ok(BrokerMessage {
             message_id: self.id.to_string(),
             headers,
@@ -407,6 +494,15 @@ impl Envelope {
                     name: HEADER_SENT_AT,
                     reason: "expected milliseconds since the Unix epoch",
                 })?;
+        let signature = match headers.remove(HEADER_MAC) {
+            None => None,
+            Some(mac) => Some(
+                Signature::from_hex(&mac).ok_or(EnvelopeError::InvalidHeader {
+                    name: HEADER_MAC,
+                    reason: "expected 64 hex digits",
+                })?,
+            ),
+        };
         let sender = match headers.remove(HEADER_SENDER) {
             None => None,
             Some(sender) => Some(sender.parse().map_err(|_| EnvelopeError::InvalidHeader {
@@ -432,6 +528,7 @@ impl Envelope {
             sent_at: UNIX_EPOCH + Duration::from_millis(sent_at_ms),
             headers,
             payload: body,
+            signature,
         })
     }
 }
@@ -619,6 +716,150 @@ mod tests {
             envelope.to_message(),
             Err(EnvelopeError::ReservedHeader { .. })
         ));
+    }
+
+    fn secret() -> ClusterSecret {
+        ClusterSecret::new("the cluster secret of these tests").unwrap()
+    }
+
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn signed() -> (Envelope, SystemTime) {
+        let mut envelope = sample();
+        envelope.sign(&secret());
+        (envelope.clone(), envelope.sent_at + Duration::from_secs(1))
+    }
+
+    #[test]
+    fn a_signed_envelope_verifies_and_its_signature_travels() {
+        let (envelope, now) = signed();
+        assert_eq!(envelope.verify(&secret(), now, WINDOW), Ok(()));
+        let message = envelope.to_message().unwrap();
+        let mac = &message.headers[HEADER_MAC];
+        assert_eq!(mac.len(), 64);
+        assert!(
+            mac.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        let back = Envelope::from_message(message).unwrap();
+        assert_eq!(back, envelope);
+        assert_eq!(back.verify(&secret(), now, WINDOW), Ok(()));
+        // The MAC is no extension header: it is not part of what it covers.
+        assert!(!back.headers.contains_key(HEADER_MAC));
+    }
+
+    #[test]
+    fn any_change_after_signing_is_a_bad_signature() {
+        let (envelope, now) = signed();
+        let node_c = node("c");
+        type Change = Box<dyn Fn(&mut Envelope)>;
+        let changes: Vec<(&str, Change)> = vec![
+            ("id", Box::new(|e| e.id = MessageId::random())),
+            ("origin", Box::new(move |e| e.origin = node_c.clone())),
+            ("target", Box::new(|e| e.target = Target::Broadcast)),
+            ("sender", Box::new(|e| e.sender = None)),
+            ("kind", Box::new(|e| e.kind = PayloadKind::Text)),
+            (
+                "sent_at",
+                Box::new(|e| e.sent_at += Duration::from_millis(1)),
+            ),
+            (
+                "header value",
+                Box::new(|e| {
+                    e.headers
+                        .insert("traceparent".into(), "00-abc-xyz-01".into());
+                }),
+            ),
+            (
+                "header added",
+                Box::new(|e| {
+                    e.headers.insert("x".into(), String::new());
+                }),
+            ),
+            (
+                "header removed",
+                Box::new(|e| {
+                    e.headers.clear();
+                }),
+            ),
+            (
+                "payload",
+                Box::new(|e| e.payload = Bytes::from_static(&[0, 159, 146, 151])),
+            ),
+        ];
+        for (what, change) in changes {
+            let mut changed = envelope.clone();
+            change(&mut changed);
+            assert_eq!(
+                changed.verify(&secret(), now, WINDOW),
+                Err(AuthError::BadSignature),
+                "{what}"
+            );
+        }
+        // Moving bytes between the header name and value is a change too.
+        let mut a = Envelope::text(node("a"), Target::Broadcast, "x");
+        a.headers.insert("ab".into(), "c".into());
+        a.sign(&secret());
+        let mut b = a.clone();
+        b.headers.clear();
+        b.headers.insert("a".into(), "bc".into());
+        assert_eq!(
+            b.verify(&secret(), SystemTime::now(), WINDOW),
+            Err(AuthError::BadSignature)
+        );
+        // Another cluster's secret.
+        let other = ClusterSecret::new("another cluster's secret, as long").unwrap();
+        assert_eq!(
+            envelope.verify(&other, now, WINDOW),
+            Err(AuthError::BadSignature)
+        );
+        // A mangled MAC header is malformed, not a valid envelope.
+        let mut message = envelope.to_message().unwrap();
+        message.headers.insert(HEADER_MAC.into(), "not hex".into());
+        assert!(matches!(
+            Envelope::from_message(message),
+            Err(EnvelopeError::InvalidHeader {
+                name: HEADER_MAC,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unsigned_stale_and_future_envelopes_are_refused() {
+        let (envelope, now) = signed();
+        let mut unsigned = envelope.clone();
+        unsigned.signature = None;
+        assert_eq!(
+            unsigned.verify(&secret(), now, WINDOW),
+            Err(AuthError::Unsigned)
+        );
+        let sent = envelope.sent_at;
+        assert_eq!(envelope.verify(&secret(), sent + WINDOW, WINDOW), Ok(()));
+        assert_eq!(envelope.verify(&secret(), sent - WINDOW, WINDOW), Ok(()));
+        let late = Duration::from_millis(60_001);
+        assert_eq!(
+            envelope.verify(&secret(), sent + late, WINDOW),
+            Err(AuthError::Stale { age: late })
+        );
+        assert_eq!(
+            envelope.verify(&secret(), sent - late, WINDOW),
+            Err(AuthError::FromTheFuture { ahead: late })
+        );
+        // A forged envelope is reported forged, whatever time it claims.
+        let mut forged = envelope.clone();
+        forged.payload = Bytes::from_static(b"injected");
+        assert_eq!(
+            forged.verify(&secret(), sent + late, WINDOW),
+            Err(AuthError::BadSignature)
+        );
+        for error in [
+            AuthError::Unsigned,
+            AuthError::BadSignature,
+            AuthError::Stale { age: late },
+        ] {
+            assert!(!error.to_string().contains("injected"));
+        }
     }
 
     #[test]

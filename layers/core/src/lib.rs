@@ -9,6 +9,8 @@
 //!   a message for it needs no lookup to find its way.
 //! - [`envelope`]: [`Envelope`], a message between nodes. Its payload is bytes carried as bytes;
 //!   the routing metadata travels beside it, never wrapped around it.
+//! - [`auth`]: the optional [`ClusterSecret`] that signs envelopes and node records
+//!   (HMAC-SHA256), so that nodes refuse what is unsigned, forged or replayed ([`AuthError`]).
 //! - [`config`]: connection strings ([`RedisUrl`], [`AmqpUrl`]) and the cluster prefix
 //!   ([`ClusterPrefix`]), checked at start-up with errors that name the problem.
 //! - [`live`]: [`LiveNodeInfo`], a peer's info kept current by discovery after the peer was
@@ -34,6 +36,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
@@ -43,6 +46,7 @@ pub mod live;
 pub mod node;
 pub mod registry;
 
+pub use auth::{AuthError, ClusterSecret, DEFAULT_REPLAY_WINDOW, SECRET_ENV, Signature};
 pub use broker::{
     Acker, Acknowledge, Broker, BrokerMessage, ConsumeOptions, Deliveries, Delivery, PublishError,
     QueueOptions, RoutingKey, Settlement,

@@ -8,6 +8,14 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::auth::{AuthError, ClusterSecret, Signature};
+
+/// The domain of node record MACs.
+const RECORD_DOMAIN: &str = "hybrid-cluster node-record v1";
+
+/// The field of a signed record that holds its MAC.
+pub const SIGNATURE_FIELD: &str = "signature";
+
 /// The longest node id accepted, in bytes.
 pub const MAX_NODE_ID_LEN: usize = 64;
 
@@ -234,6 +242,20 @@ impl fmt::Display for NodeStatus {
 /// | `registered_at` | when this incarnation first registered (RFC 3339, UTC) |
 /// | `status` | `"active"`, `"draining"` or `"offline"` ([`NodeStatus`]) |
 /// | `metadata` | free string pairs for the user's own use |
+/// | `signature` | only when the cluster has a [`ClusterSecret`]: the record's HMAC-SHA256, 64 lowercase hex digits (see below) |
+///
+/// # Signed records
+///
+/// With a cluster secret, a node writes its record with [`NodeInfo::to_signed_json`] and peers
+/// read it with [`NodeInfo::from_signed_json`], which refuses records that are unsigned or
+/// whose signature does not match. The `signature` field is the HMAC-SHA256, keyed with the
+/// secret, over two length-prefixed fields (each its length in bytes as 8 bytes big-endian,
+/// then the bytes): the domain `hybrid-cluster node-record v1`, then the record's JSON
+/// without its `signature` field in canonical form: object keys sorted (by bytes) at every
+/// level, no whitespace, strings and numbers as `serde_json` writes them. The canonical form
+/// is computed from the JSON as read, so fields a reader does not know are covered too. The
+/// record is written in that canonical form, with `signature` in its sorted place. Readers
+/// without the secret ignore the field like any unknown one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// The node's id.
@@ -366,13 +388,107 @@ impl NodeInfo {
         serde_json::to_vec(self).map_err(|source| NodeRecordError::Syntax { source })
     }
 
-    /// Reads and checks a record in its JSON form.
+    /// Reads and checks a record in its JSON form. A `signature` field is ignored: this does
+    /// not authenticate the record (see [`NodeInfo::from_signed_json`]).
     pub fn from_json(bytes: &[u8]) -> Result<Self, NodeRecordError> {
         let info: Self =
             serde_json::from_slice(bytes).map_err(|source| NodeRecordError::Syntax { source })?;
         info.validate()?;
         Ok(info)
     }
+
+    /// Writes the record's JSON form, after checking it, signed with `secret`: the documented
+    /// JSON plus a `signature` field (see the type's docs).
+    pub fn to_signed_json(&self, secret: &ClusterSecret) -> Result<Vec<u8>, NodeRecordError> {
+        let syntax = |source| NodeRecordError::Syntax { source };
+        // Read back what `to_json` writes, so that the MAC covers numbers as a reader sees them.
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&self.to_json()?).map_err(syntax)?;
+        let signature = record_mac(secret, &value);
+        if let Some(object) = value.as_object_mut() {
+            object.insert(
+                SIGNATURE_FIELD.to_owned(),
+                serde_json::Value::String(signature.to_string()),
+            );
+        }
+        let mut out = Vec::new();
+        write_canonical(&value, &mut out).map_err(syntax)?;
+        Ok(out)
+    }
+
+    /// Reads a signed record: checks its `signature` against `secret` (in constant time), then
+    /// reads and checks the record as [`NodeInfo::from_json`] does.
+    ///
+    /// Fails with [`NodeRecordError::Unsigned`] when the record has no signature, and
+    /// [`NodeRecordError::BadSignature`] when it does not match (forged, altered, or another
+    /// cluster's secret).
+    pub fn from_signed_json(bytes: &[u8], secret: &ClusterSecret) -> Result<Self, NodeRecordError> {
+        let syntax = |source| NodeRecordError::Syntax { source };
+        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(syntax)?;
+        let signature = match value
+            .as_object_mut()
+            .and_then(|object| object.remove(SIGNATURE_FIELD))
+        {
+            None => return Err(NodeRecordError::Unsigned),
+            Some(serde_json::Value::String(hex)) => {
+                Signature::from_hex(&hex).ok_or(NodeRecordError::BadSignature)?
+            }
+            Some(_) => return Err(NodeRecordError::BadSignature),
+        };
+        record_mac_input(secret, &value)
+            .verify(&signature)
+            .map_err(|_: AuthError| NodeRecordError::BadSignature)?;
+        let info: Self = serde_json::from_value(value).map_err(syntax)?;
+        info.validate()?;
+        Ok(info)
+    }
+}
+
+fn record_mac_input(secret: &ClusterSecret, value: &serde_json::Value) -> crate::auth::MacInput {
+    let mut canonical = Vec::new();
+    // Writing a `Value` to a `Vec` cannot fail; should it, the MAC cannot match.
+    let _ = write_canonical(value, &mut canonical);
+    let mut mac = secret.mac(RECORD_DOMAIN);
+    mac.field(&canonical);
+    mac
+}
+
+fn record_mac(secret: &ClusterSecret, value: &serde_json::Value) -> Signature {
+    record_mac_input(secret, value).finish()
+}
+
+/// Writes `value` as JSON with object keys sorted at every level and no whitespace, whatever
+/// order the map type keeps.
+fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => {
+            let mut entries: Vec<_> = object.iter().collect();
+            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push(b'{');
+            for (i, (key, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, key)?;
+                out.push(b':');
+                write_canonical(value, out)?;
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out)?;
+            }
+            out.push(b']');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar)?,
+    }
+    Ok(())
 }
 
 /// Why a node record could not be read or written.
@@ -393,6 +509,12 @@ pub enum NodeRecordError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The record carries no signature, and the cluster has a secret.
+    #[error("node record is not signed")]
+    Unsigned,
+    /// The record's signature does not match: forged, altered, or another cluster's secret.
+    #[error("node record signature does not match (forged, altered, or another cluster's secret)")]
+    BadSignature,
 }
 
 /// The wall-clock time now, cut to the millisecond precision records and envelopes carry, so
@@ -535,6 +657,106 @@ mod tests {
         ));
         assert!(NodeInfo::from_json(b"{\"node_id\":").is_err());
         assert!(NodeInfo::from_json(b"\xff\xfe").is_err());
+    }
+
+    fn secret() -> ClusterSecret {
+        ClusterSecret::new("the cluster secret of these tests").unwrap()
+    }
+
+    #[test]
+    fn signed_records_round_trip_and_plain_readers_still_read_them() {
+        let info = sample();
+        let signed = info.to_signed_json(&secret()).unwrap();
+        assert_eq!(
+            NodeInfo::from_signed_json(&signed, &secret()).unwrap(),
+            info
+        );
+        // Readers without the secret ignore the field.
+        assert_eq!(NodeInfo::from_json(&signed).unwrap(), info);
+        let value: serde_json::Value = serde_json::from_slice(&signed).unwrap();
+        let hex = value[SIGNATURE_FIELD].as_str().unwrap();
+        assert_eq!(hex.len(), 64);
+        // Canonical: keys sorted, no whitespace.
+        let text = String::from_utf8(signed.clone()).unwrap();
+        assert!(
+            text.starts_with("{\"address\":\"10.0.0.5\",\"connection_count\":120,"),
+            "{text}"
+        );
+        assert!(!text.contains(' '), "{text}");
+        // Key order and whitespace are not part of what is signed: a reader that re-orders the
+        // record still verifies it.
+        let reordered = serde_json::to_vec_pretty(&value).unwrap();
+        assert_eq!(
+            NodeInfo::from_signed_json(&reordered, &secret()).unwrap(),
+            info
+        );
+        // Figures that are not exact in binary verify after their trip through text.
+        let mut inexact = info.clone();
+        inexact.memory_usage_percent = 1.6;
+        inexact.cpu_usage_percent = 0.1;
+        let signed = inexact.to_signed_json(&secret()).unwrap();
+        assert_eq!(
+            NodeInfo::from_signed_json(&signed, &secret()).unwrap(),
+            inexact
+        );
+        // A record from a newer writer, with a field this reader does not know, verifies.
+        let mut newer: serde_json::Value =
+            serde_json::from_slice(&info.to_json().unwrap()).unwrap();
+        newer["a_field_from_the_future"] = serde_json::json!({"b": [1.5, "x"], "a": null});
+        let signature = record_mac(&secret(), &newer);
+        newer[SIGNATURE_FIELD] = serde_json::json!(signature.to_string());
+        let bytes = serde_json::to_vec(&newer).unwrap();
+        assert_eq!(NodeInfo::from_signed_json(&bytes, &secret()).unwrap(), info);
+    }
+
+    #[test]
+    fn tampered_forged_and_unsigned_records_are_refused() {
+        let signed = sample().to_signed_json(&secret()).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&signed).unwrap();
+        let edited = |field: &str, new: serde_json::Value| {
+            let mut v = value.clone();
+            v[field] = new;
+            NodeInfo::from_signed_json(&serde_json::to_vec(&v).unwrap(), &secret()).unwrap_err()
+        };
+        assert!(matches!(
+            edited("address", serde_json::json!("10.6.6.6")),
+            NodeRecordError::BadSignature
+        ));
+        assert!(matches!(
+            edited("status", serde_json::json!("offline")),
+            NodeRecordError::BadSignature
+        ));
+        assert!(matches!(
+            edited("an_added_field", serde_json::json!(1)),
+            NodeRecordError::BadSignature
+        ));
+        assert!(matches!(
+            edited(SIGNATURE_FIELD, serde_json::json!("00".repeat(32))),
+            NodeRecordError::BadSignature
+        ));
+        assert!(matches!(
+            edited(SIGNATURE_FIELD, serde_json::json!(42)),
+            NodeRecordError::BadSignature
+        ));
+        let other = ClusterSecret::new("another cluster's secret, as long").unwrap();
+        let forged = sample().to_signed_json(&other).unwrap();
+        assert!(matches!(
+            NodeInfo::from_signed_json(&forged, &secret()),
+            Err(NodeRecordError::BadSignature)
+        ));
+        let unsigned = sample().to_json().unwrap();
+        assert!(matches!(
+            NodeInfo::from_signed_json(&unsigned, &secret()),
+            Err(NodeRecordError::Unsigned)
+        ));
+        assert!(matches!(
+            NodeInfo::from_signed_json(b"[1]", &secret()),
+            Err(NodeRecordError::Unsigned)
+        ));
+        assert!(matches!(
+            NodeInfo::from_signed_json(b"{not json", &secret()),
+            Err(NodeRecordError::Syntax { .. })
+        ));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::future::BoxFuture;
-use hybrid_cluster_core::NodeInfo;
+use hybrid_cluster_core::{ClusterSecret, NodeInfo};
 
 use crate::error::DiscoveryError;
 use crate::stats::ConnectionCounter;
@@ -42,6 +42,11 @@ pub struct DiscoveryConfig {
     pub connections: ConnectionCounter,
     /// The user's own node-info source, if any (see [`DiscoveryConfig::with_provider`]).
     pub provider: Option<NodeInfoProvider>,
+    /// The cluster secret, if the cluster has one: this node's record is written signed
+    /// ([`NodeInfo::to_signed_json`]), and the view skips records that are unsigned, forged or
+    /// older than one already seen, and confirms a node's removal before acting on it (see
+    /// [`ClusterView`](crate::ClusterView)). Default none.
+    pub secret: Option<ClusterSecret>,
 }
 
 impl Default for DiscoveryConfig {
@@ -55,6 +60,7 @@ impl Default for DiscoveryConfig {
             max_reconnect_delay: Duration::from_secs(5),
             connections: ConnectionCounter::new(),
             provider: None,
+            secret: None,
         }
     }
 }
@@ -76,6 +82,12 @@ impl DiscoveryConfig {
     /// Counts connections with `connections` (the cluster layer passes its own).
     pub fn with_connections(mut self, connections: ConnectionCounter) -> Self {
         self.connections = connections;
+        self
+    }
+
+    /// Signs this node's record with `secret` and accepts only records signed with it.
+    pub fn with_secret(mut self, secret: ClusterSecret) -> Self {
+        self.secret = Some(secret);
         self
     }
 
@@ -116,6 +128,7 @@ impl fmt::Debug for DiscoveryConfig {
             .field("max_reconnect_delay", &self.max_reconnect_delay)
             .field("connections", &self.connections)
             .field("provider", &self.provider.as_ref().map(|_| "custom"))
+            .field("secret", &self.secret)
             .finish()
     }
 }

@@ -23,6 +23,11 @@
 //! - A node can set itself Draining ([`Discovery::drain`]): peers still see it, but its load
 //!   is infinite, so balancers stop choosing it.
 //! - [`Discovery`] runs both for one node.
+//! - With a cluster secret ([`DiscoveryConfig::with_secret`]), records are written signed (a
+//!   `signature` field, see `NodeInfo`'s docs) and the view skips records that are unsigned,
+//!   forged or replayed, and confirms a removal event by reading the record again before
+//!   dropping a node: whoever can write to Redis without the secret cannot add a node, change
+//!   one's info, or make peers drop one with a forged `left` event (see [`ClusterView`]).
 //!
 //! The registry is any [`Registry`](hybrid_cluster_core::Registry): [`RedisRegistry`] in
 //! production, `hybrid_cluster_memory::MemoryRegistry` in tests and demos.
@@ -33,7 +38,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `{websocket:cluster}:nodes:{node_id}` | string, with a TTL (the lease) | the node's record, the JSON form documented on `NodeInfo` |
+//! | `{websocket:cluster}:nodes:{node_id}` | string, with a TTL (the lease) | the node's record, the JSON form documented on `NodeInfo` (with a `signature` field when the cluster has a secret) |
 //! | `{websocket:cluster}:nodes` | set | the ids of registered nodes (an index; ids whose record expired are pruned on listing) |
 //! | `{websocket:cluster}:events` | pub/sub channel | `updated {node_id} {lease_ms}` + newline + record, or `left {node_id}` |
 //! | `{websocket:cluster}:routes:{name}` | string, with a TTL | a route's connection id |

@@ -73,7 +73,11 @@ impl Shared {
         info.registered_at = writer.base.registered_at;
         info.status = writer.status;
         info.last_heartbeat = now_millis();
-        let record = info.to_json().map_err(DiscoveryError::InvalidNodeInfo)?;
+        let record = match &self.config.secret {
+            Some(secret) => info.to_signed_json(secret),
+            None => info.to_json(),
+        }
+        .map_err(DiscoveryError::InvalidNodeInfo)?;
         self.registry
             .put_node(&info.node_id, record.into(), self.config.lease)
             .await?;

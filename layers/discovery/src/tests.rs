@@ -299,3 +299,265 @@ async fn a_provider_supplies_the_figures_but_not_the_identity() {
         "the status stays the registrar's"
     );
 }
+
+mod signed {
+    use futures_core::future::BoxFuture;
+    use hybrid_cluster_core::registry::RegistryEvents;
+    use hybrid_cluster_core::{
+        ClusterSecret, ConnectionId, NodeRecord, RegistryError, RegistryEvent, RemovalCause,
+    };
+    use parking_lot::Mutex;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    fn secret() -> ClusterSecret {
+        ClusterSecret::new("the cluster secret of these tests").unwrap()
+    }
+
+    fn other_secret() -> ClusterSecret {
+        ClusterSecret::new("another cluster's secret, as long").unwrap()
+    }
+
+    fn signed_config() -> DiscoveryConfig {
+        config().with_secret(secret())
+    }
+
+    async fn start_signed(registry: Arc<dyn Registry>, id: &str) -> Discovery {
+        Discovery::start(registry, info(id), signed_config())
+            .await
+            .unwrap()
+    }
+
+    /// A memory registry whose watchers can also be sent events nobody made, as anyone who can
+    /// publish on Redis's events channel can.
+    #[derive(Debug, Default)]
+    struct Injecting {
+        inner: MemoryRegistry,
+        injectors: Mutex<Vec<mpsc::UnboundedSender<RegistryEvent>>>,
+    }
+
+    impl Injecting {
+        fn inject(&self, event: RegistryEvent) {
+            self.injectors
+                .lock()
+                .retain(|tx| tx.send(event.clone()).is_ok());
+        }
+    }
+
+    impl Registry for Injecting {
+        fn put_node(
+            &self,
+            node: &NodeId,
+            record: bytes::Bytes,
+            lease: Duration,
+        ) -> BoxFuture<'static, Result<(), RegistryError>> {
+            self.inner.put_node(node, record, lease)
+        }
+        fn remove_node(&self, node: &NodeId) -> BoxFuture<'static, Result<(), RegistryError>> {
+            self.inner.remove_node(node)
+        }
+        fn node(
+            &self,
+            node: &NodeId,
+        ) -> BoxFuture<'static, Result<Option<NodeRecord>, RegistryError>> {
+            self.inner.node(node)
+        }
+        fn nodes(&self) -> BoxFuture<'static, Result<Vec<NodeRecord>, RegistryError>> {
+            self.inner.nodes()
+        }
+        fn watch(&self) -> BoxFuture<'static, Result<RegistryEvents, RegistryError>> {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.injectors.lock().push(tx);
+            let inner = self.inner.watch();
+            Box::pin(async move {
+                let injected = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|event| (Ok(event), rx))
+                });
+                let events: RegistryEvents =
+                    Box::pin(futures_util::stream::select(inner.await?, injected));
+                Ok(events)
+            })
+        }
+        fn put_route(
+            &self,
+            name: &str,
+            connection: &ConnectionId,
+            lease: Duration,
+        ) -> BoxFuture<'static, Result<(), RegistryError>> {
+            self.inner.put_route(name, connection, lease)
+        }
+        fn route(
+            &self,
+            name: &str,
+        ) -> BoxFuture<'static, Result<Option<ConnectionId>, RegistryError>> {
+            self.inner.route(name)
+        }
+        fn remove_route(&self, name: &str) -> BoxFuture<'static, Result<(), RegistryError>> {
+            self.inner.remove_route(name)
+        }
+    }
+
+    /// Waits until every event sent before now was applied by `a`'s view: `a` pushes a
+    /// connection count of `marker`, and events reach a watcher in order.
+    async fn settle(a: &Discovery, marker: u32) {
+        a.connections().set(marker);
+        a.registrar().refresh().await.unwrap();
+        a.view()
+            .wait_until(|nodes| {
+                nodes
+                    .iter()
+                    .any(|n| n.node_id == node("a") && n.connection_count == marker)
+            })
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forged_unsigned_and_replayed_records_are_ignored_while_signed_peers_are_seen() {
+        let registry = Arc::new(MemoryRegistry::new());
+        let lease = Duration::from_secs(60);
+        // Records from nodes without the secret: one unsigned, one signed with a guess.
+        registry
+            .put_node(
+                &node("intruder"),
+                info("intruder").to_json().unwrap().into(),
+                lease,
+            )
+            .await
+            .unwrap();
+        let forged = info("forger").to_signed_json(&other_secret()).unwrap();
+        registry
+            .put_node(&node("forger"), forged.into(), lease)
+            .await
+            .unwrap();
+        let a = start_signed(registry.clone(), "a").await;
+        let b = start_signed(registry.clone(), "b").await;
+        a.view().wait_until(|nodes| nodes.len() == 2).await;
+        assert_eq!(ids(a.view()), BTreeSet::from(["a".into(), "b".into()]));
+
+        let mut membership = a.view().subscribe();
+        membership.borrow_and_update();
+
+        // A node without the secret impersonates b: a keeps b's last good info.
+        let mut impostor = b.registrar().info();
+        impostor.address = "10.6.6.6".into();
+        let impostor_record = impostor.to_json().unwrap();
+        registry
+            .put_node(&node("b"), impostor_record.into(), lease)
+            .await
+            .unwrap();
+        let forged = impostor.to_signed_json(&other_secret()).unwrap();
+        registry
+            .put_node(&node("b"), forged.into(), lease)
+            .await
+            .unwrap();
+        // A replay of an older record of b, validly signed.
+        let mut old = b.registrar().info();
+        old.last_heartbeat -= Duration::from_secs(10);
+        old.connection_count = 99;
+        registry
+            .put_node(
+                &node("b"),
+                old.to_signed_json(&secret()).unwrap().into(),
+                lease,
+            )
+            .await
+            .unwrap();
+        settle(&a, 1).await;
+        assert!(!membership.has_changed().unwrap(), "no join, no removal");
+        let seen_b = a.view().node(&node("b")).unwrap();
+        assert_eq!(seen_b.address, "127.0.0.1");
+        assert_eq!(seen_b.connection_count, 0);
+        assert_eq!(ids(a.view()).len(), 2);
+
+        // b's own next record is seen.
+        b.connections().set(7);
+        b.registrar().refresh().await.unwrap();
+        a.view()
+            .wait_until(|nodes| nodes.iter().any(|n| n.connection_count == 7))
+            .await;
+
+        // Every listing skips them too.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        settle(&a, 2).await;
+        assert_eq!(ids(a.view()), BTreeSet::from(["a".into(), "b".into()]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forged_leave_does_not_evict_a_signed_node() {
+        let registry = Arc::new(Injecting::default());
+        let a = start_signed(registry.clone(), "a").await;
+        let b = start_signed(registry.clone(), "b").await;
+        a.view().wait_until(|nodes| nodes.len() == 2).await;
+        let mut membership = a.view().subscribe();
+        membership.borrow_and_update();
+
+        registry.inject(RegistryEvent::Removed {
+            node: node("b"),
+            cause: RemovalCause::Left,
+        });
+        registry.inject(RegistryEvent::Removed {
+            node: node("b"),
+            cause: RemovalCause::Expired,
+        });
+        settle(&a, 1).await;
+        assert!(!membership.has_changed().unwrap(), "b was never removed");
+        assert_eq!(ids(a.view()), BTreeSet::from(["a".into(), "b".into()]));
+
+        // A real leave is still seen at once.
+        let left = Instant::now();
+        b.leave().await.unwrap();
+        a.view().wait_until(|nodes| nodes.len() == 1).await;
+        assert_eq!(left.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_secret_a_forged_leave_evicts() {
+        // What the confirmation above prevents.
+        let registry = Arc::new(Injecting::default());
+        let a = Discovery::start(registry.clone(), info("a"), config())
+            .await
+            .unwrap();
+        let _b = Discovery::start(registry.clone(), info("b"), config())
+            .await
+            .unwrap();
+        a.view().wait_until(|nodes| nodes.len() == 2).await;
+        registry.inject(RegistryEvent::Removed {
+            node: node("b"),
+            cause: RemovalCause::Left,
+        });
+        a.view().wait_until(|nodes| nodes.len() == 1).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_under_a_new_incarnation_is_seen_but_not_an_older_one() {
+        let registry = Arc::new(MemoryRegistry::new());
+        let a = start_signed(registry.clone(), "a").await;
+        let b = start_signed(registry.clone(), "b").await;
+        a.view().wait_until(|nodes| nodes.len() == 2).await;
+        let first_run = b.registrar().info();
+        drop(b);
+
+        let mut restarted = info("b");
+        restarted.registered_at = first_run.registered_at + Duration::from_secs(1);
+        let b = Discovery::start(registry.clone(), restarted, signed_config())
+            .await
+            .unwrap();
+        let incarnation = b.registrar().info().incarnation;
+        a.view()
+            .wait_until(|nodes| nodes.iter().any(|n| n.incarnation == incarnation))
+            .await;
+
+        // The first run's record, replayed: refused.
+        registry
+            .put_node(
+                &node("b"),
+                first_run.to_signed_json(&secret()).unwrap().into(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        settle(&a, 1).await;
+        assert_eq!(a.view().node(&node("b")).unwrap().incarnation, incarnation);
+    }
+}

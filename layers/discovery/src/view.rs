@@ -3,14 +3,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use hybrid_cluster_core::live::{Epoch, LiveNodeInfo};
 use hybrid_cluster_core::registry::RegistryEvents;
 use hybrid_cluster_core::{
-    NodeId, NodeInfo, NodeRecord, NodeStatus, Registry, RegistryError, RegistryEvent, RemovalCause,
+    ClusterSecret, Incarnation, NodeId, NodeInfo, NodeRecord, NodeRecordError, NodeStatus,
+    Registry, RegistryError, RegistryEvent, RemovalCause,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -24,6 +25,10 @@ use crate::registrar::error_chain;
 /// How long after a peer's lease should have run out its record is checked: Redis removes an
 /// expired key exactly when read, so a few milliseconds suffice.
 const EXPIRY_GRACE: Duration = Duration::from_millis(5);
+
+/// How long the last record seen of a node that is gone is remembered, to refuse a replay of
+/// an older one.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
 /// The nodes of the cluster as one node sees them, at one moment.
 ///
@@ -80,6 +85,25 @@ impl fmt::Debug for Membership {
 /// skipped with a warning naming its key, once per distinct value; it never stops discovery,
 /// and a node already known keeps its last good info.
 ///
+/// # With a cluster secret
+/// When [`DiscoveryConfig::secret`] is set, a node record must carry a valid signature
+/// ([`NodeInfo::from_signed_json`]): an unsigned or forged record is skipped like a malformed
+/// one (a warning naming its key, once per distinct value; a known node keeps its last good
+/// info). So is a validly signed record **older** than one already seen of the same node (a
+/// replay): for the same incarnation, an earlier `last_heartbeat`; for another incarnation, an
+/// earlier `registered_at`. Only a node's own timestamps are compared with each other, never
+/// with another machine's clock; a node whose clock steps back keeps its last good info until
+/// its clock catches up. What was last seen of a node that is gone is remembered for 10
+/// minutes.
+///
+/// The registry's change events themselves are not signed (in Redis, anyone who can publish on
+/// the channel can send `left {node}`), so a removal event is confirmed by reading the node's
+/// record again: while a record is there, the removal is ignored with a warning. A node's
+/// lease running out (its record gone) is acted on as before.
+///
+/// Signing protects the content of the registry, not its availability: whoever can write to
+/// it can still delete a node's record, and the node is then dropped like a crashed one.
+///
 /// Dropping the last clone stops the task.
 #[derive(Clone)]
 pub struct ClusterView {
@@ -127,6 +151,8 @@ impl ClusterView {
             deadline_of: HashMap::new(),
             malformed: HashMap::new(),
             listed: false,
+            secret: config.secret.clone(),
+            seen: HashMap::new(),
         };
         let task = tokio::spawn(worker.run());
         Self {
@@ -214,6 +240,33 @@ struct Worker {
     /// The last malformed value seen per key, so each is reported once.
     malformed: HashMap<String, Bytes>,
     listed: bool,
+    /// The cluster secret: records must be signed with it.
+    secret: Option<ClusterSecret>,
+    /// With a secret, the last good record seen of each node, to refuse older ones.
+    seen: HashMap<NodeId, LastSeen>,
+}
+
+/// What was last seen of a node, to tell a replayed record from a new one.
+struct LastSeen {
+    incarnation: Incarnation,
+    registered_at: SystemTime,
+    last_heartbeat: SystemTime,
+    /// When the node stopped being a member, if it has.
+    gone_since: Option<Instant>,
+}
+
+impl LastSeen {
+    /// Why `info` is older than what was seen, if it is.
+    fn refuses(&self, info: &NodeInfo) -> Option<&'static str> {
+        if info.incarnation == self.incarnation {
+            (info.last_heartbeat < self.last_heartbeat)
+                .then_some("its last_heartbeat is older than a record already seen (a replay)")
+        } else {
+            (info.registered_at < self.registered_at).then_some(
+                "it is of an incarnation registered before the one already seen (a replay)",
+            )
+        }
+    }
 }
 
 enum Disconnected {
@@ -271,7 +324,15 @@ impl Worker {
                         }
                     }
                     Some(Ok(RegistryEvent::Removed { node, cause })) => {
-                        if self.remove(&node, cause) {
+                        let changed = if self.secret.is_some() {
+                            match self.confirm_removal(&node, cause).await {
+                                Ok(changed) => changed,
+                                Err(error) => return Disconnected::Registry(error),
+                            }
+                        } else {
+                            self.remove(&node, cause)
+                        };
+                        if changed {
                             self.publish();
                         }
                     }
@@ -315,6 +376,13 @@ impl Worker {
         for node in gone {
             changed |= self.remove(&node, RemovalCause::Expired);
         }
+        let now = Instant::now();
+        self.seen.retain(|node, seen| {
+            listed.contains(node)
+                || seen
+                    .gone_since
+                    .is_none_or(|since| now.duration_since(since) < TOMBSTONE_TTL)
+        });
         self.listed = true;
         if changed {
             self.publish();
@@ -345,12 +413,44 @@ impl Worker {
         Ok(())
     }
 
+    /// With a secret: acts on a removal event only once the node's record is gone, since the
+    /// events are not signed. Returns whether the membership changed.
+    async fn confirm_removal(
+        &mut self,
+        node: &NodeId,
+        cause: RemovalCause,
+    ) -> Result<bool, RegistryError> {
+        match self.registry.node(node).await? {
+            None => Ok(self.remove(node, cause)),
+            Some(record) => {
+                if self.members.contains_key(node) {
+                    tracing::warn!(
+                        %node,
+                        ?cause,
+                        key = %record.key,
+                        "ignoring a removal event: the node's record is still there \
+                         (the event may be forged)"
+                    );
+                }
+                Ok(self.apply(record))
+            }
+        }
+    }
+
     /// Applies one record; returns whether the membership changed.
     fn apply(&mut self, record: NodeRecord) -> bool {
-        let info = match NodeInfo::from_json(&record.value) {
+        let read = match &self.secret {
+            Some(secret) => NodeInfo::from_signed_json(&record.value, secret),
+            None => NodeInfo::from_json(&record.value),
+        };
+        let info = match read {
             Ok(info) if info.node_id == record.node => info,
             Ok(info) => {
                 self.report_malformed(&record, &format!("it names node {}", info.node_id));
+                return false;
+            }
+            Err(error @ (NodeRecordError::Unsigned | NodeRecordError::BadSignature)) => {
+                self.report_refused(&record, &error.to_string());
                 return false;
             }
             Err(error) => {
@@ -358,6 +458,25 @@ impl Worker {
                 return false;
             }
         };
+        if self.secret.is_some() {
+            let older = self
+                .seen
+                .get(&info.node_id)
+                .and_then(|seen| seen.refuses(&info));
+            if let Some(reason) = older {
+                self.report_refused(&record, reason);
+                return false;
+            }
+            self.seen.insert(
+                info.node_id.clone(),
+                LastSeen {
+                    incarnation: info.incarnation,
+                    registered_at: info.registered_at,
+                    last_heartbeat: info.last_heartbeat,
+                    gone_since: None,
+                },
+            );
+        }
         self.malformed.remove(&record.key);
         match record.expires_in {
             Some(lease) => self.set_deadline(&info.node_id, Instant::now() + lease + EXPIRY_GRACE),
@@ -402,11 +521,24 @@ impl Worker {
         }
     }
 
+    /// Reports a record refused by authentication, once per distinct value. The record's
+    /// content is not logged: only its key and why.
+    fn report_refused(&mut self, record: &NodeRecord, reason: &str) {
+        if self.malformed.get(&record.key) != Some(&record.value) {
+            tracing::warn!(key = %record.key, reason, "skipping an unauthenticated node record");
+            self.malformed
+                .insert(record.key.clone(), record.value.clone());
+        }
+    }
+
     /// Removes a member; returns whether it was one.
     fn remove(&mut self, node: &NodeId, cause: RemovalCause) -> bool {
         self.clear_deadline(node);
         if self.members.remove(node).is_none() {
             return false;
+        }
+        if let Some(seen) = self.seen.get_mut(node) {
+            seen.gone_since = Some(Instant::now());
         }
         match cause {
             RemovalCause::Left => tracing::info!(%node, "node left"),

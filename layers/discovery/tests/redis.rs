@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hybrid_cluster_core::{ClusterPrefix, Incarnation, NodeId, NodeInfo, RedisUrl, Registry};
+use hybrid_cluster_core::{
+    ClusterPrefix, ClusterSecret, Incarnation, NodeId, NodeInfo, RedisUrl, Registry,
+};
 use hybrid_cluster_discovery::{Discovery, DiscoveryConfig, RedisOptions, RedisRegistry};
 use tokio::time::{Instant, timeout};
 use tower::balance::p2c::Balance;
@@ -255,6 +257,99 @@ async fn a_malformed_record_is_skipped() {
     .await;
     a.leave().await.unwrap();
     b.leave().await.unwrap();
+    clean(&prefix).await;
+}
+
+#[tokio::test]
+async fn forged_records_and_a_forged_leave_are_ignored_with_a_secret() {
+    let prefix = unique_prefix("signed");
+    let secret = ClusterSecret::new("the cluster secret of this test").unwrap();
+    let config = fast().with_secret(secret.clone());
+    let a = node(&prefix, "a", config.clone()).await;
+    let b = node(&prefix, "b", config).await;
+    within("a sees b", a.view().wait_until(|n| n.len() == 2)).await;
+
+    let mut membership = a.view().subscribe();
+    membership.borrow_and_update();
+
+    // Someone who can write to Redis but does not know the secret, with raw commands.
+    let registry = registry(&prefix, "hc-intruder").await;
+    let keys = registry.keys().clone();
+    let mut connection = registry.connection();
+    let guessed = ClusterSecret::new("a guess at the cluster secret").unwrap();
+    let forged = info("forger").to_signed_json(&guessed).unwrap();
+    let unsigned = info("intruder").to_json().unwrap();
+    let mut impostor = b.registrar().info();
+    impostor.address = "10.6.6.6".into();
+    let impostor = impostor.to_signed_json(&guessed).unwrap();
+    let updated = |id: &str, record: &[u8]| {
+        let mut event = format!("updated {id} 60000\n").into_bytes();
+        event.extend_from_slice(record);
+        event
+    };
+    redis::pipe()
+        .cmd("SET")
+        .arg(keys.node_key(&NodeId::new("forger").unwrap()))
+        .arg(&forged)
+        .arg("PX")
+        .arg(60_000)
+        .ignore()
+        .cmd("SET")
+        .arg(keys.node_key(&NodeId::new("intruder").unwrap()))
+        .arg(&unsigned)
+        .arg("PX")
+        .arg(60_000)
+        .ignore()
+        .cmd("SADD")
+        .arg(keys.index_key())
+        .arg("forger")
+        .arg("intruder")
+        .ignore()
+        .cmd("PUBLISH")
+        .arg(keys.events_channel())
+        .arg(updated("forger", &forged))
+        .ignore()
+        .cmd("PUBLISH")
+        .arg(keys.events_channel())
+        .arg(updated("b", &impostor))
+        .ignore()
+        // The events channel is not signed: anyone can say b left.
+        .cmd("PUBLISH")
+        .arg(keys.events_channel())
+        .arg("left b")
+        .ignore()
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+
+    // Events arrive in order: once a sees b's next update, it has handled the forged ones.
+    b.connections().set(9);
+    b.registrar().refresh().await.unwrap();
+    within(
+        "a sees b's update",
+        a.view()
+            .wait_until(|n| n.iter().any(|n| n.connection_count == 9)),
+    )
+    .await;
+    assert!(
+        !membership.has_changed().unwrap(),
+        "nobody joined and b was never removed, not even for a moment"
+    );
+    assert_eq!(ids(&a), ["a", "b"].map(String::from).into());
+    assert_eq!(
+        a.view().node(&NodeId::new("b").unwrap()).unwrap().address,
+        "127.0.0.1"
+    );
+    // A listing skips the forged records too.
+    let c = node(&prefix, "c", fast().with_secret(secret)).await;
+    within("c sees a and b", c.view().wait_until(|n| n.len() == 3)).await;
+    assert_eq!(ids(&c), ["a", "b", "c"].map(String::from).into());
+
+    // A real leave is still seen at once.
+    b.leave().await.unwrap();
+    within("b is gone", a.view().wait_until(|n| n.len() == 2)).await;
+    a.leave().await.unwrap();
+    c.leave().await.unwrap();
     clean(&prefix).await;
 }
 

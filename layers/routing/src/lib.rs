@@ -29,6 +29,13 @@
 //! a local `Service<Envelope>` and acknowledges it only after that service took it. Messages
 //! are handled one at a time, so one sender's messages arrive in the order sent.
 //!
+//! **Authentication** is optional: with a [`ClusterSecret`] in [`ForwardConfig::secret`] every
+//! envelope is signed (HMAC-SHA256 over its metadata and payload, [`Envelope::sign`]) before
+//! it is sent, and with the same secret in [`ReceiveConfig::secret`] a receiver dead-letters
+//! what is unsigned, forged, or sent outside the replay window, and refuses replays (see
+//! [`receive`]). A party that can publish to the broker but does not know the secret then
+//! cannot get a message to a client.
+//!
 //! The wire form is [`Envelope::to_message`]: the payload is the AMQP body, bytes as they are;
 //! routing metadata travels as headers. No JSON wrapping, no base64.
 //!
@@ -96,6 +103,8 @@
 //! ```
 //!
 //! [`MessageId`]: hybrid_cluster_core::MessageId
+//! [`ClusterSecret`]: hybrid_cluster_core::ClusterSecret
+//! [`Envelope::sign`]: hybrid_cluster_core::Envelope::sign
 //! [`Envelope::to_message`]: hybrid_cluster_core::Envelope::to_message
 
 #![forbid(unsafe_code)]

@@ -9,15 +9,16 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt, TryStreamExt, stream};
 use hybrid_cluster_core::{
-    AmqpUrl, BrokerError, ClusterPrefix, ConsumeOptions, Envelope, GroupName, MessageId, NodeId,
-    QueueOptions, Target,
+    AmqpUrl, Broker, BrokerError, ClusterPrefix, ClusterSecret, ConsumeOptions, Envelope,
+    GroupName, MessageId, NodeId, QueueOptions, RoutingKey, Target,
 };
 use hybrid_cluster_routing::{
-    Forward, ForwardError, NodeTopology, RabbitBroker, RabbitConfig, RabbitError, Receiver,
-    StatsHandle,
+    Forward, ForwardConfig, ForwardError, NodeTopology, RabbitBroker, RabbitConfig, RabbitError,
+    ReceiveConfig, Receiver, StatsHandle,
 };
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
 };
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::mpsc;
@@ -110,6 +111,10 @@ struct Node {
 }
 
 async fn start_node(broker: Arc<RabbitBroker>, name: &str) -> Node {
+    start_node_with(broker, name, ReceiveConfig::default()).await
+}
+
+async fn start_node_with(broker: Arc<RabbitBroker>, name: &str, config: ReceiveConfig) -> Node {
     let topology = NodeTopology::declare(broker, node_id(name), &queue_options())
         .await
         .unwrap();
@@ -117,7 +122,7 @@ async fn start_node(broker: Arc<RabbitBroker>, name: &str) -> Node {
         .consume(&ConsumeOptions { prefetch: 64 })
         .await
         .unwrap();
-    let receiver = Receiver::new(deliveries);
+    let receiver = Receiver::with_config(deliveries, config);
     let stats = receiver.stats();
     let (tx, inbox) = mpsc::channel(1024);
     let local = service_fn(move |envelope: Envelope| {
@@ -383,9 +388,15 @@ async fn a_malformed_message_is_dead_lettered_and_good_ones_keep_flowing() {
     let to_b = |t: &str| text("a", Target::Node(node_id("b")), t);
 
     send_all(&forward, vec![to_b("before")]).await;
-    // Someone else publishes to node b's key without the envelope headers.
+    // Someone else publishes to node b's key without the envelope headers. With confirms on,
+    // so that the junk is in the queue before "after" is sent (without them the publish
+    // resolves at once and races the next one).
     let raw = raw_connection().await;
     let channel = raw.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     channel
         .basic_publish(
             cluster.prefix.as_str().into(),
@@ -424,6 +435,91 @@ async fn a_malformed_message_is_dead_lettered_and_good_ones_keep_flowing() {
         .expect("the consumer is open")
         .unwrap();
     assert_eq!(dead.data, b"not an envelope");
+    b.leave().await;
+    cluster.clean_up().await;
+}
+
+#[tokio::test]
+async fn signed_traffic_flows_and_forged_messages_are_dead_lettered() {
+    let cluster = Cluster::new("signed");
+    let secret = ClusterSecret::new("the cluster secret of this test").unwrap();
+    let broker_a = cluster.broker("a").await;
+    let config = ReceiveConfig::default().with_secret(secret.clone());
+    let mut b = start_node_with(cluster.broker("b").await, "b", config).await;
+    let forward = Forward::with_config(
+        broker_a.clone(),
+        ForwardConfig::default().with_secret(secret.clone()),
+    );
+    let to_b = |t: &str| text("a", Target::Node(node_id("b")), t);
+
+    send_all(&forward, vec![to_b("before")]).await;
+    // Someone with access to the broker but not the secret: an unsigned envelope, one signed
+    // with a guessed secret, and a captured signed one whose payload was replaced.
+    let intruder = cluster.broker("intruder").await;
+    let key = RoutingKey::Node(node_id("b"));
+    intruder
+        .publish(&key, to_b("forged: unsigned").to_message().unwrap())
+        .await
+        .unwrap();
+    let mut guessed = to_b("forged: guessed secret");
+    guessed.sign(&ClusterSecret::new("a guess at the cluster secret").unwrap());
+    intruder
+        .publish(&key, guessed.to_message().unwrap())
+        .await
+        .unwrap();
+    let mut captured = to_b("before");
+    captured.sign(&secret);
+    let mut altered = captured.to_message().unwrap();
+    altered.body = "forged: altered".into();
+    intruder.publish(&key, altered).await.unwrap();
+    send_all(&forward, vec![to_b("after")]).await;
+
+    let first = b.recv().await;
+    assert_eq!(first.payload_text(), Some("before"));
+    assert!(
+        first.signature.is_some(),
+        "the forwarding service signed it"
+    );
+    assert_eq!(b.recv().await.payload_text(), Some("after"));
+    let stats = b.stats.get();
+    assert_eq!(
+        (stats.handled, stats.rejected, stats.dead_lettered),
+        (2, 3, 3)
+    );
+
+    // The refused messages reach the cluster's dead-letter queue, for inspection.
+    let raw = raw_connection().await;
+    let channel = raw.create_channel().await.unwrap();
+    let mut dead_letters = channel
+        .basic_consume(
+            broker_a.dead_letter_name().into(),
+            "dead-letter-check".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let dead = tokio::time::timeout(Duration::from_secs(10), dead_letters.next())
+            .await
+            .expect("a dead letter in time")
+            .expect("the consumer is open")
+            .unwrap();
+        bodies.push(String::from_utf8(dead.data).unwrap());
+    }
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        [
+            "forged: altered",
+            "forged: guessed secret",
+            "forged: unsigned"
+        ]
+    );
     b.leave().await;
     cluster.clean_up().await;
 }

@@ -9,8 +9,10 @@
 //!   tower's `ConcurrencyLimit` does), then [`Broker::poll_flow`]: pending while the broker
 //!   pushes back (flow control, a lost connection being restored), an error once the broker
 //!   has been unreachable for longer than its bound, or was closed.
-//! - **Call**: checks the payload size, encodes the envelope ([`Envelope::to_message`]: the
-//!   payload is the body as it is, metadata goes in headers) and publishes it. The message
+//! - **Call**: checks the payload size, signs the envelope when the service has a
+//!   [`ClusterSecret`] ([`Envelope::sign`]: receivers with the secret refuse unsigned and
+//!   forged messages), encodes it ([`Envelope::to_message`]: the payload is the body as it
+//!   is, metadata goes in headers) and publishes it. The message
 //!   is ordered when `call` is made: envelopes sent one after another through one service
 //!   reach each node in that order, even when their futures are awaited together.
 //! - **Response**: the future resolves `Ok(())` once the broker confirmed the message, or
@@ -50,7 +52,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use hybrid_cluster_core::{Broker, Envelope};
+use hybrid_cluster_core::{Broker, ClusterSecret, Envelope};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
@@ -65,15 +67,28 @@ pub struct ForwardConfig {
     /// The largest payload sent, in bytes; larger ones fail with
     /// [`ForwardError::PayloadTooLarge`] before reaching the broker.
     pub max_payload: usize,
+    /// The cluster secret every envelope is signed with before it is sent, if the cluster has
+    /// one. An envelope that arrives already signed is signed again: the service signs what it
+    /// sends.
+    pub secret: Option<ClusterSecret>,
 }
 
 impl Default for ForwardConfig {
-    /// 256 messages in flight, payloads up to 8 MiB.
+    /// 256 messages in flight, payloads up to 8 MiB, no signing.
     fn default() -> Self {
         Self {
             max_in_flight: 256,
             max_payload: 8 * 1024 * 1024,
+            secret: None,
         }
+    }
+}
+
+impl ForwardConfig {
+    /// Signs every envelope sent with `secret`.
+    pub fn with_secret(mut self, secret: ClusterSecret) -> Self {
+        self.secret = Some(secret);
+        self
     }
 }
 
@@ -91,6 +106,7 @@ pub struct Forward<B: ?Sized> {
     acquire: Option<Acquire>,
     permit: Option<OwnedSemaphorePermit>,
     max_payload: usize,
+    secret: Option<ClusterSecret>,
 }
 
 impl<B: Broker + ?Sized> Forward<B> {
@@ -107,6 +123,7 @@ impl<B: Broker + ?Sized> Forward<B> {
             acquire: None,
             permit: None,
             max_payload: config.max_payload,
+            secret: config.secret,
         }
     }
 
@@ -131,6 +148,7 @@ impl<B: ?Sized> Clone for Forward<B> {
             acquire: None,
             permit: None,
             max_payload: self.max_payload,
+            secret: self.secret.clone(),
         }
     }
 }
@@ -142,6 +160,7 @@ impl<B: fmt::Debug + ?Sized> fmt::Debug for Forward<B> {
             .field("available_permits", &self.semaphore.available_permits())
             .field("ready", &self.permit.is_some())
             .field("max_payload", &self.max_payload)
+            .field("signing", &self.secret.is_some())
             .finish()
     }
 }
@@ -172,7 +191,7 @@ impl<B: Broker + ?Sized> Service<Envelope> for Forward<B> {
         self.broker.poll_flow(cx).map_err(ForwardError::Broker)
     }
 
-    fn call(&mut self, envelope: Envelope) -> Self::Future {
+    fn call(&mut self, mut envelope: Envelope) -> Self::Future {
         let Some(permit) = self.permit.take() else {
             return ResponseFuture::failed(ForwardError::NotReady);
         };
@@ -181,6 +200,9 @@ impl<B: Broker + ?Sized> Service<Envelope> for Forward<B> {
                 len: envelope.payload.len(),
                 max: self.max_payload,
             });
+        }
+        if let Some(secret) = &self.secret {
+            envelope.sign(secret);
         }
         let message = match envelope.to_message() {
             Ok(message) => message,

@@ -205,6 +205,7 @@ async fn failures_are_typed_and_nothing_is_sent_for_refused_envelopes() {
         ForwardConfig {
             max_in_flight: 4,
             max_payload: 8,
+            ..ForwardConfig::default()
         },
     );
 

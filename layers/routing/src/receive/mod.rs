@@ -8,10 +8,19 @@
 //! 1. the message is read back into an [`Envelope`] ([`Envelope::from_message`]). A
 //!    malformed message is **dead-lettered** with a `tracing` warning that names what was
 //!    wrong (never the payload), and the loop goes on;
-//! 2. a message whose id was handled within the last
-//!    [`dedupe_window`](ReceiveConfig::dedupe_window) messages is a **duplicate** (a
-//!    redelivery after a reconnect, or a sender's retry): it is acknowledged and dropped;
-//! 3. otherwise the destination is polled ready and called; when its future resolves `Ok`
+//! 2. when the receiver has a [`ClusterSecret`](ReceiveConfig::secret), the envelope is
+//!    **authenticated** ([`Envelope::verify`]): a message that is unsigned, whose MAC does not
+//!    match (forged, altered, another cluster's secret), or whose send time is more than
+//!    [`replay_window`](ReceiveConfig::replay_window) away from this node's clock is
+//!    **dead-lettered** with a warning naming its claimed origin, its id and the reason (never
+//!    the payload), and counted in [`ReceiveStats::rejected`];
+//! 3. a message whose id was handled before is a **duplicate** (a redelivery after a
+//!    reconnect, a sender's retry, or a replay): it is acknowledged and dropped, and counted
+//!    in [`ReceiveStats::duplicates`]. Without a secret, "before" means within the last
+//!    [`dedupe_window`](ReceiveConfig::dedupe_window) messages. With one, the ids of every
+//!    signed message handled within the replay window are remembered, so no replay gets
+//!    through (see [Replays](#replays));
+//! 4. otherwise the destination is polled ready and called; when its future resolves `Ok`
 //!    the message is **acknowledged**. When it resolves with an error, the destination has
 //!    refused the message: it is dead-lettered with a warning.
 //!
@@ -24,6 +33,22 @@
 //! handed over whose acknowledgement is lost (the connection dropped) is delivered again and
 //! then dropped as a duplicate: delivery between nodes is **at least once, with duplicates
 //! suppressed within the window**.
+//!
+//! # Replays
+//!
+//! With a secret, a captured signed message published again is refused either way: within the
+//! replay window its id is remembered (dropped as a duplicate: acknowledged, not handed over,
+//! counted in `duplicates`, exactly like a genuine redelivery, which it cannot be told from);
+//! outside the window it is stale (dead-lettered, counted in `rejected`). The memory is bounded
+//! by [`replay_capacity`](ReceiveConfig::replay_capacity) ids: when more signed messages than
+//! that are handled within one window, the oldest ids are forgotten early and any message sent
+//! before the newest forgotten one is refused as stale too (a warning says so once). So a
+//! replay never gets through; the cost of a full memory is that a message delayed longer than
+//! the time the last `replay_capacity` messages span (queued behind them, or from a sender
+//! whose clock is behind) is dead-lettered. At the default 65,536 ids and 60 s, that takes
+//! more than 1,000 messages a second on one node. The window itself must exceed the longest
+//! time a message may wait in a queue (a broker outage): older messages are dead-lettered,
+//! never handed over.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -54,6 +79,7 @@
 //! ```
 
 mod dedupe;
+mod replay;
 
 use std::fmt;
 use std::future::{Future, poll_fn};
@@ -61,15 +87,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_core::future::BoxFuture;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use hybrid_cluster_core::{BoxError, BrokerError, Deliveries, Delivery, Envelope, MessageId};
+use hybrid_cluster_core::{
+    AuthError, BoxError, BrokerError, ClusterSecret, DEFAULT_REPLAY_WINDOW, Deliveries, Delivery,
+    Envelope, MessageId,
+};
 use tower_service::Service;
 use tracing::{debug, warn};
 
 use self::dedupe::Dedupe;
+use self::replay::{ReplayMemory, Seen};
 use crate::error::ReceiveError;
 
 /// Settlements in progress, at most, before the loop waits for one to complete.
@@ -80,16 +111,38 @@ const MAX_SETTLING: usize = 1024;
 pub struct ReceiveConfig {
     /// How many of the last handled message ids are remembered to drop duplicates. It should
     /// exceed the consumer's prefetch plus the senders' publishes in flight, the most that
-    /// can be delivered again after a reconnect. 0 turns duplicate suppression off.
+    /// can be delivered again after a reconnect. 0 turns duplicate suppression off. Not used
+    /// with a [`secret`](ReceiveConfig::secret), where the replay memory takes its place.
     pub dedupe_window: usize,
+    /// The cluster secret: when set, only messages signed with it are handed over (see the
+    /// [module docs](self)).
+    pub secret: Option<ClusterSecret>,
+    /// With a secret, how far a message's send time may be from this node's clock, either
+    /// way. Default 60 s.
+    pub replay_window: Duration,
+    /// With a secret, how many ids of messages handled within the replay window are
+    /// remembered at most (see [Replays](self#replays)). Default 65,536.
+    pub replay_capacity: usize,
 }
 
 impl Default for ReceiveConfig {
-    /// A window of 16,384 ids.
+    /// A dedupe window of 16,384 ids; no secret; with one, a replay window of 60 s and a
+    /// replay memory of 65,536 ids.
     fn default() -> Self {
         Self {
             dedupe_window: 16_384,
+            secret: None,
+            replay_window: DEFAULT_REPLAY_WINDOW,
+            replay_capacity: 65_536,
         }
+    }
+}
+
+impl ReceiveConfig {
+    /// Hands over only messages signed with `secret`.
+    pub fn with_secret(mut self, secret: ClusterSecret) -> Self {
+        self.secret = Some(secret);
+        self
     }
 }
 
@@ -100,8 +153,11 @@ pub struct ReceiveStats {
     pub handled: u64,
     /// Duplicates dropped (and acknowledged).
     pub duplicates: u64,
-    /// Messages dead-lettered: malformed, or refused by the destination.
+    /// Messages dead-lettered: malformed, refused by the destination, or rejected.
     pub dead_lettered: u64,
+    /// Of the messages dead-lettered, those that failed authentication: unsigned, forged, or
+    /// sent outside the replay window.
+    pub rejected: u64,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +165,7 @@ struct Counters {
     handled: AtomicU64,
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
+    rejected: AtomicU64,
 }
 
 /// A handle that reads a [`Receiver`]'s [`ReceiveStats`] while it runs.
@@ -122,6 +179,7 @@ impl StatsHandle {
             handled: self.0.handled.load(Ordering::Relaxed),
             duplicates: self.0.duplicates.load(Ordering::Relaxed),
             dead_lettered: self.0.dead_lettered.load(Ordering::Relaxed),
+            rejected: self.0.rejected.load(Ordering::Relaxed),
         }
     }
 }
@@ -131,7 +189,42 @@ impl StatsHandle {
 pub struct Receiver {
     deliveries: Deliveries,
     dedupe: Dedupe,
+    auth: Option<Auth>,
     counters: Arc<Counters>,
+}
+
+/// What a receiver with a secret checks.
+struct Auth {
+    secret: ClusterSecret,
+    window: Duration,
+    memory: ReplayMemory,
+    /// Whether the memory filled up within the window (warned once).
+    full: bool,
+}
+
+/// Why a message was refused by authentication.
+enum Rejection {
+    Auth(AuthError),
+    Forgotten,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auth(error) => error.fmt(f),
+            Self::Forgotten => {
+                f.write_str("it was sent before the oldest message the replay memory still holds")
+            }
+        }
+    }
+}
+
+fn millis_since_epoch(time: SystemTime) -> u64 {
+    let millis = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    u64::try_from(millis).unwrap_or(u64::MAX)
 }
 
 impl Receiver {
@@ -142,9 +235,19 @@ impl Receiver {
 
     /// A receiver of `deliveries` as `config` says.
     pub fn with_config(deliveries: Deliveries, config: ReceiveConfig) -> Self {
+        let auth = config.secret.map(|secret| Auth {
+            secret,
+            window: config.replay_window,
+            memory: ReplayMemory::new(
+                config.replay_capacity,
+                u64::try_from(config.replay_window.as_millis()).unwrap_or(u64::MAX),
+            ),
+            full: false,
+        });
         Self {
             deliveries,
             dedupe: Dedupe::new(config.dedupe_window),
+            auth,
             counters: Arc::default(),
         }
     }
@@ -169,6 +272,7 @@ impl Receiver {
         let Self {
             mut deliveries,
             mut dedupe,
+            mut auth,
             counters,
         } = self;
         let mut settling = FuturesUnordered::new();
@@ -207,7 +311,39 @@ impl Receiver {
                 }
             };
             let id = envelope.id;
-            if dedupe.contains(&id) {
+            let sent_ms = millis_since_epoch(envelope.sent_at);
+            let now = SystemTime::now();
+            let duplicate = match &auth {
+                None => dedupe.contains(&id),
+                Some(auth) => {
+                    let checked = envelope
+                        .verify(&auth.secret, now, auth.window)
+                        .map_err(Rejection::Auth)
+                        .and_then(|()| match auth.memory.check(id, sent_ms) {
+                            Seen::New => Ok(false),
+                            Seen::Before => Ok(true),
+                            Seen::Forgotten => Err(Rejection::Forgotten),
+                        });
+                    match checked {
+                        Ok(duplicate) => duplicate,
+                        Err(reason) => {
+                            // The origin is as claimed: nothing vouches for it.
+                            warn!(
+                                claimed_origin = %envelope.origin,
+                                message_id = %id,
+                                redelivered,
+                                %reason,
+                                "unauthenticated message dead-lettered"
+                            );
+                            counters.rejected.fetch_add(1, Ordering::Relaxed);
+                            counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                            settle(&mut settling, acker.dead_letter()).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if duplicate {
                 debug!(message_id = %id, redelivered, "duplicate message dropped");
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
                 settle(&mut settling, acker.ack()).await;
@@ -217,7 +353,20 @@ impl Receiver {
             if let Err(e) = poll_fn(|cx| destination.poll_ready(cx)).await {
                 break Err(ReceiveError::Service(e.into()));
             }
-            match destination.call(envelope).await {
+            let outcome = destination.call(envelope).await;
+            if let Some(auth) = &mut auth {
+                // Handed over, taken or refused: a replay of it is refused from now on.
+                if auth.memory.insert(id, sent_ms, millis_since_epoch(now)) && !auth.full {
+                    auth.full = true;
+                    warn!(
+                        capacity = auth.memory.len(),
+                        window = ?auth.window,
+                        "the replay memory is full: messages sent before the oldest id it \
+                         holds are dead-lettered; raise ReceiveConfig::replay_capacity"
+                    );
+                }
+            }
+            match outcome {
                 Ok(_) => {
                     dedupe.insert(id);
                     counters.handled.fetch_add(1, Ordering::Relaxed);
@@ -251,8 +400,13 @@ impl Receiver {
 
 impl fmt::Debug for Receiver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let remembered = match &self.auth {
+            Some(auth) => auth.memory.len(),
+            None => self.dedupe.len(),
+        };
         f.debug_struct("Receiver")
-            .field("remembered_ids", &self.dedupe.len())
+            .field("remembered_ids", &remembered)
+            .field("authenticating", &self.auth.is_some())
             .field("stats", &StatsHandle(Arc::clone(&self.counters)).get())
             .finish_non_exhaustive()
     }

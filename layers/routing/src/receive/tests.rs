@@ -227,3 +227,224 @@ async fn the_loop_ends_with_its_deliveries() {
     let ended = tokio::time::timeout(Duration::from_secs(5), run).await;
     assert!(matches!(ended, Ok(Ok(Ok(())))));
 }
+
+mod authenticated {
+    use std::time::SystemTime;
+
+    use hybrid_cluster_core::{AuthError, ClusterSecret};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{Forward, ForwardConfig};
+
+    fn secret() -> ClusterSecret {
+        ClusterSecret::new("the cluster secret of these tests").unwrap()
+    }
+
+    /// Taken by the tests that reach the rejection warning: tracing caches a callsite's
+    /// interest when it is first hit, and a test hitting it on another thread while the
+    /// capturing test sets its subscriber can make the capture miss it.
+    static REJECTION_CALLSITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    fn signed_config() -> ReceiveConfig {
+        ReceiveConfig::default().with_secret(secret())
+    }
+
+    fn signing(broker: &Arc<MemoryBroker>) -> Forward<MemoryBroker> {
+        Forward::with_config(
+            broker.clone(),
+            ForwardConfig::default().with_secret(secret()),
+        )
+    }
+
+    async fn publish(broker: &MemoryBroker, to: &NodeId, message: BrokerMessage) {
+        broker
+            .publish(&RoutingKey::Node(to.clone()), message)
+            .await
+            .unwrap();
+    }
+
+    /// Runs a receiver with `config` on `b`'s queue until `expected` payloads arrived, in order,
+    /// and returns its counts.
+    async fn receive(
+        broker: &MemoryBroker,
+        b: &NodeId,
+        config: ReceiveConfig,
+        expected: &[&str],
+    ) -> ReceiveStats {
+        let deliveries = broker.consume(b, &ConsumeOptions::default()).await.unwrap();
+        let receiver = Receiver::with_config(deliveries, config);
+        let stats = receiver.stats();
+        let (tx, mut rx) = mpsc::channel(16);
+        let run = receiver.run(channel_destination(tx));
+        let check = async {
+            for text in expected {
+                assert_eq!(recv(&mut rx).await.payload_text(), Some(*text));
+            }
+        };
+        tokio::select! {
+            result = run => panic!("the receiver stopped: {result:?}"),
+            () = check => {}
+        }
+        assert!(rx.try_recv().is_err(), "nothing more was handed over");
+        assert_eq!(broker.queue_len(b), Some(0));
+        stats.get()
+    }
+
+    #[tokio::test]
+    async fn signed_messages_flow_while_unsigned_and_forged_ones_are_dead_lettered() {
+        let _serial = REJECTION_CALLSITE.lock().await;
+        let capture = Capture::default();
+        let _guard = tracing::subscriber::set_default(capture.clone());
+        let broker = Arc::new(MemoryBroker::new());
+        let b = node_queue(&broker, "b").await;
+        let forward = signing(&broker);
+        let to_b = |text: &str| Envelope::text(node("a"), Target::Node(b.clone()), text);
+
+        forward.clone().oneshot(to_b("one")).await.unwrap();
+        // Unsigned, as a node without the secret sends.
+        let unsigned = to_b("top-secret-unsigned");
+        send(&broker, &unsigned).await;
+        // Signed with another cluster's secret.
+        let mut other = to_b("top-secret-other-secret");
+        other.sign(&ClusterSecret::new("another cluster's secret, as long").unwrap());
+        send(&broker, &other).await;
+        // Signed, then its payload replaced on the way.
+        let mut altered = to_b("one");
+        altered.sign(&secret());
+        let mut message = altered.to_message().unwrap();
+        message.body = "top-secret-injected".into();
+        publish(&broker, &b, message).await;
+        // Signed, then its target moved to the broadcast key by someone without the secret.
+        let mut moved = to_b("top-secret-moved");
+        moved.sign(&secret());
+        let mut message = moved.to_message().unwrap();
+        message.headers.insert("hc-origin".into(), "c".into());
+        publish(&broker, &b, message).await;
+        forward.clone().oneshot(to_b("two")).await.unwrap();
+
+        let stats = receive(&broker, &b, signed_config(), &["one", "two"]).await;
+        assert_eq!(
+            (stats.handled, stats.rejected, stats.dead_lettered),
+            (2, 4, 4)
+        );
+        assert_eq!(broker.dead_letters().len(), 4);
+
+        let logged = capture.0.lock().clone();
+        assert_eq!(
+            logged
+                .matches("unauthenticated message dead-lettered")
+                .count(),
+            4,
+            "{logged}"
+        );
+        for (id, reason) in [
+            (unsigned.id, "not signed"),
+            (other.id, "signature does not match"),
+            (altered.id, "signature does not match"),
+        ] {
+            let line = logged
+                .lines()
+                .find(|line| line.contains(&id.to_string()))
+                .unwrap_or_else(|| panic!("a warning names {id}: {logged}"));
+            assert!(line.contains("claimed_origin=a"), "{line}");
+            assert!(line.contains(reason), "{line}");
+            assert!(line.starts_with("WARN"), "{line}");
+        }
+        assert!(logged.contains("claimed_origin=c"), "{logged}");
+        assert!(
+            !logged.contains("top-secret"),
+            "never the payload: {logged}"
+        );
+        assert!(
+            !logged.contains("cluster secret"),
+            "never the secret: {logged}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_receiver_without_the_secret_still_reads_signed_messages() {
+        let broker = Arc::new(MemoryBroker::new());
+        let b = node_queue(&broker, "b").await;
+        signing(&broker)
+            .oneshot(Envelope::text(node("a"), Target::Node(b.clone()), "signed"))
+            .await
+            .unwrap();
+        let stats = receive(&broker, &b, ReceiveConfig::default(), &["signed"]).await;
+        assert_eq!((stats.handled, stats.rejected), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_replayed_message_is_refused_and_counted() {
+        let broker = Arc::new(MemoryBroker::new());
+        let b = node_queue(&broker, "b").await;
+        let mut captured = Envelope::text(node("a"), Target::Node(b.clone()), "pay 10");
+        captured.sign(&secret());
+        let captured = captured.to_message().unwrap();
+        publish(&broker, &b, captured.clone()).await;
+        // The same message, published again by someone who captured it.
+        publish(&broker, &b, captured.clone()).await;
+        let mut end = Envelope::text(node("a"), Target::Node(b.clone()), "end");
+        end.sign(&secret());
+        send(&broker, &end).await;
+
+        let stats = receive(&broker, &b, signed_config(), &["pay 10", "end"]).await;
+        // Acknowledged and dropped, as a redelivery would be: it never reached the destination.
+        assert_eq!((stats.handled, stats.duplicates, stats.rejected), (2, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_replay_is_refused_even_once_its_id_is_forgotten() {
+        let _serial = REJECTION_CALLSITE.lock().await;
+        let broker = Arc::new(MemoryBroker::new());
+        let b = node_queue(&broker, "b").await;
+        // A memory of one id: the first message's id is forgotten when the second is handled.
+        let config = ReceiveConfig {
+            replay_capacity: 1,
+            ..signed_config()
+        };
+        let first = Envelope::text(node("a"), Target::Node(b.clone()), "first");
+        let signed = |text: &str, after_first_ms: u64| {
+            let mut envelope = Envelope::text(node("a"), Target::Node(b.clone()), text);
+            envelope.sent_at = first.sent_at + Duration::from_millis(after_first_ms);
+            envelope.sign(&secret());
+            envelope
+        };
+        let captured = signed("first", 0).to_message().unwrap();
+        publish(&broker, &b, captured.clone()).await;
+        send(&broker, &signed("second", 1)).await;
+        publish(&broker, &b, captured).await;
+        send(&broker, &signed("end", 2)).await;
+
+        let stats = receive(&broker, &b, config, &["first", "second", "end"]).await;
+        assert_eq!((stats.handled, stats.duplicates, stats.rejected), (3, 0, 1));
+    }
+
+    #[tokio::test]
+    async fn stale_and_future_messages_are_dead_lettered() {
+        let _serial = REJECTION_CALLSITE.lock().await;
+        let broker = Arc::new(MemoryBroker::new());
+        let b = node_queue(&broker, "b").await;
+        let window = ReceiveConfig::default().replay_window;
+        let beyond = window + Duration::from_secs(5);
+        for sent_at in [SystemTime::now() - beyond, SystemTime::now() + beyond] {
+            let mut envelope = Envelope::text(node("a"), Target::Node(b.clone()), "old news");
+            envelope.sent_at = sent_at;
+            envelope.sign(&secret());
+            assert!(matches!(
+                envelope.verify(&secret(), SystemTime::now(), window),
+                Err(AuthError::Stale { .. } | AuthError::FromTheFuture { .. })
+            ));
+            send(&broker, &envelope).await;
+        }
+        signing(&broker)
+            .oneshot(Envelope::text(node("a"), Target::Node(b.clone()), "fresh"))
+            .await
+            .unwrap();
+        let stats = receive(&broker, &b, signed_config(), &["fresh"]).await;
+        assert_eq!(
+            (stats.handled, stats.rejected, stats.dead_lettered),
+            (1, 2, 2)
+        );
+    }
+}
