@@ -11,7 +11,9 @@
 //! and redirects use, default 127.0.0.1), `--redis URL` and `--amqp URL` (both, or neither for
 //! a lone node on the embedded backends), `--strategy
 //! least-connections|round-robin|least-resource-usage|random|p2c`, `--max-connections N`,
-//! `--prefix P`, `--heartbeat-ms MS`. `RUST_LOG` sets the log level (default `info`).
+//! `--prefix P`, `--heartbeat-ms MS`. `RUST_LOG` sets the log level (default `info`);
+//! `HYBRID_CLUSTER_SECRET` (at least 16 bytes, the same on every node) signs node-to-node
+//! traffic.
 //!
 //! Serves `ws://HOST:P/ws` (the protocol of `hybrid_cluster::protocol`), `GET /cluster` (a
 //! status page), `GET /cluster/nodes`, `GET /healthz` and `GET /metrics` (Prometheus text
@@ -100,7 +102,12 @@ fn parse_args() -> Result<(ClusterConfig, Backends), BoxError> {
         }
         _ => return Err(format!("give both --redis and --amqp, or neither\n{USAGE}").into()),
     };
-    let mut config = ClusterConfig::new(node_id, address, port);
+    // The cluster secret, when HYBRID_CLUSTER_SECRET is set: never on the command line, where
+    // other users of the machine could read it.
+    let mut config = ClusterConfig::new(node_id, address, port).with_secret_from_env()?;
+    if config.secret.is_some() {
+        tracing::info!("HYBRID_CLUSTER_SECRET is set: node-to-node traffic is signed");
+    }
     config.strategy = chosen_strategy;
     config.prefix = prefix;
     if let Some(max) = max_connections {

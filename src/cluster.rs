@@ -10,7 +10,9 @@ use hybrid_cluster_core::{
     NodeId, NodeInfo, NodeStatus, PayloadKind, Registry, Target,
 };
 use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
-use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker, RabbitConfig, Receiver};
+use hybrid_cluster_routing::{
+    Forward, NodeTopology, RabbitBroker, RabbitConfig, ReceiveConfig, Receiver,
+};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
@@ -231,7 +233,14 @@ impl fmt::Debug for Cluster {
 impl Cluster {
     /// Starts this node: connects the backends, declares its queue, registers it, and starts
     /// receiving. Fails, naming the problem, when a backend cannot be reached.
-    pub async fn start(config: ClusterConfig, backends: Backends) -> Result<Self, ClusterError> {
+    pub async fn start(
+        mut config: ClusterConfig,
+        backends: Backends,
+    ) -> Result<Self, ClusterError> {
+        if let Some(secret) = &config.secret {
+            config.forward.secret = Some(secret.clone());
+            config.discovery = config.discovery.clone().with_secret(secret.clone());
+        }
         let (registry, broker): (Arc<dyn Registry>, Arc<dyn Broker>) = match backends {
             Backends::Embedded { registry, broker } => (Arc::new(registry), Arc::new(broker)),
             Backends::Servers { redis, amqp } => {
@@ -301,6 +310,11 @@ impl Cluster {
         });
 
         let receiving = {
+            let receive = ReceiveConfig {
+                secret: node.config.secret.clone(),
+                replay_window: node.config.replay_window,
+                ..ReceiveConfig::default()
+            };
             let weak = Arc::downgrade(&node);
             let destination = tower::service_fn(move |envelope: Envelope| {
                 let node = Weak::upgrade(&weak);
@@ -316,7 +330,10 @@ impl Cluster {
             });
             let node_id = node.id.clone();
             tokio::spawn(async move {
-                if let Err(error) = Receiver::new(deliveries).run(destination).await {
+                if let Err(error) = Receiver::with_config(deliveries, receive)
+                    .run(destination)
+                    .await
+                {
                     tracing::error!(node = %node_id, %error, "stopped receiving messages");
                 }
             })

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use hybrid_cluster_balance::{PlacementPolicy, Strategy};
 use hybrid_cluster_core::node::DEFAULT_ENDPOINT;
-use hybrid_cluster_core::{AmqpUrl, ClusterPrefix, NodeId, QueueOptions, RedisUrl};
+use hybrid_cluster_core::{
+    AmqpUrl, ClusterPrefix, ClusterSecret, ConfigError, DEFAULT_REPLAY_WINDOW, NodeId,
+    QueueOptions, RedisUrl, SECRET_ENV,
+};
 use hybrid_cluster_discovery::DiscoveryConfig;
 use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
 use hybrid_cluster_routing::ForwardConfig;
@@ -104,6 +107,14 @@ pub struct ClusterConfig {
     pub forward: ForwardConfig,
     /// How long a shutdown waits for clients to close before it leaves anyway. Default 5 s.
     pub shutdown_grace: Duration,
+    /// The cluster secret. When set, every node-to-node message and every node record is
+    /// signed with it (HMAC-SHA256), and unsigned or forged ones are refused: see the
+    /// README's security section. Every node of a cluster needs the same one. Default none;
+    /// [`ClusterConfig::with_secret_from_env`] reads `HYBRID_CLUSTER_SECRET`.
+    pub secret: Option<ClusterSecret>,
+    /// With a secret, how far a message's send time may be from this node's clock before it
+    /// is refused as a replay. Default 60 s.
+    pub replay_window: Duration,
 }
 
 impl ClusterConfig {
@@ -124,6 +135,24 @@ impl ClusterConfig {
             queue: QueueOptions::default(),
             forward: ForwardConfig::default(),
             shutdown_grace: Duration::from_secs(5),
+            secret: None,
+            replay_window: DEFAULT_REPLAY_WINDOW,
         }
+    }
+
+    /// Signs and checks node-to-node traffic with `secret`.
+    pub fn with_secret(mut self, secret: ClusterSecret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
+    /// Takes the cluster secret from the environment variable `HYBRID_CLUSTER_SECRET` when it
+    /// is set (an empty or short value is an error naming the variable, never its value); an
+    /// unset variable leaves the configuration as it is.
+    pub fn with_secret_from_env(mut self) -> Result<Self, ConfigError> {
+        if let Some(secret) = ClusterSecret::from_env(SECRET_ENV)? {
+            self.secret = Some(secret);
+        }
+        Ok(self)
     }
 }

@@ -26,9 +26,10 @@ pub use handle::{ClusterConnection, ClusterHandle, ConnectionSlot};
 pub use hybrid::{HybridCluster, HybridClusterLayer};
 pub use hybrid_cluster_balance::{PlacementPolicy, Strategy};
 pub use hybrid_cluster_core::{
-    AmqpUrl, Broker, BrokerError, BrokerMessage, ClusterPrefix, ConfigError, ConnectionId,
-    ConnectionIds, Envelope, GroupName, Incarnation, MessageId, NodeId, NodeInfo, NodeStatus,
-    PayloadKind, PublishError, QueueOptions, RedisUrl, Registry, RegistryError, RoutingKey, Target,
+    AmqpUrl, Broker, BrokerError, BrokerMessage, ClusterPrefix, ClusterSecret, ConfigError,
+    ConnectionId, ConnectionIds, Envelope, GroupName, Incarnation, MessageId, NodeId, NodeInfo,
+    NodeStatus, PayloadKind, PublishError, QueueOptions, RedisUrl, Registry, RegistryError,
+    RoutingKey, Target,
 };
 pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
 pub use local::{CloseFrame, Inbox, InboxItem};

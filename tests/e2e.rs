@@ -1188,3 +1188,52 @@ async fn a_send_to_a_connection_gone_on_another_node_comes_back_as_an_error() {
     b.shutdown().await;
     tc.assert_left_nothing(&[]).await;
 }
+
+#[tokio::test]
+async fn a_signed_cluster_refuses_messages_from_outside() {
+    let tc = TestCluster::new("signed");
+    let secret = hybrid_cluster::ClusterSecret::new("the secret of this test cluster").unwrap();
+    let a = tc.start("a", |c| c.secret = Some(secret.clone())).await;
+    let b = tc.start("b", |c| c.secret = Some(secret.clone())).await;
+    a.wait_for_members(&[&a, &b]).await;
+    let alice = Client::connect(&a).await;
+    let mut bob = Client::connect(&b).await;
+    let mut alice = alice;
+
+    // An intruder who reaches RabbitMQ but has no secret publishes a well-formed envelope for
+    // bob, claiming to come from alice on node a.
+    use hybrid_cluster::Broker as _;
+    let intruder = hybrid_cluster::routing::RabbitBroker::connect(
+        &amqp_url(),
+        &tc.prefix,
+        hybrid_cluster::routing::RabbitConfig::default(),
+    )
+    .await
+    .unwrap();
+    let forged = hybrid_cluster::Envelope::text(
+        a.id().clone(),
+        hybrid_cluster::Target::Connection(bob.connection_id()),
+        r#""forged""#,
+    )
+    .with_sender(alice.connection_id());
+    intruder
+        .publish(&forged.routing_key(), forged.to_message().unwrap())
+        .await
+        .unwrap();
+    intruder.close().await;
+
+    // Then a signed message through the cluster. Both went to b's queue in that order, so had
+    // the forged one been handed over, bob would see it first.
+    alice
+        .send(json!({"op": "send", "to": bob.id, "data": "signed", "id": 1}))
+        .await;
+    assert_eq!(alice.next_json().await, json!({"type": "ack", "id": 1}));
+    assert_eq!(
+        bob.next_json().await,
+        json!({"type": "message", "from": alice.id, "data": "signed"})
+    );
+
+    a.shutdown().await;
+    b.shutdown().await;
+    tc.assert_left_nothing(&[]).await;
+}
