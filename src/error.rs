@@ -72,14 +72,4 @@ impl SendError {
     }
 }
 
-/// An error with its sources, for one line of a log or a reply.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use hybrid_cluster_core::error::error_chain;

@@ -89,11 +89,7 @@ pub struct Redirect {
 impl Redirect {
     /// The URL of the node's endpoint, e.g. `ws://10.0.0.5:5001/ws` (IPv6 in brackets).
     pub fn ws_url(&self) -> String {
-        if self.address.contains(':') && !self.address.starts_with('[') {
-            format!("ws://[{}]:{}{}", self.address, self.port, self.endpoint)
-        } else {
-            format!("ws://{}:{}{}", self.address, self.port, self.endpoint)
-        }
+        hybrid_cluster_core::node::ws_url(&self.address, self.port, &self.endpoint)
     }
 }
 

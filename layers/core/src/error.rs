@@ -109,3 +109,23 @@ impl BrokerError {
         matches!(self, Self::Unavailable { .. } | Self::Overloaded { .. })
     }
 }
+
+/// An error with all its sources, joined by `": "`, for one line of a log or a reply.
+///
+/// ```
+/// use hybrid_cluster_core::error::error_chain;
+/// use hybrid_cluster_core::RegistryError;
+///
+/// let error = RegistryError::Unavailable { source: "connection refused".into() };
+/// assert_eq!(error_chain(&error), "the registry is unreachable: connection refused");
+/// ```
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

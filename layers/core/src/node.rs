@@ -346,11 +346,7 @@ impl NodeInfo {
 
     /// The URL clients use to reach this node's WebSocket endpoint, e.g. `ws://10.0.0.5:5001/ws`.
     pub fn ws_url(&self) -> String {
-        if self.address.contains(':') && !self.address.starts_with('[') {
-            format!("ws://[{}]:{}{}", self.address, self.port, self.endpoint)
-        } else {
-            format!("ws://{}:{}{}", self.address, self.port, self.endpoint)
-        }
+        ws_url(&self.address, self.port, &self.endpoint)
     }
 
     /// Checks the values that JSON alone cannot: percentages in range, a usable address, port
@@ -515,6 +511,16 @@ pub enum NodeRecordError {
     /// The record's signature does not match: forged, altered, or another cluster's secret.
     #[error("node record signature does not match (forged, altered, or another cluster's secret)")]
     BadSignature,
+}
+
+/// The WebSocket URL of an endpoint, e.g. `ws://10.0.0.5:5001/ws`; an IPv6 address is put in
+/// brackets.
+pub fn ws_url(address: &str, port: u16, endpoint: &str) -> String {
+    if address.contains(':') && !address.starts_with('[') {
+        format!("ws://[{address}]:{port}{endpoint}")
+    } else {
+        format!("ws://{address}:{port}{endpoint}")
+    }
 }
 
 /// The wall-clock time now, cut to the millisecond precision records and envelopes carry, so

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use hybrid_cluster_core::error::error_chain;
 use hybrid_cluster_core::node::now_millis;
 use hybrid_cluster_core::{NodeInfo, NodeStatus, Registry};
 use parking_lot::Mutex;
@@ -117,18 +118,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// An error with its sources, for one log line.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl Registrar {

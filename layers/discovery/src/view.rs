@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::config::DiscoveryConfig;
 use crate::discover::NodeDiscover;
-use crate::registrar::error_chain;
+use hybrid_cluster_core::error::error_chain;
 
 /// How long after a peer's lease should have run out its record is checked: Redis removes an
 /// expired key exactly when read, so a few milliseconds suffice.
