@@ -86,15 +86,12 @@ impl ClusterHandle {
     fn envelope(&self, target: Target, kind: PayloadKind, payload: Bytes) -> Envelope {
         let mut envelope = Envelope::new(self.node.id.clone(), target, kind, payload);
         envelope.sender = self.sender.clone();
-        TraceContext::start(envelope.id).inject(&mut envelope);
         envelope
     }
 
     /// The span of one send, carrying the trace id the receiving node's span will carry too.
     fn span(&self, kind: &'static str, envelope: &Envelope) -> tracing::Span {
-        let trace_id = TraceContext::of(envelope)
-            .map(|context| context.trace_id_hex())
-            .unwrap_or_default();
+        let trace_id = TraceContext::of(envelope).trace_id_hex();
         tracing::info_span!(
             "hybrid_cluster.send",
             node = %self.node.id,

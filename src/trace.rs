@@ -1,10 +1,13 @@
 //! Trace context across nodes: one message's life as one trace.
 //!
-//! Every envelope carries a W3C `traceparent` header (`00-{trace id}-{span id}-01`). The
-//! sending node records a `hybrid_cluster.send` span and the receiving node a
-//! `hybrid_cluster.deliver` span, both with the field `trace_id`, so one trace id finds the
-//! send on node A and the delivery on node B in the logs (or in any tracing backend that reads
-//! span fields). A new message starts a trace whose id is its message id.
+//! A message's trace id travels with it: the sending node records a `hybrid_cluster.send` span
+//! and the receiving node a `hybrid_cluster.deliver` span, both with the field `trace_id`, so
+//! one trace id finds the send on node A and the delivery on node B in the logs (or in any
+//! tracing backend that reads span fields).
+//!
+//! A new message starts a trace whose id is its message id, which every node reads from the
+//! message itself: nothing more travels. A message that continues another trace carries it in
+//! a W3C `traceparent` header (`00-{trace id}-{span id}-01`), which wins.
 
 use std::fmt;
 
@@ -53,12 +56,14 @@ impl TraceContext {
         })
     }
 
-    /// The context an envelope carries, if any.
-    pub fn of(envelope: &Envelope) -> Option<Self> {
+    /// The context of an envelope: its `traceparent` header when it has a valid one, else
+    /// the trace its message id started.
+    pub fn of(envelope: &Envelope) -> Self {
         envelope
             .headers
             .get(HEADER_TRACEPARENT)
             .and_then(|value| Self::parse(value))
+            .unwrap_or_else(|| Self::start(envelope.id))
     }
 
     /// Puts this context on an envelope.
