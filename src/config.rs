@@ -33,9 +33,10 @@ impl SlowClientPolicy {
 }
 
 impl Default for SlowClientPolicy {
-    /// [`SlowClientPolicy::DropOldest`].
+    /// Close with 1013 ("try again later"): a client that falls behind learns it, and can
+    /// reconnect and catch up, rather than miss messages without knowing.
     fn default() -> Self {
-        Self::DropOldest
+        Self::CLOSE_TRY_AGAIN_LATER
     }
 }
 
@@ -99,7 +100,7 @@ pub struct ClusterConfig {
     pub discovery: DiscoveryConfig,
     /// Messages a connection's inbox holds at most. Default 1,024.
     pub inbox_capacity: usize,
-    /// What a connection whose inbox is full gets. Default drop the oldest.
+    /// What a connection whose inbox is full gets. Default close with 1013.
     pub slow_client: SlowClientPolicy,
     /// The node's queue in the broker.
     pub queue: QueueOptions,

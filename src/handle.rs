@@ -2,16 +2,18 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use hybrid_cluster_core::Broker;
 use hybrid_cluster_core::{
     ConnectionId, Envelope, GroupName, MessageId, NodeId, NodeInfo, PayloadKind, Target,
 };
-use hybrid_cluster_routing::ForwardError;
+use hybrid_cluster_routing::{Forward, ForwardError};
 use parking_lot::Mutex;
 use tokio::time::Instant;
-use tower::ServiceExt;
+use tower_service::Service;
 use tracing::Instrument;
 
 use crate::cluster::Node;
@@ -101,23 +103,13 @@ impl ClusterHandle {
         )
     }
 
-    fn forward(&self, envelope: Envelope) -> BoxFuture<'static, Result<(), ForwardError>> {
-        let node = Arc::clone(&self.node);
-        // Boxed as `Send` first, where the lifetimes are concrete.
-        let send: BoxFuture<'static, Result<(), ForwardError>> =
-            Box::pin(self.node.forward.clone().oneshot(envelope));
-        Box::pin(async move {
-            let result = send.await;
-            node.metrics.in_flight(in_flight(&node));
-            result
-        })
-    }
-
-    /// Records a send's outcome and duration.
-    fn record<T, E>(&self, kind: &'static str, started: Instant, result: &Result<T, E>) {
-        self.node
-            .metrics
-            .sent(kind, result.is_ok(), started.elapsed().as_secs_f64());
+    /// A sender that keeps this handle's messages in order while several are in flight: see
+    /// [`OrderedSender`].
+    pub fn ordered(&self) -> OrderedSender {
+        OrderedSender {
+            forward: self.node.forward.clone(),
+            handle: self.clone(),
+        }
     }
 
     /// Sends `payload` to the connection `to`, wherever it is, and returns the message's id.
@@ -129,62 +121,18 @@ impl ClusterHandle {
     /// Fails with [`SendError::NotFound`] when the connection does not exist (on this node,
     /// checked at once; on another node, when the id belongs to a previous run of it), and
     /// with [`SendError::Unreachable`] when its node is gone or the broker refused.
+    ///
+    /// Sends awaited one after another arrive in that order; to keep several in flight and
+    /// still in order, use [`ClusterHandle::ordered`].
     pub async fn send(
         &self,
         to: &ConnectionId,
         kind: PayloadKind,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, SendError> {
-        let started = Instant::now();
-        let envelope = self.envelope(Target::Connection(to.clone()), kind, payload.into());
-        let span = self.span("unicast", &envelope);
-        let result = self.send_inner(to, envelope).instrument(span).await;
-        self.record("unicast", started, &result);
-        result
-    }
-
-    async fn send_inner(
-        &self,
-        to: &ConnectionId,
-        envelope: Envelope,
-    ) -> Result<MessageId, SendError> {
-        let id = envelope.id;
-        let not_found = || SendError::NotFound {
-            connection: to.clone(),
-        };
-        if to.node() == &self.node.id {
-            if to.incarnation() != self.node.incarnation {
-                return Err(not_found());
-            }
-            return self
-                .node
-                .local
-                .deliver_to(to, InboxItem::Message(Arc::new(envelope)))
-                .map(|()| id)
-                .map_err(|_| not_found());
-        }
-        match self.node.discovery.view().node(to.node()) {
-            None => {
-                return Err(SendError::Unreachable {
-                    node: to.node().clone(),
-                    source: None,
-                });
-            }
-            Some(info) if info.incarnation != to.incarnation() => return Err(not_found()),
-            Some(_) => {}
-        }
-        self.forward(envelope)
-            .await
-            .map(|()| id)
-            .map_err(|error| match error {
-                ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => {
-                    SendError::Invalid(error)
-                }
-                _ => SendError::Unreachable {
-                    node: to.node().clone(),
-                    source: Some(error),
-                },
-            })
+        let mut sender = self.ordered();
+        sender.ready().await?;
+        sender.send(to, kind, payload).await
     }
 
     /// Sends a text message to the connection `to` (see [`ClusterHandle::send`]).
@@ -205,24 +153,9 @@ impl ClusterHandle {
         kind: PayloadKind,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, SendError> {
-        let started = Instant::now();
-        let envelope = self.envelope(Target::Broadcast, kind, payload.into());
-        let id = envelope.id;
-        let span = self.span("broadcast", &envelope);
-        self.node.local.deliver_all(&Arc::new(envelope.clone()));
-        let result = self
-            .forward(envelope)
-            .instrument(span)
-            .await
-            .map(|()| id)
-            .map_err(|error| match error {
-                ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => {
-                    SendError::Invalid(error)
-                }
-                _ => SendError::Broadcast(error),
-            });
-        self.record("broadcast", started, &result);
-        result
+        let mut sender = self.ordered();
+        sender.ready().await?;
+        sender.broadcast(kind, payload).await
     }
 
     /// Broadcasts a text message (see [`ClusterHandle::broadcast`]).
@@ -238,22 +171,9 @@ impl ClusterHandle {
         kind: PayloadKind,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, SendError> {
-        let started = Instant::now();
-        let envelope = self.envelope(Target::Group(group.clone()), kind, payload.into());
-        let id = envelope.id;
-        let span = self.span("group", &envelope);
-        self.node
-            .local
-            .deliver_group(group, &Arc::new(envelope.clone()));
-        let result = match self.forward(envelope).instrument(span).await {
-            Ok(()) | Err(ForwardError::Unroutable { .. }) => Ok(id),
-            Err(error @ (ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. })) => {
-                Err(SendError::Invalid(error))
-            }
-            Err(error) => Err(SendError::Broadcast(error)),
-        };
-        self.record("group", started, &result);
-        result
+        let mut sender = self.ordered();
+        sender.ready().await?;
+        sender.send_to_group(group, kind, payload).await
     }
 
     /// Sends a text message to a group (see [`ClusterHandle::send_to_group`]).
@@ -328,6 +248,223 @@ impl ClusterHandle {
             return Ok(());
         }
         self.change_membership(group, false).await
+    }
+}
+
+/// A send that was started: resolves once the message is in its local inboxes and confirmed
+/// by the broker, or with the reason it failed.
+#[must_use = "a confirmation holds a place of the node's bound on unconfirmed messages until it is polled to the end"]
+pub struct Confirmation {
+    id: MessageId,
+    outcome: BoxFuture<'static, Result<MessageId, SendError>>,
+}
+
+impl Confirmation {
+    /// The id of the message, known as soon as it is started.
+    pub fn message_id(&self) -> MessageId {
+        self.id
+    }
+}
+
+impl fmt::Debug for Confirmation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Confirmation")
+            .field("message_id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::future::Future for Confirmation {
+    type Output = Result<MessageId, SendError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.outcome.as_mut().poll(cx)
+    }
+}
+
+/// Sends in order with several messages in flight.
+///
+/// A message is placed in the broker's order when it is *started* ([`send`], [`broadcast`],
+/// [`send_to_group`] return its [`Confirmation`] at once), so messages started one after
+/// another through one `OrderedSender` reach every connection in that order, however their
+/// confirmations are awaited. Each start takes one place of the node's bound on unconfirmed
+/// messages: wait for [`ready`](OrderedSender::ready) (or poll
+/// [`poll_ready`](OrderedSender::poll_ready)) before each, and keep polling the confirmations,
+/// which give the places back. A socket task pipelining a client's requests uses one.
+///
+/// [`send`]: OrderedSender::send
+/// [`broadcast`]: OrderedSender::broadcast
+/// [`send_to_group`]: OrderedSender::send_to_group
+pub struct OrderedSender {
+    handle: ClusterHandle,
+    forward: Forward<dyn Broker>,
+}
+
+impl fmt::Debug for OrderedSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrderedSender")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid_or(error: ForwardError, otherwise: impl FnOnce(ForwardError) -> SendError) -> SendError {
+    match error {
+        ForwardError::Encode(_) | ForwardError::PayloadTooLarge { .. } => SendError::Invalid(error),
+        error => otherwise(error),
+    }
+}
+
+impl OrderedSender {
+    /// Whether a message can be started now: `Pending` while the node's bound on unconfirmed
+    /// messages is reached or the broker pushes back.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        let node = &self.handle.node;
+        self.forward
+            .poll_ready(cx)
+            .map_err(|error| SendError::Unreachable {
+                node: node.id.clone(),
+                source: Some(error),
+            })
+    }
+
+    /// Waits until a message can be started.
+    pub async fn ready(&mut self) -> Result<(), SendError> {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    /// Starts `envelope` through the broker; `ready` must have answered first.
+    fn publish(
+        &mut self,
+        kind: &'static str,
+        envelope: Envelope,
+        map_error: impl FnOnce(ForwardError) -> Result<(), SendError> + Send + 'static,
+        local: Option<Result<MessageId, SendError>>,
+    ) -> Confirmation {
+        let handle = self.handle.clone();
+        let id = envelope.id;
+        let span = handle.span(kind, &envelope);
+        let started = Instant::now();
+        let publishing = match local {
+            // Settled here (delivered locally, or refused): nothing for the broker.
+            Some(outcome) => Err(outcome),
+            None => Ok(span.in_scope(|| self.forward.call(envelope))),
+        };
+        let outcome = Box::pin(
+            async move {
+                let result = match publishing {
+                    Err(outcome) => outcome,
+                    Ok(publishing) => {
+                        let published = publishing.await;
+                        handle.node.metrics.in_flight(in_flight(&handle.node));
+                        match published {
+                            Ok(()) => Ok(id),
+                            Err(error) => map_error(error).map(|()| id),
+                        }
+                    }
+                };
+                handle
+                    .node
+                    .metrics
+                    .sent(kind, result.is_ok(), started.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        );
+        Confirmation { id, outcome }
+    }
+
+    /// Starts sending `payload` to the connection `to` (see [`ClusterHandle::send`]). On this
+    /// node it is delivered at once; to another, it is placed in the broker's order now.
+    pub fn send(
+        &mut self,
+        to: &ConnectionId,
+        kind: PayloadKind,
+        payload: impl Into<Bytes>,
+    ) -> Confirmation {
+        let handle = &self.handle;
+        let envelope = handle.envelope(Target::Connection(to.clone()), kind, payload.into());
+        let id = envelope.id;
+        let not_found = || SendError::NotFound {
+            connection: to.clone(),
+        };
+        let node = &handle.node;
+        if to.node() == &node.id {
+            let outcome = if to.incarnation() != node.incarnation {
+                Err(not_found())
+            } else {
+                node.local
+                    .deliver_to(to, InboxItem::Message(Arc::new(envelope.clone())))
+                    .map(|()| id)
+                    .map_err(|_| not_found())
+            };
+            return self.publish("unicast", envelope, |_| Ok(()), Some(outcome));
+        }
+        let outcome = match node.discovery.view().node(to.node()) {
+            None => Some(Err(SendError::Unreachable {
+                node: to.node().clone(),
+                source: None,
+            })),
+            Some(info) if info.incarnation != to.incarnation() => Some(Err(not_found())),
+            Some(_) => None,
+        };
+        let target = to.node().clone();
+        self.publish(
+            "unicast",
+            envelope,
+            move |error| {
+                Err(invalid_or(error, |error| SendError::Unreachable {
+                    node: target,
+                    source: Some(error),
+                }))
+            },
+            outcome,
+        )
+    }
+
+    /// Starts a broadcast (see [`ClusterHandle::broadcast`]): this node's connections get it
+    /// at once, the others' through the broker.
+    pub fn broadcast(&mut self, kind: PayloadKind, payload: impl Into<Bytes>) -> Confirmation {
+        let envelope = self
+            .handle
+            .envelope(Target::Broadcast, kind, payload.into());
+        self.handle
+            .node
+            .local
+            .deliver_all(&Arc::new(envelope.clone()));
+        self.publish(
+            "broadcast",
+            envelope,
+            |error| Err(invalid_or(error, SendError::Broadcast)),
+            None,
+        )
+    }
+
+    /// Starts a group message (see [`ClusterHandle::send_to_group`]): this node's members get
+    /// it at once, the other nodes' through the broker.
+    pub fn send_to_group(
+        &mut self,
+        group: &GroupName,
+        kind: PayloadKind,
+        payload: impl Into<Bytes>,
+    ) -> Confirmation {
+        let envelope = self
+            .handle
+            .envelope(Target::Group(group.clone()), kind, payload.into());
+        self.handle
+            .node
+            .local
+            .deliver_group(group, &Arc::new(envelope.clone()));
+        self.publish(
+            "group",
+            envelope,
+            |error| match error {
+                // No node bound to the group: nobody (else) to reach.
+                ForwardError::Unroutable { .. } => Ok(()),
+                error => Err(invalid_or(error, SendError::Broadcast)),
+            },
+            None,
+        )
     }
 }
 

@@ -39,7 +39,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, SplitSink};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hybrid_cluster_core::{
     ConnectionId, Envelope, GroupName, MessageId, NodeInfo, PayloadKind, Target,
 };
@@ -47,7 +47,7 @@ use serde_json::value::RawValue;
 
 use crate::cluster::Cluster;
 use crate::error::SendError;
-use crate::handle::{ClusterConnection, ClusterHandle};
+use crate::handle::{ClusterConnection, ClusterHandle, OrderedSender};
 use crate::local::InboxItem;
 use crate::protocol::{ClientOp, ServerMessage};
 
@@ -189,25 +189,35 @@ pub async fn serve_connection(
         return;
     }
     let sent = Arc::new(SentIds::default());
+    // Requests are started in the order they came, through one ordered sender, so one
+    // client's messages reach every connection in the order it sent them; their replies
+    // (acks, errors) are written in that order too, while several await the broker.
+    let mut sender = handle.ordered();
+    let mut queued: VecDeque<String> = VecDeque::new();
     let mut pending = FuturesOrdered::new();
     loop {
-        let reading = pending.len() < config.max_pending_per_connection;
+        let reading = pending.len() + queued.len() < config.max_pending_per_connection;
         let mut closing = false;
         let outgoing: Vec<Message> = tokio::select! {
             item = inbox.next() => match item {
-                Some(InboxItem::Message(envelope)) => vec![Message::Text(render(&envelope).into())],
-                Some(InboxItem::Undeliverable(notice)) => {
-                    let id = sent.client_id(notice.message_id);
-                    let message = format!(
-                        "message {} was not delivered: connection {} is gone",
-                        notice.message_id, notice.to
-                    );
-                    vec![Message::Text(error_reply(id.as_deref(), "not_found", &message).into())]
-                }
-                Some(InboxItem::Close(frame)) => {
-                    closing = true;
-                    let close = WsCloseFrame { code: frame.code, reason: Utf8Bytes::from(frame.reason) };
-                    vec![Message::Close(Some(close))]
+                Some(item) => {
+                    let mut frames = Vec::new();
+                    // Whatever else is queued already goes out in the same write.
+                    let mut next = Some(item);
+                    while let Some(item) = next.take() {
+                        match item {
+                            InboxItem::Close(frame) => {
+                                closing = true;
+                                let close = WsCloseFrame { code: frame.code, reason: Utf8Bytes::from(frame.reason) };
+                                frames.push(Message::Close(Some(close)));
+                            }
+                            item => frames.push(Message::Text(inbox_frame(&item, &sent).into())),
+                        }
+                        if !closing && frames.len() < WRITE_BATCH {
+                            next = inbox.next().now_or_never().flatten();
+                        }
+                    }
+                    frames
                 }
                 None => break,
             },
@@ -215,12 +225,20 @@ pub async fn serve_connection(
                 let replies: Vec<String> = replies;
                 replies.into_iter().map(|reply| Message::Text(reply.into())).collect()
             }
+            ready = sender.ready(), if !queued.is_empty() => {
+                let Some(text) = queued.pop_front() else { continue };
+                match ready {
+                    Ok(()) => pending.push_back(start_op(&mut sender, &handle, &sent, &text)),
+                    Err(error) => {
+                        let id = ClientOp::parse(&text).ok().and_then(|op| op.id().map(ToOwned::to_owned));
+                        pending.push_back(Box::pin(std::future::ready(vec![send_error_reply(id.as_deref(), &error)])));
+                    }
+                }
+                Vec::new()
+            }
             frame = stream.next(), if reading => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    // Boxed as `Send` here, where the lifetimes are concrete.
-                    let reply: BoxFuture<'static, Vec<String>> =
-                        Box::pin(handle_op(handle.clone(), Arc::clone(&sent), text.to_string()));
-                    pending.push_back(reply);
+                    queued.push_back(text.to_string());
                     Vec::new()
                 }
                 Some(Ok(Message::Binary(_))) => vec![Message::Text(
@@ -242,6 +260,25 @@ pub async fn serve_connection(
         if closing {
             break;
         }
+    }
+}
+
+/// Inbox items written to the socket in one go, at most.
+const WRITE_BATCH: usize = 64;
+
+/// The frame a client gets for an inbox item other than a close.
+fn inbox_frame(item: &InboxItem, sent: &SentIds) -> String {
+    match item {
+        InboxItem::Message(envelope) => render(envelope),
+        InboxItem::Undeliverable(notice) => {
+            let id = sent.client_id(notice.message_id);
+            let message = format!(
+                "message {} was not delivered: connection {} is gone",
+                notice.message_id, notice.to
+            );
+            error_reply(id.as_deref(), "not_found", &message)
+        }
+        _ => error_reply(None, "internal", "an unknown notice arrived"),
     }
 }
 
@@ -333,66 +370,70 @@ fn ack(id: Option<&RawValue>) -> Option<String> {
     id.map(|id| ServerMessage::Ack { id }.to_json())
 }
 
-/// Carries out one request; returns the replies to send, in order.
-async fn handle_op(handle: ClusterHandle, sent: Arc<SentIds>, text: String) -> Vec<String> {
-    let op = match ClientOp::parse(&text) {
+/// Starts one request, in order: sends are placed in the broker's order now (the sender was
+/// ready); the future resolves to the replies to write, in order, once they are confirmed.
+fn start_op(
+    sender: &mut OrderedSender,
+    handle: &ClusterHandle,
+    sent: &Arc<SentIds>,
+    text: &str,
+) -> BoxFuture<'static, Vec<String>> {
+    let op = match ClientOp::parse(text) {
         Ok(op) => op,
-        Err(bad) => return vec![error_reply(bad.id.as_deref(), "bad_request", &bad.message)],
+        Err(bad) => {
+            let replies = vec![error_reply(bad.id.as_deref(), "bad_request", &bad.message)];
+            return Box::pin(std::future::ready(replies));
+        }
     };
     let id: Option<Box<RawValue>> = op.id().map(ToOwned::to_owned);
-    let outcome = match op {
+    let bad_request =
+        |message: String, id: Option<Box<RawValue>>| -> BoxFuture<'static, Vec<String>> {
+            Box::pin(std::future::ready(
+                Outcome::BadRequest(message).replies(id.as_deref()),
+            ))
+        };
+    let joining = matches!(op, ClientOp::Join { .. });
+    let confirmation = match op {
         ClientOp::Send { to, data, .. } => match to.parse::<ConnectionId>() {
             Ok(to) => {
-                let result = handle
-                    .send(&to, PayloadKind::Text, data.get().to_owned())
-                    .await;
-                if let (Ok(message_id), Some(id)) = (&result, &id) {
+                let confirmation = sender.send(&to, PayloadKind::Text, data.get().to_owned());
+                if let Some(id) = &id {
                     // A notice may come back for it: remember whose request it was.
-                    sent.remember(*message_id, id.clone());
+                    sent.remember(confirmation.message_id(), id.clone());
                 }
-                Outcome::Sent(result.map(|_| ()))
+                confirmation
             }
-            Err(e) => Outcome::BadRequest(e.to_string()),
+            Err(e) => return bad_request(e.to_string(), id),
         },
-        ClientOp::Broadcast { data, .. } => Outcome::Sent(
-            handle
-                .broadcast(PayloadKind::Text, data.get().to_owned())
-                .await
-                .map(|_| ()),
-        ),
+        ClientOp::Broadcast { data, .. } => {
+            sender.broadcast(PayloadKind::Text, data.get().to_owned())
+        }
         ClientOp::Group { group, data, .. } => match GroupName::new(&group) {
-            Ok(group) => Outcome::Sent(
-                handle
-                    .send_to_group(&group, PayloadKind::Text, data.get().to_owned())
-                    .await
-                    .map(|_| ()),
-            ),
-            Err(e) => Outcome::BadRequest(e.to_string()),
+            Ok(group) => sender.send_to_group(&group, PayloadKind::Text, data.get().to_owned()),
+            Err(e) => return bad_request(e.to_string(), id),
         },
-        ClientOp::Join { group, .. } => match GroupName::new(&group) {
-            Ok(group) => {
-                let result = handle.join(&group).await;
+        ClientOp::Join { group, .. } | ClientOp::Leave { group, .. } => {
+            let group = match GroupName::new(&group) {
+                Ok(group) => group,
+                Err(e) => return bad_request(e.to_string(), id),
+            };
+            let handle = handle.clone();
+            return Box::pin(async move {
+                let result = if joining {
+                    handle.join(&group).await
+                } else {
+                    handle.leave(&group).await
+                };
                 Outcome::Membership {
-                    joined: true,
+                    joined: joining,
                     group,
                     result,
                 }
-            }
-            Err(e) => Outcome::BadRequest(e.to_string()),
-        },
-        ClientOp::Leave { group, .. } => match GroupName::new(&group) {
-            Ok(group) => {
-                let result = handle.leave(&group).await;
-                Outcome::Membership {
-                    joined: false,
-                    group,
-                    result,
-                }
-            }
-            Err(e) => Outcome::BadRequest(e.to_string()),
-        },
+                .replies(id.as_deref())
+            });
+        }
     };
-    outcome.replies(id.as_deref())
+    Box::pin(async move { Outcome::Sent(confirmation.await.map(|_| ())).replies(id.as_deref()) })
 }
 
 /// What came of one request.

@@ -1237,3 +1237,46 @@ async fn a_signed_cluster_refuses_messages_from_outside() {
     b.shutdown().await;
     tc.assert_left_nothing(&[]).await;
 }
+
+#[tokio::test]
+async fn one_clients_messages_arrive_in_the_order_it_sent_them() {
+    let tc = TestCluster::new("order");
+    let a = tc.start("a", |_| {}).await;
+    // Room for the whole burst: this test is about order, not about slow clients.
+    let b = tc.start("b", |c| c.inbox_capacity = 8192).await;
+    a.wait_for_members(&[&a, &b]).await;
+    let mut alice = Client::connect(&a).await;
+    let mut bob = Client::connect(&b).await;
+
+    // A burst with no ids: the server keeps many sends in flight at once.
+    const COUNT: u64 = 3000;
+    let burst: Vec<Message> = (0..COUNT)
+        .map(|n| Message::text(json!({"op": "send", "to": bob.id, "data": n}).to_string()))
+        .collect();
+    let sending = async {
+        for frame in burst {
+            alice.ws.feed(frame).await.unwrap();
+        }
+        alice.ws.flush().await.unwrap();
+    };
+    let receiving = async {
+        let mut received = Vec::with_capacity(COUNT as usize);
+        while (received.len() as u64) < COUNT {
+            received.push(bob.next_json().await["data"].as_u64().unwrap());
+        }
+        received
+    };
+    let ((), received) = tokio::join!(sending, receiving);
+    let out_of_order = received.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    assert_eq!(
+        out_of_order,
+        0,
+        "first: {:?}",
+        &received[..20.min(received.len())]
+    );
+    assert_eq!(received.last(), Some(&(COUNT - 1)));
+
+    a.shutdown().await;
+    b.shutdown().await;
+    tc.assert_left_nothing(&[]).await;
+}
