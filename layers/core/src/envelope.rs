@@ -1,18 +1,17 @@
 //! The envelope: one message between nodes.
 //!
 //! On the wire (see [`Envelope::to_message`]) the payload is the message body, bytes as they
-//! are; everything else travels beside it as headers:
+//! are; everything else travels beside it, in as few headers as possible (a broker pays for
+//! each header of each message):
 //!
 //! | header | value |
 //! |---|---|
 //! | message id | the [`MessageId`], 32 hex digits (AMQP's `message_id` property) |
-//! | `hc-origin` | the sending node's id |
-//! | `hc-target` | `connection:{connection id}`, `node:{node id}`, `broadcast` or `group:{group}` |
-//! | `hc-sender` | the sending connection's id, when a connection sent it |
-//! | `hc-kind` | `text` (the payload is UTF-8) or `binary` |
-//! | `hc-sent-at` | when it was sent, milliseconds since the Unix epoch, by the sender's clock |
+//! | `hc-meta` | `1 {kind} {sent at} {origin} {sender} {target}`, separated by single spaces: the format version `1`; `t` (text: the payload is UTF-8) or `b` (binary); when it was sent, milliseconds since the Unix epoch by the sender's clock; the sending node's id; the sending connection's id, or `-` when no connection sent it; and last (a group name may hold spaces) the target: `connection:{connection id}`, `node:{node id}`, `broadcast` or `group:{group}` |
 //! | `hc-mac` | when the cluster has a [`ClusterSecret`]: the HMAC-SHA256 of the envelope, 64 lowercase hex digits |
 //! | anything else | extension headers (trace context), carried as they are |
+//!
+//! For example `1 t 1796024644123 node-a node-a:5f0c6a3e9b1d2c47:42 connection:node-b:00000000000000a1:7`.
 //!
 //! # What the MAC covers
 //!
@@ -20,9 +19,9 @@
 //! fields, each written as its length in bytes (8 bytes, big-endian) followed by its bytes:
 //!
 //! 1. the domain `hybrid-cluster envelope v1`;
-//! 2. the message id (32 lowercase hex digits), the origin, the target (as in `hc-target`),
+//! 2. the message id (32 lowercase hex digits), the origin, the target (as in `hc-meta`),
 //!    the sender (empty when none), the kind (`text` or `binary`), the send time (decimal
-//!    milliseconds, as in `hc-sent-at`);
+//!    milliseconds, as in `hc-meta`);
 //! 3. the number of extension headers (8 bytes, big-endian), then each header's name and
 //!    value, in name order (`hc-mac` is not among them);
 //! 4. the payload.
@@ -43,16 +42,10 @@ use crate::broker::{BrokerMessage, RoutingKey};
 use crate::connection::ConnectionId;
 use crate::node::NodeId;
 
-/// Header naming the sending node.
-pub const HEADER_ORIGIN: &str = "hc-origin";
-/// Header naming the target.
-pub const HEADER_TARGET: &str = "hc-target";
-/// Header naming the sending connection.
-pub const HEADER_SENDER: &str = "hc-sender";
-/// Header telling text from binary payloads.
-pub const HEADER_KIND: &str = "hc-kind";
-/// Header with the send time in milliseconds since the Unix epoch.
-pub const HEADER_SENT_AT: &str = "hc-sent-at";
+/// Header with the envelope's routing metadata (see the [module docs](self)).
+pub const HEADER_META: &str = "hc-meta";
+/// The version of the `hc-meta` format this crate writes and reads.
+const META_VERSION: &str = "1";
 /// Header with the envelope's MAC (64 hex digits), when it is signed.
 pub const HEADER_MAC: &str = "hc-mac";
 
@@ -240,7 +233,7 @@ impl Target {
 
     fn decode(value: &str) -> Result<Self, EnvelopeError> {
         let invalid = |reason| EnvelopeError::InvalidHeader {
-            name: HEADER_TARGET,
+            name: HEADER_META,
             reason,
         };
         if value == "broadcast" {
@@ -440,13 +433,23 @@ impl Envelope {
             }
             headers.insert(name.clone(), value.clone());
         }
-        headers.insert(HEADER_ORIGIN.to_owned(), self.origin.to_string());
-        headers.insert(HEADER_TARGET.to_owned(), self.target.encode());
-        if let Some(sender) = &self.sender {
-            headers.insert(HEADER_SENDER.to_owned(), sender.to_string());
-        }
-        headers.insert(HEADER_KIND.to_owned(), self.kind.as_str().to_owned());
-        headers.insert(HEADER_SENT_AT.to_owned(), self.sent_at_ms().to_string());
+        let kind = match self.kind {
+            PayloadKind::Text => "t",
+            PayloadKind::Binary => "b",
+        };
+        let sender = self
+            .sender
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string);
+        headers.insert(
+            HEADER_META.to_owned(),
+            format!(
+                "{META_VERSION} {kind} {} {} {sender} {}",
+                self.sent_at_ms(),
+                self.origin,
+                self.target.encode()
+            ),
+        );
         if let Some(signature) = &self.signature {
             headers.insert(HEADER_MAC.to_owned(), signature.to_string());
         }
@@ -466,34 +469,37 @@ impl Envelope {
             body,
         } = message;
         let id = message_id.parse()?;
-        let mut take = |name: &'static str| {
-            headers
-                .remove(name)
-                .ok_or(EnvelopeError::MissingHeader { name })
+        let meta = headers.remove(HEADER_META).ok_or(EnvelopeError::MissingHeader {
+            name: HEADER_META,
+        })?;
+        let invalid = |reason| EnvelopeError::InvalidHeader {
+            name: HEADER_META,
+            reason,
         };
-        let origin =
-            NodeId::new(take(HEADER_ORIGIN)?).map_err(|_| EnvelopeError::InvalidHeader {
-                name: HEADER_ORIGIN,
-                reason: "the node id is invalid",
-            })?;
-        let target = Target::decode(&take(HEADER_TARGET)?)?;
-        let kind = match take(HEADER_KIND)?.as_str() {
-            "text" => PayloadKind::Text,
-            "binary" => PayloadKind::Binary,
-            _ => {
-                return Err(EnvelopeError::InvalidHeader {
-                    name: HEADER_KIND,
-                    reason: "expected text or binary",
-                });
-            }
+        let mut fields = meta.splitn(6, ' ');
+        let mut field = |what| fields.next().ok_or(invalid(what));
+        if field("the format version is missing")? != META_VERSION {
+            return Err(invalid("unknown format version (this node reads version 1)"));
+        }
+        let kind = match field("the kind is missing")? {
+            "t" => PayloadKind::Text,
+            "b" => PayloadKind::Binary,
+            _ => return Err(invalid("the kind is not t or b")),
         };
-        let sent_at_ms: u64 =
-            take(HEADER_SENT_AT)?
-                .parse()
-                .map_err(|_| EnvelopeError::InvalidHeader {
-                    name: HEADER_SENT_AT,
-                    reason: "expected milliseconds since the Unix epoch",
-                })?;
+        let sent_at_ms: u64 = field("the send time is missing")?
+            .parse()
+            .map_err(|_| invalid("the send time is not milliseconds since the Unix epoch"))?;
+        let origin = NodeId::new(field("the origin is missing")?)
+            .map_err(|_| invalid("the origin node id is invalid"))?;
+        let sender = match field("the sender is missing")? {
+            "-" => None,
+            sender => Some(
+                sender
+                    .parse()
+                    .map_err(|_| invalid("the sender connection id is invalid"))?,
+            ),
+        };
+        let target = Target::decode(field("the target is missing")?)?;
         let signature = match headers.remove(HEADER_MAC) {
             None => None,
             Some(mac) => Some(
@@ -502,13 +508,6 @@ impl Envelope {
                     reason: "expected 64 hex digits",
                 })?,
             ),
-        };
-        let sender = match headers.remove(HEADER_SENDER) {
-            None => None,
-            Some(sender) => Some(sender.parse().map_err(|_| EnvelopeError::InvalidHeader {
-                name: HEADER_SENDER,
-                reason: "the connection id is invalid",
-            })?),
         };
         if let Some(name) = headers
             .keys()
@@ -601,10 +600,11 @@ mod tests {
         let message = envelope.to_message().unwrap();
         assert_eq!(&message.body[..], &[0u8, 159, 146, 150]);
         assert_eq!(
-            message.headers[HEADER_TARGET],
-            "connection:b:0000000000000002:3"
+            message.headers[HEADER_META],
+            "1 b 1700000000123 a a:0000000000000001:9 connection:b:0000000000000002:3"
         );
-        assert_eq!(message.headers[HEADER_SENT_AT], "1700000000123");
+        // The metadata and one extension header: nothing else rides along.
+        assert_eq!(message.headers.len(), 2);
         assert_eq!(message.message_id.len(), 32);
         assert_eq!(Envelope::from_message(message).unwrap(), envelope);
     }
@@ -643,47 +643,39 @@ mod tests {
         };
         assert_eq!(
             broken(&|m| {
-                m.headers.remove(HEADER_ORIGIN);
+                m.headers.remove(HEADER_META);
             }),
-            EnvelopeError::MissingHeader {
-                name: HEADER_ORIGIN
-            }
+            EnvelopeError::MissingHeader { name: HEADER_META }
         );
-        assert!(matches!(
-            broken(&|m| {
-                m.headers.insert(HEADER_TARGET.into(), "planet:mars".into());
-            }),
-            EnvelopeError::InvalidHeader {
-                name: HEADER_TARGET,
-                ..
+        let meta = good.headers[HEADER_META].clone();
+        let with_meta = |value: String| {
+            move |m: &mut BrokerMessage| {
+                m.headers.insert(HEADER_META.into(), value.clone());
             }
-        ));
-        assert!(matches!(
-            broken(&|m| {
-                m.headers.insert(HEADER_SENT_AT.into(), "yesterday".into());
-            }),
-            EnvelopeError::InvalidHeader {
-                name: HEADER_SENT_AT,
-                ..
+        };
+        for (bad, reason) in [
+            (meta.replacen("1 ", "2 ", 1), "unknown format version"),
+            (meta.replacen(" b ", " x ", 1), "kind"),
+            (meta.replacen("1700000000123", "yesterday", 1), "send time"),
+            (meta.replacen(" a ", " bad:id ", 1), "origin"),
+            (meta.replacen(" a:0000000000000001:9 ", " nobody ", 1), "sender"),
+            (meta.replacen("connection:", "planet:", 1), "expected connection:"),
+            ("1 b 1700000000123".to_owned(), "missing"),
+        ] {
+            match broken(&with_meta(bad.clone())) {
+                EnvelopeError::InvalidHeader {
+                    name: HEADER_META,
+                    reason: said,
+                } => assert!(said.contains(reason), "{bad:?}: {said}"),
+                other => panic!("{bad:?}: {other:?}"),
             }
-        ));
-        assert!(matches!(
-            broken(&|m| {
-                m.headers.insert(HEADER_SENDER.into(), "nobody".into());
-            }),
-            EnvelopeError::InvalidHeader {
-                name: HEADER_SENDER,
-                ..
-            }
-        ));
+        }
         assert_eq!(
             broken(&|m| m.message_id = "42".into()),
             EnvelopeError::InvalidMessageId
         );
         assert_eq!(
-            broken(&|m| {
-                m.headers.insert(HEADER_KIND.into(), "text".into());
-            }),
+            broken(&with_meta(meta.replacen(" b ", " t ", 1))),
             EnvelopeError::TextNotUtf8
         );
         assert!(matches!(
@@ -699,7 +691,7 @@ mod tests {
         let mut message = Envelope::text(node("a"), Target::Broadcast, "secret-payload")
             .to_message()
             .unwrap();
-        message.headers.remove(HEADER_KIND);
+        message.headers.remove(HEADER_META);
         let err = Envelope::from_message(message).unwrap_err();
         assert!(!err.to_string().contains("secret"));
         let envelope = Envelope::text(node("a"), Target::Broadcast, "secret-payload");
