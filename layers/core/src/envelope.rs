@@ -469,9 +469,9 @@ impl Envelope {
             body,
         } = message;
         let id = message_id.parse()?;
-        let meta = headers.remove(HEADER_META).ok_or(EnvelopeError::MissingHeader {
-            name: HEADER_META,
-        })?;
+        let meta = headers
+            .remove(HEADER_META)
+            .ok_or(EnvelopeError::MissingHeader { name: HEADER_META })?;
         let invalid = |reason| EnvelopeError::InvalidHeader {
             name: HEADER_META,
             reason,
@@ -479,7 +479,9 @@ impl Envelope {
         let mut fields = meta.splitn(6, ' ');
         let mut field = |what| fields.next().ok_or(invalid(what));
         if field("the format version is missing")? != META_VERSION {
-            return Err(invalid("unknown format version (this node reads version 1)"));
+            return Err(invalid(
+                "unknown format version (this node reads version 1)",
+            ));
         }
         let kind = match field("the kind is missing")? {
             "t" => PayloadKind::Text,
@@ -658,8 +660,14 @@ mod tests {
             (meta.replacen(" b ", " x ", 1), "kind"),
             (meta.replacen("1700000000123", "yesterday", 1), "send time"),
             (meta.replacen(" a ", " bad:id ", 1), "origin"),
-            (meta.replacen(" a:0000000000000001:9 ", " nobody ", 1), "sender"),
-            (meta.replacen("connection:", "planet:", 1), "expected connection:"),
+            (
+                meta.replacen(" a:0000000000000001:9 ", " nobody ", 1),
+                "sender",
+            ),
+            (
+                meta.replacen("connection:", "planet:", 1),
+                "expected connection:",
+            ),
             ("1 b 1700000000123".to_owned(), "missing"),
         ] {
             match broken(&with_meta(bad.clone())) {

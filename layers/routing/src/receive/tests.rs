@@ -138,10 +138,7 @@ async fn malformed_messages_are_dead_lettered_and_good_ones_keep_flowing() {
         logged.contains("malformed message dead-lettered"),
         "{logged}"
     );
-    assert!(
-        logged.contains("hc-meta"),
-        "names what was wrong: {logged}"
-    );
+    assert!(logged.contains("hc-meta"), "names what was wrong: {logged}");
     assert!(
         !logged.contains("top-secret"),
         "never the payload: {logged}"
