@@ -693,3 +693,41 @@ async fn a_wrong_url_is_a_clear_error() {
     let message = std::error::Error::source(&err).unwrap().to_string();
     assert!(!message.contains("not-the-password"), "{message}");
 }
+
+#[tokio::test]
+async fn a_busy_destination_gets_batches_in_order_and_exactly_once() {
+    let cluster = Cluster::new("batch");
+    let (broker_a, broker_b) = (cluster.broker("a").await, cluster.broker("b").await);
+    let mut b = start_node(broker_b, "b").await;
+    let forward = Forward::new(Arc::clone(&broker_a));
+
+    // A burst to b, with broadcasts in between: batches group runs for one key only, so b's
+    // queue still receives everything in the order it was sent.
+    let envelopes: Vec<Envelope> = (0..3000)
+        .map(|i| {
+            let target = if i % 500 == 499 {
+                Target::Broadcast
+            } else {
+                Target::Node(node_id("b"))
+            };
+            text("a", target, i.to_string())
+        })
+        .collect();
+    send_all(&forward, envelopes).await;
+    let mut got = Vec::new();
+    for _ in 0..3000 {
+        got.push(b.recv().await.payload_text().unwrap().to_owned());
+    }
+    assert_eq!(got, numbered(3000));
+    assert!(
+        broker_a.batched_messages() > 0,
+        "a burst of 3000 made no batch"
+    );
+    let stats = b.stats.get();
+    assert_eq!(
+        (stats.handled, stats.duplicates, stats.dead_lettered),
+        (3000, 0, 0)
+    );
+    b.leave().await;
+    cluster.clean_up().await;
+}

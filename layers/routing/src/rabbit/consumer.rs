@@ -19,8 +19,9 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer};
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::shared::{Link, Shared};
 use super::wire;
@@ -82,13 +83,50 @@ pub(crate) async fn forward(
         };
         match next {
             Some(Ok(delivery)) => {
-                let message = wire::decode(&delivery.properties, delivery.data);
-                let delivery = Delivery {
-                    message,
-                    redelivered: delivery.redelivered,
-                    acker: Acker::new(RabbitAcker(delivery.acker)),
+                let parts = match wire::batch_count(&delivery.properties) {
+                    None => None,
+                    Some(count) => match wire::decode_batch(&delivery.data, count) {
+                        Ok(messages) => Some(messages),
+                        Err(reason) => {
+                            // Handed on as it is: the receiver dead-letters it as malformed.
+                            warn!(%node, reason, "a batch that cannot be read");
+                            None
+                        }
+                    },
                 };
-                if deliveries.send(Ok(delivery)).await.is_err() {
+                let redelivered = delivery.redelivered;
+                let handed = match parts {
+                    Some(messages) => {
+                        let acker = Arc::new(Mutex::new(BatchState {
+                            acker: Some(delivery.acker),
+                            remaining: messages.len(),
+                            settlement: Settlement::Ack,
+                        }));
+                        let mut handed = true;
+                        for message in messages {
+                            let delivery = Delivery {
+                                message,
+                                redelivered,
+                                acker: Acker::new(BatchPart(Arc::clone(&acker))),
+                            };
+                            if deliveries.send(Ok(delivery)).await.is_err() {
+                                handed = false;
+                                break;
+                            }
+                        }
+                        handed
+                    }
+                    None => {
+                        let message = wire::decode(&delivery.properties, delivery.data);
+                        let delivery = Delivery {
+                            message,
+                            redelivered,
+                            acker: Acker::new(RabbitAcker(delivery.acker)),
+                        };
+                        deliveries.send(Ok(delivery)).await.is_ok()
+                    }
+                };
+                if !handed {
                     break;
                 }
             }
@@ -137,25 +175,72 @@ impl Acknowledge for RabbitAcker {
         self: Box<Self>,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        let acker = self.0;
-        Box::pin(async move {
-            let done = match settlement {
-                Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
-                // With the queue's dead-letter exchange set, RabbitMQ moves it there.
-                Settlement::DeadLetter => acker.reject(BasicRejectOptions { requeue: false }).await,
-                Settlement::Requeue => {
-                    acker
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await
-                }
-            };
-            match done {
-                Ok(true) => Ok(()),
-                Ok(false) | Err(_) => Err(BrokerError::StaleDelivery),
+        Box::pin(settle(self.0, settlement))
+    }
+}
+
+/// The messages of one batch share its AMQP delivery: it is settled once every message is.
+/// Acknowledged when all were; dead-lettered whole when any was (the dead-letter queue then
+/// holds the batch, its good messages included, which were handed over already); put back
+/// whole when any was (the messages handed over come again and are dropped as duplicates).
+/// A message dropped unsettled leaves the batch unacknowledged until its consumer closes,
+/// as a lone delivery would be.
+struct BatchState {
+    acker: Option<lapin::Acker>,
+    remaining: usize,
+    settlement: Settlement,
+}
+
+struct BatchPart(Arc<Mutex<BatchState>>);
+
+fn severity(settlement: Settlement) -> u8 {
+    match settlement {
+        Settlement::Ack => 0,
+        Settlement::DeadLetter => 1,
+        Settlement::Requeue => 2,
+    }
+}
+
+impl Acknowledge for BatchPart {
+    fn settle(
+        self: Box<Self>,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let last = {
+            let mut state = self.0.lock();
+            state.remaining = state.remaining.saturating_sub(1);
+            if severity(settlement) > severity(state.settlement) {
+                state.settlement = settlement;
             }
-        })
+            if state.remaining == 0 {
+                state.acker.take().map(|acker| (acker, state.settlement))
+            } else {
+                None
+            }
+        };
+        match last {
+            Some((acker, settlement)) => Box::pin(settle(acker, settlement)),
+            None => Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+}
+
+async fn settle(acker: lapin::Acker, settlement: Settlement) -> Result<(), BrokerError> {
+    let done = match settlement {
+        Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
+        // With the queue's dead-letter exchange set, RabbitMQ moves it there.
+        Settlement::DeadLetter => acker.reject(BasicRejectOptions { requeue: false }).await,
+        Settlement::Requeue => {
+            acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
+        }
+    };
+    match done {
+        Ok(true) => Ok(()),
+        Ok(false) | Err(_) => Err(BrokerError::StaleDelivery),
     }
 }

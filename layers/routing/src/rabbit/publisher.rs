@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::shared::{Link, Pending, Shared, shut_down};
+use super::wire;
 use crate::receive::poll_once;
 
 type Confirm = BoxFuture<'static, (u64, lapin::Result<Confirmation>)>;
@@ -85,12 +86,43 @@ async fn open_channel(link: &Link) -> lapin::Result<Channel> {
     Ok(channel)
 }
 
-fn publish_one(channel: &Channel, exchange: &ShortString, pending: &Pending, seq: u64) -> Confirm {
+/// Publishes a group of messages for one routing key: alone as it is, or several as one
+/// batch (see [`wire::encode_batch`]), which the broker confirms, routes and refuses as one.
+fn publish_group(
+    channel: &Channel,
+    exchange: &ShortString,
+    group: &[Pending],
+    seq: u64,
+) -> Confirm {
     let channel = channel.clone();
     let exchange = exchange.clone();
-    let routing_key = pending.routing_key.clone();
-    let properties = pending.properties.clone();
-    let body = pending.body.clone();
+    let (routing_key, properties, body) = match group {
+        [one] => (
+            one.routing_key.clone(),
+            one.properties.clone(),
+            one.message.body.clone(),
+        ),
+        _ => {
+            let parts: Vec<wire::Part<'_>> = group
+                .iter()
+                .map(|pending| wire::Part {
+                    message_id: &pending.message.message_id,
+                    headers: &pending.message.headers,
+                    body: &pending.message.body,
+                })
+                .collect();
+            match wire::encode_batch(&parts) {
+                Ok((properties, body)) => (group[0].routing_key.clone(), properties, body),
+                // Each part was checked when it was queued; should a batch still not encode,
+                // its first message goes alone and the rest wait for the next round.
+                Err(_) => (
+                    group[0].routing_key.clone(),
+                    group[0].properties.clone(),
+                    group[0].message.body.clone(),
+                ),
+            }
+        }
+    };
     Box::pin(async move {
         let options = BasicPublishOptions {
             mandatory: true,
@@ -111,7 +143,7 @@ fn publish_one(channel: &Channel, exchange: &ShortString, pending: &Pending, seq
 /// publish stays in `sent`, to be sent again.
 fn confirm(
     shared: &Shared,
-    sent: &mut BTreeMap<u64, Pending>,
+    sent: &mut BTreeMap<u64, Vec<Pending>>,
     seq: u64,
     result: lapin::Result<Confirmation>,
 ) -> bool {
@@ -122,22 +154,47 @@ fn confirm(
             return false;
         }
     };
-    let Some(pending) = sent.remove(&seq) else {
+    let Some(group) = sent.remove(&seq) else {
         return true;
     };
-    let result = match confirmation {
-        Confirmation::Ack(None) => Ok(()),
-        // Returned (mandatory): no queue is bound to the key.
-        Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable { key: pending.key }),
-        // A bound queue is full (reject-publish), or RabbitMQ could not take it.
-        Confirmation::Nack(_) => Err(PublishError::Rejected { key: pending.key }),
-        Confirmation::NotRequested => Err(PublishError::Broker(BrokerError::Backend {
-            source: "publisher confirms are not enabled on the channel".into(),
-        })),
-    };
-    let _ = pending.reply.send(result);
-    shared.settled(1);
+    let count = group.len();
+    for pending in group {
+        let result = match &confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            // Returned (mandatory): no queue is bound to the key.
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable { key: pending.key }),
+            // A bound queue is full (reject-publish), or RabbitMQ could not take it.
+            Confirmation::Nack(_) => Err(PublishError::Rejected { key: pending.key }),
+            Confirmation::NotRequested => Err(PublishError::Broker(BrokerError::Backend {
+                source: "publisher confirms are not enabled on the channel".into(),
+            })),
+        };
+        let _ = pending.reply.send(result);
+    }
+    shared.settled(count);
     true
+}
+
+/// Takes from the head of `queue` the next group to publish as one AMQP message: the run of
+/// messages for the same routing key that follows it, within the batch bounds. Only runs are
+/// grouped, so every queue still receives its messages in call order.
+fn next_group(queue: &mut std::collections::VecDeque<Pending>) -> Vec<Pending> {
+    let mut group = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = queue.front() {
+        let same_key = group
+            .first()
+            .is_none_or(|first: &Pending| first.routing_key == next.routing_key);
+        let fits = group.is_empty()
+            || (group.len() < wire::MAX_BATCH
+                && bytes + next.message.body.len() <= wire::MAX_BATCH_BYTES);
+        if !same_key || !fits {
+            break;
+        }
+        bytes += next.message.body.len();
+        group.extend(queue.pop_front());
+    }
+    group
 }
 
 async fn publish_on(
@@ -157,24 +214,36 @@ async fn publish_on(
     let exchange = shared.names.exchange.clone();
     let max_in_flight = shared.config.max_in_flight.max(1);
     let mut confirms: FuturesUnordered<Confirm> = FuturesUnordered::new();
-    let mut sent: BTreeMap<u64, Pending> = BTreeMap::new();
+    let mut sent: BTreeMap<u64, Vec<Pending>> = BTreeMap::new();
     let mut batch = Vec::new();
     let mut seq = 0u64;
     let ended = 'publishing: loop {
         // Put waiting publishes on the wire, in call order, up to the in-flight bound.
-        let room = max_in_flight.saturating_sub(sent.len());
+        // Messages, not AMQP publishes: a batch counts for each message it carries.
+        let in_flight: usize = sent.values().map(Vec::len).sum();
+        let room = max_in_flight.saturating_sub(in_flight);
         if room > 0 {
             shared.take_pending(room, &mut batch);
         }
-        for pending in batch.drain(..) {
-            if pending.reply.is_closed() {
+        let mut queue: std::collections::VecDeque<Pending> = batch
+            .drain(..)
+            .filter(|pending| {
                 // The caller stopped waiting before it was sent: it is not sent.
-                shared.settled(1);
-                continue;
-            }
+                let waiting = !pending.reply.is_closed();
+                if !waiting {
+                    shared.settled(1);
+                }
+                waiting
+            })
+            .collect();
+        while !queue.is_empty() {
+            let group = next_group(&mut queue);
             seq += 1;
-            let mut publish = publish_one(&channel, &exchange, &pending, seq);
-            sent.insert(seq, pending);
+            if group.len() > 1 {
+                shared.batched(group.len());
+            }
+            let mut publish = publish_group(&channel, &exchange, &group, seq);
+            sent.insert(seq, group);
             // The first poll pushes the frames: this fixes the message's place on the wire.
             match poll_once(&mut publish).await {
                 Poll::Ready((seq, result)) => {
@@ -216,6 +285,6 @@ async fn publish_on(
             "publishes to send again on the next connection"
         );
     }
-    shared.requeue(sent.into_values().collect());
+    shared.requeue(sent.into_values().flatten().collect());
     ended
 }

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Waker;
 
-use bytes::Bytes;
-use hybrid_cluster_core::{BrokerError, Delivery, NodeId, PublishError, QueueOptions, RoutingKey};
+use hybrid_cluster_core::{
+    BrokerError, BrokerMessage, Delivery, NodeId, PublishError, QueueOptions, RoutingKey,
+};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection};
 use parking_lot::Mutex;
@@ -30,7 +31,8 @@ pub(crate) struct Pending {
     pub(crate) key: RoutingKey,
     pub(crate) routing_key: ShortString,
     pub(crate) properties: BasicProperties,
-    pub(crate) body: Bytes,
+    /// The message itself: its body is published, and its id and headers go into a batch.
+    pub(crate) message: BrokerMessage,
     pub(crate) enqueued_at: Instant,
     pub(crate) attempts: u32,
     pub(crate) reply: oneshot::Sender<Result<(), PublishError>>,
@@ -88,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) broken: Notify,
     pub(crate) broken_generation: AtomicU64,
     pub(crate) next_consumer: AtomicU64,
+    /// Messages sent inside batches (several messages in one AMQP message).
+    pub(crate) batched: AtomicU64,
 }
 
 fn wake_all(wakers: Vec<Waker>) {
@@ -110,6 +114,7 @@ impl Shared {
             broken: Notify::new(),
             broken_generation: AtomicU64::new(0),
             next_consumer: AtomicU64::new(1),
+            batched: AtomicU64::new(0),
         }
     }
 
@@ -182,6 +187,11 @@ impl Shared {
         let n = room.min(state.pending.len());
         out.extend(state.pending.drain(..n));
         state.in_flight += n;
+    }
+
+    /// `n` messages went out in one batch.
+    pub(crate) fn batched(&self, n: usize) {
+        self.batched.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// `n` publishes taken by the publisher were settled.

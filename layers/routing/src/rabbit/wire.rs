@@ -100,6 +100,141 @@ pub(crate) fn decode(properties: &BasicProperties, body: Vec<u8>) -> BrokerMessa
     }
 }
 
+/// The header marking an AMQP message that carries several messages (a batch); its value is
+/// how many.
+pub(crate) const HEADER_BATCH: &str = "hc-batch";
+
+/// Messages one batch carries at most.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// Bytes of message bodies one batch carries at most.
+pub(crate) const MAX_BATCH_BYTES: usize = 128 * 1024;
+
+/// One message of a batch, as queued: its id, its headers and its body.
+pub(crate) struct Part<'a> {
+    pub(crate) message_id: &'a str,
+    pub(crate) headers: &'a BTreeMap<String, String>,
+    pub(crate) body: &'a [u8],
+}
+
+/// The AMQP properties and body of a batch: the header `hc-batch` with the count, the first
+/// message's id, and a body of the messages one after another, each as its id, its headers
+/// and its body, every string and body preceded by its length (2 bytes for ids, names and the
+/// header count, 4 for values and bodies, big-endian).
+pub(crate) fn encode_batch(parts: &[Part<'_>]) -> Result<(BasicProperties, Bytes), RabbitError> {
+    let too_long = |what: &str| RabbitError::InvalidMessage {
+        reason: format!("{what} is too long for a batch"),
+    };
+    let mut body = Vec::with_capacity(parts.iter().map(|p| p.body.len() + 64).sum());
+    for part in parts {
+        let id = part.message_id.as_bytes();
+        body.extend_from_slice(
+            &u16::try_from(id.len())
+                .map_err(|_| too_long("a message id"))?
+                .to_be_bytes(),
+        );
+        body.extend_from_slice(id);
+        let count = u16::try_from(part.headers.len()).map_err(|_| too_long("a header table"))?;
+        body.extend_from_slice(&count.to_be_bytes());
+        for (name, value) in part.headers {
+            body.extend_from_slice(
+                &u16::try_from(name.len())
+                    .map_err(|_| too_long("a header name"))?
+                    .to_be_bytes(),
+            );
+            body.extend_from_slice(name.as_bytes());
+            body.extend_from_slice(
+                &u32::try_from(value.len())
+                    .map_err(|_| too_long("a header value"))?
+                    .to_be_bytes(),
+            );
+            body.extend_from_slice(value.as_bytes());
+        }
+        body.extend_from_slice(
+            &u32::try_from(part.body.len())
+                .map_err(|_| too_long("a body"))?
+                .to_be_bytes(),
+        );
+        body.extend_from_slice(part.body);
+    }
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(HEADER_BATCH),
+        AMQPValue::LongString(LongString::from(parts.len().to_string().as_bytes())),
+    );
+    let first = parts.first().map(|p| p.message_id).unwrap_or_default();
+    let properties = BasicProperties::default()
+        .with_message_id(short(first.to_owned())?)
+        .with_headers(headers);
+    Ok((properties, Bytes::from(body)))
+}
+
+/// How many messages a delivery's batch carries, when it is a batch.
+pub(crate) fn batch_count(properties: &BasicProperties) -> Option<usize> {
+    let value = properties.headers().as_ref()?.inner().get(HEADER_BATCH)?;
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The messages of a batch's body; the error says what is wrong with it.
+pub(crate) fn decode_batch(body: &[u8], count: usize) -> Result<Vec<BrokerMessage>, &'static str> {
+    struct Reader<'a>(&'a [u8]);
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+            if self.0.len() < n {
+                return Err("the batch body ends in the middle of a message");
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(head)
+        }
+        fn len16(&mut self) -> Result<usize, &'static str> {
+            let bytes = self.take(2)?;
+            Ok(usize::from(u16::from_be_bytes([bytes[0], bytes[1]])))
+        }
+        fn len32(&mut self) -> Result<usize, &'static str> {
+            let bytes = self.take(4)?;
+            usize::try_from(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+                .map_err(|_| "a length in the batch is too large")
+        }
+        fn text(&mut self, len: usize) -> Result<String, &'static str> {
+            String::from_utf8(self.take(len)?.to_vec())
+                .map_err(|_| "a string in the batch is not UTF-8")
+        }
+    }
+    if count == 0 || count > MAX_BATCH {
+        return Err("the batch count is out of range");
+    }
+    let mut reader = Reader(body);
+    let mut messages = Vec::with_capacity(count);
+    for _ in 0..count {
+        let id_len = reader.len16()?;
+        let message_id = reader.text(id_len)?;
+        let header_count = reader.len16()?;
+        let mut headers = BTreeMap::new();
+        for _ in 0..header_count {
+            let name_len = reader.len16()?;
+            let name = reader.text(name_len)?;
+            let value_len = reader.len32()?;
+            let value = reader.text(value_len)?;
+            headers.insert(name, value);
+        }
+        let body_len = reader.len32()?;
+        let body = Bytes::copy_from_slice(reader.take(body_len)?);
+        messages.push(BrokerMessage {
+            message_id,
+            headers,
+            body,
+        });
+    }
+    if !reader.0.is_empty() {
+        return Err("the batch body holds more than its count says");
+    }
+    Ok(messages)
+}
+
 fn millis(duration: std::time::Duration) -> AMQPValue {
     // RabbitMQ wants a positive whole number of milliseconds.
     let ms = i64::try_from(duration.as_millis())
@@ -211,6 +346,39 @@ pub(crate) fn broker_error(error: lapin::Error, node: &NodeId, consuming: bool) 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn batches_round_trip_and_bad_ones_are_refused() {
+        let mut headers = BTreeMap::new();
+        headers.insert("hc-meta".to_owned(), "1 t 1 a - broadcast".to_owned());
+        let messages = [("m1", "one"), ("m2", ""), ("m3", "three \u{1F600}")];
+        let parts: Vec<Part<'_>> = messages
+            .iter()
+            .map(|(id, body)| Part {
+                message_id: id,
+                headers: &headers,
+                body: body.as_bytes(),
+            })
+            .collect();
+        let (properties, body) = encode_batch(&parts).unwrap();
+        assert_eq!(batch_count(&properties), Some(3));
+        let back = decode_batch(&body, 3).unwrap();
+        assert_eq!(back.len(), 3);
+        for ((id, text), message) in messages.iter().zip(&back) {
+            assert_eq!(message.message_id, *id);
+            assert_eq!(&message.body[..], text.as_bytes());
+            assert_eq!(message.headers, headers);
+        }
+        assert!(decode_batch(&body, 2).is_err(), "more than the count says");
+        assert!(decode_batch(&body, 4).is_err(), "fewer than the count says");
+        assert!(
+            decode_batch(&body[..body.len() - 1], 3).is_err(),
+            "cut short"
+        );
+        assert!(decode_batch(&body, 0).is_err());
+        assert!(decode_batch(b"\xff\xff", 1).is_err());
+        assert_eq!(batch_count(&BasicProperties::default()), None);
+    }
     use super::*;
 
     #[test]
