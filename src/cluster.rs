@@ -116,7 +116,7 @@ impl Node {
 
     /// Hands an envelope that came through the broker to the local connections it is for.
     fn deliver_incoming(self: &Arc<Self>, envelope: Envelope) {
-        let trace_id = TraceContext::of(&envelope).trace_id_hex();
+        let trace_id = TraceContext::of(&envelope).trace_id();
         let span = tracing::info_span!(
             "hybrid_cluster.deliver",
             node = %self.id,

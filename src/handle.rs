@@ -93,7 +93,7 @@ impl ClusterHandle {
 
     /// The span of one send, carrying the trace id the receiving node's span will carry too.
     fn span(&self, kind: &'static str, envelope: &Envelope) -> tracing::Span {
-        let trace_id = TraceContext::of(envelope).trace_id_hex();
+        let trace_id = TraceContext::of(envelope).trace_id();
         tracing::info_span!(
             "hybrid_cluster.send",
             node = %self.node.id,

@@ -25,6 +25,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::Json;
@@ -239,6 +240,15 @@ pub async fn serve_connection(
             frame = stream.next(), if reading => match frame {
                 Some(Ok(Message::Text(text))) => {
                     queued.push_back(text.to_string());
+                    // Start at once what can start, rather than on a later turn of the loop
+                    // (the ready branch below waits, with the real waker, for the rest).
+                    let mut cx = Context::from_waker(Waker::noop());
+                    while !queued.is_empty() {
+                        let Poll::Ready(Ok(())) = sender.poll_ready(&mut cx) else { break };
+                        if let Some(text) = queued.pop_front() {
+                            pending.push_back(start_op(&mut sender, &handle, &sent, &text));
+                        }
+                    }
                     Vec::new()
                 }
                 Some(Ok(Message::Binary(_))) => vec![Message::Text(

@@ -75,7 +75,23 @@ impl TraceContext {
 
     /// The trace id as 32 hex digits.
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        self.trace_id().to_string()
+    }
+
+    /// The trace id, displayed as 32 hex digits when (and only when) something formats it:
+    /// span fields cost nothing while no subscriber records them.
+    pub fn trace_id(&self) -> TraceId {
+        TraceId(self.trace_id)
+    }
+}
+
+/// A trace id, displayed as 32 lowercase hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceId(pub u128);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
     }
 }
 
