@@ -327,11 +327,20 @@ impl Cluster {
                 }
             });
             let node_id = node.id.clone();
+            let receiver = Receiver::with_config(deliveries, receive);
+            let stats = receiver.stats();
+            let metrics = node.metrics.clone();
+            let every = node.config.discovery.heartbeat;
+            let reporting = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    metrics.receiver(&stats.get());
+                }
+            });
+            node.tasks.lock().push(reporting);
             tokio::spawn(async move {
-                if let Err(error) = Receiver::with_config(deliveries, receive)
-                    .run(destination)
-                    .await
-                {
+                if let Err(error) = receiver.run(destination).await {
                     tracing::error!(node = %node_id, %error, "stopped receiving messages");
                 }
             })

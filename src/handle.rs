@@ -348,7 +348,14 @@ impl OrderedSender {
         let publishing = match local {
             // Settled here (delivered locally, or refused): nothing for the broker.
             Some(outcome) => Err(outcome),
-            None => Ok(span.in_scope(|| self.forward.call(envelope))),
+            None => {
+                let call = span.in_scope(|| self.forward.call(envelope));
+                self.handle
+                    .node
+                    .metrics
+                    .in_flight(in_flight(&self.handle.node));
+                Ok(call)
+            }
         };
         let outcome = Box::pin(
             async move {

@@ -16,6 +16,7 @@
 //! | `hybrid_cluster_slow_client_actions_total` | counter | `action`: `drop_oldest`, `close` | slow-client policy at work |
 //! | `hybrid_cluster_broker_in_flight` | gauge | | messages sent to the broker and not yet confirmed |
 //! | `hybrid_cluster_discovery_changes_total` | counter | `change`: `join`, `leave` | nodes joining and leaving this node's view |
+//! | `hybrid_cluster_broker_deliveries_total` | counter | `outcome`: `handled`, `duplicate`, `dead_lettered`, `rejected` | what the receiver did with the broker's deliveries (`rejected`: failed authentication; they are dead-lettered too); read every heartbeat |
 
 use std::sync::Arc;
 
@@ -41,6 +42,8 @@ pub const SLOW_CLIENT_ACTIONS: &str = "hybrid_cluster_slow_client_actions_total"
 pub const BROKER_IN_FLIGHT: &str = "hybrid_cluster_broker_in_flight";
 /// Discovery changes.
 pub const DISCOVERY_CHANGES: &str = "hybrid_cluster_discovery_changes_total";
+/// The receiver's outcomes.
+pub const BROKER_DELIVERIES: &str = "hybrid_cluster_broker_deliveries_total";
 
 /// Records one node's metrics, every one labelled with the node's id.
 #[derive(Clone, Debug)]
@@ -97,6 +100,17 @@ impl Metrics {
 
     pub(crate) fn in_flight(&self, count: usize) {
         gauge!(BROKER_IN_FLIGHT, self.labels(&[])).set(count as f64);
+    }
+
+    pub(crate) fn receiver(&self, stats: &hybrid_cluster_routing::ReceiveStats) {
+        for (outcome, value) in [
+            ("handled", stats.handled),
+            ("duplicate", stats.duplicates),
+            ("dead_lettered", stats.dead_lettered),
+            ("rejected", stats.rejected),
+        ] {
+            counter!(BROKER_DELIVERIES, self.labels(&[("outcome", outcome)])).absolute(value);
+        }
     }
 
     pub(crate) fn discovery_change(&self, change: &'static str) {

@@ -39,7 +39,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `{websocket:cluster}:nodes:{node_id}` | string, with a TTL (the lease) | the node's record, the JSON form documented on `NodeInfo` (with a `signature` field when the cluster has a secret) |
-//! | `{websocket:cluster}:nodes` | set | the ids of registered nodes (an index; ids whose record expired are pruned on listing) |
+//! | `{websocket:cluster}:nodes` | set, with a TTL | the ids of registered nodes (an index; ids whose record expired are pruned on listing; the set expires a lease after the last heartbeat of any node) |
 //! | `{websocket:cluster}:events` | pub/sub channel | `updated {node_id} {lease_ms}` + newline + record, or `left {node_id}` |
 //! | `{websocket:cluster}:routes:{name}` | string, with a TTL | a route's connection id |
 //!

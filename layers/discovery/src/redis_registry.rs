@@ -64,7 +64,8 @@ impl KeyLayout {
         format!("{}{node}", self.node_prefix)
     }
 
-    /// The set of registered node ids, e.g. `{websocket:cluster}:nodes`.
+    /// The set of registered node ids, e.g. `{websocket:cluster}:nodes`; it expires one lease
+    /// after the last write to it.
     pub fn index_key(&self) -> &str {
         &self.index
     }
@@ -259,6 +260,20 @@ impl Registry for RedisRegistry {
             .cmd("SADD")
             .arg(self.keys.index_key())
             .arg(node.as_str())
+            .ignore()
+            // The index outlives its last record by one lease at most: when every node is
+            // gone without a word, nothing of the cluster stays in Redis. (NX sets the first
+            // expiry, GT only ever extends it, so one node's shorter lease never cuts
+            // another's.)
+            .cmd("PEXPIRE")
+            .arg(self.keys.index_key())
+            .arg(lease_ms)
+            .arg("NX")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(self.keys.index_key())
+            .arg(lease_ms)
+            .arg("GT")
             .ignore()
             .cmd("PUBLISH")
             .arg(self.keys.events_channel())

@@ -121,6 +121,17 @@ async fn three_nodes_join_and_see_each_other() {
         .await
         .unwrap();
     assert!(pttl > 0 && pttl <= 600, "lease left: {pttl} ms");
+    // The index set expires too, a lease after the last heartbeat: a cluster whose nodes all
+    // crash leaves nothing behind.
+    let index_ttl: i64 = redis::cmd("PTTL")
+        .arg(registry.keys().index_key())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        index_ttl > 0 && index_ttl <= 600,
+        "index lease left: {index_ttl} ms"
+    );
     for discovery in [a, b, c] {
         discovery.leave().await.unwrap();
     }
