@@ -1,8 +1,9 @@
 //! The metrics a node records, through the [`metrics`] facade.
 //!
-//! Install any `metrics` recorder to collect them (the node program installs
-//! `metrics-exporter-prometheus` and serves `GET /metrics`). Every metric carries the label
-//! `node` (this node's id).
+//! Install any `metrics` recorder before starting the node to collect them: every series is
+//! registered once at start, so recording costs no allocation or lookup per message (the node
+//! program installs `metrics-exporter-prometheus` and serves `GET /metrics`). Every metric
+//! carries the label `node` (this node's id).
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
@@ -20,7 +21,7 @@
 
 use std::sync::Arc;
 
-use metrics::{Label, counter, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, Label, counter, gauge, histogram};
 
 /// Live connections.
 pub const CONNECTIONS: &str = "hybrid_cluster_connections";
@@ -45,75 +46,131 @@ pub const DISCOVERY_CHANGES: &str = "hybrid_cluster_discovery_changes_total";
 /// The receiver's outcomes.
 pub const BROKER_DELIVERIES: &str = "hybrid_cluster_broker_deliveries_total";
 
+/// The kinds of send, in the order of the per-kind handles.
+const KINDS: [&str; 3] = ["unicast", "broadcast", "group"];
+/// Upgrade outcomes, in order.
+const UPGRADE_OUTCOMES: [&str; 3] = ["accepted", "redirected", "refused"];
+/// Reasons for dropping a message, in order.
+const DROP_REASONS: [&str; 2] = ["slow_client", "connection_gone"];
+/// Slow-client actions, in order.
+const SLOW_ACTIONS: [&str; 2] = ["drop_oldest", "close"];
+/// Discovery changes, in order.
+const CHANGES: [&str; 2] = ["join", "leave"];
+/// The receiver's outcomes, in order.
+const DELIVERY_OUTCOMES: [&str; 4] = ["handled", "duplicate", "dead_lettered", "rejected"];
+
 /// Records one node's metrics, every one labelled with the node's id.
+///
+/// Every series is registered once, when the node starts, so recording on the message path
+/// allocates nothing and looks nothing up: install the recorder before starting the node.
 #[derive(Clone, Debug)]
-pub(crate) struct Metrics {
-    node: Arc<str>,
+pub(crate) struct Metrics(Arc<Handles>);
+
+#[derive(Debug)]
+struct Handles {
+    connections: Gauge,
+    nodes: Gauge,
+    in_flight: Gauge,
+    upgrades: [Counter; 3],
+    sent_ok: [Counter; 3],
+    sent_error: [Counter; 3],
+    duration: [Histogram; 3],
+    received: [Counter; 3],
+    dropped: [Counter; 2],
+    slow: [Counter; 2],
+    changes: [Counter; 2],
+    deliveries: [Counter; 4],
+}
+
+/// The position of `name` among `names` (the call sites only use listed names).
+fn at<const N: usize>(names: &[&str; N], name: &str) -> usize {
+    names.iter().position(|n| *n == name).unwrap_or(0)
 }
 
 impl Metrics {
     pub(crate) fn new(node: &str) -> Self {
-        Self {
-            node: Arc::from(node),
-        }
-    }
-
-    fn labels(&self, more: &[(&'static str, &'static str)]) -> Vec<Label> {
-        std::iter::once(Label::new("node", self.node.to_string()))
-            .chain(more.iter().map(|(k, v)| Label::new(*k, *v)))
-            .collect()
+        let labels = |more: &[(&'static str, &'static str)]| -> Vec<Label> {
+            std::iter::once(Label::new("node", node.to_owned()))
+                .chain(more.iter().map(|(k, v)| Label::new(*k, *v)))
+                .collect()
+        };
+        let sent = |outcome: &'static str| {
+            KINDS.map(|kind| {
+                counter!(
+                    MESSAGES_SENT,
+                    labels(&[("kind", kind), ("outcome", outcome)])
+                )
+            })
+        };
+        Self(Arc::new(Handles {
+            connections: gauge!(CONNECTIONS, labels(&[])),
+            nodes: gauge!(NODES, labels(&[])),
+            in_flight: gauge!(BROKER_IN_FLIGHT, labels(&[])),
+            upgrades: UPGRADE_OUTCOMES.map(|o| counter!(UPGRADES, labels(&[("outcome", o)]))),
+            sent_ok: sent("ok"),
+            sent_error: sent("error"),
+            duration: KINDS.map(|kind| histogram!(SEND_DURATION, labels(&[("kind", kind)]))),
+            received: KINDS.map(|kind| counter!(MESSAGES_RECEIVED, labels(&[("kind", kind)]))),
+            dropped: DROP_REASONS.map(|r| counter!(MESSAGES_DROPPED, labels(&[("reason", r)]))),
+            slow: SLOW_ACTIONS.map(|a| counter!(SLOW_CLIENT_ACTIONS, labels(&[("action", a)]))),
+            changes: CHANGES.map(|c| counter!(DISCOVERY_CHANGES, labels(&[("change", c)]))),
+            deliveries: DELIVERY_OUTCOMES
+                .map(|o| counter!(BROKER_DELIVERIES, labels(&[("outcome", o)]))),
+        }))
     }
 
     pub(crate) fn connections(&self, count: usize) {
-        gauge!(CONNECTIONS, self.labels(&[])).set(count as f64);
+        self.0.connections.set(count as f64);
     }
 
     pub(crate) fn nodes(&self, count: usize) {
-        gauge!(NODES, self.labels(&[])).set(count as f64);
+        self.0.nodes.set(count as f64);
     }
 
     pub(crate) fn upgrade(&self, outcome: &'static str) {
-        counter!(UPGRADES, self.labels(&[("outcome", outcome)])).increment(1);
+        self.0.upgrades[at(&UPGRADE_OUTCOMES, outcome)].increment(1);
     }
 
     pub(crate) fn sent(&self, kind: &'static str, ok: bool, seconds: f64) {
-        let outcome = if ok { "ok" } else { "error" };
-        counter!(
-            MESSAGES_SENT,
-            self.labels(&[("kind", kind), ("outcome", outcome)])
-        )
-        .increment(1);
-        histogram!(SEND_DURATION, self.labels(&[("kind", kind)])).record(seconds);
+        let kind = at(&KINDS, kind);
+        let counters = if ok {
+            &self.0.sent_ok
+        } else {
+            &self.0.sent_error
+        };
+        counters[kind].increment(1);
+        self.0.duration[kind].record(seconds);
     }
 
     pub(crate) fn received(&self, kind: &'static str) {
-        counter!(MESSAGES_RECEIVED, self.labels(&[("kind", kind)])).increment(1);
+        self.0.received[at(&KINDS, kind)].increment(1);
     }
 
     pub(crate) fn dropped(&self, reason: &'static str) {
-        counter!(MESSAGES_DROPPED, self.labels(&[("reason", reason)])).increment(1);
+        self.0.dropped[at(&DROP_REASONS, reason)].increment(1);
     }
 
     pub(crate) fn slow_client(&self, action: &'static str) {
-        counter!(SLOW_CLIENT_ACTIONS, self.labels(&[("action", action)])).increment(1);
+        self.0.slow[at(&SLOW_ACTIONS, action)].increment(1);
     }
 
     pub(crate) fn in_flight(&self, count: usize) {
-        gauge!(BROKER_IN_FLIGHT, self.labels(&[])).set(count as f64);
+        self.0.in_flight.set(count as f64);
     }
 
     pub(crate) fn receiver(&self, stats: &hybrid_cluster_routing::ReceiveStats) {
-        for (outcome, value) in [
-            ("handled", stats.handled),
-            ("duplicate", stats.duplicates),
-            ("dead_lettered", stats.dead_lettered),
-            ("rejected", stats.rejected),
-        ] {
-            counter!(BROKER_DELIVERIES, self.labels(&[("outcome", outcome)])).absolute(value);
+        let values = [
+            stats.handled,
+            stats.duplicates,
+            stats.dead_lettered,
+            stats.rejected,
+        ];
+        for (counter, value) in self.0.deliveries.iter().zip(values) {
+            counter.absolute(value);
         }
     }
 
     pub(crate) fn discovery_change(&self, change: &'static str) {
-        counter!(DISCOVERY_CHANGES, self.labels(&[("change", change)])).increment(1);
+        self.0.changes[at(&CHANGES, change)].increment(1);
     }
 }
