@@ -4,7 +4,6 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use futures_core::Stream;
@@ -71,7 +70,6 @@ pub(crate) struct InboxSlot {
     capacity: usize,
     policy: SlowClientPolicy,
     id: ConnectionId,
-    stats: Arc<LocalStats>,
     metrics: Metrics,
 }
 
@@ -81,7 +79,6 @@ impl InboxSlot {
         let waker = {
             let mut state = self.state.lock();
             if state.close.is_some() || state.finished {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 self.metrics.dropped("connection_gone");
                 return;
             }
@@ -90,7 +87,6 @@ impl InboxSlot {
                     SlowClientPolicy::DropOldest => {
                         state.queue.pop_front();
                         state.dropped += 1;
-                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                         self.metrics.dropped("slow_client");
                         self.metrics.slow_client("drop_oldest");
                         if state.dropped == 1 {
@@ -107,8 +103,6 @@ impl InboxSlot {
                             code,
                             reason: "too slow: inbox overflow".to_owned(),
                         });
-                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        self.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
                         self.metrics.dropped("slow_client");
                         self.metrics.slow_client("close");
                         tracing::warn!(
@@ -213,13 +207,6 @@ impl Drop for Registration {
     }
 }
 
-/// Counts kept by the table.
-#[derive(Debug, Default)]
-pub(crate) struct LocalStats {
-    pub(crate) dropped: AtomicU64,
-    pub(crate) slow_closes: AtomicU64,
-}
-
 struct Entry {
     slot: Arc<InboxSlot>,
     groups: BTreeSet<GroupName>,
@@ -237,7 +224,6 @@ pub(crate) struct LocalConnections {
     counter: ConnectionCounter,
     capacity: usize,
     policy: SlowClientPolicy,
-    pub(crate) stats: Arc<LocalStats>,
     metrics: Metrics,
     /// Woken whenever a connection goes, for shutdown to wait on.
     emptied: Notify,
@@ -258,7 +244,6 @@ impl LocalConnections {
             counter,
             capacity: capacity.max(1),
             policy,
-            stats: Arc::default(),
             metrics,
             emptied: Notify::new(),
             departed: Mutex::new(Vec::new()),
@@ -279,7 +264,6 @@ impl LocalConnections {
             capacity: self.capacity,
             policy: self.policy,
             id: id.clone(),
-            stats: Arc::clone(&self.stats),
             metrics: self.metrics.clone(),
         });
         let count = {
@@ -538,7 +522,6 @@ mod tests {
         assert_eq!(next_text(&mut inbox).as_deref(), Some("4"));
         assert_eq!(next_text(&mut inbox), None);
         assert_eq!(inbox.dropped(), 2);
-        assert_eq!(table.stats.dropped.load(Ordering::Relaxed), 2);
     }
 
     #[test]
@@ -560,7 +543,6 @@ mod tests {
             matches!(inbox.next().now_or_never(), Some(None)),
             "the stream ends after the close"
         );
-        assert_eq!(table.stats.slow_closes.load(Ordering::Relaxed), 1);
     }
 
     #[test]
