@@ -339,36 +339,20 @@ impl OrderedSender {
         kind: &'static str,
         envelope: Envelope,
         map_error: impl FnOnce(ForwardError) -> Result<(), SendError> + Send + 'static,
-        local: Option<Result<MessageId, SendError>>,
     ) -> Confirmation {
         let handle = self.handle.clone();
         let id = envelope.id;
         let span = handle.span(kind, &envelope);
         let started = Instant::now();
-        let publishing = match local {
-            // Settled here (delivered locally, or refused): nothing for the broker.
-            Some(outcome) => Err(outcome),
-            None => {
-                let call = span.in_scope(|| self.forward.call(envelope));
-                self.handle
-                    .node
-                    .metrics
-                    .in_flight(in_flight(&self.handle.node));
-                Ok(call)
-            }
-        };
+        let publishing = span.in_scope(|| self.forward.call(envelope));
+        handle.node.metrics.in_flight(in_flight(&handle.node));
         let outcome = Box::pin(
             async move {
-                let result = match publishing {
-                    Err(outcome) => outcome,
-                    Ok(publishing) => {
-                        let published = publishing.await;
-                        handle.node.metrics.in_flight(in_flight(&handle.node));
-                        match published {
-                            Ok(()) => Ok(id),
-                            Err(error) => map_error(error).map(|()| id),
-                        }
-                    }
+                let published = publishing.await;
+                handle.node.metrics.in_flight(in_flight(&handle.node));
+                let result = match published {
+                    Ok(()) => Ok(id),
+                    Err(error) => map_error(error).map(|()| id),
                 };
                 handle
                     .node
@@ -381,6 +365,19 @@ impl OrderedSender {
         Confirmation { id, outcome }
     }
 
+    /// A unicast settled here, without the broker: delivered to a local connection, or
+    /// refused.
+    fn settled(&self, id: MessageId, outcome: Result<MessageId, SendError>) -> Confirmation {
+        self.handle
+            .node
+            .metrics
+            .sent("unicast", outcome.is_ok(), 0.0);
+        Confirmation {
+            id,
+            outcome: Box::pin(std::future::ready(outcome)),
+        }
+    }
+
     /// Starts sending `payload` to the connection `to` (see [`ClusterHandle::send`]). On this
     /// node it is delivered at once; to another, it is placed in the broker's order now.
     pub fn send(
@@ -389,44 +386,48 @@ impl OrderedSender {
         kind: PayloadKind,
         payload: impl Into<Bytes>,
     ) -> Confirmation {
-        let handle = &self.handle;
-        let envelope = handle.envelope(Target::Connection(to.clone()), kind, payload.into());
+        let node = Arc::clone(&self.handle.node);
+        let envelope = self
+            .handle
+            .envelope(Target::Connection(to.clone()), kind, payload.into());
         let id = envelope.id;
         let not_found = || SendError::NotFound {
             connection: to.clone(),
         };
-        let node = &handle.node;
         if to.node() == &node.id {
             let outcome = if to.incarnation() != node.incarnation {
                 Err(not_found())
             } else {
-                node.local
-                    .deliver_to(to, InboxItem::Message(Arc::new(envelope.clone())))
-                    .map(|()| id)
-                    .map_err(|_| not_found())
+                let span = self.handle.span("unicast", &envelope);
+                span.in_scope(|| {
+                    node.local
+                        .deliver_to(to, InboxItem::Message(Arc::new(envelope)))
+                        .map(|()| id)
+                        .map_err(|_| not_found())
+                })
             };
-            return self.publish("unicast", envelope, |_| Ok(()), Some(outcome));
+            return self.settled(id, outcome);
         }
-        let outcome = match node.discovery.view().node(to.node()) {
-            None => Some(Err(SendError::Unreachable {
-                node: to.node().clone(),
-                source: None,
-            })),
-            Some(info) if info.incarnation != to.incarnation() => Some(Err(not_found())),
-            Some(_) => None,
-        };
+        match node.discovery.view().node(to.node()) {
+            None => {
+                let gone = SendError::Unreachable {
+                    node: to.node().clone(),
+                    source: None,
+                };
+                return self.settled(id, Err(gone));
+            }
+            Some(info) if info.incarnation != to.incarnation() => {
+                return self.settled(id, Err(not_found()));
+            }
+            Some(_) => {}
+        }
         let target = to.node().clone();
-        self.publish(
-            "unicast",
-            envelope,
-            move |error| {
-                Err(invalid_or(error, |error| SendError::Unreachable {
-                    node: target,
-                    source: Some(error),
-                }))
-            },
-            outcome,
-        )
+        self.publish("unicast", envelope, move |error| {
+            Err(invalid_or(error, |error| SendError::Unreachable {
+                node: target,
+                source: Some(error),
+            }))
+        })
     }
 
     /// Starts a broadcast (see [`ClusterHandle::broadcast`]): this node's connections get it
@@ -439,12 +440,9 @@ impl OrderedSender {
             .node
             .local
             .deliver_all(&Arc::new(envelope.clone()));
-        self.publish(
-            "broadcast",
-            envelope,
-            |error| Err(invalid_or(error, SendError::Broadcast)),
-            None,
-        )
+        self.publish("broadcast", envelope, |error| {
+            Err(invalid_or(error, SendError::Broadcast))
+        })
     }
 
     /// Starts a group message (see [`ClusterHandle::send_to_group`]): this node's members get
@@ -462,16 +460,11 @@ impl OrderedSender {
             .node
             .local
             .deliver_group(group, &Arc::new(envelope.clone()));
-        self.publish(
-            "group",
-            envelope,
-            |error| match error {
-                // No node bound to the group: nobody (else) to reach.
-                ForwardError::Unroutable { .. } => Ok(()),
-                error => Err(invalid_or(error, SendError::Broadcast)),
-            },
-            None,
-        )
+        self.publish("group", envelope, |error| match error {
+            // No node bound to the group: nobody (else) to reach.
+            ForwardError::Unroutable { .. } => Ok(()),
+            error => Err(invalid_or(error, SendError::Broadcast)),
+        })
     }
 }
 
