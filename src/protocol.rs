@@ -20,6 +20,7 @@
 //!
 //! `data` travels between nodes as the bytes the client sent, never parsed again nor wrapped.
 
+use hybrid_cluster_core::ConnectionId;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -176,14 +177,14 @@ pub enum ServerMessage<'a> {
     /// A message sent to this connection.
     Message {
         /// The sending connection, if a connection sent it.
-        from: Option<&'a str>,
+        from: Option<&'a ConnectionId>,
         /// The payload, as its sender wrote it.
         data: &'a RawValue,
     },
     /// A broadcast.
     Broadcast {
         /// The sending connection.
-        from: Option<&'a str>,
+        from: Option<&'a ConnectionId>,
         /// The payload.
         data: &'a RawValue,
     },
@@ -192,7 +193,7 @@ pub enum ServerMessage<'a> {
         /// The group.
         group: &'a str,
         /// The sending connection.
-        from: Option<&'a str>,
+        from: Option<&'a ConnectionId>,
         /// The payload.
         data: &'a RawValue,
     },
@@ -267,13 +268,14 @@ mod tests {
     #[test]
     fn replies_are_the_documented_json() {
         let data = RawValue::from_string(r#"{"x":1}"#.to_owned()).unwrap();
+        let from: ConnectionId = "a:1:1".parse().unwrap();
         assert_eq!(
             ServerMessage::Message {
-                from: Some("a:1:1"),
+                from: Some(&from),
                 data: &data
             }
             .to_json(),
-            r#"{"type":"message","from":"a:1:1","data":{"x":1}}"#
+            r#"{"type":"message","from":"a:0000000000000001:1","data":{"x":1}}"#
         );
         assert_eq!(
             ServerMessage::Error {

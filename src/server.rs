@@ -194,7 +194,7 @@ pub async fn serve_connection(
     // client's messages reach every connection in the order it sent them; their replies
     // (acks, errors) are written in that order too, while several await the broker.
     let mut sender = handle.ordered();
-    let mut queued: VecDeque<String> = VecDeque::new();
+    let mut queued: VecDeque<Utf8Bytes> = VecDeque::new();
     let mut pending = FuturesOrdered::new();
     loop {
         let reading = pending.len() + queued.len() < config.max_pending_per_connection;
@@ -239,7 +239,7 @@ pub async fn serve_connection(
             }
             frame = stream.next(), if reading => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    queued.push_back(text.to_string());
+                    queued.push_back(text);
                     // Start at once what can start, rather than on a later turn of the loop
                     // (the ready branch below waits, with the real waker, for the rest).
                     let mut cx = Context::from_waker(Waker::noop());
@@ -338,30 +338,39 @@ impl SentIds {
 /// The frame a client gets for a message from its inbox.
 fn render(envelope: &Envelope) -> String {
     let text = match envelope.kind {
-        PayloadKind::Text => String::from_utf8_lossy(&envelope.payload).into_owned(),
-        PayloadKind::Binary => String::new(),
+        PayloadKind::Text => String::from_utf8_lossy(&envelope.payload),
+        PayloadKind::Binary => std::borrow::Cow::Borrowed(""),
     };
-    // Clients of this protocol send JSON `data`; anything else sent through the API arrives
-    // as a JSON string.
-    let data = RawValue::from_string(text.clone())
-        .or_else(|_| RawValue::from_string(serde_json::Value::String(text).to_string()));
-    let Ok(data) = data else {
-        return ServerMessage::Error {
-            id: None,
-            code: "internal",
-            message: "a message could not be encoded",
+    // Clients of this protocol send JSON `data`, which goes out as it came, borrowed; anything
+    // else sent through the API arrives as a JSON string.
+    let quoted;
+    let data: &RawValue = match serde_json::from_str(&text) {
+        Ok(raw) => raw,
+        Err(_) => {
+            match RawValue::from_string(serde_json::Value::String(text.to_string()).to_string()) {
+                Ok(raw) => {
+                    quoted = raw;
+                    &quoted
+                }
+                Err(_) => {
+                    return ServerMessage::Error {
+                        id: None,
+                        code: "internal",
+                        message: "a message could not be encoded",
+                    }
+                    .to_json();
+                }
+            }
         }
-        .to_json();
     };
-    let from = envelope.sender.as_ref().map(ToString::to_string);
-    let from = from.as_deref();
+    let from = envelope.sender.as_ref();
     match &envelope.target {
-        Target::Connection(_) | Target::Node(_) => ServerMessage::Message { from, data: &data },
-        Target::Broadcast => ServerMessage::Broadcast { from, data: &data },
+        Target::Connection(_) | Target::Node(_) => ServerMessage::Message { from, data },
+        Target::Broadcast => ServerMessage::Broadcast { from, data },
         Target::Group(group) => ServerMessage::Group {
             group: group.as_str(),
             from,
-            data: &data,
+            data,
         },
     }
     .to_json()
