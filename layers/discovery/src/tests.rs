@@ -212,10 +212,27 @@ async fn a_malformed_record_is_skipped_and_discovery_goes_on() {
     );
 
     // A known node whose record turns malformed keeps its last good info.
+    let before = a.view().node(&node("b")).expect("b is known");
     registry
         .put_node(&node("b"), "[]".into(), Duration::from_secs(60))
         .await
         .unwrap();
+    // Events arrive in order: once a sees its own later update, it has read the bad record.
+    a.connections().set(1);
+    a.registrar().refresh().await.unwrap();
+    a.view()
+        .wait_until(|nodes| {
+            nodes
+                .iter()
+                .any(|n| n.node_id == node("a") && n.connection_count == 1)
+        })
+        .await;
+    assert_eq!(
+        a.view().node(&node("b")).as_deref(),
+        Some(&*before),
+        "b is still there, with its last good info"
+    );
+    // And b's next good record is taken.
     b.connections().set(7);
     b.registrar().refresh().await.unwrap();
     a.view()
@@ -560,4 +577,40 @@ mod signed {
         settle(&a, 1).await;
         assert_eq!(a.view().node(&node("b")).unwrap().incarnation, incarnation);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_back_under_the_same_incarnation_keeps_its_live_info_cell() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let a = start(&registry, "a").await;
+    let b = start(&registry, "b").await;
+    a.view().wait_until(|nodes| nodes.len() == 2).await;
+    let mut discover = a.discover(|_: &NodeInfo| ());
+    let mut b_service = None;
+    for _ in 0..2 {
+        if let Change::Insert(id, service) = next_change(&mut discover).await
+            && id == node("b")
+        {
+            b_service = Some(service);
+        }
+    }
+    let b_service = b_service.expect("b was inserted");
+
+    // b's record vanishes while b lives (as when Redis restarts without persistence)...
+    registry.remove_node(&node("b")).await.unwrap();
+    a.view().wait_until(|nodes| nodes.len() == 1).await;
+    // ...and its next heartbeat brings it back, same incarnation.
+    b.connections().set(33);
+    b.registrar().refresh().await.unwrap();
+    a.view()
+        .wait_until(|nodes| nodes.iter().any(|n| n.connection_count == 33))
+        .await;
+    // What held b's cell before follows it again, not a frozen copy.
+    assert_eq!(b_service.load(), 0.33);
+    b.connections().set(44);
+    b.registrar().refresh().await.unwrap();
+    a.view()
+        .wait_until(|nodes| nodes.iter().any(|n| n.connection_count == 44))
+        .await;
+    assert_eq!(b_service.load(), 0.44);
 }

@@ -153,6 +153,7 @@ impl ClusterView {
             listed: false,
             secret: config.secret.clone(),
             seen: HashMap::new(),
+            departed: HashMap::new(),
         };
         let task = tokio::spawn(worker.run());
         Self {
@@ -244,6 +245,11 @@ struct Worker {
     secret: Option<ClusterSecret>,
     /// With a secret, the last good record seen of each node, to refuse older ones.
     seen: HashMap<NodeId, LastSeen>,
+    /// The live info of nodes that dropped out, and since when: a node that comes back under
+    /// the same incarnation (its lease ran out while it lived, e.g. Redis restarted) gets its
+    /// cell back, so every holder of the cell (a balancer's service, a placer) follows it
+    /// again.
+    departed: HashMap<NodeId, (LiveNodeInfo, Instant)>,
 }
 
 /// What was last seen of a node, to tell a replayed record from a new one.
@@ -377,6 +383,8 @@ impl Worker {
             changed |= self.remove(&node, RemovalCause::Expired);
         }
         let now = Instant::now();
+        self.departed
+            .retain(|_, (_, since)| now.duration_since(*since) < TOMBSTONE_TTL);
         self.seen.retain(|node, seen| {
             listed.contains(node)
                 || seen
@@ -446,15 +454,19 @@ impl Worker {
         let info = match read {
             Ok(info) if info.node_id == record.node => info,
             Ok(info) => {
-                self.report_malformed(&record, &format!("it names node {}", info.node_id));
+                self.skip(
+                    &record,
+                    "malformed",
+                    &format!("it names node {}", info.node_id),
+                );
                 return false;
             }
             Err(error @ (NodeRecordError::Unsigned | NodeRecordError::BadSignature)) => {
-                self.report_refused(&record, &error.to_string());
+                self.skip(&record, "unauthenticated", &error.to_string());
                 return false;
             }
             Err(error) => {
-                self.report_malformed(&record, &error_chain(&error));
+                self.skip(&record, "malformed", &error_chain(&error));
                 return false;
             }
         };
@@ -464,7 +476,7 @@ impl Worker {
                 .get(&info.node_id)
                 .and_then(|seen| seen.refuses(&info));
             if let Some(reason) = older {
-                self.report_refused(&record, reason);
+                self.skip(&record, "unauthenticated", reason);
                 return false;
             }
             self.seen.insert(
@@ -506,26 +518,24 @@ impl Worker {
                     status = %info.status,
                     "node joined"
                 );
-                let live = LiveNodeInfo::with_epoch(info.clone(), self.epoch.clone());
+                let live = match self.departed.remove(&info.node_id) {
+                    Some((live, _)) if live.get().incarnation == info.incarnation => {
+                        live.update(info.clone());
+                        live
+                    }
+                    _ => LiveNodeInfo::with_epoch(info.clone(), self.epoch.clone()),
+                };
                 self.members.insert(info.node_id, live);
                 true
             }
         }
     }
 
-    fn report_malformed(&mut self, record: &NodeRecord, reason: &str) {
+    /// Skips a record that cannot be used (`what`: malformed or unauthenticated), reporting
+    /// it once per distinct value. The record's content is not logged: only its key and why.
+    fn skip(&mut self, record: &NodeRecord, what: &str, reason: &str) {
         if self.malformed.get(&record.key) != Some(&record.value) {
-            tracing::warn!(key = %record.key, reason, "skipping a malformed node record");
-            self.malformed
-                .insert(record.key.clone(), record.value.clone());
-        }
-    }
-
-    /// Reports a record refused by authentication, once per distinct value. The record's
-    /// content is not logged: only its key and why.
-    fn report_refused(&mut self, record: &NodeRecord, reason: &str) {
-        if self.malformed.get(&record.key) != Some(&record.value) {
-            tracing::warn!(key = %record.key, reason, "skipping an unauthenticated node record");
+            tracing::warn!(key = %record.key, reason, "skipping a {what} node record");
             self.malformed
                 .insert(record.key.clone(), record.value.clone());
         }
@@ -534,9 +544,10 @@ impl Worker {
     /// Removes a member; returns whether it was one.
     fn remove(&mut self, node: &NodeId, cause: RemovalCause) -> bool {
         self.clear_deadline(node);
-        if self.members.remove(node).is_none() {
+        let Some(live) = self.members.remove(node) else {
             return false;
-        }
+        };
+        self.departed.insert(node.clone(), (live, Instant::now()));
         if let Some(seen) = self.seen.get_mut(node) {
             seen.gone_since = Some(Instant::now());
         }
