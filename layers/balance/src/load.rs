@@ -79,12 +79,7 @@ impl<S: HasNodeInfo> Load for ConnectionLoad<S> {
     type Metric = f64;
 
     fn load(&self) -> f64 {
-        let info = self.inner.live_node_info().get();
-        if info.is_available() {
-            info.load()
-        } else {
-            f64::INFINITY
-        }
+        self.inner.live_node_info().get().balancing_load()
     }
 }
 

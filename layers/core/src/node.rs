@@ -344,6 +344,17 @@ impl NodeInfo {
         f64::from(self.connection_count) / f64::from(self.max_connections)
     }
 
+    /// The load a load-based balancer (tower's p2c) compares: [`load`](Self::load) while the
+    /// node may take new connections, infinite when it is Draining, Offline or full, so it is
+    /// chosen only when no other node can be.
+    pub fn balancing_load(&self) -> f64 {
+        if self.is_available() {
+            self.load()
+        } else {
+            f64::INFINITY
+        }
+    }
+
     /// The URL clients use to reach this node's WebSocket endpoint, e.g. `ws://10.0.0.5:5001/ws`.
     pub fn ws_url(&self) -> String {
         ws_url(&self.address, self.port, &self.endpoint)

@@ -98,12 +98,7 @@ impl<S> Load for NodeService<S> {
     type Metric = f64;
 
     fn load(&self) -> f64 {
-        let info = self.info.get();
-        if info.is_available() {
-            info.load()
-        } else {
-            f64::INFINITY
-        }
+        self.info.get().balancing_load()
     }
 }
 
