@@ -10,7 +10,7 @@
 //! the queue, in order, and are sent again on the next connection: a message may then reach
 //! its queue twice, which receivers drop by message id.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -86,43 +86,53 @@ async fn open_channel(link: &Link) -> lapin::Result<Channel> {
     Ok(channel)
 }
 
-/// Publishes a group of messages for one routing key: alone as it is, or several as one
-/// batch (see [`wire::encode_batch`]), which the broker confirms, routes and refuses as one.
-fn publish_group(
-    channel: &Channel,
-    exchange: &ShortString,
-    group: &[Pending],
-    seq: u64,
-) -> Confirm {
+/// What one AMQP publish carries: a message alone, or a batch of several (see
+/// [`wire::encode_batch`]), which the broker confirms, routes and refuses as one.
+struct Outgoing {
+    routing_key: ShortString,
+    properties: lapin::BasicProperties,
+    body: bytes::Bytes,
+}
+
+/// The publish of `group`. A batch that cannot be encoded (a message with more headers than a
+/// batch frames) goes out as its first message alone, the others going back to `queue`.
+fn outgoing(group: &mut Vec<Pending>, queue: &mut VecDeque<Pending>) -> Outgoing {
+    if group.len() > 1 {
+        let parts: Vec<wire::Part<'_>> = group
+            .iter()
+            .map(|pending| wire::Part {
+                message_id: &pending.message.message_id,
+                headers: &pending.message.headers,
+                body: &pending.message.body,
+            })
+            .collect();
+        if let Ok((properties, body)) = wire::encode_batch(&parts) {
+            return Outgoing {
+                routing_key: group[0].routing_key.clone(),
+                properties,
+                body,
+            };
+        }
+        for pending in group.drain(1..).rev() {
+            queue.push_front(pending);
+        }
+    }
+    let one = &group[0];
+    Outgoing {
+        routing_key: one.routing_key.clone(),
+        properties: one.properties.clone(),
+        body: one.message.body.clone(),
+    }
+}
+
+fn put_on_wire(channel: &Channel, exchange: &ShortString, outgoing: Outgoing, seq: u64) -> Confirm {
     let channel = channel.clone();
     let exchange = exchange.clone();
-    let (routing_key, properties, body) = match group {
-        [one] => (
-            one.routing_key.clone(),
-            one.properties.clone(),
-            one.message.body.clone(),
-        ),
-        _ => {
-            let parts: Vec<wire::Part<'_>> = group
-                .iter()
-                .map(|pending| wire::Part {
-                    message_id: &pending.message.message_id,
-                    headers: &pending.message.headers,
-                    body: &pending.message.body,
-                })
-                .collect();
-            match wire::encode_batch(&parts) {
-                Ok((properties, body)) => (group[0].routing_key.clone(), properties, body),
-                // Each part was checked when it was queued; should a batch still not encode,
-                // its first message goes alone and the rest wait for the next round.
-                Err(_) => (
-                    group[0].routing_key.clone(),
-                    group[0].properties.clone(),
-                    group[0].message.body.clone(),
-                ),
-            }
-        }
-    };
+    let Outgoing {
+        routing_key,
+        properties,
+        body,
+    } = outgoing;
     Box::pin(async move {
         let options = BasicPublishOptions {
             mandatory: true,
@@ -178,7 +188,7 @@ fn confirm(
 /// Takes from the head of `queue` the next group to publish as one AMQP message: the run of
 /// messages for the same routing key that follows it, within the batch bounds. Only runs are
 /// grouped, so every queue still receives its messages in call order.
-fn next_group(queue: &mut std::collections::VecDeque<Pending>) -> Vec<Pending> {
+fn next_group(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
     let mut group = Vec::new();
     let mut bytes = 0;
     while let Some(next) = queue.front() {
@@ -216,6 +226,8 @@ async fn publish_on(
     let mut confirms: FuturesUnordered<Confirm> = FuturesUnordered::new();
     let mut sent: BTreeMap<u64, Vec<Pending>> = BTreeMap::new();
     let mut batch = Vec::new();
+    // Taken from the shared queue and not on the wire yet.
+    let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut seq = 0u64;
     let ended = 'publishing: loop {
         // Put waiting publishes on the wire, in call order, up to the in-flight bound.
@@ -225,24 +237,22 @@ async fn publish_on(
         if room > 0 {
             shared.take_pending(room, &mut batch);
         }
-        let mut queue: std::collections::VecDeque<Pending> = batch
-            .drain(..)
-            .filter(|pending| {
-                // The caller stopped waiting before it was sent: it is not sent.
-                let waiting = !pending.reply.is_closed();
-                if !waiting {
-                    shared.settled(1);
-                }
-                waiting
-            })
-            .collect();
+        queue.extend(batch.drain(..).filter(|pending| {
+            // The caller stopped waiting before it was sent: it is not sent.
+            let waiting = !pending.reply.is_closed();
+            if !waiting {
+                shared.settled(1);
+            }
+            waiting
+        }));
         while !queue.is_empty() {
-            let group = next_group(&mut queue);
+            let mut group = next_group(&mut queue);
+            let outgoing = outgoing(&mut group, &mut queue);
             seq += 1;
             if group.len() > 1 {
                 shared.batched(group.len());
             }
-            let mut publish = publish_group(&channel, &exchange, &group, seq);
+            let mut publish = put_on_wire(&channel, &exchange, outgoing, seq);
             sent.insert(seq, group);
             // The first poll pushes the frames: this fixes the message's place on the wire.
             match poll_once(&mut publish).await {
@@ -285,6 +295,7 @@ async fn publish_on(
             "publishes to send again on the next connection"
         );
     }
-    shared.requeue(sent.into_values().flatten().collect());
+    // A round cut short leaves the messages it had taken and not sent: they go back too.
+    shared.requeue(sent.into_values().flatten().collect(), queue.into());
     ended
 }

@@ -210,13 +210,21 @@ impl Shared {
         wake_all(wakers);
     }
 
-    /// Puts publishes sent without confirmation back at the head of the queue, in order; those
-    /// sent too often already fail.
-    pub(crate) fn requeue(&self, sent: Vec<Pending>) {
+    /// Puts publishes back at the head of the queue, in order: those sent without
+    /// confirmation (those sent too often already fail), then those taken and not sent yet.
+    pub(crate) fn requeue(&self, sent: Vec<Pending>, unsent: Vec<Pending>) {
         let mut failed = Vec::new();
         {
             let mut state = self.state.lock();
-            state.in_flight = state.in_flight.saturating_sub(sent.len());
+            state.in_flight = state.in_flight.saturating_sub(sent.len() + unsent.len());
+            // Taken but never put on the wire: back at the head as they were, no attempt spent.
+            for pending in unsent.into_iter().rev() {
+                if state.closed {
+                    failed.push((pending, BrokerError::Closed));
+                } else {
+                    state.pending.push_front(pending);
+                }
+            }
             for mut pending in sent.into_iter().rev() {
                 pending.attempts += 1;
                 if state.closed {
