@@ -582,15 +582,46 @@ async fn a_forced_connection_close_loses_and_duplicates_nothing() {
     while got.len() < 300 {
         got.push(b.recv().await.payload_text().unwrap().to_owned());
     }
+    // And bursts with no pacing, until after the close, so that the publisher holds many
+    // messages per round when the connection drops.
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let burst = {
+        let forward = forward.clone();
+        let closed = Arc::clone(&closed);
+        tokio::spawn(async move {
+            let mut sent = 0;
+            let mut rounds_after_close = 0;
+            while rounds_after_close < 5 {
+                if closed.load(std::sync::atomic::Ordering::Relaxed) {
+                    rounds_after_close += 1;
+                }
+                let envelopes = (sent..sent + 200)
+                    .map(|i| text("a", Target::Node(node_id("b")), format!("burst-{i}")))
+                    .collect();
+                send_all(&forward, envelopes).await;
+                sent += 200;
+            }
+            sent
+        })
+    };
     // Close both nodes' connections from the server side, mid-stream.
     for pid in &pids {
         rabbitmqctl(&["close_connection", pid, "test: forced close"]).await;
     }
-    while got.len() < N {
+    closed.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.await.unwrap().expect("every send confirmed");
+    let bursts_sent = burst.await.expect("every burst send confirmed");
+    while got.len() < N + bursts_sent {
         got.push(b.recv().await.payload_text().unwrap().to_owned());
     }
-    sender.await.unwrap().expect("every send confirmed");
 
+    let (bursts, got): (Vec<String>, Vec<String>) =
+        got.into_iter().partition(|text| text.starts_with("burst-"));
+    let expected_bursts: Vec<String> = (0..bursts_sent).map(|i| format!("burst-{i}")).collect();
+    assert_eq!(
+        bursts, expected_bursts,
+        "the burst: nothing lost, duplicated or reordered"
+    );
     assert_eq!(got, numbered(N), "nothing lost, duplicated or reordered");
     assert!(broker_a.reconnections() >= 1, "a reconnected");
     assert!(broker_b.reconnections() >= 1, "b reconnected");
