@@ -759,6 +759,33 @@ async fn a_busy_destination_gets_batches_in_order_and_exactly_once() {
         (stats.handled, stats.duplicates, stats.dead_lettered),
         (3000, 0, 0)
     );
+    // Every batch was acknowledged once all its messages were: b's queue empties. (RabbitMQ
+    // counts no event for it: ask it, a bounded number of times.)
+    let queue = broker_a.queue_name(&node_id("b"));
+    let mut left = String::new();
+    for _ in 0..50 {
+        let out = rabbitmqctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])
+        .await;
+        left = out
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{queue}\t")).map(str::to_owned))
+            .unwrap_or_default();
+        if left.trim() == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left.trim(),
+        "0",
+        "messages left in b's queue (ready or unacknowledged)"
+    );
     b.leave().await;
     cluster.clean_up().await;
 }
