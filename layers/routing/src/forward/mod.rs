@@ -171,6 +171,12 @@ impl<B: Broker + ?Sized> Service<Envelope> for Forward<B> {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.permit.is_none() && self.acquire.is_none() {
+            // A free place costs no allocation; only waiting for one boxes a future.
+            if let Ok(permit) = Arc::clone(&self.semaphore).try_acquire_owned() {
+                self.permit = Some(permit);
+            }
+        }
         if self.permit.is_none() {
             let acquire = self
                 .acquire

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_core::Stream;
 use futures_core::future::BoxFuture;
 use futures_util::StreamExt;
@@ -83,16 +84,22 @@ pub(crate) async fn forward(
         };
         match next {
             Some(Ok(delivery)) => {
+                let mut delivery = delivery;
                 let parts = match wire::batch_count(&delivery.properties) {
                     None => None,
-                    Some(count) => match wire::decode_batch(&delivery.data, count) {
-                        Ok(messages) => Some(messages),
-                        Err(reason) => {
-                            // Handed on as it is: the receiver dead-letters it as malformed.
-                            warn!(%node, reason, "a batch that cannot be read");
-                            None
+                    Some(count) => {
+                        // The messages' bodies are slices of the batch's, not copies.
+                        let data = Bytes::from(std::mem::take(&mut delivery.data));
+                        match wire::decode_batch(&data, count) {
+                            Ok(messages) => Some(messages),
+                            Err(reason) => {
+                                // Handed on as it is: the receiver dead-letters it as malformed.
+                                warn!(%node, reason, "a batch that cannot be read");
+                                delivery.data = Vec::from(data);
+                                None
+                            }
                         }
-                    },
+                    }
                 };
                 let redelivered = delivery.redelivered;
                 let handed = match parts {

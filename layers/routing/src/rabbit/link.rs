@@ -331,7 +331,11 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: E
                     delay = (delay * 2)
                         .max(shared.config.reconnect_delay)
                         .min(shared.config.max_reconnect_delay);
-                    warn!(%error, retry_in = ?delay, "reconnecting to RabbitMQ failed");
+                    warn!(
+                        error = %hybrid_cluster_core::error::error_chain(&error),
+                        retry_in = ?delay,
+                        "reconnecting to RabbitMQ failed"
+                    );
                 }
             }
         }

@@ -32,6 +32,10 @@
 //! carries the header `hc-batch` (how many) and, in its body, each message's id, headers and
 //! body, length-prefixed; the consumer hands its messages on one by one, and acknowledges the
 //! batch once every one of them was settled (see [`RabbitBroker::batched_messages`]).
+//! RabbitMQ counts a batch as one message: a queue's `max_length` and a consumer's prefetch
+//! bound AMQP messages, so up to 64 times as many envelopes; and a batch one of whose
+//! messages is dead-lettered goes to the dead-letter queue whole (the others were handed over
+//! already).
 //!
 //! [`poll_flow`](Broker::poll_flow) is pending while the connection is being restored,
 //! while RabbitMQ blocks publishing (a resource alarm), and while

@@ -179,35 +179,44 @@ pub(crate) fn batch_count(properties: &BasicProperties) -> Option<usize> {
 }
 
 /// The messages of a batch's body; the error says what is wrong with it.
-pub(crate) fn decode_batch(body: &[u8], count: usize) -> Result<Vec<BrokerMessage>, &'static str> {
-    struct Reader<'a>(&'a [u8]);
-    impl<'a> Reader<'a> {
-        fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
-            if self.0.len() < n {
-                return Err("the batch body ends in the middle of a message");
-            }
-            let (head, rest) = self.0.split_at(n);
-            self.0 = rest;
-            Ok(head)
+pub(crate) fn decode_batch(body: &Bytes, count: usize) -> Result<Vec<BrokerMessage>, &'static str> {
+    /// Reads `body` from `at` on; message bodies are slices of it, not copies.
+    struct Reader<'a> {
+        body: &'a Bytes,
+        at: usize,
+    }
+    impl Reader<'_> {
+        fn take(&mut self, n: usize) -> Result<std::ops::Range<usize>, &'static str> {
+            let end = self
+                .at
+                .checked_add(n)
+                .filter(|end| *end <= self.body.len())
+                .ok_or("the batch body ends in the middle of a message")?;
+            let range = self.at..end;
+            self.at = end;
+            Ok(range)
         }
         fn len16(&mut self) -> Result<usize, &'static str> {
-            let bytes = self.take(2)?;
-            Ok(usize::from(u16::from_be_bytes([bytes[0], bytes[1]])))
+            let range = self.take(2)?;
+            let b = &self.body[range];
+            Ok(usize::from(u16::from_be_bytes([b[0], b[1]])))
         }
         fn len32(&mut self) -> Result<usize, &'static str> {
-            let bytes = self.take(4)?;
-            usize::try_from(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+            let range = self.take(4)?;
+            let b = &self.body[range];
+            usize::try_from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
                 .map_err(|_| "a length in the batch is too large")
         }
         fn text(&mut self, len: usize) -> Result<String, &'static str> {
-            String::from_utf8(self.take(len)?.to_vec())
+            let range = self.take(len)?;
+            String::from_utf8(self.body[range].to_vec())
                 .map_err(|_| "a string in the batch is not UTF-8")
         }
     }
     if count == 0 || count > MAX_BATCH {
         return Err("the batch count is out of range");
     }
-    let mut reader = Reader(body);
+    let mut reader = Reader { body, at: 0 };
     let mut messages = Vec::with_capacity(count);
     for _ in 0..count {
         let id_len = reader.len16()?;
@@ -222,14 +231,14 @@ pub(crate) fn decode_batch(body: &[u8], count: usize) -> Result<Vec<BrokerMessag
             headers.insert(name, value);
         }
         let body_len = reader.len32()?;
-        let body = Bytes::copy_from_slice(reader.take(body_len)?);
+        let range = reader.take(body_len)?;
         messages.push(BrokerMessage {
             message_id,
             headers,
-            body,
+            body: body.slice(range),
         });
     }
-    if !reader.0.is_empty() {
+    if reader.at != body.len() {
         return Err("the batch body holds more than its count says");
     }
     Ok(messages)
@@ -372,11 +381,11 @@ mod tests {
         assert!(decode_batch(&body, 2).is_err(), "more than the count says");
         assert!(decode_batch(&body, 4).is_err(), "fewer than the count says");
         assert!(
-            decode_batch(&body[..body.len() - 1], 3).is_err(),
+            decode_batch(&body.slice(..body.len() - 1), 3).is_err(),
             "cut short"
         );
         assert!(decode_batch(&body, 0).is_err());
-        assert!(decode_batch(b"\xff\xff", 1).is_err());
+        assert!(decode_batch(&Bytes::from_static(b"\xff\xff"), 1).is_err());
         assert_eq!(batch_count(&BasicProperties::default()), None);
     }
     use super::*;

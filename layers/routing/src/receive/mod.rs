@@ -377,7 +377,7 @@ impl Receiver {
                     warn!(
                         message_id = %id,
                         %origin,
-                        %error,
+                        error = %hybrid_cluster_core::error::error_chain(&*error),
                         "the local destination refused a message: dead-lettered"
                     );
                     counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -435,7 +435,10 @@ fn report_settlement(result: Result<(), BrokerError>) {
             "a settlement came after its consumer was gone: the message will be delivered again \
              and dropped as a duplicate"
         ),
-        Err(error) => warn!(%error, "settling a delivery failed"),
+        Err(error) => warn!(
+            error = %hybrid_cluster_core::error::error_chain(&error),
+            "settling a delivery failed"
+        ),
     }
 }
 

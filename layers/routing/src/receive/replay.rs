@@ -63,7 +63,11 @@ impl ReplayMemory {
         let cutoff = now_ms.saturating_sub(self.window_ms);
         if cutoff > self.horizon {
             self.horizon = cutoff;
-            self.handled = self.handled.split_off(&(cutoff, MessageId::from_u128(0)));
+            // Only the few entries that just fell out: split_off would rebuild the tree's edge
+            // on nearly every message, as the cutoff moves every millisecond.
+            while self.handled.first().is_some_and(|&(sent, _)| sent < cutoff) {
+                self.handled.pop_first();
+            }
         }
         self.handled.insert((sent_ms, id));
         let mut full = false;
