@@ -512,3 +512,55 @@ async fn an_unreachable_redis_is_a_clear_error_at_start_up() {
     assert!(error.is_transient(), "{error:?}");
     assert_eq!(error.to_string(), "the registry is unreachable");
 }
+
+#[tokio::test]
+async fn routes_are_leased_in_redis() {
+    let prefix = unique_prefix("routes");
+    let registry = registry(&prefix, "hc-routes").await;
+    let connection: hybrid_cluster_core::ConnectionId = "a:00000000000000a1:7".parse().unwrap();
+    registry
+        .put_route("user:42", &connection, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        registry.route("user:42").await.unwrap(),
+        Some(connection.clone())
+    );
+    assert_eq!(registry.route("user:43").await.unwrap(), None);
+
+    // The lease is Redis's own: the route is gone once it runs out.
+    let mut redis = registry.connection();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(registry.keys().route_key("user:42"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 300, "route lease left: {pttl} ms");
+    registry
+        .put_route("user:44", &connection, Duration::from_secs(60))
+        .await
+        .unwrap();
+    registry.remove_route("user:44").await.unwrap();
+    assert_eq!(registry.route("user:44").await.unwrap(), None);
+
+    // A value that is not a connection id is an error naming its key.
+    let _: () = redis::cmd("SET")
+        .arg(registry.keys().route_key("bad"))
+        .arg("not an id")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    match registry.route("bad").await {
+        Err(hybrid_cluster_core::RegistryError::Malformed { key, .. }) => {
+            assert!(key.ends_with(":routes:bad"), "{key}")
+        }
+        other => panic!("expected a malformed-route error, got {other:?}"),
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(registry.keys().route_key("bad"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
