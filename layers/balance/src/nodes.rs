@@ -431,8 +431,7 @@ impl<K: Clone + Eq + Hash> NodeSet<K> {
         self.insert_with(key, live, true)
     }
 
-    /// As [`insert`](Self::insert); a new node starts ready or not as `ready` says, a known
-    /// one keeps its readiness.
+    /// As [`insert`](Self::insert), the node (new or replaced) ready or not as `ready` says.
     pub(crate) fn insert_with(&mut self, key: K, live: LiveNodeInfo, ready: bool) -> bool {
         self.follow.admit(&live);
         let version = live.version();
@@ -443,6 +442,7 @@ impl<K: Clone + Eq + Hash> NodeSet<K> {
                 slot.info = info;
                 slot.version = version;
                 slot.charged = 0;
+                slot.ready = ready;
             });
             return true;
         }

@@ -93,6 +93,10 @@ where
     nodes: NodeSet<D::Key>,
     selector: Selector,
     reserved: Option<Reserved<D::Key>>,
+    /// The node last called: the cache moved its service to pending, and the node set learns
+    /// whether it is still not ready at the next `poll_ready` (no pick happens before), so a
+    /// service that is ready again at once never leaves and re-enters the indexes.
+    called: Option<D::Key>,
 }
 
 impl<D, Req> fmt::Debug for Balance<D, Req>
@@ -136,6 +140,7 @@ where
             nodes: NodeSet::new(),
             selector,
             reserved: None,
+            called: None,
         }
     }
 
@@ -218,7 +223,6 @@ where
                     self.services.evict(&key);
                     self.nodes
                         .insert_with(key.clone(), service.live_node_info().clone(), false);
-                    self.nodes.set_ready(&key, false);
                     self.services.push(key, service);
                 }
                 Poll::Ready(Some(Ok(Change::Remove(key)))) => {
@@ -293,6 +297,11 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.update_from_discover(cx)?;
         self.promote_pending(cx);
+        if let Some(key) = self.called.take()
+            && self.services.get_ready(&key).is_none()
+        {
+            self.nodes.set_ready(&key, false);
+        }
         self.nodes.refresh();
 
         // A node reserved by an earlier poll_ready keeps its reservation only if it is still
@@ -332,8 +341,7 @@ where
         match self.reserved.take() {
             Some(Reserved::Node(key)) if self.services.get_ready(&key).is_some() => {
                 let future = self.services.call_ready(&key, request);
-                // The cache moves a called service back to pending.
-                self.nodes.set_ready(&key, false);
+                self.called = Some(key);
                 ResponseFuture::called(future)
             }
             Some(Reserved::Unavailable(none)) => ResponseFuture::failed(none),
