@@ -246,7 +246,12 @@ impl Receiver {
         });
         Self {
             deliveries,
-            dedupe: Dedupe::new(config.dedupe_window),
+            // With a secret the replay memory remembers ids; the dedupe window stays empty.
+            dedupe: Dedupe::new(if auth.is_some() {
+                0
+            } else {
+                config.dedupe_window
+            }),
             auth,
             counters: Arc::default(),
         }
