@@ -9,6 +9,13 @@
 //!   tower's `ConcurrencyLimit` does), then [`Broker::poll_flow`]: pending while the broker
 //!   pushes back (flow control, a lost connection being restored), an error once the broker
 //!   has been unreachable for longer than its bound, or was closed.
+//!
+//!   Callers waiting for a place are served in the order they asked (the semaphore is fair),
+//!   so no clone can starve another. A place is held from the `poll_ready` that reserved it
+//!   until the `call` that spends it, [`Forward::disarm`], or the clone's drop: **poll ready
+//!   only when a `call` follows at once**, and disarm a clone that was polled (ready or
+//!   pending) but will not be called. A clone that keeps a place while idle takes it from
+//!   every other sender of the node. A `poll_ready` that fails gives its place back.
 //! - **Call**: checks the payload size, signs the envelope when the service has a
 //!   [`ClusterSecret`] ([`Envelope::sign`]: receivers with the secret refuse unsigned and
 //!   forged messages), encodes it ([`Envelope::to_message`]: the payload is the body as it
@@ -136,6 +143,21 @@ impl<B: Broker + ?Sized> Forward<B> {
     pub fn available_permits(&self) -> usize {
         self.semaphore.available_permits()
     }
+
+    /// Whether this clone holds a place reserved by `poll_ready` that no `call` spent yet.
+    pub fn is_ready(&self) -> bool {
+        self.permit.is_some()
+    }
+
+    /// Gives back the place this clone reserved (or is waiting for) and will not spend, as a
+    /// tower service is disarmed when its caller changes its mind after `poll_ready`. Returns
+    /// whether there was one. The next `call` needs a new `poll_ready`.
+    pub fn disarm(&mut self) -> bool {
+        let had = self.permit.is_some() || self.acquire.is_some();
+        self.permit = None;
+        self.acquire = None;
+        had
+    }
 }
 
 impl<B: ?Sized> Clone for Forward<B> {
@@ -194,7 +216,13 @@ impl<B: Broker + ?Sized> Service<Envelope> for Forward<B> {
             }
         }
         // Holding the permit, wait for the broker to take publishes.
-        self.broker.poll_flow(cx).map_err(ForwardError::Broker)
+        let flow = ready!(self.broker.poll_flow(cx));
+        if let Err(error) = flow {
+            // No call follows a failed readiness: the place goes back to the others.
+            self.permit = None;
+            return Poll::Ready(Err(ForwardError::Broker(error)));
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut envelope: Envelope) -> Self::Future {

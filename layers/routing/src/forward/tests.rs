@@ -195,6 +195,73 @@ async fn broker_flow_control_is_reported_by_poll_ready() {
 }
 
 #[tokio::test]
+async fn a_disarmed_clone_gives_its_place_back_and_leaves_the_line() {
+    let (broker, _gate) = TestBroker::gated();
+    broker.set_flow(Some(true));
+    let broker = Arc::new(broker);
+    let mut idle = Spawn::new(Forward::with_config(broker.clone(), config(1)));
+    let mut other = Spawn::new(idle.get_ref().clone());
+
+    // Ready, then not called: the one place is held...
+    assert_ready_ok!(idle.poll_ready());
+    assert!(idle.get_ref().is_ready());
+    assert_pending!(other.poll_ready());
+    // ...until the caller gives it back.
+    assert!(idle.get_mut().disarm());
+    assert!(!idle.get_ref().is_ready());
+    assert!(other.is_woken());
+    assert_ready_ok!(other.poll_ready());
+
+    // A clone waiting in line that disarms leaves the line: the place goes to the next one.
+    assert_pending!(idle.poll_ready());
+    let mut third = Spawn::new(other.get_ref().clone());
+    assert_pending!(third.poll_ready());
+    assert!(idle.get_mut().disarm());
+    assert!(!idle.get_mut().disarm(), "nothing left to give back");
+    assert!(other.get_mut().disarm());
+    assert!(third.is_woken());
+    assert_ready_ok!(third.poll_ready());
+}
+
+#[tokio::test]
+async fn a_failed_readiness_gives_its_place_back() {
+    let broker = Arc::new(TestBroker::default());
+    broker.set_flow(Some(false));
+    let mut failing = Spawn::new(Forward::with_config(broker.clone(), config(1)));
+    assert!(assert_ready!(failing.poll_ready()).is_err());
+    assert!(!failing.get_ref().is_ready());
+    assert_eq!(failing.get_ref().available_permits(), 1);
+}
+
+#[tokio::test]
+async fn clones_waiting_for_a_place_are_served_in_the_order_they_asked() {
+    let (broker, _gate) = TestBroker::gated();
+    broker.set_flow(Some(true));
+    let broker = Arc::new(broker);
+    let mut holder = Spawn::new(Forward::with_config(broker.clone(), config(1)));
+    assert_ready_ok!(holder.poll_ready());
+    let mut waiting: Vec<_> = (0..5)
+        .map(|_| Spawn::new(holder.get_ref().clone()))
+        .collect();
+    for clone in &mut waiting {
+        assert_pending!(clone.poll_ready());
+    }
+    // A newcomer that tries without waiting cannot jump the line.
+    let mut newcomer = Spawn::new(holder.get_ref().clone());
+    holder.get_mut().disarm();
+    assert_pending!(newcomer.poll_ready());
+    for i in 0..waiting.len() {
+        // Only the first in line has a place; the others still wait.
+        for later in waiting.iter_mut().skip(i + 1) {
+            assert_pending!(later.poll_ready());
+        }
+        assert_ready_ok!(waiting[i].poll_ready());
+        waiting[i].get_mut().disarm();
+    }
+    assert_ready_ok!(newcomer.poll_ready());
+}
+
+#[tokio::test]
 async fn failures_are_typed_and_nothing_is_sent_for_refused_envelopes() {
     let broker = TestBroker::default();
     broker.set_flow(Some(true));
