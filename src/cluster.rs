@@ -15,9 +15,10 @@ use hybrid_cluster_routing::{
 };
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
+use tokio::time::{Duration, Instant};
 
 use crate::config::{Backends, ClusterConfig};
-use crate::error::ClusterError;
+use crate::error::{ClusterError, error_chain};
 use crate::handle::{ClusterConnection, ClusterHandle};
 use crate::hybrid::HybridClusterLayer;
 use crate::local::{CloseFrame, InboxItem, LocalConnections, Undeliverable};
@@ -81,6 +82,15 @@ impl Drop for Node {
 }
 
 impl Node {
+    /// Places of the bound on unconfirmed messages in use: messages sent to the broker and not
+    /// yet confirmed, and places reserved for a send about to start.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.config
+            .forward
+            .max_in_flight
+            .saturating_sub(self.forward.available_permits())
+    }
+
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
@@ -454,17 +464,33 @@ impl Cluster {
     }
 
     /// Leaves the cluster gracefully: drains, closes every local connection with close code
-    /// 1012 and a reason naming a node to reconnect to (JSON, see
-    /// [`close_reason`]), waits for them to go (at most
-    /// [`ClusterConfig::shutdown_grace`]), then leaves discovery and removes the node's queue.
+    /// 1012 and a reason naming a node to reconnect to (JSON, see [`close_reason`]), waits
+    /// for them to go, then leaves discovery and removes the node's queue.
+    ///
+    /// It always ends within [`ClusterConfig::shutdown_grace`](crate::ClusterConfig), whatever
+    /// the state of the connections and the servers: clients get most of the period to close
+    /// (the last quarter, at most 2 s, is kept for leaving), and each step that does not
+    /// finish in time is cut short and named in the log (connections still open, messages
+    /// still awaiting the broker's confirmation, a registry or broker that did not answer).
+    /// A node that could not leave is dropped by its peers when its lease runs out.
+    ///
     /// Calling it again after it succeeded does nothing; after it failed, it tries again.
     pub async fn shutdown(&self) -> Result<(), ClusterError> {
         let node = &self.node;
         if node.stopped.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        if let Err(error) = node.drain().await {
-            tracing::warn!(%error, "could not publish the drain; leaving anyway");
+        let grace = node.config.shutdown_grace;
+        let deadline = Instant::now() + grace;
+        let leaving = (grace / 4).min(Duration::from_secs(2));
+        match tokio::time::timeout_at(deadline - leaving, node.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error_chain(&error), "could not publish the drain; leaving anyway")
+            }
+            Err(_) => {
+                tracing::warn!("publishing the drain took too long: cut short, leaving anyway")
+            }
         }
         let redirect = match node.placer.place() {
             Placement::Redirect(redirect) => Some(redirect),
@@ -475,33 +501,51 @@ impl Cluster {
             reason: close_reason(redirect.as_ref()),
         };
         node.local.close_all(&frame);
-        if tokio::time::timeout(node.config.shutdown_grace, node.local.wait_empty())
+        if tokio::time::timeout_at(deadline - leaving, node.local.wait_empty())
             .await
             .is_err()
         {
             tracing::warn!(
-                left = node.local.len(),
-                "clients did not close within the grace period; leaving anyway"
+                connections = node.local.len(),
+                awaiting_confirmation = node.in_flight(),
+                grace_ms = grace.as_millis() as u64,
+                "shutdown grace period ran out: cutting short the connections still open (their clients were sent the close) and the messages still awaiting the broker's confirmation (their senders get no answer)"
             );
         }
         // Every step is taken even when one fails; a failed shutdown can be called again.
-        let left = node.discovery.registrar().leave().await;
+        let deadline = deadline.max(Instant::now() + leaving / 2);
+        let left = match tokio::time::timeout_at(deadline, node.discovery.registrar().leave()).await
+        {
+            Ok(left) => left.map_err(ClusterError::from),
+            Err(_) => {
+                tracing::warn!(
+                    "leaving discovery took too long: cut short (peers drop this node when its lease runs out)"
+                );
+                Err(ClusterError::TimedOut("leaving discovery"))
+            }
+        };
         for task in node.tasks.lock().drain(..) {
             task.abort();
         }
-        let deleted = node.topology.broker().delete_queue(&node.id).await;
-        match (left, deleted) {
-            (Ok(()), Ok(())) => {
+        let deadline = deadline.max(Instant::now() + leaving / 2);
+        let deleting = node.topology.broker().delete_queue(&node.id);
+        let deleted = match tokio::time::timeout_at(deadline, deleting).await {
+            Ok(deleted) => deleted.map_err(ClusterError::from),
+            Err(_) => {
+                tracing::warn!(
+                    "deleting the node's queue took too long: cut short (it expires on its own)"
+                );
+                Err(ClusterError::TimedOut("deleting the node's queue"))
+            }
+        };
+        match left.and(deleted) {
+            Ok(()) => {
                 tracing::info!(node = %node.id, "node left the cluster");
                 Ok(())
             }
-            (Err(error), _) => {
+            Err(error) => {
                 node.stopped.store(false, Ordering::Release);
-                Err(error.into())
-            }
-            (Ok(()), Err(error)) => {
-                node.stopped.store(false, Ordering::Release);
-                Err(error.into())
+                Err(error)
             }
         }
     }

@@ -17,6 +17,9 @@ pub enum ClusterError {
     /// Discovery could not start or leave.
     #[error("discovery failed")]
     Discovery(#[from] DiscoveryError),
+    /// A step of a shutdown did not finish within the shutdown grace period.
+    #[error("{0} did not finish within the shutdown grace period")]
+    TimedOut(&'static str),
 }
 
 /// A message was not delivered, or its delivery is not known.
@@ -72,4 +75,4 @@ impl SendError {
     }
 }
 
-pub(crate) use hybrid_cluster_core::error::error_chain;
+pub use hybrid_cluster_core::error::error_chain;

@@ -21,14 +21,6 @@ use crate::error::SendError;
 use crate::local::{Inbox, InboxItem};
 use crate::trace::TraceContext;
 
-/// Messages sent to the broker and not yet confirmed.
-fn in_flight(node: &Node) -> usize {
-    node.config
-        .forward
-        .max_in_flight
-        .saturating_sub(node.forward.available_permits())
-}
-
 /// Sends messages into the cluster: to one connection anywhere, to every connection, to a
 /// group's members; joins and leaves groups. Cheap to clone.
 ///
@@ -131,7 +123,11 @@ impl ClusterHandle {
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, SendError> {
         let mut sender = self.ordered();
-        sender.ready().await?;
+        // A send settled on this node needs no place of the bound on unconfirmed messages:
+        // it never waits behind the broker.
+        if sender.needs_place(to) {
+            sender.ready().await?;
+        }
         sender.send(to, kind, payload).await
     }
 
@@ -287,10 +283,26 @@ impl std::future::Future for Confirmation {
 /// A message is placed in the broker's order when it is *started* ([`send`], [`broadcast`],
 /// [`send_to_group`] return its [`Confirmation`] at once), so messages started one after
 /// another through one `OrderedSender` reach every connection in that order, however their
-/// confirmations are awaited. Each start takes one place of the node's bound on unconfirmed
-/// messages: wait for [`ready`](OrderedSender::ready) (or poll
-/// [`poll_ready`](OrderedSender::poll_ready)) before each, and keep polling the confirmations,
-/// which give the places back. A socket task pipelining a client's requests uses one.
+/// confirmations are awaited. A socket task pipelining a client's requests uses one.
+///
+/// # Places: the rule for callers
+///
+/// A start that goes through the broker takes one place of the node's bound on unconfirmed
+/// messages ([`ForwardConfig::max_in_flight`](hybrid_cluster_routing::ForwardConfig), shared
+/// by every sender of the node), and its [`Confirmation`] gives the place back when it
+/// resolves or is dropped. So:
+///
+/// - wait for [`ready`](OrderedSender::ready) (or poll [`poll_ready`](OrderedSender::poll_ready))
+///   **right before** a broadcast, a group message, or a unicast for which
+///   [`needs_place`](OrderedSender::needs_place) is true, and start it at once;
+/// - a unicast to a connection of this node needs no place and never waits; starting one
+///   gives back a place this sender held, so a sender that goes idle after it holds none;
+/// - a sender that was polled (ready, or pending in line) and will not start a message must
+///   [`disarm`](OrderedSender::disarm): a place held while idle is taken from every other
+///   connection of the node, and enough of them stop the node's sends altogether;
+/// - keep polling the confirmations.
+///
+/// Senders waiting for a place are served in the order they asked, so none is starved.
 ///
 /// [`send`]: OrderedSender::send
 /// [`broadcast`]: OrderedSender::broadcast
@@ -333,6 +345,18 @@ impl OrderedSender {
         std::future::poll_fn(|cx| self.poll_ready(cx)).await
     }
 
+    /// Gives back the place this sender holds (or waits for in line) and will not use.
+    /// Returns whether there was one.
+    pub fn disarm(&mut self) -> bool {
+        self.forward.disarm()
+    }
+
+    /// Whether a unicast to `to` goes through the broker, and so needs
+    /// [`ready`](OrderedSender::ready) first: false for a connection of this node.
+    pub fn needs_place(&self, to: &ConnectionId) -> bool {
+        to.node() != &self.handle.node.id
+    }
+
     /// Starts `envelope` through the broker; `ready` must have answered first.
     fn publish(
         &mut self,
@@ -345,11 +369,11 @@ impl OrderedSender {
         let span = handle.span(kind, &envelope);
         let started = Instant::now();
         let publishing = span.in_scope(|| self.forward.call(envelope));
-        handle.node.metrics.in_flight(in_flight(&handle.node));
+        handle.node.metrics.in_flight(handle.node.in_flight());
         let outcome = Box::pin(
             async move {
                 let published = publishing.await;
-                handle.node.metrics.in_flight(in_flight(&handle.node));
+                handle.node.metrics.in_flight(handle.node.in_flight());
                 let result = match published {
                     Ok(()) => Ok(id),
                     Err(error) => map_error(error).map(|()| id),
@@ -366,8 +390,12 @@ impl OrderedSender {
     }
 
     /// A unicast settled here, without the broker: delivered to a local connection, or
-    /// refused.
-    fn settled(&self, id: MessageId, outcome: Result<MessageId, SendError>) -> Confirmation {
+    /// refused. A place reserved for it goes back at once: it would otherwise be held until
+    /// this sender's next broker send, however long that takes.
+    fn settled(&mut self, id: MessageId, outcome: Result<MessageId, SendError>) -> Confirmation {
+        if self.forward.is_ready() {
+            self.forward.disarm();
+        }
         self.handle
             .node
             .metrics
@@ -379,7 +407,9 @@ impl OrderedSender {
     }
 
     /// Starts sending `payload` to the connection `to` (see [`ClusterHandle::send`]). On this
-    /// node it is delivered at once; to another, it is placed in the broker's order now.
+    /// node it is delivered at once, needs no place and gives back one held; to another, it
+    /// is placed in the broker's order now, in the place [`ready`](OrderedSender::ready)
+    /// reserved.
     pub fn send(
         &mut self,
         to: &ConnectionId,
@@ -535,5 +565,79 @@ impl fmt::Debug for ConnectionSlot {
         f.debug_tuple("ConnectionSlot")
             .field(&self.0.lock().as_ref().map(ClusterConnection::id))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cluster::{Admission, Cluster};
+    use crate::config::{Backends, ClusterConfig};
+
+    async fn node(max_in_flight: usize) -> Cluster {
+        let mut config = ClusterConfig::new(NodeId::new("places").unwrap(), "127.0.0.1", 1);
+        config.forward.max_in_flight = max_in_flight;
+        Cluster::start(config, Backends::embedded()).await.unwrap()
+    }
+
+    fn connect(cluster: &Cluster) -> ClusterConnection {
+        match cluster.node.admit() {
+            Admission::Accept(connection) => connection,
+            _ => panic!("the node admits"),
+        }
+    }
+
+    async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), future)
+            .await
+            .expect("it does not hang")
+    }
+
+    #[tokio::test]
+    async fn senders_idle_after_a_local_send_hold_no_place() {
+        let cluster = node(4).await;
+        let connections: Vec<ClusterConnection> = (0..20).map(|_| connect(&cluster)).collect();
+        // Each readies its sender (as a socket task does before a request it has not read
+        // yet), sends to itself on this node, then goes idle, its sender kept.
+        let mut idle = Vec::new();
+        for connection in &connections {
+            let mut sender = connection.handle().ordered();
+            within(sender.ready()).await.unwrap();
+            within(sender.send(connection.id(), PayloadKind::Text, "to me"))
+                .await
+                .unwrap();
+            idle.push(sender);
+        }
+        assert_eq!(
+            cluster.node.in_flight(),
+            0,
+            "no place is held by an idle sender"
+        );
+        within(cluster.handle().broadcast_text("still flowing"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_local_send_never_waits_for_a_place_and_a_disarmed_sender_gives_its_back() {
+        let cluster = node(2).await;
+        let a = connect(&cluster);
+        let b = connect(&cluster);
+        let mut holders = [a.handle().ordered(), b.handle().ordered()];
+        for holder in &mut holders {
+            within(holder.ready()).await.unwrap();
+        }
+        // Every place is taken; a send within the node does not need one.
+        within(a.handle().send_text(b.id(), "local")).await.unwrap();
+        let mut waiting = a.handle().ordered();
+        let mut ready = tokio_test::task::spawn(waiting.ready());
+        assert!(ready.poll().is_pending());
+        assert!(holders[0].disarm());
+        assert!(ready.is_woken());
+        assert!(ready.poll().is_ready());
     }
 }

@@ -18,6 +18,13 @@
 //! connection), `unreachable` (its node is gone or the broker refused), `internal`. A client
 //! that sends faster than the broker confirms is slowed down: the server stops reading it.
 //!
+//! Requests start in the order sent, and replies come in the order requests started. A
+//! request that goes through the broker (a send to another node's connection, a broadcast,
+//! a group message) waits its turn for a place of the node's bound on unconfirmed messages;
+//! one settled on the node (a send to a connection of the same node, a join, a leave, a bad
+//! request) is not held behind it, and may be answered first, unless a message waiting
+//! before it could reach the same connections.
+//!
 //! `data` travels between nodes as the bytes the client sent, never parsed again nor wrapped.
 
 use hybrid_cluster_core::ConnectionId;

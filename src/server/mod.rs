@@ -23,9 +23,9 @@
 //! # }
 //! ```
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+mod requests;
+
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use axum::Json;
@@ -38,19 +38,16 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesOrdered, SplitSink};
+use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use hybrid_cluster_core::{
-    ConnectionId, Envelope, GroupName, MessageId, NodeInfo, PayloadKind, Target,
-};
+use hybrid_cluster_core::{Envelope, NodeInfo, PayloadKind, Target};
 use serde_json::value::RawValue;
 
+use self::requests::{Requests, error_reply};
 use crate::cluster::Cluster;
-use crate::error::SendError;
-use crate::handle::{ClusterConnection, ClusterHandle, OrderedSender};
-use crate::local::InboxItem;
-use crate::protocol::{ClientOp, ServerMessage};
+use crate::handle::ClusterConnection;
+use crate::local::{Inbox, InboxItem};
+use crate::protocol::ServerMessage;
 
 /// WebSocket settings of the node server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +162,13 @@ async fn health(State(state): State<AppState>) -> StatusCode {
 }
 
 /// Serves one client: the demo protocol in, the connection's inbox out.
+///
+/// Requests are started in the order they came, through one ordered sender, so one client's
+/// messages reach every connection in the order it sent them; several may await the broker
+/// at once (see [`ServerConfig::max_pending_per_connection`]). A request that needs a place
+/// of the node's bound on unconfirmed messages waits for it in line with every other
+/// connection's, while this connection keeps receiving, reading and answering requests
+/// settled on this node.
 pub async fn serve_connection(
     socket: WebSocket,
     connection: ClusterConnection,
@@ -189,66 +193,23 @@ pub async fn serve_connection(
     {
         return;
     }
-    let sent = Arc::new(SentIds::default());
-    // Requests are started in the order they came, through one ordered sender, so one
-    // client's messages reach every connection in the order it sent them; their replies
-    // (acks, errors) are written in that order too, while several await the broker.
-    let mut sender = handle.ordered();
-    let mut queued: VecDeque<Utf8Bytes> = VecDeque::new();
-    let mut pending = FuturesOrdered::new();
+    let mut requests = Requests::new(handle);
     loop {
-        let reading = pending.len() + queued.len() < config.max_pending_per_connection;
+        let reading = requests.len() < config.max_pending_per_connection;
         let mut closing = false;
         let outgoing: Vec<Message> = tokio::select! {
             item = inbox.next() => match item {
-                Some(item) => {
-                    let mut frames = Vec::new();
-                    // Whatever else is queued already goes out in the same write.
-                    let mut next = Some(item);
-                    while let Some(item) = next.take() {
-                        match item {
-                            InboxItem::Close(frame) => {
-                                closing = true;
-                                let close = WsCloseFrame { code: frame.code, reason: Utf8Bytes::from(frame.reason) };
-                                frames.push(Message::Close(Some(close)));
-                            }
-                            item => frames.push(Message::Text(inbox_frame(&item, &sent).into())),
-                        }
-                        if !closing && frames.len() < WRITE_BATCH {
-                            next = inbox.next().now_or_never().flatten();
-                        }
-                    }
-                    frames
-                }
+                Some(item) => inbox_frames(item, &mut inbox, &requests, &mut closing),
                 None => break,
             },
-            Some(replies) = pending.next(), if !pending.is_empty() => {
-                let replies: Vec<String> = replies;
+            replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
                 replies.into_iter().map(|reply| Message::Text(reply.into())).collect()
-            }
-            ready = sender.ready(), if !queued.is_empty() => {
-                let Some(text) = queued.pop_front() else { continue };
-                match ready {
-                    Ok(()) => pending.push_back(start_op(&mut sender, &handle, &sent, &text)),
-                    Err(error) => {
-                        let id = ClientOp::parse(&text).ok().and_then(|op| op.id().map(ToOwned::to_owned));
-                        pending.push_back(Box::pin(std::future::ready(vec![send_error_reply(id.as_deref(), &error)])));
-                    }
-                }
-                Vec::new()
             }
             frame = stream.next(), if reading => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    queued.push_back(text);
                     // Start at once what can start, rather than on a later turn of the loop
-                    // (the ready branch below waits, with the real waker, for the rest).
-                    let mut cx = Context::from_waker(Waker::noop());
-                    while !queued.is_empty() {
-                        let Poll::Ready(Ok(())) = sender.poll_ready(&mut cx) else { break };
-                        if let Some(text) = queued.pop_front() {
-                            pending.push_back(start_op(&mut sender, &handle, &sent, &text));
-                        }
-                    }
+                    // (the replies branch waits, with the real waker, for the rest).
+                    requests.push(text.as_str(), &mut Context::from_waker(Waker::noop()));
                     Vec::new()
                 }
                 Some(Ok(Message::Binary(_))) => vec![Message::Text(
@@ -273,15 +234,44 @@ pub async fn serve_connection(
     }
 }
 
+/// The frames for `item` and whatever else is queued in the inbox already, to go out in the
+/// same write; `closing` is set when the inbox closes the connection.
+fn inbox_frames(
+    item: InboxItem,
+    inbox: &mut Inbox,
+    requests: &Requests,
+    closing: &mut bool,
+) -> Vec<Message> {
+    let mut frames = Vec::new();
+    let mut next = Some(item);
+    while let Some(item) = next.take() {
+        match item {
+            InboxItem::Close(frame) => {
+                *closing = true;
+                let close = WsCloseFrame {
+                    code: frame.code,
+                    reason: Utf8Bytes::from(frame.reason),
+                };
+                frames.push(Message::Close(Some(close)));
+            }
+            item => frames.push(Message::Text(inbox_frame(&item, requests).into())),
+        }
+        if !*closing && frames.len() < WRITE_BATCH {
+            next = inbox.next().now_or_never().flatten();
+        }
+    }
+    frames
+}
+
 /// Inbox items written to the socket in one go, at most.
 const WRITE_BATCH: usize = 64;
 
 /// The frame a client gets for an inbox item other than a close.
-fn inbox_frame(item: &InboxItem, sent: &SentIds) -> String {
+fn inbox_frame(item: &InboxItem, requests: &Requests) -> String {
     match item {
         InboxItem::Message(envelope) => render(envelope),
         InboxItem::Undeliverable(notice) => {
-            let id = sent.client_id(notice.message_id);
+            let id = requests.client_id(notice.message_id);
             let message = format!(
                 "message {} was not delivered: connection {} is gone",
                 notice.message_id, notice.to
@@ -308,31 +298,6 @@ async fn write(
         sink.flush().await
     };
     matches!(tokio::time::timeout(limit, writing).await, Ok(Ok(())))
-}
-
-/// The correlation ids of a connection's latest sends, by message id, so that a notice of a
-/// message not delivered can name the request it answers. Bounded: the oldest are forgotten.
-#[derive(Default)]
-struct SentIds(parking_lot::Mutex<VecDeque<(MessageId, Box<RawValue>)>>);
-
-impl SentIds {
-    const CAPACITY: usize = 1024;
-
-    fn remember(&self, message_id: MessageId, id: Box<RawValue>) {
-        let mut sent = self.0.lock();
-        if sent.len() == Self::CAPACITY {
-            sent.pop_front();
-        }
-        sent.push_back((message_id, id));
-    }
-
-    fn client_id(&self, message_id: MessageId) -> Option<Box<RawValue>> {
-        let sent = self.0.lock();
-        sent.iter()
-            .rev()
-            .find(|(sent_id, _)| *sent_id == message_id)
-            .map(|(_, id)| id.clone())
-    }
 }
 
 /// The frame a client gets for a message from its inbox.
@@ -374,122 +339,4 @@ fn render(envelope: &Envelope) -> String {
         },
     }
     .to_json()
-}
-
-fn error_reply(id: Option<&RawValue>, code: &str, message: &str) -> String {
-    ServerMessage::Error { id, code, message }.to_json()
-}
-
-fn send_error_reply(id: Option<&RawValue>, error: &SendError) -> String {
-    let message = crate::error::error_chain(error);
-    error_reply(id, error.code(), &message)
-}
-
-fn ack(id: Option<&RawValue>) -> Option<String> {
-    id.map(|id| ServerMessage::Ack { id }.to_json())
-}
-
-/// Starts one request, in order: sends are placed in the broker's order now (the sender was
-/// ready); the future resolves to the replies to write, in order, once they are confirmed.
-fn start_op(
-    sender: &mut OrderedSender,
-    handle: &ClusterHandle,
-    sent: &Arc<SentIds>,
-    text: &str,
-) -> BoxFuture<'static, Vec<String>> {
-    let op = match ClientOp::parse(text) {
-        Ok(op) => op,
-        Err(bad) => {
-            let replies = vec![error_reply(bad.id.as_deref(), "bad_request", &bad.message)];
-            return Box::pin(std::future::ready(replies));
-        }
-    };
-    let id: Option<Box<RawValue>> = op.id().map(ToOwned::to_owned);
-    let bad_request =
-        |message: String, id: Option<Box<RawValue>>| -> BoxFuture<'static, Vec<String>> {
-            Box::pin(std::future::ready(
-                Outcome::BadRequest(message).replies(id.as_deref()),
-            ))
-        };
-    let joining = matches!(op, ClientOp::Join { .. });
-    let confirmation = match op {
-        ClientOp::Send { to, data, .. } => match to.parse::<ConnectionId>() {
-            Ok(to) => {
-                let confirmation = sender.send(&to, PayloadKind::Text, data.get().to_owned());
-                if let Some(id) = &id {
-                    // A notice may come back for it: remember whose request it was.
-                    sent.remember(confirmation.message_id(), id.clone());
-                }
-                confirmation
-            }
-            Err(e) => return bad_request(e.to_string(), id),
-        },
-        ClientOp::Broadcast { data, .. } => {
-            sender.broadcast(PayloadKind::Text, data.get().to_owned())
-        }
-        ClientOp::Group { group, data, .. } => match GroupName::new(&group) {
-            Ok(group) => sender.send_to_group(&group, PayloadKind::Text, data.get().to_owned()),
-            Err(e) => return bad_request(e.to_string(), id),
-        },
-        ClientOp::Join { group, .. } | ClientOp::Leave { group, .. } => {
-            let group = match GroupName::new(&group) {
-                Ok(group) => group,
-                Err(e) => return bad_request(e.to_string(), id),
-            };
-            let handle = handle.clone();
-            return Box::pin(async move {
-                let result = if joining {
-                    handle.join(&group).await
-                } else {
-                    handle.leave(&group).await
-                };
-                Outcome::Membership {
-                    joined: joining,
-                    group,
-                    result,
-                }
-                .replies(id.as_deref())
-            });
-        }
-    };
-    Box::pin(async move { Outcome::Sent(confirmation.await.map(|_| ())).replies(id.as_deref()) })
-}
-
-/// What came of one request.
-enum Outcome {
-    Sent(Result<(), SendError>),
-    Membership {
-        joined: bool,
-        group: GroupName,
-        result: Result<(), SendError>,
-    },
-    BadRequest(String),
-}
-
-impl Outcome {
-    fn replies(self, id: Option<&RawValue>) -> Vec<String> {
-        match self {
-            Self::BadRequest(message) => vec![error_reply(id, "bad_request", &message)],
-            Self::Sent(Err(error))
-            | Self::Membership {
-                result: Err(error), ..
-            } => {
-                vec![send_error_reply(id, &error)]
-            }
-            Self::Sent(Ok(())) => ack(id).into_iter().collect(),
-            Self::Membership {
-                joined,
-                group,
-                result: Ok(()),
-            } => {
-                let group = group.as_str();
-                let done = if joined {
-                    ServerMessage::Joined { group }
-                } else {
-                    ServerMessage::Left { group }
-                };
-                std::iter::once(done.to_json()).chain(ack(id)).collect()
-            }
-        }
-    }
 }

@@ -1,0 +1,446 @@
+//! One connection's requests: started in the order they came, each as soon as it can be, and
+//! answered in the order they were started.
+//!
+//! A request that goes through the broker (a unicast to another node, a broadcast, a group
+//! message) waits for a place of the node's bound on unconfirmed messages, and reserves it
+//! only when it is at the head of the line, so that it is spent at once: a connection never
+//! holds a place while it has nothing to send. A request settled on this node (a unicast to
+//! a local connection, a join, a leave, a bad request) needs no place; it starts at once,
+//! even ahead of earlier requests that wait for one, unless one of those could reach the
+//! same connections (then the sender's order comes first).
+
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use hybrid_cluster_core::{ConnectionId, GroupName, MessageId, PayloadKind};
+use serde_json::value::RawValue;
+
+use crate::error::SendError;
+use crate::handle::{ClusterHandle, OrderedSender};
+use crate::protocol::{ClientOp, ServerMessage};
+
+/// The replies to one request, as JSON text frames, in order.
+pub(super) type Replies = Vec<String>;
+
+/// A request that was read and checked, not started yet.
+enum Request {
+    Send {
+        to: ConnectionId,
+        data: Box<RawValue>,
+        id: Option<Box<RawValue>>,
+    },
+    Broadcast {
+        data: Box<RawValue>,
+        id: Option<Box<RawValue>>,
+    },
+    Group {
+        group: GroupName,
+        data: Box<RawValue>,
+        id: Option<Box<RawValue>>,
+    },
+    Membership {
+        join: bool,
+        group: GroupName,
+        id: Option<Box<RawValue>>,
+    },
+}
+
+impl Request {
+    /// Reads a frame: a request, or the replies of a bad one.
+    fn parse(text: &str) -> Result<Self, Replies> {
+        let bad = |id: Option<Box<RawValue>>, message: String| {
+            vec![error_reply(id.as_deref(), "bad_request", &message)]
+        };
+        let op = ClientOp::parse(text).map_err(|b| bad(b.id, b.message))?;
+        Ok(match op {
+            ClientOp::Send { to, data, id } => match to.parse::<ConnectionId>() {
+                Ok(to) => Self::Send { to, data, id },
+                Err(e) => return Err(bad(id, e.to_string())),
+            },
+            ClientOp::Broadcast { data, id } => Self::Broadcast { data, id },
+            ClientOp::Group { group, data, id } => match GroupName::new(&group) {
+                Ok(group) => Self::Group { group, data, id },
+                Err(e) => return Err(bad(id, e.to_string())),
+            },
+            ClientOp::Join { group, id } => Self::membership(true, &group, id)?,
+            ClientOp::Leave { group, id } => Self::membership(false, &group, id)?,
+        })
+    }
+
+    fn membership(join: bool, group: &str, id: Option<Box<RawValue>>) -> Result<Self, Replies> {
+        match GroupName::new(group) {
+            Ok(group) => Ok(Self::Membership { join, group, id }),
+            Err(e) => Err(vec![error_reply(
+                id.as_deref(),
+                "bad_request",
+                &e.to_string(),
+            )]),
+        }
+    }
+
+    /// The client's correlation id.
+    fn id(&self) -> Option<&RawValue> {
+        match self {
+            Self::Send { id, .. }
+            | Self::Broadcast { id, .. }
+            | Self::Group { id, .. }
+            | Self::Membership { id, .. } => id.as_deref(),
+        }
+    }
+}
+
+/// What a waiting request means for the ones behind it.
+#[derive(Default)]
+struct Ahead<'a> {
+    /// A broadcast or group message waits: any local connection may get it.
+    fanout: bool,
+    /// Groups with a message waiting.
+    groups: Vec<&'a GroupName>,
+    /// A request settled locally waits (it could not start either).
+    local: bool,
+}
+
+impl<'a> Ahead<'a> {
+    /// Whether `request`, behind everything noted so far, may start before it.
+    fn lets_through(&self, request: &Request, needs_place: bool) -> bool {
+        if needs_place || self.local {
+            return false;
+        }
+        match request {
+            // A local unicast must not overtake a message that may reach the same connection.
+            Request::Send { .. } => !self.fanout,
+            // Membership decides who gets a group message: not before one already sent.
+            Request::Membership { group, .. } => !self.groups.contains(&group),
+            Request::Broadcast { .. } | Request::Group { .. } => false,
+        }
+    }
+
+    fn note(&mut self, request: &'a Request, needs_place: bool) {
+        match request {
+            Request::Broadcast { .. } => self.fanout = true,
+            Request::Group { group, .. } => {
+                self.fanout = true;
+                self.groups.push(group);
+            }
+            Request::Send { .. } if needs_place => {}
+            Request::Send { .. } | Request::Membership { .. } => self.local = true,
+        }
+    }
+}
+
+/// One connection's requests: see the [module docs](self).
+pub(super) struct Requests {
+    sender: OrderedSender,
+    handle: ClusterHandle,
+    sent: SentIds,
+    /// Read, not started, in the order they came.
+    waiting: VecDeque<Request>,
+    /// Whether a waiting request behind the head may be able to start now.
+    rescan: bool,
+    /// Started, their replies in the order they were started.
+    started: FuturesOrdered<BoxFuture<'static, Replies>>,
+}
+
+impl Requests {
+    pub(super) fn new(handle: ClusterHandle) -> Self {
+        Self {
+            sender: handle.ordered(),
+            handle,
+            sent: SentIds::default(),
+            waiting: VecDeque::new(),
+            rescan: false,
+            started: FuturesOrdered::new(),
+        }
+    }
+
+    /// The correlation id of the request that sent `message_id`, if it is one of the latest.
+    pub(super) fn client_id(&self, message_id: MessageId) -> Option<Box<RawValue>> {
+        self.sent.client_id(message_id)
+    }
+
+    /// Requests read and not answered yet.
+    pub(super) fn len(&self) -> usize {
+        self.waiting.len() + self.started.len()
+    }
+
+    /// Whether every request read was answered.
+    pub(super) fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.started.is_empty()
+    }
+
+    /// Takes a frame the client sent, and starts what can start.
+    pub(super) fn push(&mut self, text: &str, cx: &mut Context<'_>) {
+        match Request::parse(text) {
+            Ok(request) => {
+                self.waiting.push_back(request);
+                self.rescan = true;
+            }
+            Err(replies) => self
+                .started
+                .push_back(Box::pin(std::future::ready(replies))),
+        }
+        self.start(cx);
+    }
+
+    /// Starts what can start, then gives the replies of the oldest started request once it
+    /// is settled.
+    pub(super) fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<Replies> {
+        self.start(cx);
+        match self.started.poll_next_unpin(cx) {
+            Poll::Ready(Some(replies)) => Poll::Ready(replies),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn needs_place(&self, request: &Request) -> bool {
+        match request {
+            Request::Send { to, .. } => self.sender.needs_place(to),
+            Request::Broadcast { .. } | Request::Group { .. } => true,
+            Request::Membership { .. } => false,
+        }
+    }
+
+    /// Starts the head of the line while it can start, then what may overtake it.
+    fn start(&mut self, cx: &mut Context<'_>) {
+        while let Some(head) = self.waiting.front() {
+            if self.needs_place(head) {
+                match self.sender.poll_ready(cx) {
+                    // In line for a place (the sender keeps its turn while it waits).
+                    Poll::Pending => break,
+                    Poll::Ready(Err(error)) => {
+                        let Some(request) = self.waiting.pop_front() else {
+                            break;
+                        };
+                        let replies = vec![send_error_reply(request.id(), &error)];
+                        self.started
+                            .push_back(Box::pin(std::future::ready(replies)));
+                        continue;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                }
+            }
+            let Some(request) = self.waiting.pop_front() else {
+                break;
+            };
+            let started = self.start_one(request);
+            self.started.push_back(started);
+            self.rescan = true;
+        }
+        if self.rescan && self.waiting.len() > 1 {
+            self.start_overtaking();
+        }
+        self.rescan = false;
+    }
+
+    /// Starts, ahead of the head that waits for a place, the requests settled locally that no
+    /// earlier waiting request could reach.
+    fn start_overtaking(&mut self) {
+        let mut can_start = Vec::new();
+        {
+            let mut ahead = Ahead::default();
+            for (i, request) in self.waiting.iter().enumerate() {
+                let needs_place = self.needs_place(request);
+                if i > 0 && ahead.lets_through(request, needs_place) {
+                    can_start.push(i);
+                } else {
+                    ahead.note(request, needs_place);
+                }
+            }
+        }
+        let mut overtaking = Vec::with_capacity(can_start.len());
+        // Removed from the back, so that the earlier indexes stay valid.
+        for i in can_start.into_iter().rev() {
+            overtaking.extend(self.waiting.remove(i));
+        }
+        for request in overtaking.into_iter().rev() {
+            let started = self.start_one(request);
+            self.started.push_back(started);
+        }
+    }
+
+    /// Starts one request: a send is placed in the broker's order now (the sender is ready
+    /// when it needs to be); the future resolves to its replies once it is settled.
+    fn start_one(&mut self, request: Request) -> BoxFuture<'static, Replies> {
+        match request {
+            Request::Send { to, data, id } => {
+                let confirmation = self
+                    .sender
+                    .send(&to, PayloadKind::Text, data.get().to_owned());
+                if let Some(id) = &id {
+                    // A notice may come back for it: remember whose request it was.
+                    self.sent.remember(confirmation.message_id(), id.clone());
+                }
+                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
+            }
+            Request::Broadcast { data, id } => {
+                let confirmation = self
+                    .sender
+                    .broadcast(PayloadKind::Text, data.get().to_owned());
+                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
+            }
+            Request::Group { group, data, id } => {
+                let confirmation =
+                    self.sender
+                        .send_to_group(&group, PayloadKind::Text, data.get().to_owned());
+                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
+            }
+            Request::Membership { join, group, id } => {
+                let handle = self.handle.clone();
+                Box::pin(async move {
+                    let result = if join {
+                        handle.join(&group).await
+                    } else {
+                        handle.leave(&group).await
+                    };
+                    membership_replies(join, &group, result, id.as_deref())
+                })
+            }
+        }
+    }
+}
+
+fn sent_replies(outcome: Result<MessageId, SendError>, id: Option<&RawValue>) -> Replies {
+    match outcome {
+        Ok(_) => ack(id).into_iter().collect(),
+        Err(error) => vec![send_error_reply(id, &error)],
+    }
+}
+
+fn membership_replies(
+    join: bool,
+    group: &GroupName,
+    result: Result<(), SendError>,
+    id: Option<&RawValue>,
+) -> Replies {
+    if let Err(error) = result {
+        return vec![send_error_reply(id, &error)];
+    }
+    let group = group.as_str();
+    let done = if join {
+        ServerMessage::Joined { group }
+    } else {
+        ServerMessage::Left { group }
+    };
+    std::iter::once(done.to_json()).chain(ack(id)).collect()
+}
+
+pub(super) fn error_reply(id: Option<&RawValue>, code: &str, message: &str) -> String {
+    ServerMessage::Error { id, code, message }.to_json()
+}
+
+fn send_error_reply(id: Option<&RawValue>, error: &SendError) -> String {
+    let message = crate::error::error_chain(error);
+    error_reply(id, error.code(), &message)
+}
+
+fn ack(id: Option<&RawValue>) -> Option<String> {
+    id.map(|id| ServerMessage::Ack { id }.to_json())
+}
+
+/// The correlation ids of a connection's latest sends, by message id, so that a notice of a
+/// message not delivered can name the request it answers. Bounded: the oldest are forgotten.
+#[derive(Default)]
+struct SentIds(VecDeque<(MessageId, Box<RawValue>)>);
+
+impl SentIds {
+    const CAPACITY: usize = 1024;
+
+    fn remember(&mut self, message_id: MessageId, id: Box<RawValue>) {
+        if self.0.len() == Self::CAPACITY {
+            self.0.pop_front();
+        }
+        self.0.push_back((message_id, id));
+    }
+
+    fn client_id(&self, message_id: MessageId) -> Option<Box<RawValue>> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(sent_id, _)| *sent_id == message_id)
+            .map(|(_, id)| id.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::task::Waker;
+
+    use super::*;
+    use crate::cluster::{Admission, Cluster};
+    use crate::config::{Backends, ClusterConfig};
+    use crate::handle::ClusterConnection;
+    use hybrid_cluster_core::NodeId;
+
+    fn connect(cluster: &Cluster) -> ClusterConnection {
+        match cluster.node.admit() {
+            Admission::Accept(connection) => connection,
+            _ => panic!("the node admits"),
+        }
+    }
+
+    fn waiting_ids(requests: &Requests) -> Vec<String> {
+        requests
+            .waiting
+            .iter()
+            .map(|r| r.id().map(|id| id.get().to_owned()).unwrap_or_default())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn local_requests_overtake_a_head_waiting_for_a_place_unless_it_could_reach_them() {
+        let mut config = ClusterConfig::new(NodeId::new("overtake").unwrap(), "127.0.0.1", 1);
+        config.forward.max_in_flight = 1;
+        let cluster = Cluster::start(config, Backends::embedded()).await.unwrap();
+        let me = connect(&cluster);
+        let other = connect(&cluster);
+        // Another sender holds the node's one place.
+        let mut holder = other.handle().ordered();
+        holder.ready().await.unwrap();
+
+        let (handle, _inbox) = me.into_parts();
+        let mut requests = Requests::new(handle);
+        let mut cx = Context::from_waker(Waker::noop());
+        let to = other.id().to_string();
+        for frame in [
+            r#"{"op":"group","group":"g","data":1,"id":"group-g"}"#,
+            r#"{"op":"join","group":"h","id":"join-h"}"#,
+            r#"{"op":"join","group":"g","id":"join-g"}"#,
+            &format!(r#"{{"op":"send","to":"{to}","data":1,"id":"local"}}"#),
+            r#"{"op":"leave","group":"h","id":"leave-h"}"#,
+        ] {
+            requests.push(frame, &mut cx);
+        }
+        // Joining another group needs no place and no message ahead reaches it; a join of
+        // the group with a message waiting, and a local send behind a group message, wait,
+        // and so does what comes after a local request that waits.
+        assert_eq!(
+            waiting_ids(&requests),
+            [r#""group-g""#, r#""join-g""#, r#""local""#, r#""leave-h""#]
+        );
+        assert_eq!(requests.len(), 5);
+
+        // The place comes back: everything starts, in order.
+        assert!(holder.disarm());
+        let mut replies = Vec::new();
+        while !requests.is_empty() {
+            let next = std::future::poll_fn(|cx| requests.poll_replies(cx));
+            replies.extend(
+                tokio::time::timeout(std::time::Duration::from_secs(5), next)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let acks: Vec<&String> = replies.iter().filter(|r| r.contains(r#""ack""#)).collect();
+        assert_eq!(acks.len(), 5, "{replies:?}");
+        assert!(
+            acks[0].contains("join-h"),
+            "the overtaking join is answered first: {acks:?}"
+        );
+        assert!(acks[1].contains("group-g"), "{acks:?}");
+    }
+}

@@ -1,0 +1,18 @@
+//! Helpers shared by hybrid-cluster's tests and benchmarks (dev only, never published).
+//!
+//! - [`servers`]: the real Redis and RabbitMQ the suite runs against (`REDIS_URL`,
+//!   `AMQP_URL`, loopback defaults), a unique cluster prefix per test, and the cleanup of
+//!   everything a cluster under that prefix may leave in them;
+//! - [`node`]: the node program (`examples/node.rs`) run as a real process;
+//! - [`client`]: a WebSocket client of the node program's JSON protocol;
+//! - [`limits`]: raising the open-file limit for thousands of connections.
+
+#![allow(clippy::unwrap_used)]
+
+pub mod client;
+pub mod limits;
+pub mod node;
+pub mod servers;
+
+/// The error of every helper: what went wrong, in words.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,23 @@
+//! The open-file limit: thousands of WebSocket connections need thousands of descriptors.
+
+/// Raises this process's soft limit on open files to at least `wanted` when the hard limit
+/// allows (children started afterwards inherit it). Returns the limit now in force, and
+/// prints a line when it stays below `wanted`, so that a test or benchmark that then runs
+/// out of descriptors says why.
+pub fn raise_open_files(wanted: u64) -> u64 {
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit >= wanted => limit,
+        Ok(limit) => {
+            eprintln!(
+                "the open-file limit is {limit}, below the {wanted} wanted, and the hard limit does not allow more: raise it (ulimit -Hn) to run at full size"
+            );
+            limit
+        }
+        Err(error) => {
+            eprintln!("could not raise the open-file limit: {error}");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .map(|(soft, _)| soft)
+                .unwrap_or(0)
+        }
+    }
+}

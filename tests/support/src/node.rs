@@ -1,0 +1,267 @@
+//! The node program (`examples/node.rs`) as a real process: started on a free loopback port
+//! with its log in a file, waited for until it answers, signalled, and killed when dropped.
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::time::{Instant, sleep, timeout};
+
+use crate::BoxError;
+use crate::servers::{amqp_url, redis_url};
+
+/// How a node program is started.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// The cluster prefix (`--prefix`).
+    pub prefix: String,
+    /// Whether it runs on the real Redis and RabbitMQ (`--redis`, `--amqp`) rather than the
+    /// embedded backends.
+    pub servers: bool,
+    /// `--heartbeat-ms`.
+    pub heartbeat_ms: u64,
+    /// Further arguments, as given.
+    pub args: Vec<String>,
+    /// `RUST_LOG` of the process.
+    pub log_filter: String,
+}
+
+impl NodeOptions {
+    /// On the real servers, under `prefix`, with a 200 ms heartbeat and `info` logs.
+    pub fn servers(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            servers: true,
+            heartbeat_ms: 200,
+            args: Vec::new(),
+            log_filter: "info".to_owned(),
+        }
+    }
+
+    /// Adds `--flag value`.
+    pub fn arg(mut self, flag: &str, value: impl ToString) -> Self {
+        self.args.push(flag.to_owned());
+        self.args.push(value.to_string());
+        self
+    }
+}
+
+/// A running node program; killed (SIGKILL) when dropped if it is still running.
+#[derive(Debug)]
+pub struct NodeProgram {
+    /// Its `--node-id`.
+    pub id: String,
+    /// The port it serves on.
+    pub port: u16,
+    child: Child,
+    log: PathBuf,
+}
+
+/// Where the node program was built: next to the running test or benchmark binary
+/// (`target/<profile>/examples/node`), unless `HC_NODE_BINARY` names it.
+pub fn node_binary() -> Result<PathBuf, BoxError> {
+    if let Ok(path) = std::env::var("HC_NODE_BINARY") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<binary>
+    let profile = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or("the running binary is not in a cargo target directory")?;
+    let node = profile.join("examples").join("node");
+    if !node.exists() {
+        return Err(format!(
+            "{} is not built: `cargo build --example node` (add --release for benchmarks), or set HC_NODE_BINARY",
+            node.display()
+        )
+        .into());
+    }
+    Ok(node)
+}
+
+impl NodeProgram {
+    /// Starts a node `id` and waits until it answers `/healthz` (at most 30 s).
+    pub async fn start(id: &str, options: &NodeOptions) -> Result<Self, BoxError> {
+        let binary = node_binary()?;
+        let mut last_error = None;
+        // A free port is found by binding and letting go; another process may take it
+        // meanwhile, so a node that cannot bind is started again on another one.
+        for _ in 0..3 {
+            let port = free_port()?;
+            let log = std::env::temp_dir().join(format!("{}-{id}-{port}.log", options.prefix));
+            let log_file = std::fs::File::create(&log)?;
+            let mut command = Command::new(&binary);
+            command
+                .args(["--node-id", id, "--port", &port.to_string()])
+                .args(["--prefix", &options.prefix])
+                .args(["--heartbeat-ms", &options.heartbeat_ms.to_string()])
+                .args(&options.args)
+                .env("RUST_LOG", &options.log_filter)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file)
+                .kill_on_drop(true);
+            if options.servers {
+                command.args(["--redis", &redis_url(), "--amqp", &amqp_url()]);
+            }
+            let child = command.spawn()?;
+            let mut node = Self {
+                id: id.to_owned(),
+                port,
+                child,
+                log,
+            };
+            match node.wait_healthy(Duration::from_secs(30)).await {
+                Ok(()) => return Ok(node),
+                Err(error) => last_error = Some(format!("{error}\n{}", node.log_tail(20))),
+            }
+        }
+        Err(format!(
+            "node {id} did not start: {}",
+            last_error.unwrap_or_default()
+        )
+        .into())
+    }
+
+    /// Its WebSocket URL.
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    async fn wait_healthy(&mut self, bound: Duration) -> Result<(), BoxError> {
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(format!("it exited with {status}").into());
+            }
+            if let Ok((200, _)) = self.get("/healthz").await {
+                return Ok(());
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+        Err("it did not answer /healthz in time".into())
+    }
+
+    /// A plain HTTP/1.1 GET of `path`: the status and the body.
+    pub async fn get(&self, path: &str) -> Result<(u16, String), BoxError> {
+        http_get(self.port, path).await
+    }
+
+    /// Waits until the node sees `count` nodes (its `/cluster/nodes`).
+    pub async fn wait_for_nodes(&self, count: usize, bound: Duration) -> Result<(), BoxError> {
+        let deadline = Instant::now() + bound;
+        loop {
+            let (_, body) = self.get("/cluster/nodes").await?;
+            let nodes: serde_json::Value = serde_json::from_str(&body)?;
+            let seen = nodes.as_array().map(Vec::len).unwrap_or(0);
+            if seen == count {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("{} sees {seen} nodes, not {count}", self.id).into());
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends the process `signal` (`TERM`, `STOP`, `CONT`, `KILL`).
+    pub fn signal(&self, signal: &str) -> Result<(), BoxError> {
+        let pid = self.pid().ok_or("the node has exited")?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            return Err(format!("kill -{signal} {pid} failed: {status}").into());
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit, at most `bound`.
+    pub async fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
+        timeout(bound, self.child.wait()).await.ok()?.ok()
+    }
+
+    /// Its log so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Its resident memory, in KiB (Linux).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// Its open file descriptors (Linux).
+    pub fn open_fds(&self) -> Option<usize> {
+        Some(
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()?))
+                .ok()?
+                .count(),
+        )
+    }
+}
+
+impl Drop for NodeProgram {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        // A failed test's node logs stay, for reading.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+fn free_port() -> Result<u16, BoxError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A plain HTTP/1.1 GET on a loopback port: the status and the body.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), BoxError> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, BoxError>(response)
+    };
+    let response = timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| format!("GET {path} on port {port} took over 10 s"))??;
+    let response = String::from_utf8(response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or("an HTTP response without a head")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("an HTTP response without a status")?;
+    Ok((status, body.to_owned()))
+}
