@@ -31,7 +31,7 @@
 //! # }
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
@@ -46,10 +46,51 @@ pub struct NodeTopology<B: ?Sized> {
     node: NodeId,
     /// Local members per group, readable at any time.
     members: Mutex<BTreeMap<GroupName, usize>>,
-    /// Serialises bind and unbind calls, so that a first join and a last leave racing each
-    /// other reach the broker in the order the counts changed. Held across the broker call,
-    /// hence tokio's lock.
-    changes: tokio::sync::Mutex<()>,
+    /// One lock per group being changed: it serialises that group's count changes and its
+    /// bind or unbind, so that a first join and a last leave racing each other reach the
+    /// broker in the order the counts changed. Held across the broker call, hence tokio's
+    /// lock; per group, so that joining a group never waits for another group's bind. An
+    /// entry lives while someone holds or waits for it.
+    changes: Mutex<HashMap<GroupName, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The right to change one group's membership, released (and its lock forgotten when nobody
+/// else waits for it) when dropped.
+struct GroupChange<'a> {
+    changes: &'a Mutex<HashMap<GroupName, Arc<tokio::sync::Mutex<()>>>>,
+    group: &'a GroupName,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<'a> GroupChange<'a> {
+    async fn begin(
+        changes: &'a Mutex<HashMap<GroupName, Arc<tokio::sync::Mutex<()>>>>,
+        group: &'a GroupName,
+    ) -> Self {
+        let lock = Arc::clone(changes.lock().entry(group.clone()).or_default());
+        // Built before the wait, so that a caller giving up while it waits still forgets the
+        // lock on drop.
+        let mut change = Self {
+            changes,
+            group,
+            lock,
+            guard: None,
+        };
+        change.guard = Some(Arc::clone(&change.lock).lock_owned().await);
+        change
+    }
+}
+
+impl Drop for GroupChange<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut changes = self.changes.lock();
+        // Clones are only taken under this map lock: the map's and ours are the last two.
+        if Arc::strong_count(&self.lock) == 2 {
+            changes.remove(self.group);
+        }
+    }
 }
 
 impl<B: Broker + ?Sized> NodeTopology<B> {
@@ -68,7 +109,7 @@ impl<B: Broker + ?Sized> NodeTopology<B> {
             broker,
             node,
             members: Mutex::new(BTreeMap::new()),
-            changes: tokio::sync::Mutex::new(()),
+            changes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -93,7 +134,7 @@ impl<B: Broker + ?Sized> NodeTopology<B> {
     /// When the bind fails the count is unchanged and the error is returned: the member was
     /// not added.
     pub async fn add_member(&self, group: &GroupName) -> Result<usize, BrokerError> {
-        let _changing = self.changes.lock().await;
+        let _changing = GroupChange::begin(&self.changes, group).await;
         let count = self.members(group);
         if count == 0 {
             self.broker
@@ -113,7 +154,7 @@ impl<B: Broker + ?Sized> NodeTopology<B> {
     /// When the unbind fails the count is unchanged (the member is still counted) and the
     /// error is returned, so the call can be made again.
     pub async fn remove_member(&self, group: &GroupName) -> Result<usize, BrokerError> {
-        let _changing = self.changes.lock().await;
+        let _changing = GroupChange::begin(&self.changes, group).await;
         match self.members(group) {
             0 => return Ok(0),
             1 => {
@@ -170,6 +211,7 @@ impl<B: fmt::Debug + ?Sized> fmt::Debug for NodeTopology<B> {
 
 #[cfg(test)]
 mod tests {
+    use futures_core::future::BoxFuture;
     use hybrid_cluster_memory::MemoryBroker;
 
     use super::*;
@@ -234,6 +276,103 @@ mod tests {
         assert_eq!(node_a.members(&group("room")), 0);
     }
 
+    /// A memory broker whose binds of one key wait until let through.
+    #[derive(Debug)]
+    struct SlowBind {
+        inner: MemoryBroker,
+        slow: RoutingKey,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Broker for SlowBind {
+        fn declare_queue(
+            &self,
+            node: &NodeId,
+            options: &QueueOptions,
+        ) -> BoxFuture<'static, Result<(), BrokerError>> {
+            self.inner.declare_queue(node, options)
+        }
+        fn delete_queue(&self, node: &NodeId) -> BoxFuture<'static, Result<(), BrokerError>> {
+            self.inner.delete_queue(node)
+        }
+        fn bind(
+            &self,
+            node: &NodeId,
+            key: &RoutingKey,
+        ) -> BoxFuture<'static, Result<(), BrokerError>> {
+            let bind = self.inner.bind(node, key);
+            let gate = (key == &self.slow).then(|| Arc::clone(&self.gate));
+            Box::pin(async move {
+                if let Some(gate) = gate {
+                    let _ = gate.acquire().await;
+                }
+                bind.await
+            })
+        }
+        fn unbind(
+            &self,
+            node: &NodeId,
+            key: &RoutingKey,
+        ) -> BoxFuture<'static, Result<(), BrokerError>> {
+            self.inner.unbind(node, key)
+        }
+        fn publish(
+            &self,
+            key: &RoutingKey,
+            message: hybrid_cluster_core::BrokerMessage,
+        ) -> BoxFuture<'static, Result<(), hybrid_cluster_core::PublishError>> {
+            self.inner.publish(key, message)
+        }
+        fn consume(
+            &self,
+            node: &NodeId,
+            options: &ConsumeOptions,
+        ) -> BoxFuture<'static, Result<Deliveries, BrokerError>> {
+            self.inner.consume(node, options)
+        }
+        fn poll_flow(
+            &self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BrokerError>> {
+            self.inner.poll_flow(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_bind_of_one_group_never_holds_a_join_of_another() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let broker = Arc::new(SlowBind {
+            inner: MemoryBroker::new(),
+            slow: RoutingKey::Group(group("slow")),
+            gate: Arc::clone(&gate),
+        });
+        let a = NodeId::new("a").unwrap();
+        let node_a = Arc::new(
+            NodeTopology::declare(broker, a, &QueueOptions::default())
+                .await
+                .unwrap(),
+        );
+        let slow = tokio::spawn({
+            let node_a = Arc::clone(&node_a);
+            async move { node_a.add_member(&group("slow")).await }
+        });
+        tokio::task::yield_now().await;
+        let other = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            node_a.add_member(&group("other")),
+        )
+        .await
+        .expect("another group's join does not wait for the slow bind");
+        assert_eq!(other.unwrap(), 1);
+        assert!(!slow.is_finished());
+        gate.add_permits(1);
+        assert_eq!(slow.await.unwrap().unwrap(), 1);
+        assert!(
+            node_a.changes.lock().is_empty(),
+            "no lock is kept for groups nobody is changing"
+        );
+    }
+
     #[tokio::test]
     async fn concurrent_joins_and_leaves_end_consistent() {
         let broker = Arc::new(MemoryBroker::new());
@@ -257,5 +396,6 @@ mod tests {
         }
         assert_eq!(node_a.members(&room), 0);
         assert!(!broker.bindings(&a).contains(&RoutingKey::Group(room)));
+        assert!(node_a.changes.lock().is_empty());
     }
 }
