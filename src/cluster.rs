@@ -6,13 +6,11 @@ use std::sync::{Arc, Weak};
 
 use hybrid_cluster_balance::{Placement, Placer, Selector};
 use hybrid_cluster_core::{
-    Broker, ConnectionId, ConnectionIds, ConsumeOptions, Envelope, Incarnation, LiveNodeInfo,
-    NodeId, NodeInfo, NodeStatus, PayloadKind, Registry, Target,
+    Broker, ConnectionId, ConnectionIds, Envelope, Incarnation, LiveNodeInfo, NodeId, NodeInfo,
+    NodeStatus, PayloadKind, Registry, Target,
 };
 use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
-use hybrid_cluster_routing::{
-    Forward, NodeTopology, RabbitBroker, RabbitConfig, ReceiveConfig, Receiver,
-};
+use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker, ReceiveConfig, Receiver};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
@@ -254,10 +252,10 @@ impl Cluster {
             Backends::Servers { redis, amqp } => {
                 let registry =
                     RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
-                let rabbit = RabbitConfig {
-                    connection_name: Some(format!("hybrid-cluster {}", config.node_id)),
-                    ..RabbitConfig::default()
-                };
+                let mut rabbit = config.rabbitmq.clone();
+                rabbit
+                    .connection_name
+                    .get_or_insert_with(|| format!("hybrid-cluster {}", config.node_id));
                 let broker = RabbitBroker::connect(&amqp, &config.prefix, rabbit).await?;
                 (Arc::new(registry), Arc::new(broker))
             }
@@ -267,7 +265,7 @@ impl Cluster {
 
         let topology =
             NodeTopology::declare(Arc::clone(&broker), id.clone(), &config.queue).await?;
-        let deliveries = topology.consume(&ConsumeOptions::default()).await?;
+        let deliveries = topology.consume(&config.consume).await?;
 
         let counter = ConnectionCounter::new();
         let metrics = Metrics::new(id.as_str());

@@ -5,12 +5,12 @@ use std::time::Duration;
 use hybrid_cluster_balance::{PlacementPolicy, Strategy};
 use hybrid_cluster_core::node::DEFAULT_ENDPOINT;
 use hybrid_cluster_core::{
-    AmqpUrl, ClusterPrefix, ClusterSecret, ConfigError, DEFAULT_REPLAY_WINDOW, NodeId,
-    QueueOptions, RedisUrl, SECRET_ENV,
+    AmqpUrl, ClusterPrefix, ClusterSecret, ConfigError, ConsumeOptions, DEFAULT_REPLAY_WINDOW,
+    NodeId, QueueOptions, RedisUrl, SECRET_ENV,
 };
 use hybrid_cluster_discovery::DiscoveryConfig;
 use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
-use hybrid_cluster_routing::ForwardConfig;
+use hybrid_cluster_routing::{ForwardConfig, RabbitConfig};
 
 /// What a connection whose inbox is full gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,9 +104,18 @@ pub struct ClusterConfig {
     pub slow_client: SlowClientPolicy,
     /// The node's queue in the broker.
     pub queue: QueueOptions,
-    /// The forwarding service's in-flight bound and payload limit.
+    /// The forwarding service's in-flight bound and payload limit: see the README's
+    /// concurrency bounds.
     pub forward: ForwardConfig,
-    /// How long a shutdown waits for clients to close before it leaves anyway. Default 5 s.
+    /// How the node's RabbitMQ connection behaves (with [`Backends::Servers`]): its own
+    /// bounds on publishes in flight and queued, and how long sends wait through an outage
+    /// before failing. Its connection name defaults to `hybrid-cluster {node_id}`.
+    pub rabbitmq: RabbitConfig,
+    /// How the node consumes its queue: deliveries handed out and not yet settled, at most.
+    pub consume: ConsumeOptions,
+    /// How long a shutdown takes at most: clients get most of it to close, the rest is for
+    /// leaving discovery and deleting the queue; what is not done by then is cut short and
+    /// logged. Default 5 s.
     pub shutdown_grace: Duration,
     /// The cluster secret. When set, every node-to-node message and every node record is
     /// signed with it (HMAC-SHA256), and unsigned or forged ones are refused: see the
@@ -135,6 +144,8 @@ impl ClusterConfig {
             slow_client: SlowClientPolicy::default(),
             queue: QueueOptions::default(),
             forward: ForwardConfig::default(),
+            rabbitmq: RabbitConfig::default(),
+            consume: ConsumeOptions::default(),
             shutdown_grace: Duration::from_secs(5),
             secret: None,
             replay_window: DEFAULT_REPLAY_WINDOW,
