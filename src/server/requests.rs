@@ -11,12 +11,14 @@
 
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use hybrid_cluster_core::{ConnectionId, GroupName, MessageId, PayloadKind};
 use serde_json::value::RawValue;
+use tokio::time::Instant;
 
 use crate::error::SendError;
 use crate::handle::{ClusterHandle, OrderedSender};
@@ -269,8 +271,8 @@ impl Requests {
                 let confirmation = self
                     .sender
                     .send(&to, PayloadKind::Text, data.get().to_owned());
-                if let Some(id) = &id {
-                    // A notice may come back for it: remember whose request it was.
+                if let Some(id) = id.as_ref().filter(|_| self.sender.needs_place(&to)) {
+                    // The node it goes to may send a notice back: remember whose it was.
                     self.sent.remember(confirmation.message_id(), id.clone());
                 }
                 Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
@@ -340,27 +342,40 @@ fn ack(id: Option<&RawValue>) -> Option<String> {
     id.map(|id| ServerMessage::Ack { id }.to_json())
 }
 
-/// The correlation ids of a connection's latest sends, by message id, so that a notice of a
-/// message not delivered can name the request it answers. Bounded: the oldest are forgotten.
+/// The correlation ids of a connection's latest sends to other nodes, by message id, so that
+/// a notice of a message not delivered can name the request it answers.
+///
+/// Bounded by time and by count: an id is kept for [`SentIds::WINDOW`] (a notice comes once
+/// the message reached its node, long before that unless the node was away), and only the
+/// latest [`SentIds::CAPACITY`]; memory given back when a burst is over. A notice that comes
+/// later is still sent, naming the message but no request id.
 #[derive(Default)]
-struct SentIds(VecDeque<(MessageId, Box<RawValue>)>);
+struct SentIds(VecDeque<(Instant, MessageId, Box<RawValue>)>);
 
 impl SentIds {
     const CAPACITY: usize = 1024;
+    const WINDOW: Duration = Duration::from_secs(60);
 
     fn remember(&mut self, message_id: MessageId, id: Box<RawValue>) {
-        if self.0.len() == Self::CAPACITY {
+        let now = Instant::now();
+        while let Some((sent, ..)) = self.0.front() {
+            if self.0.len() < Self::CAPACITY && now.duration_since(*sent) < Self::WINDOW {
+                break;
+            }
             self.0.pop_front();
         }
-        self.0.push_back((message_id, id));
+        if self.0.capacity() > 64 && self.0.len() < self.0.capacity() / 4 {
+            self.0.shrink_to(self.0.len() * 2);
+        }
+        self.0.push_back((now, message_id, id));
     }
 
     fn client_id(&self, message_id: MessageId) -> Option<Box<RawValue>> {
         self.0
             .iter()
             .rev()
-            .find(|(sent_id, _)| *sent_id == message_id)
-            .map(|(_, id)| id.clone())
+            .find(|(_, sent_id, _)| *sent_id == message_id)
+            .map(|(.., id)| id.clone())
     }
 }
 
@@ -442,5 +457,29 @@ mod tests {
             "the overtaking join is answered first: {acks:?}"
         );
         assert!(acks[1].contains("group-g"), "{acks:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sent_ids_are_forgotten_after_their_window_and_past_their_count() {
+        let id = |n: u32| RawValue::from_string(n.to_string()).unwrap();
+        let mut sent = SentIds::default();
+        let first = MessageId::random();
+        sent.remember(first, id(1));
+        assert_eq!(sent.client_id(first).unwrap().get(), "1");
+        tokio::time::advance(SentIds::WINDOW).await;
+        let second = MessageId::random();
+        sent.remember(second, id(2));
+        assert!(sent.client_id(first).is_none(), "past its window");
+        assert_eq!(sent.client_id(second).unwrap().get(), "2");
+        for n in 0..SentIds::CAPACITY as u32 {
+            sent.remember(MessageId::random(), id(n));
+        }
+        assert_eq!(sent.0.len(), SentIds::CAPACITY);
+        assert!(sent.client_id(second).is_none(), "past the count");
+        // A burst over, its memory goes back.
+        tokio::time::advance(SentIds::WINDOW).await;
+        sent.remember(MessageId::random(), id(0));
+        assert_eq!(sent.0.len(), 1);
+        assert!(sent.0.capacity() < SentIds::CAPACITY);
     }
 }
