@@ -9,7 +9,7 @@ pub use hybrid_cluster_core::BoxError;
 /// No node can be chosen: every known node is excluded, or none is known.
 ///
 /// The counts say why. A node counts once, under the first reason that applies in the order
-/// draining, offline, full, not ready.
+/// draining, degraded, offline, full, not ready.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NoAvailableNode {
     /// Nodes known to the balancer.
@@ -22,6 +22,8 @@ pub struct NoAvailableNode {
     pub full: usize,
     /// Active nodes with room whose service is not ready (inside the balancer only).
     pub not_ready: usize,
+    /// Nodes left out because they are [`Degraded`](hybrid_cluster_core::NodeStatus::Degraded).
+    pub degraded: usize,
 }
 
 impl fmt::Display for NoAvailableNode {
@@ -31,8 +33,8 @@ impl fmt::Display for NoAvailableNode {
         }
         write!(
             f,
-            "no node available: {} known ({} draining, {} offline, {} full, {} not ready)",
-            self.known, self.draining, self.offline, self.full, self.not_ready
+            "no node available: {} known ({} draining, {} degraded, {} offline, {} full, {} not ready)",
+            self.known, self.draining, self.degraded, self.offline, self.full, self.not_ready
         )
     }
 }

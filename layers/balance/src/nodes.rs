@@ -128,6 +128,7 @@ enum Class {
     Offline = 2,
     Full = 3,
     NotReady = 4,
+    Degraded = 5,
 }
 
 struct Slot<K> {
@@ -159,6 +160,7 @@ impl<K> Slot<K> {
         self.usage = usage_of(&self.info);
         self.class = match self.info.status {
             NodeStatus::Draining => Class::Draining,
+            NodeStatus::Degraded => Class::Degraded,
             NodeStatus::Offline => Class::Offline,
             NodeStatus::Active if connections >= u64::from(self.info.max_connections) => {
                 Class::Full
@@ -219,7 +221,7 @@ pub struct NodeSet<K> {
     pub(crate) by_seq: BTreeMap<u64, usize>,
     pub(crate) by_load: BTreeSet<(Ratio, u64, usize)>,
     pub(crate) by_usage: BTreeSet<(u32, u64, usize)>,
-    counts: [usize; 5],
+    counts: [usize; 6],
     follow: Follow,
 }
 
@@ -234,7 +236,7 @@ impl<K> Default for NodeSet<K> {
             by_seq: BTreeMap::new(),
             by_load: BTreeSet::new(),
             by_usage: BTreeSet::new(),
-            counts: [0; 5],
+            counts: [0; 6],
             follow: Follow::Undecided,
         }
     }
@@ -307,6 +309,7 @@ impl<K> NodeSet<K> {
             offline: self.counts[Class::Offline as usize],
             full: self.counts[Class::Full as usize],
             not_ready: self.counts[Class::NotReady as usize],
+            degraded: self.counts[Class::Degraded as usize],
         }
     }
 
@@ -590,7 +593,8 @@ mod tests {
                 draining: 1,
                 offline: 0,
                 full: 1,
-                not_ready: 0
+                not_ready: 0,
+                degraded: 0
             }
         );
 

@@ -394,12 +394,13 @@ mod tests {
                     draining: 1,
                     offline: 1,
                     full: 1,
-                    not_ready: 0
+                    not_ready: 0,
+                    degraded: 0
                 }
             );
             assert_eq!(
                 err.to_string(),
-                "no node available: 3 known (1 draining, 1 offline, 1 full, 0 not ready)"
+                "no node available: 3 known (1 draining, 0 degraded, 1 offline, 1 full, 0 not ready)"
             );
         }
         let empty = NodeSet::<&str>::new();

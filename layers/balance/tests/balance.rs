@@ -407,7 +407,8 @@ fn no_available_node_fails_the_call_not_the_balancer() {
                 draining: 1,
                 offline: 1,
                 full: 1,
-                not_ready: 0
+                not_ready: 0,
+                degraded: 0
             }
         );
         assert!(cluster.received().is_empty());

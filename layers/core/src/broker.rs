@@ -25,6 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
+use tokio::sync::watch;
 
 use crate::envelope::GroupName;
 use crate::error::BrokerError;
@@ -75,6 +76,67 @@ impl fmt::Debug for BrokerMessage {
     }
 }
 
+/// What survives the broker: how a node's queue and the messages in it are kept.
+///
+/// Every node of a cluster uses the same. See the README's delivery contract for what each
+/// mode promises through which fault.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Durability {
+    /// Messages live in the broker's memory: the fastest. A confirmation means the broker
+    /// holds the message; a broker restart (or the loss of the broker node holding the
+    /// queue) loses the messages waiting in it, without a word to their senders. The queue
+    /// itself (and its bindings) survives.
+    Transient,
+    /// Queues and messages are written to disk: a confirmation means the broker has the
+    /// message on disk, and a broker restart loses nothing confirmed.
+    #[default]
+    Durable,
+    /// Quorum queues, replicated over the nodes of a RabbitMQ cluster: a confirmation means
+    /// a majority of them have the message, and the loss of a minority of broker nodes
+    /// loses nothing confirmed.
+    Replicated,
+}
+
+impl Durability {
+    /// The mode's name: `transient`, `durable` or `replicated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Durable => "durable",
+            Self::Replicated => "replicated",
+        }
+    }
+
+    /// Whether messages are written to disk before they are confirmed.
+    pub fn is_persistent(self) -> bool {
+        !matches!(self, Self::Transient)
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A durability name that is not one of `transient`, `durable`, `replicated`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown durability `{0}` (expected transient, durable or replicated)")]
+pub struct UnknownDurability(pub String);
+
+impl std::str::FromStr for Durability {
+    type Err = UnknownDurability;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "transient" => Ok(Self::Transient),
+            "durable" => Ok(Self::Durable),
+            "replicated" => Ok(Self::Replicated),
+            other => Err(UnknownDurability(other.to_owned())),
+        }
+    }
+}
+
 /// How a node's queue behaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueOptions {
@@ -89,15 +151,21 @@ pub struct QueueOptions {
     /// Whether dead-lettered messages are kept in the cluster's dead-letter queue for
     /// inspection (AMQP `x-dead-letter-exchange`), rather than discarded.
     pub dead_letter: bool,
+    /// What of the queue survives the broker: on RabbitMQ, every mode declares a durable
+    /// queue (so it and its bindings outlive a restart), [`Durability::Replicated`] a quorum
+    /// queue. Whether the messages in it survive is the publisher's choice (persistent
+    /// messages), which a cluster makes with the same setting.
+    pub durability: Durability,
 }
 
 impl Default for QueueOptions {
-    /// Expires after 60 s without a consumer, no length bound, dead-lettering on.
+    /// Expires after 60 s without a consumer, no length bound, dead-lettering on, durable.
     fn default() -> Self {
         Self {
             expires: Some(Duration::from_secs(60)),
             max_length: None,
             dead_letter: true,
+            durability: Durability::default(),
         }
     }
 }
@@ -190,8 +258,24 @@ pub struct Delivery {
 }
 
 /// The deliveries of one consumer. An `Err` item reports a failure of the consumer; the stream
-/// ends when the consumer is cancelled (its queue was deleted, or the backend closed).
+/// ends when the consumer is cancelled for good (its queue was deleted through the broker, or
+/// the backend closed). A broker that restores lost consumers (see
+/// [`Broker::consumer_state`]) keeps the stream going through the loss.
 pub type Deliveries = BoxStream<'static, Result<Delivery, BrokerError>>;
+
+/// Whether a node's consumer is taking deliveries (see [`Broker::consumer_state`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsumerState {
+    /// Taking deliveries.
+    Consuming,
+    /// Not taking deliveries now, and being restored: the connection was lost, or the
+    /// consumer was cancelled (its queue deleted from outside, the broker node holding it
+    /// lost) or its channel closed. The reason is in words, for logs.
+    Interrupted {
+        /// Why, in words.
+        reason: String,
+    },
+}
 
 /// Why a publish was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +332,8 @@ pub trait Broker: fmt::Debug + Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), BrokerError>>;
 
     /// Publishes `message` to the queues bound to `key`. The future resolves `Ok` once the
-    /// broker has confirmed it, or with the reason it was not taken.
+    /// broker has confirmed it, or with the reason it was not taken. The message is taken at
+    /// the call: dropping the future does not withdraw it.
     fn publish(
         &self,
         key: &RoutingKey,
@@ -261,6 +346,15 @@ pub trait Broker: fmt::Debug + Send + Sync + 'static {
         node: &NodeId,
         options: &ConsumeOptions,
     ) -> BoxFuture<'static, Result<Deliveries, BrokerError>>;
+
+    /// Follows the consumer of `node` started by [`consume`](Broker::consume): whether it is
+    /// taking deliveries now, as that changes. `None` when there is no such consumer, or the
+    /// broker does not say (the default): its consumers are then never lost while their
+    /// streams live.
+    fn consumer_state(&self, node: &NodeId) -> Option<watch::Receiver<ConsumerState>> {
+        let _ = node;
+        None
+    }
 
     /// Whether the broker takes publishes now: `Pending` while it pushes back (flow control,
     /// a lost connection being restored), waking `cx` when that ends. The default is always
@@ -311,6 +405,10 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
         options: &ConsumeOptions,
     ) -> BoxFuture<'static, Result<Deliveries, BrokerError>> {
         (**self).consume(node, options)
+    }
+
+    fn consumer_state(&self, node: &NodeId) -> Option<watch::Receiver<ConsumerState>> {
+        (**self).consumer_state(node)
     }
 
     fn poll_flow(&self, cx: &mut Context<'_>) -> Poll<Result<(), BrokerError>> {

@@ -48,8 +48,8 @@ pub mod registry;
 
 pub use auth::{AuthError, ClusterSecret, DEFAULT_REPLAY_WINDOW, SECRET_ENV, Signature};
 pub use broker::{
-    Acker, Acknowledge, Broker, BrokerMessage, ConsumeOptions, Deliveries, Delivery, PublishError,
-    QueueOptions, RoutingKey, Settlement,
+    Acker, Acknowledge, Broker, BrokerMessage, ConsumeOptions, ConsumerState, Deliveries, Delivery,
+    Durability, PublishError, QueueOptions, RoutingKey, Settlement, UnknownDurability,
 };
 pub use config::{AmqpUrl, ClusterPrefix, ConfigError, RedisUrl};
 pub use connection::{ConnectionId, ConnectionIdError, ConnectionIds};

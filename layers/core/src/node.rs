@@ -180,6 +180,10 @@ pub enum NodeStatus {
     /// Leaving soon: still delivers messages to the connections it has, but balancers stop
     /// choosing it for new ones.
     Draining,
+    /// Serving the connections it has, but not receiving from the broker now (its queue or
+    /// consumer is being restored): balancers do not choose it for new ones until it is
+    /// Active again.
+    Degraded,
     /// Gone, or going: peers remove it from their view.
     Offline,
 }
@@ -190,6 +194,7 @@ impl NodeStatus {
         match self {
             Self::Active => "active",
             Self::Draining => "draining",
+            Self::Degraded => "degraded",
             Self::Offline => "offline",
         }
     }
