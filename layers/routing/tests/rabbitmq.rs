@@ -16,6 +16,7 @@ use hybrid_cluster_routing::{
     Forward, ForwardConfig, ForwardError, NodeTopology, RabbitBroker, RabbitConfig, RabbitError,
     ReceiveConfig, Receiver, StatsHandle,
 };
+use hybrid_cluster_test_support::proxy::Proxy;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
     QueueDeleteOptions,
@@ -526,7 +527,9 @@ async fn signed_traffic_flows_and_forged_messages_are_dead_lettered() {
 
 /// The pid of the connection named `name`, from `rabbitmqctl list_connections` (RabbitMQ 3.10
 /// has no `user_provided_name` column: the name is in the client properties).
-async fn connection_pid(name: &str) -> String {
+/// The server-side ids of the connections (consuming and publishing) of the broker named
+/// `name`.
+async fn connection_pids(name: &str) -> Vec<String> {
     let out = rabbitmqctl(&[
         "list_connections",
         "-q",
@@ -535,13 +538,16 @@ async fn connection_pid(name: &str) -> String {
         "client_properties",
     ])
     .await;
-    let quoted = format!("\"{name}\"");
-    out.lines()
-        .find_map(|line| {
+    let named = format!("\"{name} (");
+    let pids: Vec<String> = out
+        .lines()
+        .filter_map(|line| {
             let (pid, properties) = line.split_once('\t')?;
-            properties.contains(&quoted).then(|| pid.trim().to_owned())
+            properties.contains(&named).then(|| pid.trim().to_owned())
         })
-        .unwrap_or_else(|| panic!("no connection named {name} in {out}"))
+        .collect();
+    assert_eq!(pids.len(), 2, "two connections named {name} in {out}");
+    pids
 }
 
 #[tokio::test]
@@ -550,10 +556,8 @@ async fn a_forced_connection_close_loses_and_duplicates_nothing() {
     let (broker_a, broker_b) = (cluster.broker("a").await, cluster.broker("b").await);
     let mut b = start_node(broker_b.clone(), "b").await;
     let forward = Forward::new(broker_a.clone());
-    let pids = [
-        connection_pid(&cluster.connection_name("a")).await,
-        connection_pid(&cluster.connection_name("b")).await,
-    ];
+    let mut pids = connection_pids(&cluster.connection_name("a")).await;
+    pids.extend(connection_pids(&cluster.connection_name("b")).await);
 
     // A steady stream of sends (1 per ms), many in flight, across the close.
     const N: usize = 3000;
@@ -788,4 +792,347 @@ async fn a_busy_destination_gets_batches_in_order_and_exactly_once() {
     );
     b.leave().await;
     cluster.clean_up().await;
+}
+
+/// Messages in `node`'s queue, read with a passive declaration.
+async fn queue_depth(cluster: &Cluster, node: &str) -> u32 {
+    let connection = raw_connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare(
+            format!("{}:node:{node}", cluster.prefix).into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let depth = queue.message_count();
+    let _ = connection.close(200, "OK".into()).await;
+    depth
+}
+
+#[tokio::test]
+async fn a_returned_message_fails_its_own_publish_and_no_other() {
+    let cluster = Cluster::new("returns");
+    let broker = cluster.broker("a").await;
+    let b = node_id("b");
+    broker.declare_queue(&b, &queue_options()).await.unwrap();
+    broker.bind(&b, &RoutingKey::Node(b.clone())).await.unwrap();
+    let bound = RoutingKey::Node(b.clone());
+    let unbound = RoutingKey::Node(node_id("nobody"));
+    let message = |i: usize| {
+        Envelope::text(node_id("a"), Target::Node(b.clone()), i.to_string())
+            .to_message()
+            .unwrap()
+    };
+
+    // Thousands in flight at once, alternating a bound and an unbound key, none awaited
+    // before all are sent: confirmations come back in multiple acks, returns among them.
+    const COUNT: usize = 4_000;
+    let publishes: Vec<_> = (0..COUNT)
+        .map(|i| broker.publish(if i % 2 == 0 { &bound } else { &unbound }, message(i)))
+        .collect();
+    let results = futures_util::future::join_all(publishes).await;
+    let mut ok = 0;
+    for (i, result) in results.iter().enumerate() {
+        if i % 2 == 0 {
+            assert!(result.is_ok(), "publish {i} to a bound key: {result:?}");
+            ok += 1;
+        } else {
+            assert!(
+                matches!(
+                    result,
+                    Err(hybrid_cluster_core::PublishError::Unroutable { .. })
+                ),
+                "publish {i} to an unbound key: {result:?}"
+            );
+        }
+    }
+    assert_eq!(queue_depth(&cluster, "b").await as usize, ok);
+
+    // Runs for one key travel as batches: a returned batch fails its own messages only.
+    let publishes: Vec<_> = (0..COUNT)
+        .map(|i| broker.publish(if (i / 5) % 2 == 0 { &bound } else { &unbound }, message(i)))
+        .collect();
+    let results = futures_util::future::join_all(publishes).await;
+    for (i, result) in results.iter().enumerate() {
+        let expected_ok = (i / 5) % 2 == 0;
+        assert_eq!(result.is_ok(), expected_ok, "publish {i}: {result:?}");
+    }
+
+    broker.delete_queue(&b).await.unwrap();
+    cluster.clean_up().await;
+}
+
+#[tokio::test]
+async fn a_dropped_publish_is_still_sent() {
+    let cluster = Cluster::new("dropped");
+    let broker = cluster.broker("a").await;
+    let mut b = start_node(broker.clone(), "b").await;
+    let key = RoutingKey::Node(node_id("b"));
+    for i in 0..100 {
+        let message = Envelope::text(node_id("a"), Target::Node(node_id("b")), i.to_string());
+        drop(broker.publish(&key, message.to_message().unwrap()));
+    }
+    // One awaited after them: the dropped ones went before it, in order.
+    let last = Envelope::text(node_id("a"), Target::Node(node_id("b")), "100");
+    broker
+        .publish(&key, last.to_message().unwrap())
+        .await
+        .unwrap();
+    for i in 0..=100 {
+        let envelope = tokio::time::timeout(WAIT, b.inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(envelope.payload_text(), Some(i.to_string().as_str()));
+    }
+    b.leave().await;
+    cluster.clean_up().await;
+}
+
+/// A broker for node `node` whose connections go through `proxy`.
+async fn broker_through(cluster: &Cluster, node: &str, proxy: &Proxy) -> Arc<RabbitBroker> {
+    let direct = url();
+    let vhost = if direct.vhost() == "/" {
+        "%2f".to_owned()
+    } else {
+        direct.vhost().to_owned()
+    };
+    let proxied: AmqpUrl = format!(
+        "amqp://{}:{}@{}/{vhost}",
+        direct.username(),
+        direct.password(),
+        proxy.addr
+    )
+    .parse()
+    .unwrap();
+    let config = RabbitConfig {
+        connection_name: Some(cluster.connection_name(node)),
+        dead_letter_expires: Some(Duration::from_secs(60)),
+        ..RabbitConfig::default()
+    };
+    Arc::new(
+        RabbitBroker::connect(&proxied, &cluster.prefix, config)
+            .await
+            .unwrap(),
+    )
+}
+
+/// A sender cut off from RabbitMQ for two seconds, mid-stream, sends again what was not
+/// confirmed; meanwhile two other senders keep the receiver's queue busy (40,000 messages a
+/// second), so that resent copies arrive some 100,000 messages after the first ones; and
+/// copies of its first 500 messages are sent again at the end, as a late resend would be.
+/// The receiver hands every message over exactly once (the old dedupe, a count of 16,384
+/// ids, let such late copies through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resends_after_a_long_cut_are_dropped_at_full_rate() {
+    let cluster = Cluster::new("resends");
+    let mut b = start_node(cluster.broker("b").await, "b").await;
+    let server = tokio::net::lookup_host((url().host().to_owned(), url().port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(server).await.unwrap();
+    let cut_off = Forward::new(broker_through(&cluster, "a", &proxy).await);
+    let busy: Vec<Forward<RabbitBroker>> = vec![
+        Forward::new(cluster.broker("c").await),
+        Forward::new(cluster.broker("d").await),
+    ];
+
+    // The cut-off sender: a steady stream, many in flight, across the cut.
+    const CUT_OFF: usize = 4_000;
+    const RESENT: usize = 500;
+    let envelopes: Vec<Envelope> = (0..CUT_OFF)
+        .map(|i| text("a", Target::Node(node_id("b")), format!("a-{i}")))
+        .collect();
+    let first_ids: Vec<MessageId> = envelopes.iter().take(RESENT).map(|e| e.id).collect();
+    let cutting = {
+        let mut forward = cut_off.clone();
+        tokio::spawn(async move {
+            let mut in_flight = FuturesUnordered::new();
+            let mut failed = 0;
+            for envelope in envelopes {
+                // Confirmations are taken while waiting for a place: they give places back.
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(sent) = in_flight.next(), if !in_flight.is_empty() => {
+                            let sent: Result<(), ForwardError> = sent;
+                            failed += usize::from(sent.is_err());
+                        }
+                        ready = forward.ready() => {
+                            in_flight.push(ready.unwrap().call(envelope));
+                            break;
+                        }
+                    }
+                }
+            }
+            while let Some(sent) = in_flight.next().await {
+                failed += usize::from(sent.is_err());
+            }
+            failed
+        })
+    };
+    // The busy senders: 20,000 messages a second each until the cut-off sender is done, so
+    // that some 100,000 messages pass while it is cut off.
+    let flooding: Vec<_> = busy
+        .into_iter()
+        .enumerate()
+        .map(|(n, forward)| {
+            let done = cutting.abort_handle();
+            tokio::spawn(async move {
+                let mut sent = 0;
+                let mut pace = tokio::time::interval(Duration::from_millis(25));
+                while !done.is_finished() {
+                    pace.tick().await;
+                    let envelopes = (sent..sent + 500)
+                        .map(|i| text("c", Target::Node(node_id("b")), format!("busy{n}-{i}")))
+                        .collect();
+                    send_all(&forward, envelopes).await;
+                    sent += 500;
+                }
+                sent
+            })
+        })
+        .collect();
+    // Cut once the stream is well on its way.
+    let mut received: Vec<String> = Vec::new();
+    while received.iter().filter(|t| t.starts_with("a-")).count() < CUT_OFF / 4 {
+        received.push(b.recv().await.payload_text().unwrap().to_owned());
+    }
+    proxy.cut(Duration::from_secs(2));
+    let failed = cutting.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "every send of the cut-off sender confirmed in the end"
+    );
+    assert!(cut_off.broker().reconnections() >= 1, "it was cut off");
+    // Copies of the cut-off sender's first messages, sent again now as a resend would be,
+    // long after them: some 100,000 messages passed since.
+    let resent: Vec<Envelope> = (0..RESENT)
+        .map(|i| {
+            let mut copy = text("a", Target::Node(node_id("b")), format!("a-{i}"));
+            copy.id = first_ids[i];
+            copy
+        })
+        .collect();
+    send_all(&cluster_forward_direct(&cluster).await, resent).await;
+    let mut busy_sent = Vec::new();
+    for flood in flooding {
+        busy_sent.push(flood.await.unwrap());
+    }
+    let total = CUT_OFF + busy_sent.iter().sum::<usize>();
+    while received.len() < total {
+        received.push(b.recv().await.payload_text().unwrap().to_owned());
+    }
+    // Nothing more is waiting: a marker comes next.
+    let marker = text("c", Target::Node(node_id("b")), "end");
+    let id = marker.id;
+    send_all(&cluster_forward_direct(&cluster).await, vec![marker]).await;
+    let late = b.recv_until(id).await;
+    assert!(late.is_empty(), "{} copies came late", late.len());
+    let from_a: Vec<String> = received
+        .iter()
+        .filter(|t| t.starts_with("a-"))
+        .cloned()
+        .collect();
+    let expected: Vec<String> = (0..CUT_OFF).map(|i| format!("a-{i}")).collect();
+    assert_eq!(
+        from_a, expected,
+        "the cut-off sender's: once each, in order"
+    );
+    let unique: std::collections::HashSet<&String> = received.iter().collect();
+    assert_eq!(unique.len(), received.len(), "no message twice");
+    let stats = b.stats.get();
+    eprintln!(
+        "across a 2 s cut: {total} messages, {} duplicates dropped ({stats:?})",
+        stats.duplicates
+    );
+    assert!(
+        stats.duplicates >= RESENT as u64,
+        "the late copies were dropped: {stats:?}"
+    );
+    b.leave().await;
+    cluster.clean_up().await;
+}
+
+/// A forwarding service for a node of its own, on a direct connection.
+async fn cluster_forward_direct(cluster: &Cluster) -> Forward<RabbitBroker> {
+    Forward::new(cluster.broker("marker").await)
+}
+
+/// Every durability mode declares its queue and carries messages; `replicated` makes the node
+/// queue a quorum queue.
+#[tokio::test]
+async fn every_durability_mode_declares_its_queue_and_carries_messages() {
+    use hybrid_cluster_core::Durability;
+    for durability in [
+        Durability::Transient,
+        Durability::Durable,
+        Durability::Replicated,
+    ] {
+        let cluster = Cluster::new(durability.as_str());
+        let broker = cluster.broker("a").await;
+        let name = format!("node-{durability}");
+        let options = QueueOptions {
+            durability,
+            ..queue_options()
+        };
+        let topology = NodeTopology::declare(broker.clone(), node_id(&name), &options)
+            .await
+            .unwrap();
+        let deliveries = topology
+            .consume(&ConsumeOptions { prefetch: 16 })
+            .await
+            .unwrap();
+        let (tx, mut inbox) = mpsc::channel(16);
+        let task = tokio::spawn(Receiver::new(deliveries).run(service_fn(
+            move |envelope: Envelope| {
+                let tx = tx.clone();
+                async move { tx.send(envelope).await.map_err(BoxError::from) }
+            },
+        )));
+        let forward = Forward::new(broker.clone());
+        send_all(
+            &forward,
+            vec![text("a", Target::Node(node_id(&name)), durability.as_str())],
+        )
+        .await;
+        let got = tokio::time::timeout(WAIT, inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.payload_text(), Some(durability.as_str()));
+        let queues = rabbitmqctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "type",
+            "durable",
+        ])
+        .await;
+        let line = queues
+            .lines()
+            .find(|line| line.starts_with(&broker.queue_name(&node_id(&name))))
+            .unwrap_or_else(|| panic!("no queue in {queues}"));
+        let expected_type = if durability == Durability::Replicated {
+            "quorum"
+        } else {
+            "classic"
+        };
+        assert!(line.contains(expected_type), "{durability}: {line}");
+        assert!(
+            line.contains("true"),
+            "{durability}: durable in every mode: {line}"
+        );
+        task.abort();
+        topology.leave().await.unwrap();
+        cluster.clean_up().await;
+    }
 }

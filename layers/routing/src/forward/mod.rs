@@ -23,8 +23,10 @@
 //!   is ordered when `call` is made: envelopes sent one after another through one service
 //!   reach each node in that order, even when their futures are awaited together.
 //! - **Response**: the future resolves `Ok(())` once the broker confirmed the message, or
-//!   with a [`ForwardError`] saying why it was not taken. Dropping the future does not
-//!   withdraw a message already published; it only stops waiting for the confirmation.
+//!   with a [`ForwardError`] saying why it was not taken. Dropping the future never
+//!   withdraws the message, on any broker (it was placed in its sender's order at `call`, and
+//!   a withdrawal would leave a gap there): it only stops waiting for the confirmation, and
+//!   gives its place of the in-flight bound back.
 //!
 //! ```
 //! use std::sync::Arc;

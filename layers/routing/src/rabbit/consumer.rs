@@ -5,6 +5,15 @@
 //! into a channel bounded by the prefetch, read by the owner's [`Deliveries`] stream. On a
 //! new connection the supervisor starts the consumer again and a new forwarding task feeds
 //! the same stream, so the stream survives reconnects.
+//!
+//! A consumer lost while the connection stays up (RabbitMQ cancelled it because its queue
+//! was deleted or the broker node holding it failed, or its channel closed on an error) is
+//! **healed**: the queue is declared again with every binding made through this broker for
+//! it, and the consumer started again, with backoff, until it works or the connection is
+//! replaced (the supervisor then does it). Meanwhile its state says why it is not consuming.
+//! Only a queue deleted through this broker ([`Broker::delete_queue`]) ends the stream.
+//!
+//! [`Broker::delete_queue`]: hybrid_cluster_core::Broker::delete_queue
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +23,10 @@ use bytes::Bytes;
 use futures_core::Stream;
 use futures_core::future::BoxFuture;
 use futures_util::StreamExt;
-use hybrid_cluster_core::{Acker, Acknowledge, BrokerError, Delivery, NodeId, Settlement};
+use hybrid_cluster_core::{
+    Acker, Acknowledge, BrokerError, ConsumerState, Delivery, NodeId, QueueOptions, RoutingKey,
+    Settlement,
+};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
@@ -22,7 +34,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, error, info, warn};
 
 use super::shared::{Link, Shared};
 use super::wire;
@@ -138,23 +150,170 @@ pub(crate) async fn forward(
                 }
             }
             Some(Err(error)) => {
-                debug!(%node, %error, "consumer interrupted; it resumes on the next connection");
+                lost(&shared, generation, node, id, deliveries, error.to_string());
                 return;
             }
             None => {
-                if channel.status().connected() && link_is_current(&shared, generation) {
-                    // Cancelled by RabbitMQ (the queue was deleted): the stream ends.
-                    debug!(%node, "consumer cancelled by RabbitMQ");
-                    remove(&shared, &node, id);
-                    return;
-                }
-                debug!(%node, "consumer interrupted; it resumes on the next connection");
+                let reason = "RabbitMQ cancelled it (its queue was deleted, or the broker node \
+                              holding the queue is down)";
+                lost(&shared, generation, node, id, deliveries, reason.to_owned());
                 return;
             }
         }
     }
     remove(&shared, &node, id);
     let _ = channel.close(200, "consumer dropped".into()).await;
+}
+
+/// A consumer stopped: on a live connection it is healed here; on a lost one the supervisor
+/// starts it again with the next connection. Its stream ends only when it is not the node's
+/// consumer any more (its queue was deleted through this broker).
+fn lost(
+    shared: &Arc<Shared>,
+    generation: u64,
+    node: NodeId,
+    id: u64,
+    deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
+    reason: String,
+) {
+    let connection_alive = link_is_current(shared, generation)
+        && shared.link.borrow().as_ref().is_some_and(|link| {
+            link.generation == generation && link.connection.status().connected()
+        });
+    if !connection_alive {
+        debug!(%node, %reason, "consumer interrupted; it resumes on the next connection");
+        return;
+    }
+    if !shared.state.lock().queues.contains_key(&node) {
+        // A queue this broker did not declare (another node's, taken over): nothing to
+        // restore; the stream ends.
+        debug!(%node, %reason, "a consumer of a queue declared elsewhere ended");
+        remove(shared, &node, id);
+        return;
+    }
+    let interrupted = ConsumerState::Interrupted {
+        reason: reason.clone(),
+    };
+    if !shared.set_consumer_state(&node, id, interrupted) {
+        // Deleted through this broker: the stream ends with this task.
+        debug!(%node, "consumer cancelled: its queue was deleted");
+        return;
+    }
+    error!(%node, %reason, "the node's consumer is lost: declaring its queue and bindings again and consuming again");
+    tokio::spawn(heal(Arc::clone(shared), generation, node, id, deliveries));
+}
+
+/// Declares `node`'s queue and its bindings again and starts its consumer again, with
+/// backoff, until it works, the connection is replaced (the supervisor restores it then), or
+/// the consumer is not wanted any more.
+pub(crate) async fn heal(
+    shared: Arc<Shared>,
+    generation: u64,
+    node: NodeId,
+    id: u64,
+    deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
+) {
+    let mut delay = shared.config.reconnect_delay;
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            () = super::shared::shut_down(&mut shutdown) => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(shared.config.max_reconnect_delay);
+        if deliveries.is_closed() {
+            remove(&shared, &node, id);
+            return;
+        }
+        let Some(plan) = plan(&shared, generation, &node, id) else {
+            return;
+        };
+        match restore(&shared, &node, &plan).await {
+            Ok((channel, consumer)) => {
+                if !shared.set_consumer_state(&node, id, ConsumerState::Consuming) {
+                    let _ = channel.close(200, "consumer not wanted".into()).await;
+                    return;
+                }
+                info!(%node, bindings = plan.keys.len(), "the node's consumer is restored");
+                tokio::spawn(forward(
+                    Arc::clone(&shared),
+                    generation,
+                    node,
+                    id,
+                    channel,
+                    consumer,
+                    deliveries,
+                ));
+                return;
+            }
+            Err(error) => {
+                warn!(%node, %error, retry_in = ?delay, "restoring the node's consumer failed");
+            }
+        }
+    }
+}
+
+/// What restoring a consumer takes: its connection, its queue with its options and bindings,
+/// its prefetch.
+struct Plan {
+    link: Link,
+    queue: ShortString,
+    options: QueueOptions,
+    keys: Vec<RoutingKey>,
+    prefetch: u16,
+}
+
+/// What restoring consumer `id` of `node` on the connection of `generation` takes; `None`
+/// when it is not to be done here (not the node's consumer any more, a newer connection whose
+/// supervisor restores it, or a queue this broker never declared, whose stream ends).
+fn plan(shared: &Shared, generation: u64, node: &NodeId, id: u64) -> Option<Plan> {
+    let state = shared.state.lock();
+    let entry = state.consumers.get(node).filter(|entry| entry.id == id)?;
+    let link = shared
+        .link
+        .borrow()
+        .clone()
+        .filter(|link| link.generation == generation && state.connected)?;
+    let keys = state
+        .bindings
+        .iter()
+        .filter(|(bound, _)| bound == node)
+        .map(|(_, key)| key.clone())
+        .collect();
+    let prefetch = entry.prefetch;
+    let (Some(options), Ok(queue)) = (state.queues.get(node).cloned(), shared.names.queue(node))
+    else {
+        drop(state);
+        remove(shared, node, id);
+        return None;
+    };
+    Some(Plan {
+        link,
+        queue,
+        options,
+        keys,
+        prefetch,
+    })
+}
+
+/// Declares the queue and its bindings on a channel of its own, then starts the consumer.
+async fn restore(
+    shared: &Shared,
+    node: &NodeId,
+    plan: &Plan,
+) -> lapin::Result<(Channel, Consumer)> {
+    let channel = plan.link.connection.create_channel().await?;
+    let declared = async {
+        super::link::declare_queue(shared, &channel, node, &plan.options).await?;
+        for key in &plan.keys {
+            super::link::bind(shared, &channel, node, key).await?;
+        }
+        Ok::<_, lapin::Error>(())
+    }
+    .await;
+    let _ = channel.close(200, "declared".into()).await;
+    declared?;
+    start(&plan.link, &plan.queue, plan.prefetch).await
 }
 
 fn link_is_current(shared: &Shared, generation: u64) -> bool {

@@ -47,6 +47,13 @@ pub enum RabbitError {
         /// How many times it was sent.
         attempts: u32,
     },
+    /// The message was put on the wire, and RabbitMQ did not confirm it within the outage
+    /// bound (it blocked publishing, or stopped answering). It may still arrive.
+    #[error("RabbitMQ did not confirm the message within {after:?}")]
+    Unconfirmed {
+        /// The bound.
+        after: Duration,
+    },
     /// The message cannot be carried (a header name or the message id longer than 255
     /// bytes, a body over the configured limit). Nothing was sent.
     #[error("the message cannot be sent: {reason}")]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::StreamExt;
-use hybrid_cluster_core::{NodeId, QueueOptions, RoutingKey};
+use hybrid_cluster_core::{ConsumerState, NodeId, QueueOptions, RoutingKey};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
@@ -21,11 +21,11 @@ use super::wire;
 
 pub(crate) type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
 
-/// Connects, within the configured time.
-async fn connect(shared: &Shared) -> Result<(Connection, Events), RabbitError> {
+/// Connects, within the configured time; `role` ends the connection's name.
+async fn connect(shared: &Shared, role: &str) -> Result<(Connection, Events), RabbitError> {
     let mut properties = ConnectionProperties::default();
     if let Some(name) = &shared.config.connection_name {
-        properties = properties.with_connection_name(name.clone().into());
+        properties = properties.with_connection_name(format!("{name} ({role})").into());
     }
     let connecting = Connection::connect(&shared.uri, properties);
     let connection = match tokio::time::timeout(shared.config.connect_timeout, connecting).await {
@@ -102,10 +102,17 @@ pub(crate) async fn declare_queue(
     let Ok(queue) = shared.names.queue(node) else {
         return Ok(());
     };
+    // Durable in every mode: the queue and its bindings outlive a broker restart (RabbitMQ 4
+    // refuses transient queues that are not exclusive); the messages' own durability is the
+    // publisher's (persistent or not).
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
     channel
         .queue_declare(
             queue,
-            QueueDeclareOptions::default(),
+            durable,
             wire::queue_arguments(options, &shared.names),
         )
         .await
@@ -132,11 +139,24 @@ pub(crate) async fn bind(
         .await
 }
 
+/// A consumer to heal once its connection is published: node, consumer id, stream.
+pub(crate) type Healing = Vec<(
+    NodeId,
+    u64,
+    mpsc::Sender<Result<hybrid_cluster_core::Delivery, hybrid_cluster_core::BrokerError>>,
+)>;
+
 /// Connects and declares everything this broker declared before, then starts its consumers
-/// again. Returns the new connection, not yet published.
-pub(crate) async fn establish(shared: &Arc<Shared>) -> Result<(Link, Events), RabbitError> {
-    let (connection, events) = connect(shared).await?;
+/// again. Returns the new connection, not yet published, and the consumers that could not be
+/// started on it (to heal once it is).
+pub(crate) async fn establish(
+    shared: &Arc<Shared>,
+) -> Result<(Link, Events, Healing), RabbitError> {
+    let (connection, events) = connect(shared, "consuming").await?;
+    let (publishing, publishing_events) = connect(shared, "publishing").await?;
+    let events: Events = Box::pin(futures_util::stream::select(events, publishing_events));
     let connection = Arc::new(connection);
+    let publishing = Arc::new(publishing);
     let mut channel = connection
         .create_channel()
         .await
@@ -158,6 +178,7 @@ pub(crate) async fn establish(shared: &Arc<Shared>) -> Result<(Link, Events), Ra
     let link = Link {
         generation,
         connection,
+        publishing,
     };
 
     // A refused declaration (another declaration of the queue with other arguments) closes
@@ -192,12 +213,15 @@ pub(crate) async fn establish(shared: &Arc<Shared>) -> Result<(Link, Events), Ra
             })
             .collect()
     };
+    let connection = &link.connection;
+    let mut healing = Healing::new();
     for (node, id, prefetch, deliveries) in consumers {
         let Ok(queue) = shared.names.queue(&node) else {
             continue;
         };
         match consumer::start(&link, &queue, prefetch).await {
             Ok((channel, lapin_consumer)) => {
+                shared.set_consumer_state(&node, id, ConsumerState::Consuming);
                 tokio::spawn(consumer::forward(
                     Arc::clone(shared),
                     generation,
@@ -208,24 +232,22 @@ pub(crate) async fn establish(shared: &Arc<Shared>) -> Result<(Link, Events), Ra
                     deliveries,
                 ));
             }
-            Err(error) if wire::is_connection_error(&error) => {
+            Err(error) if wire::is_connection_error(&error) && !connection.status().connected() => {
                 return Err(RabbitError::Amqp(error));
             }
             Err(error) => {
-                // The queue is gone or taken: the consumer's stream ends.
-                warn!(%node, %error, "resuming a consumer failed; its stream ends");
-                let mut state = shared.state.lock();
-                if state
-                    .consumers
-                    .get(&node)
-                    .is_some_and(|entry| entry.id == id)
-                {
-                    state.consumers.remove(&node);
-                }
+                // Its queue could not be declared again, or another consumer holds it: keep
+                // trying on this connection once it is up.
+                warn!(%node, %error, "resuming a consumer failed; trying again");
+                let interrupted = ConsumerState::Interrupted {
+                    reason: format!("resuming it failed: {error}"),
+                };
+                shared.set_consumer_state(&node, id, interrupted);
+                healing.push((node, id, deliveries));
             }
         }
     }
-    Ok((link, events))
+    Ok((link, events, healing))
 }
 
 async fn replay_failed(
@@ -267,7 +289,7 @@ async fn watch(
             event = events.next() => match event {
                 None => return Watched::Lost("the connection ended".into()),
                 Some(Event::Error(error)) => {
-                    if !link.connection.status().connected() {
+                    if !link.is_connected() {
                         return Watched::Lost(error.to_string());
                     }
                     // A channel-level error (a refused declaration): the connection is fine.
@@ -288,7 +310,10 @@ async fn watch(
 }
 
 async fn close(link: &Link) {
-    let closing = link.connection.close(200, "OK".into());
+    let closing = async {
+        let _ = link.publishing.close(200, "OK".into()).await;
+        let _ = link.connection.close(200, "OK".into()).await;
+    };
     let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
 }
 
@@ -320,11 +345,20 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: E
                 attempt = establish(&shared) => attempt,
             };
             match attempt {
-                Ok((new_link, new_events)) => {
+                Ok((new_link, new_events, healing)) => {
                     link = new_link;
                     events = new_events;
                     shared.set_up(link.clone());
                     info!(url = %shared.url, generation = link.generation, "reconnected to RabbitMQ");
+                    for (node, id, deliveries) in healing {
+                        tokio::spawn(consumer::heal(
+                            Arc::clone(&shared),
+                            link.generation,
+                            node,
+                            id,
+                            deliveries,
+                        ));
+                    }
                     break;
                 }
                 Err(error) => {

@@ -85,8 +85,8 @@ use std::time::Duration;
 
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    AmqpUrl, Broker, BrokerError, BrokerMessage, ClusterPrefix, ConsumeOptions, Deliveries, NodeId,
-    PublishError, QueueOptions, RoutingKey,
+    AmqpUrl, Broker, BrokerError, BrokerMessage, ClusterPrefix, ConsumeOptions, ConsumerState,
+    Deliveries, NodeId, PublishError, QueueOptions, RoutingKey,
 };
 use lapin::Channel;
 use lapin::options::QueueDeleteOptions;
@@ -128,12 +128,16 @@ pub struct RabbitConfig {
     pub dead_letter_max_length: Option<u32>,
     /// The dead-letter queue is deleted after going unused this long (`None`: kept).
     pub dead_letter_expires: Option<Duration>,
+    /// Whether messages are published persistent (AMQP delivery mode 2), so that RabbitMQ
+    /// confirms them once they are on disk and they survive a restart in a durable or
+    /// quorum queue. A cluster sets it from its [`Durability`](hybrid_cluster_core::Durability).
+    pub persistent: bool,
 }
 
 impl Default for RabbitConfig {
     /// 256 in flight, 4,096 pending, a 10 s outage bound, 10 s to connect, reconnection
     /// delays from 100 ms to 5 s, bodies up to 16 MiB, 3 attempts per message, 10,000 dead
-    /// letters kept.
+    /// letters kept, persistent messages.
     fn default() -> Self {
         Self {
             connection_name: None,
@@ -147,6 +151,7 @@ impl Default for RabbitConfig {
             publish_attempts: 3,
             dead_letter_max_length: Some(10_000),
             dead_letter_expires: None,
+            persistent: true,
         }
     }
 }
@@ -192,7 +197,8 @@ impl RabbitBroker {
             url.to_connection_string(),
             url.to_string(),
         ));
-        let (link, events) =
+        // A new broker has no consumers yet: none to heal.
+        let (link, events, _) =
             link::establish(&shared)
                 .await
                 .map_err(|e| BrokerError::Unavailable {
@@ -250,7 +256,10 @@ impl RabbitBroker {
         let link = self.shared.link.borrow().clone();
         self.shared.set_closed();
         if let Some(link) = link {
-            let closing = link.connection.close(200, "OK".into());
+            let closing = async {
+                let _ = link.publishing.close(200, "OK".into()).await;
+                let _ = link.connection.close(200, "OK".into()).await;
+            };
             let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
         }
     }
@@ -373,6 +382,9 @@ impl Broker for RabbitBroker {
             Err(e) => return done(Err(invalid(e))),
         };
         let record_node = node.clone();
+        // Its consumer first: once RabbitMQ cancels it, its stream ends, rather than the
+        // queue being declared again as after a deletion from outside.
+        self.shared.state.lock().consumers.remove(node);
         self.topology(
             node,
             move |_, channel| {
@@ -390,7 +402,6 @@ impl Broker for RabbitBroker {
             move |state| {
                 state.queues.remove(&record_node);
                 state.bindings.retain(|(node, _)| *node != record_node);
-                // Its consumer's stream ends once RabbitMQ cancels it.
                 state.consumers.remove(&record_node);
             },
         )
@@ -533,6 +544,7 @@ impl Broker for RabbitBroker {
                         id,
                         prefetch,
                         deliveries: sender.clone(),
+                        state: tokio::sync::watch::Sender::new(ConsumerState::Consuming),
                     };
                     state.consumers.insert(node.clone(), entry);
                     true
@@ -562,6 +574,14 @@ impl Broker for RabbitBroker {
                 }
             }
         })
+    }
+
+    fn consumer_state(&self, node: &NodeId) -> Option<tokio::sync::watch::Receiver<ConsumerState>> {
+        let state = self.shared.state.lock();
+        state
+            .consumers
+            .get(node)
+            .map(|entry| entry.state.subscribe())
     }
 
     fn poll_flow(&self, cx: &mut Context<'_>) -> Poll<Result<(), BrokerError>> {

@@ -9,8 +9,16 @@
 //! When the connection is lost, the publishes sent and not confirmed go back to the head of
 //! the queue, in order, and are sent again on the next connection: a message may then reach
 //! its queue twice, which receivers drop by message id.
+//!
+//! **Returned messages are matched by identity.** Every AMQP publish carries its sequence
+//! number on this channel as its `correlation_id`. lapin hands a `basic.return` to whichever
+//! confirmation completes next (with `multiple` acks, in no set order), so the task reads the
+//! correlation id of each returned message and fails as unroutable exactly the publish it
+//! names. RabbitMQ sends a message's return before its ack, and lapin completes earlier
+//! confirmations first, so every return is known by the time its own ack is: the task takes
+//! every confirmation that is in before it settles any.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -25,6 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::error::RabbitError;
 use super::shared::{Link, Pending, Shared, shut_down};
 use super::wire;
 use crate::receive::poll_once;
@@ -79,7 +88,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 }
 
 async fn open_channel(link: &Link) -> lapin::Result<Channel> {
-    let channel = link.connection.create_channel().await?;
+    let channel = link.publishing.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -125,7 +134,13 @@ fn outgoing(group: &mut Vec<Pending>, queue: &mut VecDeque<Pending>) -> Outgoing
     }
 }
 
-fn put_on_wire(channel: &Channel, exchange: &ShortString, outgoing: Outgoing, seq: u64) -> Confirm {
+fn put_on_wire(
+    channel: &Channel,
+    exchange: &ShortString,
+    outgoing: Outgoing,
+    seq: u64,
+    persistent: bool,
+) -> Confirm {
     let channel = channel.clone();
     let exchange = exchange.clone();
     let Outgoing {
@@ -133,6 +148,10 @@ fn put_on_wire(channel: &Channel, exchange: &ShortString, outgoing: Outgoing, se
         properties,
         body,
     } = outgoing;
+    // Names this publish in a return (see the module docs).
+    let properties = properties
+        .with_correlation_id(ShortString::from(seq.to_string()))
+        .with_delivery_mode(if persistent { 2 } else { 1 });
     Box::pin(async move {
         let options = BasicPublishOptions {
             mandatory: true,
@@ -149,13 +168,66 @@ fn put_on_wire(channel: &Channel, exchange: &ShortString, outgoing: Outgoing, se
     })
 }
 
-/// Settles the publish `seq` with its confirmation. `false` when the channel failed: the
-/// publish stays in `sent`, to be sent again.
+/// The confirmations in, not yet settled; and the publishes whose messages came back.
+#[derive(Default)]
+struct Confirmations {
+    ready: Vec<(u64, lapin::Result<Confirmation>)>,
+    returned: HashSet<u64>,
+}
+
+impl Confirmations {
+    /// Notes a confirmation that came in, and the return it carries, whoever's it is.
+    fn take(&mut self, seq: u64, result: lapin::Result<Confirmation>) {
+        if let Ok(Confirmation::Ack(Some(message)) | Confirmation::Nack(Some(message))) = &result {
+            match returned_seq(message) {
+                Some(returned) => {
+                    self.returned.insert(returned);
+                }
+                None => warn!("RabbitMQ returned a message this publisher cannot name"),
+            }
+        }
+        self.ready.push((seq, result));
+    }
+
+    /// Settles every confirmation taken. `false` when the channel failed: the publishes not
+    /// settled stay in `sent`, to be sent again.
+    fn settle(&mut self, shared: &Shared, sent: &mut BTreeMap<u64, Vec<Pending>>) -> bool {
+        let mut healthy = true;
+        for (seq, result) in self.ready.drain(..) {
+            let returned = self.returned.remove(&seq);
+            healthy &= confirm(shared, sent, seq, result, returned);
+        }
+        // A return is always followed by its publish's confirmation: what is left names a
+        // publish settled already (none should), and must not pile up.
+        if let Some(&oldest) = sent.keys().next() {
+            self.returned.retain(|&seq| seq >= oldest);
+        } else {
+            self.returned.clear();
+        }
+        healthy
+    }
+}
+
+/// The publish a returned message names by its correlation id.
+fn returned_seq(message: &lapin::message::BasicReturnMessage) -> Option<u64> {
+    message
+        .delivery
+        .properties
+        .correlation_id()
+        .as_ref()?
+        .as_str()
+        .parse()
+        .ok()
+}
+
+/// Settles the publish `seq` with its confirmation; `returned` when its own message came
+/// back. `false` when the channel failed: the publish stays in `sent`, to be sent again.
 fn confirm(
     shared: &Shared,
     sent: &mut BTreeMap<u64, Vec<Pending>>,
     seq: u64,
     result: lapin::Result<Confirmation>,
+    returned: bool,
 ) -> bool {
     let confirmation = match result {
         Ok(confirmation) => confirmation,
@@ -170,9 +242,9 @@ fn confirm(
     let count = group.len();
     for pending in group {
         let result = match &confirmation {
-            Confirmation::Ack(None) => Ok(()),
             // Returned (mandatory): no queue is bound to the key.
-            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable { key: pending.key }),
+            Confirmation::Ack(_) if returned => Err(PublishError::Unroutable { key: pending.key }),
+            Confirmation::Ack(_) => Ok(()),
             // A bound queue is full (reject-publish), or RabbitMQ could not take it.
             Confirmation::Nack(_) => Err(PublishError::Rejected { key: pending.key }),
             Confirmation::NotRequested => Err(PublishError::Broker(BrokerError::Backend {
@@ -183,6 +255,43 @@ fn confirm(
     }
     shared.settled(count);
     true
+}
+
+/// Fails the publishes on the wire and unconfirmed for longer than the outage bound, and
+/// returns when the next one would be due.
+fn expire_unconfirmed(
+    shared: &Shared,
+    sent: &mut BTreeMap<u64, Vec<Pending>>,
+    sent_at: &mut VecDeque<(u64, Instant)>,
+) -> Option<Instant> {
+    let bound = shared.config.outage_timeout;
+    let now = Instant::now();
+    while let Some(&(seq, at)) = sent_at.front() {
+        if !sent.contains_key(&seq) {
+            sent_at.pop_front();
+            continue;
+        }
+        if at + bound > now {
+            return Some(at + bound);
+        }
+        sent_at.pop_front();
+        if let Some(group) = sent.remove(&seq) {
+            warn!(
+                messages = group.len(),
+                after = ?bound,
+                "RabbitMQ did not confirm a publish in time: its senders are told it is unavailable"
+            );
+            let count = group.len();
+            for pending in group {
+                let error = BrokerError::Unavailable {
+                    source: Box::new(RabbitError::Unconfirmed { after: bound }),
+                };
+                let _ = pending.reply.send(Err(error.into()));
+            }
+            shared.settled(count);
+        }
+    }
+    None
 }
 
 /// Takes from the head of `queue` the next group to publish as one AMQP message: the run of
@@ -223,8 +332,13 @@ async fn publish_on(
     };
     let exchange = shared.names.exchange.clone();
     let max_in_flight = shared.config.max_in_flight.max(1);
+    let persistent = shared.config.persistent;
     let mut confirms: FuturesUnordered<Confirm> = FuturesUnordered::new();
+    let mut confirmations = Confirmations::default();
     let mut sent: BTreeMap<u64, Vec<Pending>> = BTreeMap::new();
+    // When each publish went on the wire, in order: one unconfirmed past the outage bound
+    // fails (a blocked or stuck broker must not hold its senders, nor their places, forever).
+    let mut sent_at: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut batch = Vec::new();
     // Taken from the shared queue and not on the wire yet.
     let mut queue: VecDeque<Pending> = VecDeque::new();
@@ -237,14 +351,9 @@ async fn publish_on(
         if room > 0 {
             shared.take_pending(room, &mut batch);
         }
-        queue.extend(batch.drain(..).filter(|pending| {
-            // The caller stopped waiting before it was sent: it is not sent.
-            let waiting = !pending.reply.is_closed();
-            if !waiting {
-                shared.settled(1);
-            }
-            waiting
-        }));
+        // Sent even when its caller stopped waiting: a publish is placed in order at its
+        // call, and withdrawing it would leave a gap in its sender's sequence.
+        queue.extend(batch.drain(..));
         while !queue.is_empty() {
             let mut group = next_group(&mut queue);
             let outgoing = outgoing(&mut group, &mut queue);
@@ -252,32 +361,38 @@ async fn publish_on(
             if group.len() > 1 {
                 shared.batched(group.len());
             }
-            let mut publish = put_on_wire(&channel, &exchange, outgoing, seq);
+            let mut publish = put_on_wire(&channel, &exchange, outgoing, seq, persistent);
             sent.insert(seq, group);
+            sent_at.push_back((seq, Instant::now()));
             // The first poll pushes the frames: this fixes the message's place on the wire.
             match poll_once(&mut publish).await {
                 Poll::Ready((seq, result)) => {
-                    if !confirm(shared, &mut sent, seq, result) {
+                    confirmations.take(seq, result);
+                    if !confirmations.settle(shared, &mut sent) {
                         break 'publishing Ended::Broken;
                     }
                 }
                 Poll::Pending => confirms.push(publish),
             }
         }
-        let wake_at = shared.expire();
+        let unconfirmed_at = expire_unconfirmed(shared, &mut sent, &mut sent_at);
+        let wake_at = match (shared.expire(), unconfirmed_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         tokio::select! {
             biased;
             () = shut_down(shutdown) => break 'publishing Ended::Shutdown,
             _ = links.changed() => break 'publishing Ended::LinkChanged,
             Some((seq, result)) = confirms.next(), if !confirms.is_empty() => {
-                if !confirm(shared, &mut sent, seq, result) {
-                    break 'publishing Ended::Broken;
-                }
-                // Settle every confirmation already in before refilling.
+                // Every confirmation already in is taken before any is settled, so that each
+                // return is known before its own ack (see the module docs).
+                confirmations.take(seq, result);
                 while let Some(Some((seq, result))) = confirms.next().now_or_never() {
-                    if !confirm(shared, &mut sent, seq, result) {
-                        break 'publishing Ended::Broken;
-                    }
+                    confirmations.take(seq, result);
+                }
+                if !confirmations.settle(shared, &mut sent) {
+                    break 'publishing Ended::Broken;
                 }
             }
             () = shared.publisher_wake.notified() => {}

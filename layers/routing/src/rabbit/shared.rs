@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Waker;
 
 use hybrid_cluster_core::{
-    BrokerError, BrokerMessage, Delivery, NodeId, PublishError, QueueOptions, RoutingKey,
+    BrokerError, BrokerMessage, ConsumerState, Delivery, NodeId, PublishError, QueueOptions,
+    RoutingKey,
 };
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection};
@@ -18,12 +19,24 @@ use super::RabbitConfig;
 use super::error::RabbitError;
 use super::wire::Names;
 
-/// One connection to RabbitMQ, with its generation: 1 for the first, one more at each
-/// reconnect.
+/// The connections to RabbitMQ, with their generation: 1 for the first pair, one more at each
+/// reconnect. Publishing has a connection of its own, as RabbitMQ advises: during a resource
+/// alarm it blocks the connections that publish (it stops reading from them), and consumers
+/// (and their acknowledgements) on the other one keep draining the queues.
 #[derive(Clone)]
 pub(crate) struct Link {
     pub(crate) generation: u64,
+    /// Consumers, declarations and bindings.
     pub(crate) connection: Arc<Connection>,
+    /// The publisher's channel.
+    pub(crate) publishing: Arc<Connection>,
+}
+
+impl Link {
+    /// Whether both connections are up.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.publishing.status().connected()
+    }
 }
 
 /// A publish waiting to be sent, or sent and waiting for its confirmation.
@@ -38,11 +51,13 @@ pub(crate) struct Pending {
     pub(crate) reply: oneshot::Sender<Result<(), PublishError>>,
 }
 
-/// A live consumer, started again on each new connection.
+/// A live consumer, started again on each new connection, and restored when lost.
 pub(crate) struct ConsumerEntry {
     pub(crate) id: u64,
     pub(crate) prefetch: u16,
     pub(crate) deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
+    /// Whether it takes deliveries now.
+    pub(crate) state: watch::Sender<ConsumerState>,
 }
 
 /// Whether publishes are taken now.
@@ -291,12 +306,34 @@ impl Shared {
         }
     }
 
+    /// Records whether consumer `id` of `node` takes deliveries; `false` when it is not the
+    /// node's consumer any more.
+    pub(crate) fn set_consumer_state(&self, node: &NodeId, id: u64, to: ConsumerState) -> bool {
+        let state = self.state.lock();
+        match state.consumers.get(node) {
+            Some(entry) if entry.id == id => {
+                entry.state.send_if_modified(|now| {
+                    let changed = *now != to;
+                    *now = to;
+                    changed
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The connection was lost.
     pub(crate) fn set_down(&self) {
         {
             let mut state = self.state.lock();
             state.connected = false;
             state.unavailable_since.get_or_insert_with(Instant::now);
+            for entry in state.consumers.values() {
+                entry.state.send_replace(ConsumerState::Interrupted {
+                    reason: "the connection to RabbitMQ was lost".to_owned(),
+                });
+            }
         }
         self.link.send_replace(None);
         self.publisher_wake.notify_one();

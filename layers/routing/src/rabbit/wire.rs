@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use hybrid_cluster_core::{BrokerError, BrokerMessage, ClusterPrefix, NodeId, QueueOptions};
+use hybrid_cluster_core::{
+    BrokerError, BrokerMessage, ClusterPrefix, Durability, NodeId, QueueOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, ErrorKind};
@@ -272,6 +274,12 @@ pub(crate) fn queue_arguments(options: &QueueOptions, names: &Names) -> FieldTab
         arguments.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(names.dead_letter.as_str().into()),
+        );
+    }
+    if options.durability == Durability::Replicated {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
         );
     }
     arguments

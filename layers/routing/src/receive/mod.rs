@@ -15,11 +15,14 @@
 //!    **dead-lettered** with a warning naming its claimed origin, its id and the reason (never
 //!    the payload), and counted in [`ReceiveStats::rejected`];
 //! 3. a message whose id was handled before is a **duplicate** (a redelivery after a
-//!    reconnect, a sender's retry, or a replay): it is acknowledged and dropped, and counted
-//!    in [`ReceiveStats::duplicates`]. Without a secret, "before" means within the last
-//!    [`dedupe_window`](ReceiveConfig::dedupe_window) messages. With one, the ids of every
-//!    signed message handled within the replay window are remembered, so no replay gets
-//!    through (see [Replays](#replays));
+//!    reconnect, a sender's resend or retry, or a replay): it is acknowledged and dropped,
+//!    and counted in [`ReceiveStats::duplicates`]. Without a secret, "before" means within
+//!    the last [`dedupe_window`](ReceiveConfig::dedupe_window) (60 s by default). With one,
+//!    the ids of every signed message handled within the replay window are remembered, so no
+//!    replay gets through (see [Replays](#replays)). Either memory is bounded by
+//!    [`dedupe_memory`](ReceiveConfig::dedupe_memory) (64 MiB by default, about a million
+//!    ids): at more messages a second than it holds over the window, the oldest ids go
+//!    early, a warning says so once, and the window in force is shorter (see below);
 //! 4. otherwise the destination is polled ready and called; when its future resolves `Ok`
 //!    the message is **acknowledged**. When it resolves with an error, the destination has
 //!    refused the message: it is dead-lettered with a warning.
@@ -40,15 +43,15 @@
 //! replay window its id is remembered (dropped as a duplicate: acknowledged, not handed over,
 //! counted in `duplicates`, exactly like a genuine redelivery, which it cannot be told from);
 //! outside the window it is stale (dead-lettered, counted in `rejected`). The memory is bounded
-//! by [`replay_capacity`](ReceiveConfig::replay_capacity) ids: when more signed messages than
-//! that are handled within one window, the oldest ids are forgotten early and any message sent
+//! by [`dedupe_memory`](ReceiveConfig::dedupe_memory): when more signed messages than it holds
+//! are handled within one window, the oldest ids are forgotten early and any message sent
 //! before the newest forgotten one is refused as stale too (a warning says so once). So a
 //! replay never gets through; the cost of a full memory is that a message delayed longer than
-//! the time the last `replay_capacity` messages span (queued behind them, or from a sender
-//! whose clock is behind) is dead-lettered. At the default 65,536 ids and 60 s, that takes
-//! more than 1,000 messages a second on one node. The window itself must exceed the longest
-//! time a message may wait in a queue (a broker outage): older messages are dead-lettered,
-//! never handed over.
+//! the time the ids it holds span (queued behind them, or from a sender whose clock is
+//! behind) is dead-lettered. At the default 64 MiB and 60 s, that takes more than about
+//! 17,000 messages a second on one node, for a minute. The window itself must exceed the
+//! longest time a message may wait in a queue (a broker outage): older messages are
+//! dead-lettered, never handed over.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -109,31 +112,32 @@ const MAX_SETTLING: usize = 1024;
 /// How a [`Receiver`] behaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReceiveConfig {
-    /// How many of the last handled message ids are remembered to drop duplicates. It should
-    /// exceed the consumer's prefetch plus the senders' publishes in flight, the most that
-    /// can be delivered again after a reconnect. 0 turns duplicate suppression off. Not used
-    /// with a [`secret`](ReceiveConfig::secret), where the replay memory takes its place.
-    pub dedupe_window: usize,
+    /// How long the id of a handled message is remembered, to drop its duplicates. It should
+    /// exceed the longest time between a message and its duplicate: a publisher's outage
+    /// bound (its resends come at most that long after), a consumer's reconnection (its
+    /// redeliveries). Zero turns duplicate suppression off. Not used with a
+    /// [`secret`](ReceiveConfig::secret), where the replay window takes its place.
+    pub dedupe_window: Duration,
+    /// The memory, in bytes, the remembered ids (for dedupe, or replays with a secret) may
+    /// take, about: each costs about 64 bytes. Past it the oldest go early (see the
+    /// [module docs](self)).
+    pub dedupe_memory: usize,
     /// The cluster secret: when set, only messages signed with it are handed over (see the
     /// [module docs](self)).
     pub secret: Option<ClusterSecret>,
     /// With a secret, how far a message's send time may be from this node's clock, either
     /// way. Default 60 s.
     pub replay_window: Duration,
-    /// With a secret, how many ids of messages handled within the replay window are
-    /// remembered at most (see [Replays](self#replays)). Default 65,536.
-    pub replay_capacity: usize,
 }
 
 impl Default for ReceiveConfig {
-    /// A dedupe window of 16,384 ids; no secret; with one, a replay window of 60 s and a
-    /// replay memory of 65,536 ids.
+    /// A dedupe window of 60 s within 64 MiB; no secret; with one, a replay window of 60 s.
     fn default() -> Self {
         Self {
-            dedupe_window: 16_384,
+            dedupe_window: Duration::from_secs(60),
+            dedupe_memory: 64 * 1024 * 1024,
             secret: None,
             replay_window: DEFAULT_REPLAY_WINDOW,
-            replay_capacity: 65_536,
         }
     }
 }
@@ -202,6 +206,10 @@ struct Auth {
     full: bool,
 }
 
+/// Whether the dedupe memory shortened its window (warned once).
+#[derive(Default)]
+struct Shortened(bool);
+
 /// Why a message was refused by authentication.
 enum Rejection {
     Auth(AuthError),
@@ -239,7 +247,7 @@ impl Receiver {
             secret,
             window: config.replay_window,
             memory: ReplayMemory::new(
-                config.replay_capacity,
+                config.dedupe_memory / dedupe::BYTES_PER_ID,
                 u64::try_from(config.replay_window.as_millis()).unwrap_or(u64::MAX),
             ),
             full: false,
@@ -247,11 +255,14 @@ impl Receiver {
         Self {
             deliveries,
             // With a secret the replay memory remembers ids; the dedupe window stays empty.
-            dedupe: Dedupe::new(if auth.is_some() {
-                0
-            } else {
-                config.dedupe_window
-            }),
+            dedupe: Dedupe::new(
+                if auth.is_some() {
+                    Duration::ZERO
+                } else {
+                    config.dedupe_window
+                },
+                config.dedupe_memory,
+            ),
             auth,
             counters: Arc::default(),
         }
@@ -281,6 +292,7 @@ impl Receiver {
             counters,
         } = self;
         let mut settling = FuturesUnordered::new();
+        let mut shortened = Shortened::default();
         let result = loop {
             let next = tokio::select! {
                 biased;
@@ -364,16 +376,26 @@ impl Receiver {
                 if auth.memory.insert(id, sent_ms, millis_since_epoch(now)) && !auth.full {
                     auth.full = true;
                     warn!(
-                        capacity = auth.memory.len(),
+                        ids = auth.memory.len(),
                         window = ?auth.window,
                         "the replay memory is full: messages sent before the oldest id it \
-                         holds are dead-lettered; raise ReceiveConfig::replay_capacity"
+                         holds are dead-lettered; raise ReceiveConfig::dedupe_memory"
                     );
                 }
             }
             match outcome {
                 Ok(_) => {
-                    dedupe.insert(id);
+                    let now = tokio::time::Instant::now();
+                    if dedupe.insert(id, now) && !shortened.0 {
+                        shortened.0 = true;
+                        warn!(
+                            ids = dedupe.len(),
+                            window_in_force = ?dedupe.span(now),
+                            "the dedupe memory is full: ids go before their window ends, and a \
+                             duplicate later than the window in force would be handed over; \
+                             raise ReceiveConfig::dedupe_memory"
+                        );
+                    }
                     counters.handled.fetch_add(1, Ordering::Relaxed);
                     settle(&mut settling, acker.ack()).await;
                 }

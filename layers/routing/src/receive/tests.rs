@@ -398,7 +398,7 @@ mod authenticated {
         let b = node_queue(&broker, "b").await;
         // A memory of one id: the first message's id is forgotten when the second is handled.
         let config = ReceiveConfig {
-            replay_capacity: 1,
+            dedupe_memory: dedupe::BYTES_PER_ID,
             ..signed_config()
         };
         let first = Envelope::text(node("a"), Target::Node(b.clone()), "first");
