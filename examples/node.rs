@@ -15,7 +15,9 @@
 //! `--max-in-flight N` (the node's bound on messages awaiting the broker, default 256),
 //! `--max-pending-per-connection N` (one client's requests in flight before the node stops
 //! reading it, default 128), `--write-timeout-ms MS` (how long a write may wait for a client
-//! that does not read before it is dropped, default 5000). `RUST_LOG` sets the log level (default `info`);
+//! that does not read before it is dropped, default 5000), `--durability
+//! transient|durable|replicated` (what survives a broker restart, default durable: see the
+//! README's delivery contract). `RUST_LOG` sets the log level (default `info`);
 //! `HYBRID_CLUSTER_SECRET` (at least 16 bytes, the same on every node) signs node-to-node
 //! traffic.
 //!
@@ -37,7 +39,8 @@ use std::time::Duration;
 use axum::serve::ListenerExt;
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{
-    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl, Strategy,
+    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, NodeId, RedisUrl,
+    Strategy,
 };
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::sync::Notify;
@@ -48,7 +51,7 @@ type BoxError = Box<dyn Error + Send + Sync>;
 const USAGE: &str = "usage: node --node-id ID --port P [--address HOST] [--redis URL --amqp URL] \
 [--strategy least-connections|round-robin|least-resource-usage|random|p2c] [--max-connections N] \
 [--prefix P] [--heartbeat-ms MS] [--shutdown-grace-ms MS] [--max-in-flight N] \
-[--max-pending-per-connection N] [--write-timeout-ms MS]";
+[--max-pending-per-connection N] [--write-timeout-ms MS] [--durability transient|durable|replicated]";
 
 fn strategy(name: &str) -> Result<Strategy, BoxError> {
     Ok(match name {
@@ -81,6 +84,7 @@ fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
     let mut prefix = ClusterPrefix::default();
     let mut heartbeat = None;
     let mut grace = None;
+    let mut durability = None;
     let mut max_in_flight = None;
     let mut server = ServerConfig::default();
     let mut args = std::env::args().skip(1);
@@ -103,6 +107,13 @@ fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
             "--prefix" => prefix = value.parse()?,
             "--heartbeat-ms" => {
                 heartbeat = Some(Duration::from_millis(number(&arg, &value)?));
+            }
+            "--durability" => {
+                durability = Some(
+                    value
+                        .parse::<Durability>()
+                        .map_err(|e| format!("{e}\n{USAGE}"))?,
+                )
             }
             "--shutdown-grace-ms" => grace = Some(Duration::from_millis(number(&arg, &value)?)),
             "--max-in-flight" => max_in_flight = Some(number::<usize>(&arg, &value)?.max(1)),
@@ -141,6 +152,9 @@ fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
     }
     if let Some(grace) = grace {
         config.shutdown_grace = grace;
+    }
+    if let Some(durability) = durability {
+        config.durability = durability;
     }
     if let Some(max) = max_in_flight {
         config.forward.max_in_flight = max;

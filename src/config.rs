@@ -5,8 +5,8 @@ use std::time::Duration;
 use hybrid_cluster_balance::{PlacementPolicy, Strategy};
 use hybrid_cluster_core::node::DEFAULT_ENDPOINT;
 use hybrid_cluster_core::{
-    AmqpUrl, ClusterPrefix, ClusterSecret, ConfigError, ConsumeOptions, DEFAULT_REPLAY_WINDOW,
-    NodeId, QueueOptions, RedisUrl, SECRET_ENV,
+    AmqpUrl, Broker, ClusterPrefix, ClusterSecret, ConfigError, ConsumeOptions,
+    DEFAULT_REPLAY_WINDOW, Durability, NodeId, QueueOptions, RedisUrl, Registry, SECRET_ENV,
 };
 use hybrid_cluster_discovery::DiscoveryConfig;
 use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
@@ -58,6 +58,14 @@ pub enum Backends {
         /// RabbitMQ.
         amqp: AmqpUrl,
     },
+    /// Any registry and broker: other client libraries or servers behind the two traits, or
+    /// test doubles. Every node of a cluster needs ones that reach the same state.
+    Custom {
+        /// The registry.
+        registry: std::sync::Arc<dyn Registry>,
+        /// The broker.
+        broker: std::sync::Arc<dyn Broker>,
+    },
 }
 
 impl Backends {
@@ -102,7 +110,13 @@ pub struct ClusterConfig {
     pub inbox_capacity: usize,
     /// What a connection whose inbox is full gets. Default close with 1013.
     pub slow_client: SlowClientPolicy,
-    /// The node's queue in the broker.
+    /// What survives the broker: see [`Durability`] and the README's delivery contract.
+    /// Default [`Durability::Durable`]. It sets the node queue's durability (over
+    /// `queue.durability`) and whether messages are published persistent (over
+    /// `rabbitmq.persistent`). Every node of a cluster needs the same.
+    pub durability: Durability,
+    /// The node's queue in the broker (its durability comes from
+    /// [`durability`](ClusterConfig::durability)).
     pub queue: QueueOptions,
     /// The forwarding service's in-flight bound and payload limit: see the README's
     /// concurrency bounds.
@@ -125,6 +139,13 @@ pub struct ClusterConfig {
     /// With a secret, how far a message's send time may be from this node's clock before it
     /// is refused as a replay. Default 60 s.
     pub replay_window: Duration,
+    /// Without a secret, how long the ids of messages received are remembered to drop their
+    /// duplicates (a peer's resend after a reconnect, a redelivery). Default 60 s.
+    pub dedupe_window: Duration,
+    /// The memory the remembered ids (for dedupe, or replays with a secret) may take, in
+    /// bytes, about 64 an id. Default 64 MiB: a minute of about 17,000 messages a second;
+    /// past it the window in force is shorter, and a warning says so.
+    pub dedupe_memory: usize,
 }
 
 impl ClusterConfig {
@@ -142,6 +163,7 @@ impl ClusterConfig {
             discovery: DiscoveryConfig::default(),
             inbox_capacity: 1024,
             slow_client: SlowClientPolicy::default(),
+            durability: Durability::default(),
             queue: QueueOptions::default(),
             forward: ForwardConfig::default(),
             rabbitmq: RabbitConfig::default(),
@@ -149,6 +171,8 @@ impl ClusterConfig {
             shutdown_grace: Duration::from_secs(5),
             secret: None,
             replay_window: DEFAULT_REPLAY_WINDOW,
+            dedupe_window: Duration::from_secs(60),
+            dedupe_memory: 64 * 1024 * 1024,
         }
     }
 

@@ -7,10 +7,12 @@ pub mod handle;
 pub mod hybrid;
 pub mod local;
 pub mod metrics;
+mod notice;
 pub mod protocol;
 #[cfg(feature = "axum")]
 pub mod server;
 pub mod shutdown;
+mod takeover;
 pub mod trace;
 
 pub use hybrid_cluster_balance as balance;
@@ -27,9 +29,9 @@ pub use hybrid::{HybridCluster, HybridClusterLayer};
 pub use hybrid_cluster_balance::{PlacementPolicy, Strategy};
 pub use hybrid_cluster_core::{
     AmqpUrl, Broker, BrokerError, BrokerMessage, ClusterPrefix, ClusterSecret, ConfigError,
-    ConnectionId, ConnectionIds, Envelope, GroupName, Incarnation, MessageId, NodeId, NodeInfo,
-    NodeStatus, PayloadKind, PublishError, QueueOptions, RedisUrl, Registry, RegistryError,
-    RoutingKey, Target,
+    ConnectionId, ConnectionIds, ConsumerState, Durability, Envelope, GroupName, Incarnation,
+    MessageId, NodeId, NodeInfo, NodeStatus, PayloadKind, PublishError, QueueOptions, RedisUrl,
+    Registry, RegistryError, RoutingKey, Target,
 };
 pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
 pub use local::{CloseFrame, Inbox, InboxItem};

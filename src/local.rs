@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use futures_core::Stream;
-use hybrid_cluster_core::{ConnectionId, Envelope, GroupName, MessageId};
+use hybrid_cluster_core::{ConnectionId, Envelope, GroupName, MessageId, Target};
 use hybrid_cluster_discovery::ConnectionCounter;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -53,6 +53,98 @@ pub struct CloseFrame {
 pub(crate) enum Refused {
     /// No such connection here.
     NotFound,
+    /// The connection is closing: nothing more reaches its client.
+    Closing,
+}
+
+/// Unicasts that reached this node and will not reach their connection (it closed, or is
+/// closing, or its slow-client policy dropped them): their senders are told, by the node's
+/// notice task. Bounded: past [`Bounced::CAPACITY`] waiting, the excess is counted and
+/// logged, not told.
+pub(crate) struct Bounced {
+    /// The unicasts waiting, and how many were taken and are being told.
+    waiting: Mutex<(VecDeque<Arc<Envelope>>, usize)>,
+    ready: Notify,
+    told: Notify,
+    overflowed: std::sync::atomic::AtomicBool,
+}
+
+impl Bounced {
+    const CAPACITY: usize = 65_536;
+
+    fn new() -> Self {
+        Self {
+            waiting: Mutex::new((VecDeque::new(), 0)),
+            ready: Notify::new(),
+            told: Notify::new(),
+            overflowed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Takes an item that will not reach its client: a unicast from a connection is kept
+    /// for a notice to its sender; anything else has no one to tell.
+    pub(crate) fn bounce(&self, item: InboxItem) {
+        let InboxItem::Message(envelope) = item else {
+            return;
+        };
+        if !matches!(envelope.target, Target::Connection(_)) || envelope.sender.is_none() {
+            return;
+        }
+        {
+            let mut waiting = self.waiting.lock();
+            if waiting.0.len() >= Self::CAPACITY {
+                if !self
+                    .overflowed
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        capacity = Self::CAPACITY,
+                        "too many undeliverable notices waiting: some senders are not told"
+                    );
+                }
+                return;
+            }
+            waiting.0.push_back(envelope);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Takes the unicasts waiting for a notice, waiting for some when there are none; call
+    /// [`told`](Bounced::told) once their notices are sent.
+    pub(crate) async fn next(&self) -> Vec<Arc<Envelope>> {
+        loop {
+            let notified = self.ready.notified();
+            {
+                let mut waiting = self.waiting.lock();
+                if !waiting.0.is_empty() {
+                    let taken: Vec<Arc<Envelope>> = waiting.0.drain(..).collect();
+                    waiting.1 = taken.len();
+                    return taken;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The notices of the last [`next`](Bounced::next) were sent.
+    pub(crate) fn told(&self) {
+        self.waiting.lock().1 = 0;
+        self.told.notify_waiters();
+    }
+
+    /// Waits until no notice waits or is being sent.
+    pub(crate) async fn all_told(&self) {
+        loop {
+            let told = self.told.notified();
+            {
+                let waiting = self.waiting.lock();
+                if waiting.0.is_empty() && waiting.1 == 0 {
+                    return;
+                }
+            }
+            told.await;
+        }
+    }
 }
 
 struct InboxState {
@@ -71,21 +163,25 @@ pub(crate) struct InboxSlot {
     policy: SlowClientPolicy,
     id: ConnectionId,
     metrics: Metrics,
+    bounced: Arc<Bounced>,
 }
 
 impl InboxSlot {
-    /// Queues a message by the slow-client policy.
-    fn push(&self, item: InboxItem) {
+    /// Queues a message by the slow-client policy. A closing connection refuses it (its
+    /// caller tells the sender); messages the policy drops are bounced (their senders told).
+    fn push(&self, item: InboxItem) -> Result<(), Refused> {
         let waker = {
             let mut state = self.state.lock();
             if state.close.is_some() || state.finished {
                 self.metrics.dropped("connection_gone");
-                return;
+                return Err(Refused::Closing);
             }
             if state.queue.len() >= self.capacity {
                 match self.policy {
                     SlowClientPolicy::DropOldest => {
-                        state.queue.pop_front();
+                        if let Some(oldest) = state.queue.pop_front() {
+                            self.bounced.bounce(oldest);
+                        }
                         state.dropped += 1;
                         self.metrics.dropped("slow_client");
                         self.metrics.slow_client("drop_oldest");
@@ -98,7 +194,9 @@ impl InboxSlot {
                         }
                     }
                     SlowClientPolicy::Close { code } => {
-                        state.queue.clear();
+                        for dropped in state.queue.drain(..).chain(std::iter::once(item)) {
+                            self.bounced.bounce(dropped);
+                        }
                         state.close = Some(CloseFrame {
                             code,
                             reason: "too slow: inbox overflow".to_owned(),
@@ -111,7 +209,8 @@ impl InboxSlot {
                             code,
                             "slow client: its inbox is full, closing it"
                         );
-                        return wake(state.waker.take());
+                        wake(state.waker.take());
+                        return Ok(());
                     }
                 }
             }
@@ -119,6 +218,12 @@ impl InboxSlot {
             state.waker.take()
         };
         wake(waker);
+        Ok(())
+    }
+
+    /// What was queued and never handed out: the connection went.
+    fn take_queued(&self) -> VecDeque<InboxItem> {
+        std::mem::take(&mut self.state.lock().queue)
     }
 
     /// Closes the inbox once its queued messages are handed out.
@@ -230,6 +335,8 @@ pub(crate) struct LocalConnections {
     /// Groups a departed connection left, to be unbound by the node.
     departed: Mutex<Vec<GroupName>>,
     departures: Notify,
+    /// Unicasts that will not reach their connection, for notices to their senders.
+    pub(crate) bounced: Arc<Bounced>,
 }
 
 impl LocalConnections {
@@ -248,6 +355,7 @@ impl LocalConnections {
             emptied: Notify::new(),
             departed: Mutex::new(Vec::new()),
             departures: Notify::new(),
+            bounced: Arc::new(Bounced::new()),
         }
     }
 
@@ -265,6 +373,7 @@ impl LocalConnections {
             policy: self.policy,
             id: id.clone(),
             metrics: self.metrics.clone(),
+            bounced: Arc::clone(&self.bounced),
         });
         let count = {
             let mut table = self.table.write();
@@ -302,8 +411,14 @@ impl LocalConnections {
                     }
                 }
             }
-            (entry.groups, table.entries.len())
+            (entry, table.entries.len())
         };
+        // Messages the socket task never took: their senders are told.
+        for item in left.slot.take_queued() {
+            self.metrics.dropped("connection_gone");
+            self.bounced.bounce(item);
+        }
+        let left = left.groups;
         self.counter.decrement();
         self.metrics.connections(count);
         if !left.is_empty() {
@@ -342,8 +457,7 @@ impl LocalConnections {
             .get(id)
             .map(|entry| Arc::clone(&entry.slot))
             .ok_or(Refused::NotFound)?;
-        slot.push(item);
-        Ok(())
+        slot.push(item)
     }
 
     /// Puts a message in every connection's inbox; returns how many.
@@ -355,8 +469,9 @@ impl LocalConnections {
             .values()
             .map(|entry| Arc::clone(&entry.slot))
             .collect();
+        // A closing connection misses a broadcast or group message: nobody to tell.
         for slot in &slots {
-            slot.push(InboxItem::Message(Arc::clone(envelope)));
+            let _ = slot.push(InboxItem::Message(Arc::clone(envelope)));
         }
         slots.len()
     }
@@ -374,8 +489,9 @@ impl LocalConnections {
                 .map(|entry| Arc::clone(&entry.slot))
                 .collect()
         };
+        // A closing connection misses a broadcast or group message: nobody to tell.
         for slot in &slots {
-            slot.push(InboxItem::Message(Arc::clone(envelope)));
+            let _ = slot.push(InboxItem::Message(Arc::clone(envelope)));
         }
         slots.len()
     }
@@ -533,16 +649,66 @@ mod tests {
             Metrics::new("a"),
         ));
         let mut inbox = table.register(id(1));
-        for text in ["1", "2", "3", "4"] {
+        for text in ["1", "2", "3"] {
             table
                 .deliver_to(&id(1), InboxItem::Message(message(text)))
                 .unwrap();
         }
+        // Closing: the next one is refused, for its caller to tell the sender.
+        assert_eq!(
+            table.deliver_to(&id(1), InboxItem::Message(message("4"))),
+            Err(Refused::Closing)
+        );
         assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1013"));
         assert!(
             matches!(inbox.next().now_or_never(), Some(None)),
             "the stream ends after the close"
         );
+    }
+
+    /// A unicast from a connection, as received from anywhere.
+    fn unicast(to: u64, from: u64, text: &str) -> InboxItem {
+        let mut envelope =
+            Envelope::text(NodeId::new("a").unwrap(), Target::Connection(id(to)), text);
+        envelope.sender = Some(id(from));
+        InboxItem::Message(Arc::new(envelope))
+    }
+
+    fn bounced_texts(table: &LocalConnections) -> Vec<String> {
+        let waiting: Vec<String> = table
+            .bounced
+            .waiting
+            .lock()
+            .0
+            .iter()
+            .filter_map(|envelope| envelope.payload_text().map(str::to_owned))
+            .collect();
+        waiting
+    }
+
+    #[test]
+    fn unicasts_that_will_not_reach_their_client_are_bounced_for_a_notice() {
+        let table = Arc::new(LocalConnections::new(
+            ConnectionCounter::new(),
+            2,
+            SlowClientPolicy::Close { code: 1013 },
+            Metrics::new("a"),
+        ));
+        let inbox = table.register(id(1));
+        table.deliver_to(&id(1), unicast(1, 9, "kept")).unwrap();
+        table.deliver_all(&message("broadcast"));
+        // Over capacity: the close drops what was queued, unicasts bounced (not broadcasts).
+        table.deliver_to(&id(1), unicast(1, 9, "over")).unwrap();
+        assert_eq!(bounced_texts(&table), ["kept", "over"]);
+
+        // A connection that goes with messages still queued: they are bounced too.
+        let other = table.register(id(2));
+        table
+            .deliver_to(&id(2), unicast(2, 9, "never read"))
+            .unwrap();
+        drop(other);
+        assert_eq!(bounced_texts(&table), ["kept", "over", "never read"]);
+        drop(inbox);
     }
 
     #[test]

@@ -979,6 +979,76 @@ async fn a_slow_client_is_closed_with_1013_while_others_keep_receiving() {
     tc.assert_left_nothing(&[]).await;
 }
 
+/// No message dropped without a word: a client too slow for its policy is closed while
+/// messages keep coming for it from a client on another node. Each of them is either read by
+/// the slow client before its close frame, or answered to its sender with `not_found` and
+/// the request's id (dropped from the inbox at the close, or refused once it was closing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_a_closed_client_missed_is_answered_to_its_sender() {
+    let tc = TestCluster::new("slow-notice");
+    let a = tc
+        .start("a", |config| {
+            config.inbox_capacity = 8;
+            config.slow_client = SlowClientPolicy::CLOSE_TRY_AGAIN_LATER;
+        })
+        .await;
+    let b = tc.start("b", |_| {}).await;
+    a.wait_for_members(&[&a, &b]).await;
+    b.wait_for_members(&[&a, &b]).await;
+    let mut slow = Client::connect_with_small_buffer(&a).await;
+    let mut sender = Client::connect(&b).await;
+
+    // As large as a client's frame may be (64 KiB), so that the slow client's buffers fill.
+    let pad = "x".repeat(FLOOD_SIZE - 1024);
+    for i in 0..FLOOD {
+        sender
+            .send(json!({"op": "send", "to": slow.id, "data": {"i": i, "pad": pad}, "id": i}))
+            .await;
+    }
+    // Every send is confirmed by the broker: the messages reached the slow client's node.
+    let mut acked = 0;
+    let mut not_found = Vec::new();
+    while acked < FLOOD {
+        let frame = sender.next_json().await;
+        match frame["type"].as_str() {
+            Some("ack") => acked += 1,
+            Some("error") => {
+                assert_eq!(frame["code"], "not_found", "{frame}");
+                not_found.push(frame["id"].as_u64().unwrap());
+            }
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    // The slow client reads at last: what its node wrote, then the close.
+    let (received, close) = slow.until_close().await;
+    assert_eq!(u16::from(close.expect("a close frame").code), 1013);
+    let read: Vec<u64> = received
+        .iter()
+        .map(|m| m["data"]["i"].as_u64().unwrap())
+        .collect();
+    assert!(read.len() < FLOOD, "the client was never too slow");
+    // Every other one comes back to its sender.
+    while read.len() + not_found.len() < FLOOD {
+        let frame = sender.next_json().await;
+        assert_eq!(frame["code"], "not_found", "{frame}");
+        not_found.push(frame["id"].as_u64().unwrap());
+    }
+    let mut all: Vec<u64> = read.iter().chain(&not_found).copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..FLOOD as u64).collect::<Vec<_>>(),
+        "each message read or answered, once (read {}, answered {})",
+        read.len(),
+        not_found.len()
+    );
+
+    drop(slow);
+    a.shutdown().await;
+    b.shutdown().await;
+    tc.assert_left_nothing(&[]).await;
+}
+
 /// A client that stops reading for good must still be let go under the close policy, and
 /// without its help: its node must not keep it (counted against `max_connections`, holding
 /// a socket task and the node) until it reads again.

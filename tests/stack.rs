@@ -426,3 +426,131 @@ async fn a_node_handle_cannot_join_a_group_and_says_why() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Custom backends: a broker whose consumer can be lost
+
+/// The memory broker, whose consumer's state the test sets, as a broker that loses its
+/// consumer (and restores it) would report it.
+#[derive(Debug)]
+struct LosingBroker {
+    inner: hybrid_cluster::MemoryBroker,
+    state: tokio::sync::watch::Sender<hybrid_cluster::ConsumerState>,
+}
+
+impl hybrid_cluster::Broker for LosingBroker {
+    fn declare_queue(
+        &self,
+        node: &NodeId,
+        options: &hybrid_cluster::QueueOptions,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
+        self.inner.declare_queue(node, options)
+    }
+    fn delete_queue(
+        &self,
+        node: &NodeId,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
+        self.inner.delete_queue(node)
+    }
+    fn bind(
+        &self,
+        node: &NodeId,
+        key: &hybrid_cluster::RoutingKey,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
+        self.inner.bind(node, key)
+    }
+    fn unbind(
+        &self,
+        node: &NodeId,
+        key: &hybrid_cluster::RoutingKey,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
+        self.inner.unbind(node, key)
+    }
+    fn publish(
+        &self,
+        key: &hybrid_cluster::RoutingKey,
+        message: hybrid_cluster::BrokerMessage,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::PublishError>> {
+        self.inner.publish(key, message)
+    }
+    fn consume(
+        &self,
+        node: &NodeId,
+        options: &hybrid_cluster::broker::ConsumeOptions,
+    ) -> futures_util::future::BoxFuture<
+        'static,
+        Result<hybrid_cluster::broker::Deliveries, hybrid_cluster::BrokerError>,
+    > {
+        self.inner.consume(node, options)
+    }
+    fn consumer_state(
+        &self,
+        _: &NodeId,
+    ) -> Option<tokio::sync::watch::Receiver<hybrid_cluster::ConsumerState>> {
+        Some(self.state.subscribe())
+    }
+}
+
+/// While a node's consumer is lost it is Degraded: `/healthz` answers 503 saying why, its
+/// record says `degraded` (so no balancer picks it) and it sends new clients away; once the
+/// consumer is back, it is Active and healthy again.
+#[tokio::test]
+async fn a_node_that_cannot_receive_is_degraded_until_it_can() {
+    use hybrid_cluster::{ConsumerState, NodeStatus};
+    let broker = std::sync::Arc::new(LosingBroker {
+        inner: hybrid_cluster::MemoryBroker::new(),
+        state: tokio::sync::watch::Sender::new(ConsumerState::Consuming),
+    });
+    let backends = Backends::Custom {
+        registry: std::sync::Arc::new(hybrid_cluster::MemoryRegistry::new()),
+        broker: broker.clone(),
+    };
+    let (cluster, listener) = start(&backends, "losing").await;
+    let port = listener.local_addr().unwrap().port();
+    let app = server::router(cluster.clone(), ServerConfig::default());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+
+    let own_status = |cluster: &Cluster| {
+        cluster
+            .nodes()
+            .iter()
+            .find(|n| n.node_id == *cluster.node_id())
+            .map(|n| n.status)
+    };
+    broker.state.send_replace(ConsumerState::Interrupted {
+        reason: "its queue was deleted".to_owned(),
+    });
+    within(
+        "the node is degraded in its record",
+        cluster
+            .discovery()
+            .view()
+            .wait_until(|nodes| nodes.iter().any(|n| n.status == NodeStatus::Degraded)),
+    )
+    .await;
+    assert_eq!(own_status(&cluster), Some(NodeStatus::Degraded));
+    let (status, body) = http_get(port, "/healthz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("its queue was deleted"), "{body}");
+    // A new client is not taken while the node cannot receive.
+    let refused = connect_async(format!("ws://127.0.0.1:{port}/ws")).await;
+    assert!(refused.is_err(), "a degraded node accepted a client");
+
+    broker.state.send_replace(ConsumerState::Consuming);
+    within(
+        "the node is active again",
+        cluster
+            .discovery()
+            .view()
+            .wait_until(|nodes| nodes.iter().all(|n| n.status == NodeStatus::Active)),
+    )
+    .await;
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    let (_socket, _) = within(
+        "a client is taken again",
+        connect_async(format!("ws://127.0.0.1:{port}/ws")),
+    )
+    .await
+    .unwrap();
+}

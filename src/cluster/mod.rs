@@ -1,16 +1,18 @@
 //! One running node of the cluster: discovery, placement, routing and its connections, wired.
 
+mod tasks;
+
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
 
 use hybrid_cluster_balance::{Placement, Placer, Selector};
 use hybrid_cluster_core::{
-    Broker, ConnectionId, ConnectionIds, Envelope, Incarnation, LiveNodeInfo, NodeId, NodeInfo,
-    NodeStatus, PayloadKind, Registry, Target,
+    Broker, ConnectionIds, ConsumeOptions, ConsumerState, Envelope, Incarnation, LiveNodeInfo,
+    NodeId, NodeInfo, NodeStatus, Registry, Target,
 };
 use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
-use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker, ReceiveConfig, Receiver};
+use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
@@ -19,25 +21,71 @@ use crate::config::{Backends, ClusterConfig};
 use crate::error::{ClusterError, error_chain};
 use crate::handle::{ClusterConnection, ClusterHandle};
 use crate::hybrid::HybridClusterLayer;
-use crate::local::{CloseFrame, InboxItem, LocalConnections, Undeliverable};
+use crate::local::{CloseFrame, InboxItem, LocalConnections};
 use crate::metrics::Metrics;
 use crate::shutdown::close_reason;
 use crate::trace::TraceContext;
 
-/// The extension header of an undeliverable notice: the id of the message not delivered.
-const HEADER_UNDELIVERABLE: &str = "undeliverable";
-/// The extension header of an undeliverable notice: the connection that was gone.
-const HEADER_UNDELIVERABLE_TO: &str = "undeliverable-to";
+/// The registry and broker of `backends`, connected.
+async fn connect_backends(
+    config: &ClusterConfig,
+    backends: Backends,
+) -> Result<(Arc<dyn Registry>, Arc<dyn Broker>), ClusterError> {
+    Ok(match backends {
+        Backends::Embedded { registry, broker } => (Arc::new(registry), Arc::new(broker)),
+        Backends::Custom { registry, broker } => (registry, broker),
+        Backends::Servers { redis, amqp } => {
+            let registry =
+                RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
+            let mut rabbit = config.rabbitmq.clone();
+            rabbit
+                .connection_name
+                .get_or_insert_with(|| format!("hybrid-cluster {}", config.node_id));
+            let broker = RabbitBroker::connect(&amqp, &config.prefix, rabbit).await?;
+            (Arc::new(registry), Arc::new(broker))
+        }
+    })
+}
 
-/// Reads an undeliverable notice, if `envelope` is one.
-fn undeliverable_notice(envelope: &Envelope) -> Option<Undeliverable> {
-    let message_id = envelope.headers.get(HEADER_UNDELIVERABLE)?.parse().ok()?;
-    let to = envelope
-        .headers
-        .get(HEADER_UNDELIVERABLE_TO)?
-        .parse()
-        .ok()?;
-    Some(Undeliverable { message_id, to })
+/// A step of a shutdown, cut short (and named in the log) at `deadline`.
+async fn within(
+    deadline: Instant,
+    step: &'static str,
+    doing: impl std::future::Future<Output = Result<(), ClusterError>>,
+) -> Result<(), ClusterError> {
+    match tokio::time::timeout_at(deadline, doing).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::warn!(
+                step,
+                "a shutdown step took too long: cut short (peers drop this node when its lease runs out; its queue expires on its own)"
+            );
+            Err(ClusterError::TimedOut(step))
+        }
+    }
+}
+
+/// Starts consuming this node's queue. A peer may be reading it still (taking it over after
+/// this node's previous run went without leaving, see [`takeover`](crate::takeover)): it lets
+/// go within seconds, so a queue in use is tried again for a while.
+async fn consume_own_queue(
+    topology: &NodeTopology<dyn Broker>,
+    options: &ConsumeOptions,
+) -> Result<hybrid_cluster_core::Deliveries, ClusterError> {
+    let deadline = Instant::now() + crate::takeover::IDLE * 5;
+    loop {
+        match topology.consume(options).await {
+            Err(hybrid_cluster_core::BrokerError::QueueInUse { .. })
+                if Instant::now() < deadline =>
+            {
+                tracing::info!(
+                    "this node's queue is read by a peer that took it over: waiting for it to let go"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            consumed => return Ok(consumed?),
+        }
+    }
 }
 
 /// The WebSocket close code sent to clients when their node shuts down: 1012, service restart.
@@ -67,6 +115,12 @@ pub(crate) struct Node {
     local_info: LiveNodeInfo,
     draining: AtomicBool,
     stopped: AtomicBool,
+
+    /// Why the node does not receive from the broker now; `None` while it does.
+    not_receiving: Mutex<Option<String>>,
+    /// Held while the node's status changes (drain, degraded, active again), so that the
+    /// last change wins in the registry too.
+    status_change: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) metrics: Metrics,
 }
@@ -136,7 +190,7 @@ impl Node {
         let envelope = Arc::new(envelope);
         match &envelope.target {
             Target::Connection(id) => {
-                if let Some(notice) = undeliverable_notice(&envelope) {
+                if let Some(notice) = crate::notice::read(&envelope) {
                     // Best effort: the sender may have closed meanwhile too.
                     let _ = self.local.deliver_to(id, InboxItem::Undeliverable(notice));
                     return;
@@ -151,7 +205,9 @@ impl Node {
                     self.metrics.received("unicast");
                 } else {
                     self.metrics.dropped("connection_gone");
-                    self.report_undeliverable(&envelope, id);
+                    self.local
+                        .bounced
+                        .bounce(InboxItem::Message(Arc::clone(&envelope)));
                 }
             }
             // This node delivered its own broadcasts and group messages locally already.
@@ -170,46 +226,117 @@ impl Node {
         }
     }
 
-    /// Tells the sender of a message for a connection that is gone: no message is lost
-    /// without its sender learning of it.
-    fn report_undeliverable(self: &Arc<Self>, envelope: &Envelope, to: &ConnectionId) {
-        let Some(sender) = envelope.sender.clone() else {
-            tracing::debug!(connection = %to, message = %envelope.id, "a message from a node handle found its connection gone");
-            return;
-        };
-        tracing::debug!(connection = %to, message = %envelope.id, %sender, "telling the sender its message found the connection gone");
-        let mut notice = Envelope::new(
-            self.id.clone(),
-            Target::Connection(sender),
-            PayloadKind::Binary,
-            bytes::Bytes::new(),
-        );
-        notice
-            .headers
-            .insert(HEADER_UNDELIVERABLE.to_owned(), envelope.id.to_string());
-        notice
-            .headers
-            .insert(HEADER_UNDELIVERABLE_TO.to_owned(), to.to_string());
-        // Boxed as `Send` here, where the lifetimes are concrete.
-        let send: futures_util::future::BoxFuture<'static, _> =
-            Box::pin(tower::ServiceExt::oneshot(self.forward.clone(), notice));
-        tokio::spawn(async move {
-            if let Err(error) = send.await {
-                tracing::debug!(%error, "could not send an undeliverable notice");
-            }
-        });
-    }
-
     /// Marks this node Draining, here at once and for its peers.
     async fn drain(&self) -> Result<(), ClusterError> {
+        let _changing = self.status_change.lock().await;
         if self.draining.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let mut info = (*self.local_info.get()).clone();
-        info.status = NodeStatus::Draining;
-        self.local_info.update(info);
+        self.set_local_status(NodeStatus::Draining);
         self.discovery.drain().await?;
         Ok(())
+    }
+
+    /// Takes over the queue of `gone`, a node that left this node's view, in a task of its
+    /// own: see [`takeover`](crate::takeover).
+    fn take_over_queue(self: &Arc<Self>, gone: NodeId) {
+        if gone == self.id || self.is_draining() {
+            return;
+        }
+        let broker = Arc::clone(self.topology.broker());
+        let secret = self.config.secret.clone();
+        let weak = Arc::downgrade(self);
+        let bounced = Arc::clone(&self.local.bounced);
+        let task = tokio::spawn(async move {
+            let is_back = {
+                let gone = gone.clone();
+                move || {
+                    weak.upgrade()
+                        .is_none_or(|node| node.discovery.view().node(&gone).is_some())
+                }
+            };
+            let bounce = move |envelope| bounced.bounce(InboxItem::Message(envelope));
+            crate::takeover::take_over(broker, gone, secret, is_back, bounce).await;
+        });
+        let mut tasks = self.tasks.lock();
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(task);
+    }
+
+    /// The first part of a shutdown: drains, and closes every client with 1012 and a reason
+    /// naming a node to reconnect to; waits for them to go until `deadline`, then says in the
+    /// log what it cut short.
+    async fn close_clients(&self, deadline: Instant) {
+        match tokio::time::timeout_at(deadline, self.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error_chain(&error), "could not publish the drain; leaving anyway")
+            }
+            Err(_) => {
+                tracing::warn!("publishing the drain took too long: cut short, leaving anyway")
+            }
+        }
+        let redirect = match self.placer.place() {
+            Placement::Redirect(redirect) => Some(redirect),
+            Placement::Accept | Placement::Refuse(_) => None,
+        };
+        let frame = CloseFrame {
+            code: CLOSE_SERVICE_RESTART,
+            reason: close_reason(redirect.as_ref()),
+        };
+        self.local.close_all(&frame);
+        if tokio::time::timeout_at(deadline, self.local.wait_empty())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = self.local.len(),
+                awaiting_confirmation = self.in_flight(),
+                grace_ms = self.config.shutdown_grace.as_millis() as u64,
+                "shutdown grace period ran out: cutting short the connections still open (their clients were sent the close) and the messages still awaiting the broker's confirmation (their senders get no answer)"
+            );
+        }
+    }
+
+    /// This node's status in its own cell of the view, which placement reads at once.
+    fn set_local_status(&self, status: NodeStatus) {
+        let mut info = (*self.local_info.get()).clone();
+        info.status = status;
+        self.local_info.update(info);
+    }
+
+    /// Why the node does not receive from the broker now, if it does not.
+    pub(crate) fn not_receiving(&self) -> Option<String> {
+        self.not_receiving.lock().clone()
+    }
+
+    /// Follows the node's consumer: while it is not taking deliveries the node is Degraded
+    /// (here, for placement, and in its record, for its peers) and not healthy, and says so
+    /// in the log; once it takes them again, the node is Active again (unless it drains).
+    async fn follow_consumer(&self, state: ConsumerState) {
+        let _changing = self.status_change.lock().await;
+        let status = match state {
+            ConsumerState::Consuming => {
+                if self.not_receiving.lock().take().is_none() {
+                    return;
+                }
+                tracing::info!(node = %self.id, "receiving from the broker again: the node is active");
+                NodeStatus::Active
+            }
+            ConsumerState::Interrupted { reason } => {
+                tracing::error!(node = %self.id, %reason, "the node does not receive from the broker: it is degraded (no new clients, /healthz 503) until its consumer is restored");
+                *self.not_receiving.lock() = Some(reason);
+                NodeStatus::Degraded
+            }
+        };
+        self.metrics.receiving(status == NodeStatus::Active);
+        if self.is_draining() {
+            return;
+        }
+        self.set_local_status(status);
+        if let Err(error) = self.discovery.registrar().set_status(status).await {
+            tracing::warn!(error = %error_chain(&error), %status, "could not publish the node's status");
+        }
     }
 }
 
@@ -243,29 +370,19 @@ impl Cluster {
         mut config: ClusterConfig,
         backends: Backends,
     ) -> Result<Self, ClusterError> {
+        config.queue.durability = config.durability;
+        config.rabbitmq.persistent = config.durability.is_persistent();
         if let Some(secret) = &config.secret {
             config.forward.secret = Some(secret.clone());
             config.discovery = config.discovery.clone().with_secret(secret.clone());
         }
-        let (registry, broker): (Arc<dyn Registry>, Arc<dyn Broker>) = match backends {
-            Backends::Embedded { registry, broker } => (Arc::new(registry), Arc::new(broker)),
-            Backends::Servers { redis, amqp } => {
-                let registry =
-                    RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
-                let mut rabbit = config.rabbitmq.clone();
-                rabbit
-                    .connection_name
-                    .get_or_insert_with(|| format!("hybrid-cluster {}", config.node_id));
-                let broker = RabbitBroker::connect(&amqp, &config.prefix, rabbit).await?;
-                (Arc::new(registry), Arc::new(broker))
-            }
-        };
+        let (registry, broker) = connect_backends(&config, backends).await?;
         let id = config.node_id.clone();
         let incarnation = Incarnation::random();
 
         let topology =
             NodeTopology::declare(Arc::clone(&broker), id.clone(), &config.queue).await?;
-        let deliveries = topology.consume(&config.consume).await?;
+        let deliveries = consume_own_queue(&topology, &config.consume).await?;
 
         let counter = ConnectionCounter::new();
         let metrics = Metrics::new(id.as_str());
@@ -310,102 +427,14 @@ impl Cluster {
             local_info,
             draining: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            not_receiving: Mutex::new(None),
+            status_change: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             discovery,
             metrics,
         });
 
-        let receiving = {
-            let receive = ReceiveConfig {
-                secret: node.config.secret.clone(),
-                replay_window: node.config.replay_window,
-                ..ReceiveConfig::default()
-            };
-            let weak = Arc::downgrade(&node);
-            let destination = tower::service_fn(move |envelope: Envelope| {
-                let node = Weak::upgrade(&weak);
-                async move {
-                    match node {
-                        Some(node) => {
-                            node.deliver_incoming(envelope);
-                            Ok(())
-                        }
-                        None => Err("the node stopped"),
-                    }
-                }
-            });
-            let node_id = node.id.clone();
-            let receiver = Receiver::with_config(deliveries, receive);
-            let stats = receiver.stats();
-            let metrics = node.metrics.clone();
-            let every = node.config.discovery.heartbeat;
-            let reporting = tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    metrics.receiver(&stats.get());
-                }
-            });
-            node.tasks.lock().push(reporting);
-            tokio::spawn(async move {
-                if let Err(error) = receiver.run(destination).await {
-                    tracing::error!(node = %node_id, %error, "stopped receiving messages");
-                }
-            })
-        };
-        let placing = {
-            let placer = node.placer.clone();
-            let discover = node.discovery.discover(|_: &NodeInfo| ());
-            tokio::spawn(async move {
-                if let Err(error) = placer.follow(discover).await {
-                    tracing::error!(%error, "placement stopped following discovery");
-                }
-            })
-        };
-        let unbinding = {
-            let weak = Arc::downgrade(&node);
-            let local = Arc::clone(&node.local);
-            tokio::spawn(async move {
-                loop {
-                    let groups = local.departed_groups().await;
-                    let Some(node) = weak.upgrade() else { return };
-                    for group in groups {
-                        if let Err(error) = node.topology.remove_member(&group).await {
-                            tracing::warn!(%group, %error, "could not unbind a group its last member left");
-                        }
-                    }
-                }
-            })
-        };
-        let watching = {
-            let metrics = node.metrics.clone();
-            let mut members = node.discovery.view().subscribe();
-            tokio::spawn(async move {
-                let mut known: std::collections::BTreeSet<NodeId> =
-                    std::collections::BTreeSet::new();
-                loop {
-                    let now: std::collections::BTreeSet<NodeId> = members
-                        .borrow_and_update()
-                        .iter()
-                        .map(|(id, _)| id.clone())
-                        .collect();
-                    for _ in now.difference(&known) {
-                        metrics.discovery_change("join");
-                    }
-                    for _ in known.difference(&now) {
-                        metrics.discovery_change("leave");
-                    }
-                    metrics.nodes(now.len());
-                    known = now;
-                    if members.changed().await.is_err() {
-                        return;
-                    }
-                }
-            })
-        };
-        node.tasks
-            .lock()
-            .extend([receiving, placing, unbinding, watching]);
+        tasks::spawn_all(&node, deliveries);
         tracing::info!(
             node = %node.id,
             incarnation = %node.incarnation,
@@ -455,6 +484,18 @@ impl Cluster {
         self.node.is_draining()
     }
 
+    /// Whether this node serves as it should: not draining, and receiving from the broker.
+    /// Otherwise, why not, in words (what `/healthz` answers with its 503).
+    pub fn health(&self) -> Result<(), String> {
+        if self.node.is_draining() {
+            return Err("draining".to_owned());
+        }
+        match self.node.not_receiving() {
+            Some(reason) => Err(format!("not receiving from the broker: {reason}")),
+            None => Ok(()),
+        }
+    }
+
     /// Sets this node Draining: it keeps serving its connections, but new clients are sent
     /// to other nodes, and peers' balancers stop choosing it.
     pub async fn drain(&self) -> Result<(), ClusterError> {
@@ -481,62 +522,37 @@ impl Cluster {
         let grace = node.config.shutdown_grace;
         let deadline = Instant::now() + grace;
         let leaving = (grace / 4).min(Duration::from_secs(2));
-        match tokio::time::timeout_at(deadline - leaving, node.drain()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(error = %error_chain(&error), "could not publish the drain; leaving anyway")
-            }
-            Err(_) => {
-                tracing::warn!("publishing the drain took too long: cut short, leaving anyway")
-            }
-        }
-        let redirect = match node.placer.place() {
-            Placement::Redirect(redirect) => Some(redirect),
-            Placement::Accept | Placement::Refuse(_) => None,
-        };
-        let frame = CloseFrame {
-            code: CLOSE_SERVICE_RESTART,
-            reason: close_reason(redirect.as_ref()),
-        };
-        node.local.close_all(&frame);
-        if tokio::time::timeout_at(deadline - leaving, node.local.wait_empty())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                connections = node.local.len(),
-                awaiting_confirmation = node.in_flight(),
-                grace_ms = grace.as_millis() as u64,
-                "shutdown grace period ran out: cutting short the connections still open (their clients were sent the close) and the messages still awaiting the broker's confirmation (their senders get no answer)"
-            );
-        }
+        node.close_clients(deadline - leaving).await;
         // Every step is taken even when one fails; a failed shutdown can be called again.
         let deadline = deadline.max(Instant::now() + leaving / 2);
-        let left = match tokio::time::timeout_at(deadline, node.discovery.registrar().leave()).await
-        {
-            Ok(left) => left.map_err(ClusterError::from),
-            Err(_) => {
-                tracing::warn!(
-                    "leaving discovery took too long: cut short (peers drop this node when its lease runs out)"
-                );
-                Err(ClusterError::TimedOut("leaving discovery"))
-            }
-        };
+        let left = within(deadline, "leaving discovery", async {
+            node.discovery
+                .registrar()
+                .leave()
+                .await
+                .map_err(ClusterError::from)
+        })
+        .await;
+        // Messages that found their connection closed are answered before the tasks stop.
+        let told = within(
+            deadline,
+            "telling senders of undeliverable messages",
+            async {
+                node.local.bounced.all_told().await;
+                Ok(())
+            },
+        )
+        .await;
         for task in node.tasks.lock().drain(..) {
             task.abort();
         }
         let deadline = deadline.max(Instant::now() + leaving / 2);
-        let deleting = node.topology.broker().delete_queue(&node.id);
-        let deleted = match tokio::time::timeout_at(deadline, deleting).await {
-            Ok(deleted) => deleted.map_err(ClusterError::from),
-            Err(_) => {
-                tracing::warn!(
-                    "deleting the node's queue took too long: cut short (it expires on its own)"
-                );
-                Err(ClusterError::TimedOut("deleting the node's queue"))
-            }
-        };
-        match left.and(deleted) {
+        let deleted = within(deadline, "deleting the node's queue", async {
+            let deleting = node.topology.broker().delete_queue(&node.id);
+            deleting.await.map_err(ClusterError::from)
+        })
+        .await;
+        match left.and(told).and(deleted) {
             Ok(()) => {
                 tracing::info!(node = %node.id, "node left the cluster");
                 Ok(())

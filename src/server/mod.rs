@@ -153,11 +153,12 @@ async fn nodes(State(state): State<AppState>) -> Json<Vec<NodeInfo>> {
     )
 }
 
-async fn health(State(state): State<AppState>) -> StatusCode {
-    if state.cluster.is_draining() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
+/// 200 (no body) while the node serves as it should; 503, saying why, while it drains or
+/// does not receive from the broker.
+async fn health(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.cluster.health() {
+        Ok(()) => (StatusCode::OK, String::new()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
     }
 }
 

@@ -5,13 +5,17 @@
 //!   everything a cluster under that prefix may leave in them;
 //! - [`node`]: the node program (`examples/node.rs`) run as a real process;
 //! - [`client`]: a WebSocket client of the node program's JSON protocol;
-//! - [`limits`]: raising the open-file limit for thousands of connections.
+//! - [`limits`]: raising the open-file limit for thousands of connections;
+//! - [`proxy`]: a TCP proxy a test can cut, for network failures between a node and a server;
+//! - [`rabbitmq`]: disturbing the shared RabbitMQ (restart, memory alarm) and putting it back.
 
 #![allow(clippy::unwrap_used)]
 
 pub mod client;
 pub mod limits;
 pub mod node;
+pub mod proxy;
+pub mod rabbitmq;
 pub mod servers;
 
 /// The error of every helper: what went wrong, in words.

@@ -1,0 +1,161 @@
+//! The background tasks of a running node, each named for its one job. Every task holds the
+//! node weakly (it stops once the node is dropped) and is aborted by the node's drop or
+//! shutdown.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Weak};
+
+use hybrid_cluster_core::{Deliveries, Envelope, NodeId, NodeInfo};
+use hybrid_cluster_routing::{ReceiveConfig, Receiver};
+use tokio::task::JoinHandle;
+
+use super::Node;
+
+/// Starts every task of `node`, the receiver reading `deliveries` among them.
+pub(super) fn spawn_all(node: &Arc<Node>, deliveries: Deliveries) {
+    let mut tasks = receiving(node, deliveries);
+    tasks.extend([
+        placing(node),
+        unbinding(node),
+        watching(node),
+        notifying(node),
+    ]);
+    tasks.extend(following_consumer(node));
+    node.tasks.lock().extend(tasks);
+}
+
+/// Hands what comes through the broker to the local connections, and reports the receiver's
+/// counts every heartbeat.
+fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> Vec<JoinHandle<()>> {
+    let receive = ReceiveConfig {
+        secret: node.config.secret.clone(),
+        replay_window: node.config.replay_window,
+        dedupe_window: node.config.dedupe_window,
+        dedupe_memory: node.config.dedupe_memory,
+    };
+    let weak = Arc::downgrade(node);
+    let destination = tower::service_fn(move |envelope: Envelope| {
+        let node = Weak::upgrade(&weak);
+        async move {
+            match node {
+                Some(node) => {
+                    node.deliver_incoming(envelope);
+                    Ok(())
+                }
+                None => Err("the node stopped"),
+            }
+        }
+    });
+    let node_id = node.id.clone();
+    let receiver = Receiver::with_config(deliveries, receive);
+    let stats = receiver.stats();
+    let metrics = node.metrics.clone();
+    let every = node.config.discovery.heartbeat;
+    let reporting = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            metrics.receiver(&stats.get());
+        }
+    });
+    let running = tokio::spawn(async move {
+        if let Err(error) = receiver.run(destination).await {
+            tracing::error!(node = %node_id, %error, "stopped receiving messages");
+        }
+    });
+    vec![reporting, running]
+}
+
+/// Keeps placement's view of the cluster current.
+fn placing(node: &Arc<Node>) -> JoinHandle<()> {
+    let placer = node.placer.clone();
+    let discover = node.discovery.discover(|_: &NodeInfo| ());
+    tokio::spawn(async move {
+        if let Err(error) = placer.follow(discover).await {
+            tracing::error!(%error, "placement stopped following discovery");
+        }
+    })
+}
+
+/// Unbinds the node's queue from the groups whose last local member left.
+fn unbinding(node: &Arc<Node>) -> JoinHandle<()> {
+    let weak = Arc::downgrade(node);
+    let local = Arc::clone(&node.local);
+    tokio::spawn(async move {
+        loop {
+            let groups = local.departed_groups().await;
+            let Some(node) = weak.upgrade() else { return };
+            for group in groups {
+                if let Err(error) = node.topology.remove_member(&group).await {
+                    tracing::warn!(%group, %error, "could not unbind a group its last member left");
+                }
+            }
+        }
+    })
+}
+
+/// Follows the cluster's membership: counts joins and leaves, and takes over the queue of
+/// each node that left (see [`takeover`](crate::takeover)).
+fn watching(node: &Arc<Node>) -> JoinHandle<()> {
+    let metrics = node.metrics.clone();
+    let mut members = node.discovery.view().subscribe();
+    let weak = Arc::downgrade(node);
+    tokio::spawn(async move {
+        let mut known: BTreeSet<NodeId> = BTreeSet::new();
+        loop {
+            let now: BTreeSet<NodeId> = members
+                .borrow_and_update()
+                .iter()
+                .map(|(id, _)| id.clone())
+                .collect();
+            for _ in now.difference(&known) {
+                metrics.discovery_change("join");
+            }
+            for gone in known.difference(&now) {
+                metrics.discovery_change("leave");
+                if let Some(node) = weak.upgrade() {
+                    node.take_over_queue(gone.clone());
+                }
+            }
+            metrics.nodes(now.len());
+            known = now;
+            if members.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Answers the senders of unicasts that did not reach their connection (see
+/// [`notice`](crate::notice)).
+fn notifying(node: &Arc<Node>) -> JoinHandle<()> {
+    let weak = Arc::downgrade(node);
+    let bounced = Arc::clone(&node.local.bounced);
+    tokio::spawn(async move {
+        loop {
+            let batch = bounced.next().await;
+            let Some(node) = weak.upgrade() else { return };
+            crate::notice::send(&node.id, &node.local, &node.forward, batch).await;
+            bounced.told();
+        }
+    })
+}
+
+/// Follows the node's consumer, when its broker tells how it is: the node is degraded while
+/// it does not receive.
+fn following_consumer(node: &Arc<Node>) -> Option<JoinHandle<()>> {
+    let mut states = node.topology.broker().consumer_state(&node.id)?;
+    node.metrics.receiving(true);
+    let weak = Arc::downgrade(node);
+    Some(tokio::spawn(async move {
+        loop {
+            let state = states.borrow_and_update().clone();
+            let Some(node) = weak.upgrade() else { return };
+            node.follow_consumer(state).await;
+            drop(node);
+            if states.changed().await.is_err() {
+                return;
+            }
+        }
+    }))
+}
