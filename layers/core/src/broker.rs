@@ -321,6 +321,17 @@ pub trait Broker: fmt::Debug + Send + Sync + 'static {
     /// Deleting a missing queue succeeds.
     fn delete_queue(&self, node: &NodeId) -> BoxFuture<'static, Result<(), BrokerError>>;
 
+    /// Deletes `node`'s queue if no message waits in it, and says whether it did. A queue
+    /// still holding messages is left as it is (a node leaving then lets a peer take it
+    /// over). The default deletes it whatever it holds.
+    fn delete_queue_if_empty(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<bool, BrokerError>> {
+        let deleting = self.delete_queue(node);
+        Box::pin(async move { deleting.await.map(|()| true) })
+    }
+
     /// Binds `node`'s queue to `key`. Idempotent.
     fn bind(&self, node: &NodeId, key: &RoutingKey) -> BoxFuture<'static, Result<(), BrokerError>>;
 
@@ -377,6 +388,13 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
 
     fn delete_queue(&self, node: &NodeId) -> BoxFuture<'static, Result<(), BrokerError>> {
         (**self).delete_queue(node)
+    }
+
+    fn delete_queue_if_empty(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<bool, BrokerError>> {
+        (**self).delete_queue_if_empty(node)
     }
 
     fn bind(&self, node: &NodeId, key: &RoutingKey) -> BoxFuture<'static, Result<(), BrokerError>> {

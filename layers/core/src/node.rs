@@ -245,7 +245,7 @@ impl fmt::Display for NodeStatus {
 /// | `memory_usage_percent` | the same as a percentage of the machine's memory, `0..=100` |
 /// | `last_heartbeat` | when the node last wrote its record (RFC 3339, UTC, by the node's clock: informational only, liveness is a lease kept by the registry) |
 /// | `registered_at` | when this incarnation first registered (RFC 3339, UTC) |
-/// | `status` | `"active"`, `"draining"` or `"offline"` ([`NodeStatus`]) |
+/// | `status` | `"active"`, `"draining"`, `"degraded"` or `"offline"` ([`NodeStatus`]); a reader that does not know a status skips the record |
 /// | `metadata` | free string pairs for the user's own use |
 /// | `signature` | only when the cluster has a [`ClusterSecret`]: the record's HMAC-SHA256, 64 lowercase hex digits (see below) |
 ///

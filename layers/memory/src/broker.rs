@@ -232,6 +232,20 @@ impl Broker for MemoryBroker {
         done(Ok(()))
     }
 
+    fn delete_queue_if_empty(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<bool, BrokerError>> {
+        let deleted = self.with_hub(|hub, wakers| {
+            if hub.queues.get(node).is_some_and(|queue| queue.len() > 0) {
+                return false;
+            }
+            wakers.extend(hub.delete_queue(node));
+            true
+        });
+        done(Ok(deleted))
+    }
+
     fn bind(&self, node: &NodeId, key: &RoutingKey) -> BoxFuture<'static, Result<(), BrokerError>> {
         let result = self.with_hub(|hub, _| {
             if !hub.queues.contains_key(node) {

@@ -1136,3 +1136,42 @@ async fn every_durability_mode_declares_its_queue_and_carries_messages() {
         cluster.clean_up().await;
     }
 }
+
+/// A queue holding messages is not deleted by `delete_queue_if_empty` (a node leaving lets a
+/// peer take over what it holds); once empty, it is.
+#[tokio::test]
+async fn a_queue_is_deleted_only_once_empty() {
+    let cluster = Cluster::new("if-empty");
+    let broker = cluster.broker("a").await;
+    let b = node_id("b");
+    broker.declare_queue(&b, &queue_options()).await.unwrap();
+    broker.bind(&b, &RoutingKey::Node(b.clone())).await.unwrap();
+    let message = text("a", Target::Node(b.clone()), "waiting");
+    broker
+        .publish(&RoutingKey::Node(b.clone()), message.to_message().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !broker.delete_queue_if_empty(&b).await.unwrap(),
+        "a message waits"
+    );
+    assert_eq!(
+        queue_depth(&cluster, "b").await,
+        1,
+        "the queue and its message are still there"
+    );
+
+    let mut deliveries = broker
+        .consume(&b, &ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(WAIT, deliveries.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery.acker.ack().await.unwrap();
+    drop(deliveries);
+    assert!(broker.delete_queue_if_empty(&b).await.unwrap(), "empty now");
+    cluster.clean_up().await;
+}

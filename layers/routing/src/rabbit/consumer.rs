@@ -76,7 +76,7 @@ pub(crate) async fn start(
 /// consumer is cancelled by RabbitMQ (its queue was deleted), or the connection is lost.
 pub(crate) async fn forward(
     shared: Arc<Shared>,
-    generation: u64,
+    link: Link,
     node: NodeId,
     id: u64,
     channel: Channel,
@@ -150,13 +150,13 @@ pub(crate) async fn forward(
                 }
             }
             Some(Err(error)) => {
-                lost(&shared, generation, node, id, deliveries, error.to_string());
+                lost(&shared, link, node, id, deliveries, error.to_string());
                 return;
             }
             None => {
                 let reason = "RabbitMQ cancelled it (its queue was deleted, or the broker node \
                               holding the queue is down)";
-                lost(&shared, generation, node, id, deliveries, reason.to_owned());
+                lost(&shared, link, node, id, deliveries, reason.to_owned());
                 return;
             }
         }
@@ -170,17 +170,15 @@ pub(crate) async fn forward(
 /// consumer any more (its queue was deleted through this broker).
 fn lost(
     shared: &Arc<Shared>,
-    generation: u64,
+    link: Link,
     node: NodeId,
     id: u64,
     deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
     reason: String,
 ) {
-    let connection_alive = link_is_current(shared, generation)
-        && shared.link.borrow().as_ref().is_some_and(|link| {
-            link.generation == generation && link.connection.status().connected()
-        });
-    if !connection_alive {
+    // The connection itself went (or was replaced): its supervisor starts the consumer again
+    // on the next one. Whether it is published yet does not matter.
+    if !is_current(shared, &link) {
         debug!(%node, %reason, "consumer interrupted; it resumes on the next connection");
         return;
     }
@@ -200,7 +198,7 @@ fn lost(
         return;
     }
     error!(%node, %reason, "the node's consumer is lost: declaring its queue and bindings again and consuming again");
-    tokio::spawn(heal(Arc::clone(shared), generation, node, id, deliveries));
+    tokio::spawn(heal(Arc::clone(shared), link, node, id, deliveries));
 }
 
 /// Declares `node`'s queue and its bindings again and starts its consumer again, with
@@ -208,7 +206,7 @@ fn lost(
 /// the consumer is not wanted any more.
 pub(crate) async fn heal(
     shared: Arc<Shared>,
-    generation: u64,
+    link: Link,
     node: NodeId,
     id: u64,
     deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
@@ -225,19 +223,22 @@ pub(crate) async fn heal(
             remove(&shared, &node, id);
             return;
         }
-        let Some(plan) = plan(&shared, generation, &node, id) else {
+        let Some(plan) = plan(&shared, &link, &node, id) else {
             return;
         };
         match restore(&shared, &node, &plan).await {
             Ok((channel, consumer)) => {
                 if !shared.set_consumer_state(&node, id, ConsumerState::Consuming) {
+                    // Deleted through this broker while it was declared again: undo.
                     let _ = channel.close(200, "consumer not wanted".into()).await;
+                    undo_stale(&shared, &link, &node, &plan).await;
                     return;
                 }
+                undo_stale(&shared, &link, &node, &plan).await;
                 info!(%node, bindings = plan.keys.len(), "the node's consumer is restored");
                 tokio::spawn(forward(
                     Arc::clone(&shared),
-                    generation,
+                    link,
                     node,
                     id,
                     channel,
@@ -263,17 +264,15 @@ struct Plan {
     prefetch: u16,
 }
 
-/// What restoring consumer `id` of `node` on the connection of `generation` takes; `None`
-/// when it is not to be done here (not the node's consumer any more, a newer connection whose
-/// supervisor restores it, or a queue this broker never declared, whose stream ends).
-fn plan(shared: &Shared, generation: u64, node: &NodeId, id: u64) -> Option<Plan> {
+/// What restoring consumer `id` of `node` on `link` takes; `None` when it is not to be done
+/// here (not the node's consumer any more, a newer connection whose supervisor restores it,
+/// or a queue this broker never declared, whose stream then ends).
+fn plan(shared: &Shared, link: &Link, node: &NodeId, id: u64) -> Option<Plan> {
+    if !is_current(shared, link) {
+        return None;
+    }
     let state = shared.state.lock();
     let entry = state.consumers.get(node).filter(|entry| entry.id == id)?;
-    let link = shared
-        .link
-        .borrow()
-        .clone()
-        .filter(|link| link.generation == generation && state.connected)?;
     let keys = state
         .bindings
         .iter()
@@ -288,12 +287,57 @@ fn plan(shared: &Shared, generation: u64, node: &NodeId, id: u64) -> Option<Plan
         return None;
     };
     Some(Plan {
-        link,
+        link: link.clone(),
         queue,
         options,
         keys,
         prefetch,
     })
+}
+
+/// After a restore: what changed through the broker meanwhile is undone on RabbitMQ too. A
+/// queue deleted is deleted again (the restore declared it), a key unbound is unbound again.
+async fn undo_stale(shared: &Shared, link: &Link, node: &NodeId, plan: &Plan) {
+    let (deleted, unbound): (bool, Vec<RoutingKey>) = {
+        let state = shared.state.lock();
+        let deleted = !state.queues.contains_key(node);
+        let unbound = plan
+            .keys
+            .iter()
+            .filter(|key| !state.bindings.contains(&(node.clone(), (*key).clone())))
+            .cloned()
+            .collect();
+        (deleted, unbound)
+    };
+    if !deleted && unbound.is_empty() {
+        return;
+    }
+    let Ok(channel) = link.connection.create_channel().await else {
+        return;
+    };
+    if deleted {
+        let _ = channel
+            .queue_delete(
+                plan.queue.clone(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    } else {
+        for key in unbound {
+            let Ok(routing_key) = super::wire::short(key.to_string()) else {
+                continue;
+            };
+            let _ = channel
+                .queue_unbind(
+                    plan.queue.clone(),
+                    shared.names.exchange.clone(),
+                    routing_key,
+                    FieldTable::default(),
+                )
+                .await;
+        }
+    }
+    let _ = channel.close(200, "undone".into()).await;
 }
 
 /// Declares the queue and its bindings on a channel of its own, then starts the consumer.
@@ -316,9 +360,10 @@ async fn restore(
     start(&plan.link, &plan.queue, plan.prefetch).await
 }
 
-fn link_is_current(shared: &Shared, generation: u64) -> bool {
+/// Whether `link` is the broker's connection now (published or about to be) and up.
+fn is_current(shared: &Shared, link: &Link) -> bool {
     let state = shared.state.lock();
-    state.connected && state.generation == generation
+    state.generation == link.generation && !state.closed && link.is_connected()
 }
 
 fn remove(shared: &Shared, node: &NodeId, id: u64) {

@@ -224,7 +224,7 @@ pub(crate) async fn establish(
                 shared.set_consumer_state(&node, id, ConsumerState::Consuming);
                 tokio::spawn(consumer::forward(
                     Arc::clone(shared),
-                    generation,
+                    link.clone(),
                     node,
                     id,
                     channel,
@@ -309,12 +309,14 @@ async fn watch(
     }
 }
 
-async fn close(link: &Link) {
-    let closing = async {
-        let _ = link.publishing.close(200, "OK".into()).await;
-        let _ = link.connection.close(200, "OK".into()).await;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+/// Closes both connections of `link` at once, each within 5 s (a connection blocked by a
+/// resource alarm may never answer its close: the other one must not wait for it).
+pub(crate) async fn close(link: &Link) {
+    let bound = Duration::from_secs(5);
+    let _ = tokio::join!(
+        tokio::time::timeout(bound, link.publishing.close(200, "OK".into())),
+        tokio::time::timeout(bound, link.connection.close(200, "OK".into())),
+    );
 }
 
 /// Keeps the broker connected: watches the connection, and when it is lost connects again
@@ -353,7 +355,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: E
                     for (node, id, deliveries) in healing {
                         tokio::spawn(consumer::heal(
                             Arc::clone(&shared),
-                            link.generation,
+                            link.clone(),
                             node,
                             id,
                             deliveries,

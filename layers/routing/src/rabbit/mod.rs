@@ -256,11 +256,7 @@ impl RabbitBroker {
         let link = self.shared.link.borrow().clone();
         self.shared.set_closed();
         if let Some(link) = link {
-            let closing = async {
-                let _ = link.publishing.close(200, "OK".into()).await;
-                let _ = link.connection.close(200, "OK".into()).await;
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+            link::close(&link).await;
         }
     }
 
@@ -405,6 +401,50 @@ impl Broker for RabbitBroker {
                 state.consumers.remove(&record_node);
             },
         )
+    }
+
+    fn delete_queue_if_empty(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<bool, BrokerError>> {
+        let queue = match self.shared.names.queue(node) {
+            Ok(queue) => queue,
+            Err(e) => return done(Err(invalid(e))),
+        };
+        let record_node = node.clone();
+        self.shared.state.lock().consumers.remove(node);
+        let emptied = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let outcome = Arc::clone(&emptied);
+        let deleting = self.topology(
+            node,
+            move |_, channel| {
+                let queue = queue.clone();
+                let emptied = Arc::clone(&emptied);
+                async move {
+                    let options = QueueDeleteOptions {
+                        if_empty: true,
+                        ..QueueDeleteOptions::default()
+                    };
+                    match channel.queue_delete(queue, options).await {
+                        Err(error) if wire::is_queue_not_found(&error) => Ok(()),
+                        Err(error) if wire::is_precondition_failed(&error) => {
+                            emptied.store(false, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        other => other.map(drop),
+                    }
+                }
+            },
+            move |state| {
+                state.queues.remove(&record_node);
+                state.bindings.retain(|(node, _)| *node != record_node);
+                state.consumers.remove(&record_node);
+            },
+        );
+        Box::pin(async move {
+            deleting.await?;
+            Ok(outcome.load(Ordering::Relaxed))
+        })
     }
 
     fn bind(&self, node: &NodeId, key: &RoutingKey) -> BoxFuture<'static, Result<(), BrokerError>> {
@@ -553,7 +593,7 @@ impl Broker for RabbitBroker {
                     Some(true) => {
                         tokio::spawn(consumer::forward(
                             Arc::clone(&shared),
-                            link.generation,
+                            link.clone(),
                             node,
                             id,
                             channel,

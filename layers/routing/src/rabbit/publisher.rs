@@ -173,6 +173,8 @@ fn put_on_wire(
 struct Confirmations {
     ready: Vec<(u64, lapin::Result<Confirmation>)>,
     returned: HashSet<u64>,
+    /// Whether a publish expired unconfirmed since RabbitMQ last confirmed one.
+    stuck: bool,
 }
 
 impl Confirmations {
@@ -191,10 +193,25 @@ impl Confirmations {
 
     /// Settles every confirmation taken. `false` when the channel failed: the publishes not
     /// settled stay in `sent`, to be sent again.
-    fn settle(&mut self, shared: &Shared, sent: &mut BTreeMap<u64, Vec<Pending>>) -> bool {
+    fn settle(
+        &mut self,
+        shared: &Shared,
+        sent: &mut BTreeMap<u64, Vec<Pending>>,
+        expired: &mut BTreeMap<u64, usize>,
+    ) -> bool {
         let mut healthy = true;
         for (seq, result) in self.ready.drain(..) {
             let returned = self.returned.remove(&seq);
+            if self.stuck && result.is_ok() {
+                // RabbitMQ confirms again.
+                self.stuck = false;
+                shared.set_stuck(false);
+            }
+            if expired.remove(&seq).is_some() {
+                // Its senders were told already; its room is free again.
+                healthy &= result.is_ok();
+                continue;
+            }
             healthy &= confirm(shared, sent, seq, result, returned);
         }
         // A return is always followed by its publish's confirmation: what is left names a
@@ -263,6 +280,7 @@ fn expire_unconfirmed(
     shared: &Shared,
     sent: &mut BTreeMap<u64, Vec<Pending>>,
     sent_at: &mut VecDeque<(u64, Instant)>,
+    expired: &mut BTreeMap<u64, usize>,
 ) -> Option<Instant> {
     let bound = shared.config.outage_timeout;
     let now = Instant::now();
@@ -276,6 +294,8 @@ fn expire_unconfirmed(
         }
         sent_at.pop_front();
         if let Some(group) = sent.remove(&seq) {
+            expired.insert(seq, group.len());
+            shared.set_stuck(true);
             warn!(
                 messages = group.len(),
                 after = ?bound,
@@ -339,6 +359,10 @@ async fn publish_on(
     // When each publish went on the wire, in order: one unconfirmed past the outage bound
     // fails (a blocked or stuck broker must not hold its senders, nor their places, forever).
     let mut sent_at: VecDeque<(u64, Instant)> = VecDeque::new();
+    // Publishes failed that way and still on the wire, by message count: they keep their
+    // room until lapin settles them, so that a broker that stopped confirming never gets more
+    // than the in-flight bound.
+    let mut expired: BTreeMap<u64, usize> = BTreeMap::new();
     let mut batch = Vec::new();
     // Taken from the shared queue and not on the wire yet.
     let mut queue: VecDeque<Pending> = VecDeque::new();
@@ -346,7 +370,8 @@ async fn publish_on(
     let ended = 'publishing: loop {
         // Put waiting publishes on the wire, in call order, up to the in-flight bound.
         // Messages, not AMQP publishes: a batch counts for each message it carries.
-        let in_flight: usize = sent.values().map(Vec::len).sum();
+        let in_flight: usize =
+            sent.values().map(Vec::len).sum::<usize>() + expired.values().sum::<usize>();
         let room = max_in_flight.saturating_sub(in_flight);
         if room > 0 {
             shared.take_pending(room, &mut batch);
@@ -368,14 +393,15 @@ async fn publish_on(
             match poll_once(&mut publish).await {
                 Poll::Ready((seq, result)) => {
                     confirmations.take(seq, result);
-                    if !confirmations.settle(shared, &mut sent) {
+                    if !confirmations.settle(shared, &mut sent, &mut expired) {
                         break 'publishing Ended::Broken;
                     }
                 }
                 Poll::Pending => confirms.push(publish),
             }
         }
-        let unconfirmed_at = expire_unconfirmed(shared, &mut sent, &mut sent_at);
+        let unconfirmed_at = expire_unconfirmed(shared, &mut sent, &mut sent_at, &mut expired);
+        confirmations.stuck |= !expired.is_empty();
         let wake_at = match (shared.expire(), unconfirmed_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -391,7 +417,7 @@ async fn publish_on(
                 while let Some(Some((seq, result))) = confirms.next().now_or_never() {
                     confirmations.take(seq, result);
                 }
-                if !confirmations.settle(shared, &mut sent) {
+                if !confirmations.settle(shared, &mut sent, &mut expired) {
                     break 'publishing Ended::Broken;
                 }
             }

@@ -75,6 +75,9 @@ pub(crate) struct State {
     pub(crate) generation: u64,
     pub(crate) connected: bool,
     pub(crate) blocked: bool,
+    /// RabbitMQ stopped confirming publishes on a connection it neither closed nor blocked
+    /// (a stuck disk, a quorum queue without its majority): no more go out until it does.
+    pub(crate) stuck: bool,
     pub(crate) unavailable_since: Option<Instant>,
     pub(crate) closed: bool,
     /// Publishes not yet on the wire, in call order.
@@ -143,7 +146,7 @@ impl Shared {
             }
             return Flow::Wait;
         }
-        if !state.connected || state.blocked {
+        if !state.connected || state.blocked || state.stuck {
             return Flow::Wait;
         }
         if state.pending.len() + state.in_flight >= self.config.max_pending {
@@ -345,10 +348,42 @@ impl Shared {
             let mut state = self.state.lock();
             state.connected = true;
             state.blocked = false;
+            state.stuck = false;
             state.unavailable_since = None;
             std::mem::take(&mut state.flow_wakers)
         };
         self.link.send_replace(Some(link));
+        self.publisher_wake.notify_one();
+        wake_all(wakers);
+    }
+
+    /// RabbitMQ stopped confirming (a publish expired unconfirmed), or confirms again: while
+    /// it does not, the broker counts as unavailable, so that sends fail after the outage
+    /// bound rather than pile up.
+    pub(crate) fn set_stuck(&self, stuck: bool) {
+        let wakers = {
+            let mut state = self.state.lock();
+            if state.stuck == stuck {
+                return;
+            }
+            state.stuck = stuck;
+            if stuck {
+                state.unavailable_since.get_or_insert_with(Instant::now);
+                Vec::new()
+            } else {
+                if state.connected && !state.blocked {
+                    state.unavailable_since = None;
+                }
+                std::mem::take(&mut state.flow_wakers)
+            }
+        };
+        if stuck {
+            tracing::warn!(
+                "RabbitMQ stopped confirming publishes: sends wait, then fail after the outage bound"
+            );
+        } else {
+            tracing::info!("RabbitMQ confirms publishes again");
+        }
         self.publisher_wake.notify_one();
         wake_all(wakers);
     }
@@ -362,7 +397,7 @@ impl Shared {
                 state.unavailable_since.get_or_insert_with(Instant::now);
                 Vec::new()
             } else {
-                if state.connected {
+                if state.connected && !state.stuck {
                     state.unavailable_since = None;
                 }
                 std::mem::take(&mut state.flow_wakers)

@@ -318,6 +318,15 @@ pub(crate) fn is_queue_not_found(error: &lapin::Error) -> bool {
     matches!(soft_error(error), Some((AMQPSoftError::NOTFOUND, text)) if !text.contains("no exchange"))
 }
 
+/// Whether RabbitMQ refused an operation's precondition (a conditional delete of a queue
+/// that is not empty).
+pub(crate) fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(
+        soft_error(error),
+        Some((AMQPSoftError::PRECONDITIONFAILED, _))
+    )
+}
+
 /// Whether the error is about the connection rather than the operation.
 pub(crate) fn is_connection_error(error: &lapin::Error) -> bool {
     matches!(
