@@ -57,13 +57,38 @@ pub(crate) enum Refused {
     Closing,
 }
 
+/// A unicast that reached this node and will not reach its connection: what its notice needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Bounce {
+    /// The message not delivered.
+    pub(crate) message_id: MessageId,
+    /// The connection it was for.
+    pub(crate) to: ConnectionId,
+    /// The connection that sent it, to be told.
+    pub(crate) sender: ConnectionId,
+}
+
+impl Bounce {
+    /// What a notice about `envelope` needs, when it is a unicast from a connection.
+    pub(crate) fn of(envelope: &Envelope) -> Option<Self> {
+        match (&envelope.target, &envelope.sender) {
+            (Target::Connection(to), Some(sender)) => Some(Self {
+                message_id: envelope.id,
+                to: to.clone(),
+                sender: sender.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Unicasts that reached this node and will not reach their connection (it closed, or is
 /// closing, or its slow-client policy dropped them): their senders are told, by the node's
-/// notice task. Bounded: past [`Bounced::CAPACITY`] waiting, the excess is counted and
-/// logged, not told.
+/// notice task. Only what a notice needs is kept (ids, not payloads); past
+/// [`Bounced::CAPACITY`] waiting, the excess is counted and logged, not told.
 pub(crate) struct Bounced {
-    /// The unicasts waiting, and how many were taken and are being told.
-    waiting: Mutex<(VecDeque<Arc<Envelope>>, usize)>,
+    /// The bounces waiting, and how many were taken and are being told.
+    waiting: Mutex<(VecDeque<Bounce>, usize)>,
     ready: Notify,
     told: Notify,
     overflowed: std::sync::atomic::AtomicBool,
@@ -84,12 +109,16 @@ impl Bounced {
     /// Takes an item that will not reach its client: a unicast from a connection is kept
     /// for a notice to its sender; anything else has no one to tell.
     pub(crate) fn bounce(&self, item: InboxItem) {
-        let InboxItem::Message(envelope) = item else {
+        if let InboxItem::Message(envelope) = item {
+            self.bounce_envelope(&envelope);
+        }
+    }
+
+    /// Takes a message that will not reach its client (see [`bounce`](Bounced::bounce)).
+    pub(crate) fn bounce_envelope(&self, envelope: &Envelope) {
+        let Some(bounce) = Bounce::of(envelope) else {
             return;
         };
-        if !matches!(envelope.target, Target::Connection(_)) || envelope.sender.is_none() {
-            return;
-        }
         {
             let mut waiting = self.waiting.lock();
             if waiting.0.len() >= Self::CAPACITY {
@@ -104,20 +133,20 @@ impl Bounced {
                 }
                 return;
             }
-            waiting.0.push_back(envelope);
+            waiting.0.push_back(bounce);
         }
         self.ready.notify_one();
     }
 
     /// Takes the unicasts waiting for a notice, waiting for some when there are none; call
     /// [`told`](Bounced::told) once their notices are sent.
-    pub(crate) async fn next(&self) -> Vec<Arc<Envelope>> {
+    pub(crate) async fn next(&self) -> Vec<Bounce> {
         loop {
             let notified = self.ready.notified();
             {
                 let mut waiting = self.waiting.lock();
                 if !waiting.0.is_empty() {
-                    let taken: Vec<Arc<Envelope>> = waiting.0.drain(..).collect();
+                    let taken: Vec<Bounce> = waiting.0.drain(..).collect();
                     waiting.1 = taken.len();
                     return taken;
                 }
@@ -194,7 +223,7 @@ impl InboxSlot {
                         }
                     }
                     SlowClientPolicy::Close { code } => {
-                        for dropped in state.queue.drain(..).chain(std::iter::once(item)) {
+                        for dropped in state.queue.drain(..) {
                             self.bounced.bounce(dropped);
                         }
                         state.close = Some(CloseFrame {
@@ -210,7 +239,8 @@ impl InboxSlot {
                             "slow client: its inbox is full, closing it"
                         );
                         wake(state.waker.take());
-                        return Ok(());
+                        // This one is refused too: its caller tells its sender.
+                        return Err(Refused::Closing);
                     }
                 }
             }
@@ -649,16 +679,19 @@ mod tests {
             Metrics::new("a"),
         ));
         let mut inbox = table.register(id(1));
-        for text in ["1", "2", "3"] {
+        for text in ["1", "2"] {
             table
                 .deliver_to(&id(1), InboxItem::Message(message(text)))
                 .unwrap();
         }
-        // Closing: the next one is refused, for its caller to tell the sender.
-        assert_eq!(
-            table.deliver_to(&id(1), InboxItem::Message(message("4"))),
-            Err(Refused::Closing)
-        );
+        // The one over the bound closes the connection and is refused, as is every one after
+        // it: their callers tell their senders.
+        for text in ["3", "4"] {
+            assert_eq!(
+                table.deliver_to(&id(1), InboxItem::Message(message(text))),
+                Err(Refused::Closing)
+            );
+        }
         assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1013"));
         assert!(
             matches!(inbox.next().now_or_never(), Some(None)),
@@ -666,24 +699,18 @@ mod tests {
         );
     }
 
-    /// A unicast from a connection, as received from anywhere.
-    fn unicast(to: u64, from: u64, text: &str) -> InboxItem {
+    /// A unicast from a connection, as received from anywhere, and its id.
+    fn unicast(to: u64, from: u64) -> (InboxItem, MessageId) {
         let mut envelope =
-            Envelope::text(NodeId::new("a").unwrap(), Target::Connection(id(to)), text);
+            Envelope::text(NodeId::new("a").unwrap(), Target::Connection(id(to)), "x");
         envelope.sender = Some(id(from));
-        InboxItem::Message(Arc::new(envelope))
+        let message_id = envelope.id;
+        (InboxItem::Message(Arc::new(envelope)), message_id)
     }
 
-    fn bounced_texts(table: &LocalConnections) -> Vec<String> {
-        let waiting: Vec<String> = table
-            .bounced
-            .waiting
-            .lock()
-            .0
-            .iter()
-            .filter_map(|envelope| envelope.payload_text().map(str::to_owned))
-            .collect();
-        waiting
+    fn bounced_ids(table: &LocalConnections) -> Vec<MessageId> {
+        let waiting = table.bounced.waiting.lock();
+        waiting.0.iter().map(|bounce| bounce.message_id).collect()
     }
 
     #[test]
@@ -695,19 +722,21 @@ mod tests {
             Metrics::new("a"),
         ));
         let inbox = table.register(id(1));
-        table.deliver_to(&id(1), unicast(1, 9, "kept")).unwrap();
+        let (kept, kept_id) = unicast(1, 9);
+        table.deliver_to(&id(1), kept).unwrap();
         table.deliver_all(&message("broadcast"));
-        // Over capacity: the close drops what was queued, unicasts bounced (not broadcasts).
-        table.deliver_to(&id(1), unicast(1, 9, "over")).unwrap();
-        assert_eq!(bounced_texts(&table), ["kept", "over"]);
+        // Over capacity: the close drops what was queued, unicasts bounced (not broadcasts);
+        // the one over the bound is refused, for its caller to tell.
+        let (over, _) = unicast(1, 9);
+        assert_eq!(table.deliver_to(&id(1), over), Err(Refused::Closing));
+        assert_eq!(bounced_ids(&table), [kept_id]);
 
         // A connection that goes with messages still queued: they are bounced too.
         let other = table.register(id(2));
-        table
-            .deliver_to(&id(2), unicast(2, 9, "never read"))
-            .unwrap();
+        let (never_read, never_read_id) = unicast(2, 9);
+        table.deliver_to(&id(2), never_read).unwrap();
         drop(other);
-        assert_eq!(bounced_texts(&table), ["kept", "over", "never read"]);
+        assert_eq!(bounced_ids(&table), [kept_id, never_read_id]);
         drop(inbox);
     }
 

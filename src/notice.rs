@@ -5,15 +5,13 @@
 //! travels as an envelope to the sender's connection, with two extension headers naming the
 //! message and the connection that was gone, and no payload.
 
-use std::sync::Arc;
-
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use hybrid_cluster_core::{Broker, ConnectionId, Envelope, NodeId, PayloadKind, Target};
 use hybrid_cluster_routing::{Forward, ForwardError};
 use tower_service::Service;
 
-use crate::local::{InboxItem, LocalConnections, Undeliverable};
+use crate::local::{Bounce, InboxItem, LocalConnections, Undeliverable};
 
 /// The extension header of a notice: the id of the message not delivered.
 const HEADER_UNDELIVERABLE: &str = "undeliverable";
@@ -60,23 +58,22 @@ pub(crate) async fn send(
     node: &NodeId,
     local: &LocalConnections,
     forward: &Forward<dyn Broker>,
-    bounced: Vec<Arc<Envelope>>,
+    bounced: Vec<Bounce>,
 ) {
     let mut confirming = FuturesUnordered::new();
-    for unicast in bounced {
-        let (Target::Connection(to), Some(sender)) = (&unicast.target, &unicast.sender) else {
-            continue;
-        };
-        let notice = Undeliverable {
-            message_id: unicast.id,
-            to: to.clone(),
-        };
+    for Bounce {
+        message_id,
+        to,
+        sender,
+    } in bounced
+    {
+        let notice = Undeliverable { message_id, to };
         if sender.node() == node {
             // Best effort: the sender may have closed meanwhile too.
-            let _ = local.deliver_to(sender, InboxItem::Undeliverable(notice));
+            let _ = local.deliver_to(&sender, InboxItem::Undeliverable(notice));
             continue;
         }
-        tracing::debug!(connection = %to, message = %unicast.id, %sender, "telling the sender its message found the connection gone");
+        tracing::debug!(connection = %notice.to, message = %message_id, %sender, "telling the sender its message found the connection gone");
         let mut forward = forward.clone();
         let ready = loop {
             tokio::select! {
@@ -89,7 +86,7 @@ pub(crate) async fn send(
             tracing::debug!("could not send an undeliverable notice: the broker is unavailable");
             continue;
         }
-        confirming.push(forward.call(envelope(node, sender, &notice)));
+        confirming.push(forward.call(envelope(node, &sender, &notice)));
         while confirming.len() >= IN_FLIGHT {
             if let Some(sent) = confirming.next().await {
                 report(sent);

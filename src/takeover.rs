@@ -4,13 +4,18 @@
 //! undeliverable notice to its sender, so that none of them is lost without a word.
 //!
 //! Every survivor tries; the consumer is exclusive, so one wins and the others find the queue
-//! in use (or gone: a node that left gracefully deleted its own). The winner reads the queue
-//! until it has been idle for [`IDLE`], then lets go: the queue expires on its own (its
-//! `x-expires`), or its node, back under the same id, consumes it again. A node that comes
-//! back while its queue is being read gets it back at once: what is left is put back for it.
+//! in use (or gone: a node that left gracefully deleted its own, if it was empty) and try
+//! again for a while. The winner reads the queue in rounds of at most [`ROUND`]: broadcasts
+//! and group messages keep coming to a queue still bound, so a round ends when the queue is
+//! idle for [`IDLE`] or the round is over, and the queue is let go in between, so that its
+//! node, back under the same id, can take it again (it tries every 250 ms). After the last
+//! round the queue expires on its own (its `x-expires`). A node that comes back while its
+//! queue is being read gets it back at once: the message in hand is put back for it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use hybrid_cluster_core::{
@@ -20,6 +25,9 @@ use hybrid_cluster_core::{
 
 /// How long a taken-over queue may stay idle before it is let go.
 pub(crate) const IDLE: Duration = Duration::from_secs(2);
+
+/// How long one round of reading a taken-over queue lasts at most.
+pub(crate) const ROUND: Duration = Duration::from_secs(5);
 
 /// How long a queue still in use (its node frozen, its connection not yet given up on) is
 /// tried again.
@@ -33,36 +41,70 @@ pub(crate) async fn take_over(
     gone: NodeId,
     secret: Option<ClusterSecret>,
     is_back: impl Fn() -> bool,
-    bounce: impl Fn(Arc<Envelope>),
+    bounce: impl Fn(&Envelope),
 ) -> usize {
-    let options = ConsumeOptions { prefetch: 64 };
-    // A node frozen rather than dead still holds its consumer until RabbitMQ gives up on its
-    // connection (its heartbeat timeout, 60 s by default): try for a while.
-    let giving_up = tokio::time::Instant::now() + HOLD;
-    let mut deliveries = loop {
-        match broker.consume(&gone, &options).await {
-            Ok(deliveries) => break deliveries,
-            Err(BrokerError::QueueInUse { .. })
-                if tokio::time::Instant::now() < giving_up && !is_back() =>
-            {
-                tokio::time::sleep(IDLE).await;
+    let giving_up = Instant::now() + HOLD;
+    let mut answered = 0;
+    while Instant::now() < giving_up && !is_back() {
+        match read_round(&*broker, &gone, secret.as_ref(), &is_back, &bounce).await {
+            Round::InUse => tokio::time::sleep(IDLE).await,
+            // Busy to the end of the round: let its node have a chance, then go on.
+            Round::Busy(n) => {
+                answered += n;
+                tokio::time::sleep(IDLE / 4).await;
             }
-            // No queue (it left gracefully), another survivor reads it, or it is back.
-            Err(_) => return 0,
+            Round::Done(n) => {
+                answered += n;
+                break;
+            }
         }
+    }
+    if answered > 0 {
+        tracing::info!(node = %gone, answered, "let go of the queue of a node gone");
+    }
+    answered
+}
+
+/// How a round of reading a taken-over queue ended.
+enum Round {
+    /// Someone else reads it (its node, frozen or back, or another survivor).
+    InUse,
+    /// Messages kept coming until the end of the round; this many were answered.
+    Busy(usize),
+    /// Nothing more to do: idle, gone, or its node is back; this many were answered.
+    Done(usize),
+}
+
+async fn read_round(
+    broker: &dyn Broker,
+    gone: &NodeId,
+    secret: Option<&ClusterSecret>,
+    is_back: &impl Fn() -> bool,
+    bounce: &impl Fn(&Envelope),
+) -> Round {
+    let options = ConsumeOptions { prefetch: 64 };
+    let mut deliveries = match broker.consume(gone, &options).await {
+        Ok(deliveries) => deliveries,
+        Err(BrokerError::QueueInUse { .. }) => return Round::InUse,
+        // No queue (it left gracefully), or it cannot be read.
+        Err(_) => return Round::Done(0),
     };
     tracing::info!(node = %gone, "taking over the queue of a node gone: answering the messages it never received");
+    let round_ends = Instant::now() + ROUND;
     let mut answered = 0;
     loop {
-        let delivery = match tokio::time::timeout(IDLE, deliveries.next()).await {
+        let next =
+            tokio::time::timeout_at(round_ends.min(Instant::now() + IDLE), deliveries.next());
+        let delivery = match next.await {
             Ok(Some(Ok(delivery))) => delivery,
+            Err(_) if Instant::now() >= round_ends => return Round::Busy(answered),
             // Idle, or the queue went.
-            Err(_) | Ok(None) | Ok(Some(Err(_))) => break,
+            Err(_) | Ok(None) | Ok(Some(Err(_))) => return Round::Done(answered),
         };
         if is_back() {
             let _ = delivery.acker.requeue().await;
             tracing::info!(node = %gone, "the node is back: its queue is its own again");
-            break;
+            return Round::Done(answered);
         }
         let envelope = match Envelope::from_message(delivery.message) {
             Ok(envelope) => envelope,
@@ -71,7 +113,7 @@ pub(crate) async fn take_over(
                 continue;
             }
         };
-        let authentic = secret.as_ref().is_none_or(|secret| {
+        let authentic = secret.is_none_or(|secret| {
             envelope
                 .verify(secret, SystemTime::now(), DEFAULT_REPLAY_WINDOW * 10)
                 .is_ok()
@@ -82,10 +124,8 @@ pub(crate) async fn take_over(
         }
         if matches!(envelope.target, Target::Connection(_)) && envelope.sender.is_some() {
             answered += 1;
-            bounce(Arc::new(envelope));
+            bounce(&envelope);
         }
         let _ = delivery.acker.ack().await;
     }
-    tracing::info!(node = %gone, answered, "let go of the queue of a node gone");
-    answered
 }

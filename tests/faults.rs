@@ -257,7 +257,7 @@ async fn a_node_whose_queue_is_deleted_heals_itself() {
         cluster.logs()
     );
     assert!(
-        log.contains("receiving from the broker again"),
+        log.contains("consumer is restored"),
         "the recovery is logged\n{}",
         cluster.logs()
     );

@@ -72,7 +72,8 @@ async fn consume_own_queue(
     topology: &NodeTopology<dyn Broker>,
     options: &ConsumeOptions,
 ) -> Result<hybrid_cluster_core::Deliveries, ClusterError> {
-    let deadline = Instant::now() + crate::takeover::IDLE * 5;
+    // Longer than a taker's round, so that the node gets its queue between two of them.
+    let deadline = Instant::now() + crate::takeover::ROUND * 3;
     loop {
         match topology.consume(options).await {
             Err(hybrid_cluster_core::BrokerError::QueueInUse { .. })
@@ -122,12 +123,15 @@ pub(crate) struct Node {
     /// last change wins in the registry too.
     status_change: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The receiver's task, stopped first at shutdown.
+    receiver: Mutex<Option<JoinHandle<()>>>,
     pub(crate) metrics: Metrics,
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for task in self.tasks.get_mut().drain(..) {
+        let receiver = self.receiver.get_mut().take();
+        for task in self.tasks.get_mut().drain(..).chain(receiver) {
             task.abort();
         }
     }
@@ -205,9 +209,7 @@ impl Node {
                     self.metrics.received("unicast");
                 } else {
                     self.metrics.dropped("connection_gone");
-                    self.local
-                        .bounced
-                        .bounce(InboxItem::Message(Arc::clone(&envelope)));
+                    self.local.bounced.bounce_envelope(&envelope);
                 }
             }
             // This node delivered its own broadcasts and group messages locally already.
@@ -255,12 +257,25 @@ impl Node {
                         .is_none_or(|node| node.discovery.view().node(&gone).is_some())
                 }
             };
-            let bounce = move |envelope| bounced.bounce(InboxItem::Message(envelope));
+            let bounce = move |envelope: &Envelope| bounced.bounce_envelope(envelope);
             crate::takeover::take_over(broker, gone, secret, is_back, bounce).await;
         });
         let mut tasks = self.tasks.lock();
         tasks.retain(|task| !task.is_finished());
         tasks.push(task);
+    }
+
+    /// Stops the receiver, and waits until the broker has let go of its consumer (so that
+    /// what it had not settled is back in the queue).
+    async fn stop_receiving(&self) {
+        let consumer = self.topology.broker().consumer_state(&self.id);
+        if let Some(receiver) = self.receiver.lock().take() {
+            receiver.abort();
+        }
+        if let Some(mut consumer) = consumer {
+            // The broker drops its end once the consumer is gone.
+            while consumer.changed().await.is_ok() {}
+        }
     }
 
     /// The first part of a shutdown: drains, and closes every client with 1012 and a reason
@@ -430,6 +445,7 @@ impl Cluster {
             not_receiving: Mutex::new(None),
             status_change: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
+            receiver: Mutex::new(None),
             discovery,
             metrics,
         });
@@ -533,6 +549,13 @@ impl Cluster {
                 .map_err(ClusterError::from)
         })
         .await;
+        // Receiving stops: what still waits in the queue stays there, for a peer to take
+        // over and answer once it sees this node gone.
+        let stopped = within(deadline, "stopping the receiver", async {
+            node.stop_receiving().await;
+            Ok(())
+        })
+        .await;
         // Messages that found their connection closed are answered before the tasks stop.
         let told = within(
             deadline,
@@ -548,11 +571,14 @@ impl Cluster {
         }
         let deadline = deadline.max(Instant::now() + leaving / 2);
         let deleted = within(deadline, "deleting the node's queue", async {
-            let deleting = node.topology.broker().delete_queue(&node.id);
-            deleting.await.map_err(ClusterError::from)
+            let deleting = node.topology.broker().delete_queue_if_empty(&node.id);
+            if !deleting.await? {
+                tracing::info!(node = %node.id, "the node's queue still holds messages: left for a peer to take over and answer");
+            }
+            Ok(())
         })
         .await;
-        match left.and(told).and(deleted) {
+        match left.and(stopped).and(told).and(deleted) {
             Ok(()) => {
                 tracing::info!(node = %node.id, "node left the cluster");
                 Ok(())

@@ -5,28 +5,31 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 
-use hybrid_cluster_core::{Deliveries, Envelope, NodeId, NodeInfo};
+use hybrid_cluster_core::{ConsumerState, Deliveries, Envelope, NodeId, NodeInfo};
 use hybrid_cluster_routing::{ReceiveConfig, Receiver};
 use tokio::task::JoinHandle;
+use tokio::time::Duration;
 
 use super::Node;
 
 /// Starts every task of `node`, the receiver reading `deliveries` among them.
 pub(super) fn spawn_all(node: &Arc<Node>, deliveries: Deliveries) {
-    let mut tasks = receiving(node, deliveries);
-    tasks.extend([
+    let (reporting, running) = receiving(node, deliveries);
+    *node.receiver.lock() = Some(running);
+    let mut tasks = vec![
+        reporting,
         placing(node),
         unbinding(node),
         watching(node),
         notifying(node),
-    ]);
+    ];
     tasks.extend(following_consumer(node));
     node.tasks.lock().extend(tasks);
 }
 
 /// Hands what comes through the broker to the local connections, and reports the receiver's
-/// counts every heartbeat.
-fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> Vec<JoinHandle<()>> {
+/// counts every heartbeat: the reporting task, then the receiver's.
+fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> (JoinHandle<()>, JoinHandle<()>) {
     let receive = ReceiveConfig {
         secret: node.config.secret.clone(),
         replay_window: node.config.replay_window,
@@ -63,7 +66,7 @@ fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> Vec<JoinHandle<()>> {
             tracing::error!(node = %node_id, %error, "stopped receiving messages");
         }
     });
-    vec![reporting, running]
+    (reporting, running)
 }
 
 /// Keeps placement's view of the cluster current.
@@ -141,14 +144,30 @@ fn notifying(node: &Arc<Node>) -> JoinHandle<()> {
     })
 }
 
+/// An interruption shorter than this (a reconnect, a consumer restored at once) does not
+/// degrade the node: every node of a cluster would otherwise flap on each broker blip.
+const DEBOUNCE: Duration = Duration::from_secs(1);
+
 /// Follows the node's consumer, when its broker tells how it is: the node is degraded while
-/// it does not receive.
+/// it does not receive, for longer than [`DEBOUNCE`].
 fn following_consumer(node: &Arc<Node>) -> Option<JoinHandle<()>> {
     let mut states = node.topology.broker().consumer_state(&node.id)?;
     node.metrics.receiving(true);
     let weak = Arc::downgrade(node);
     Some(tokio::spawn(async move {
         loop {
+            let interrupted = matches!(
+                *states.borrow_and_update(),
+                ConsumerState::Interrupted { .. }
+            );
+            if interrupted {
+                let consuming = states.wait_for(|state| matches!(state, ConsumerState::Consuming));
+                match tokio::time::timeout(DEBOUNCE, consuming).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(_)) => return,
+                    Err(_) => {}
+                }
+            }
             let state = states.borrow_and_update().clone();
             let Some(node) = weak.upgrade() else { return };
             node.follow_consumer(state).await;

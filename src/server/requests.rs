@@ -135,7 +135,11 @@ impl<'a> Ahead<'a> {
 
 /// One connection's requests: see the [module docs](self).
 pub(super) struct Requests {
+    /// Starts what goes through the broker, in order, in the places it reserves.
     sender: OrderedSender,
+    /// Starts unicasts within this node: never readied, so starting one never gives back a
+    /// place `sender` holds for the request at the head of the line.
+    local: OrderedSender,
     handle: ClusterHandle,
     sent: SentIds,
     /// Read, not started, in the order they came.
@@ -150,6 +154,7 @@ impl Requests {
     pub(super) fn new(handle: ClusterHandle) -> Self {
         Self {
             sender: handle.ordered(),
+            local: handle.ordered(),
             handle,
             sent: SentIds::default(),
             waiting: VecDeque::new(),
@@ -268,11 +273,15 @@ impl Requests {
     fn start_one(&mut self, request: Request) -> BoxFuture<'static, Replies> {
         match request {
             Request::Send { to, data, id } => {
-                let confirmation = self
-                    .sender
-                    .send(&to, PayloadKind::Text, data.get().to_owned());
-                if let Some(id) = id.as_ref().filter(|_| self.sender.needs_place(&to)) {
-                    // The node it goes to may send a notice back: remember whose it was.
+                let sender = if self.sender.needs_place(&to) {
+                    &mut self.sender
+                } else {
+                    &mut self.local
+                };
+                let confirmation = sender.send(&to, PayloadKind::Text, data.get().to_owned());
+                if let Some(id) = &id {
+                    // A notice may come back for it (from its node, or this one when its
+                    // connection here goes before it reads it): remember whose it was.
                     self.sent.remember(confirmation.message_id(), id.clone());
                 }
                 Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
@@ -342,8 +351,8 @@ fn ack(id: Option<&RawValue>) -> Option<String> {
     id.map(|id| ServerMessage::Ack { id }.to_json())
 }
 
-/// The correlation ids of a connection's latest sends to other nodes, by message id, so that
-/// a notice of a message not delivered can name the request it answers.
+/// The correlation ids of a connection's latest unicasts, by message id, so that a notice of
+/// a message not delivered can name the request it answers.
 ///
 /// Bounded by time and by count: an id is kept for [`SentIds::WINDOW`] (a notice comes once
 /// the message reached its node, long before that unless the node was away), and only the
