@@ -14,10 +14,12 @@
 //! 1. `throughput`: cross-node unicast, WebSocket client → node A → RabbitMQ → node B →
 //!    WebSocket client, 128-byte `data`, `id`-less sends (no acks: the server still keeps up
 //!    to `max_pending_per_connection` sends awaiting the broker's confirmation), 1 and 4
-//!    sender/receiver pairs; next to raw lapin publish (confirms, 256 in flight) → consume.
+//!    sender/receiver pairs, in `transient` and in `durable` mode (the default: durable
+//!    queues, persistent messages); next to raw lapin publish (confirms, 256 in flight) →
+//!    consume, with a transient queue and with a durable one and persistent messages.
 //! 2. `latency`: cross-node one-way latency (one message at a time, client on A to client on B,
-//!    same process and clock) next to the raw AMQP publish → consume round and the raw
-//!    tokio-tungstenite echo round trip.
+//!    same process and clock), transient and durable, next to the raw AMQP publish → consume
+//!    round and the raw tokio-tungstenite echo round trip.
 //! 3. `local`: same-node one-way latency next to the raw WebSocket echo.
 //! 4. `broadcast`: one broadcast reaching N clients spread over 3 nodes (the nodes run in a
 //!    child process, so that N clients and N server sockets do not share one fd limit).
@@ -49,8 +51,8 @@ use hybrid_cluster::discovery::{Discovery, DiscoveryConfig, RedisOptions, RedisR
 use hybrid_cluster::live::{Epoch, LiveNodeInfo};
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{
-    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Incarnation, NodeId, NodeInfo,
-    RedisUrl,
+    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, Incarnation, NodeId,
+    NodeInfo, RedisUrl,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -376,11 +378,16 @@ impl RunningNode {
 
 /// Starts a node of the cluster `prefix` serving the demo protocol on a loopback port, as
 /// `examples/cluster.rs` does (TCP_NODELAY on every accepted socket).
-async fn start_node(prefix: &ClusterPrefix, name: &str) -> Result<RunningNode, BoxError> {
+async fn start_node(
+    prefix: &ClusterPrefix,
+    name: &str,
+    durability: Durability,
+) -> Result<RunningNode, BoxError> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let mut config = ClusterConfig::new(NodeId::new(name)?, "127.0.0.1", port);
     config.prefix = prefix.clone();
+    config.durability = durability;
     config.max_connections = 1_000_000;
     config.shutdown_grace = Duration::from_secs(5);
     let cluster = timeout(
@@ -402,11 +409,16 @@ async fn start_node(prefix: &ClusterPrefix, name: &str) -> Result<RunningNode, B
     })
 }
 
-/// Starts `count` nodes (named a, b, c) and waits until each sees all of them.
-async fn start_nodes(prefix: &ClusterPrefix, count: usize) -> Result<Vec<RunningNode>, BoxError> {
+/// Starts `count` nodes (named a, b, c) in `durability` mode and waits until each sees all
+/// of them.
+async fn start_nodes(
+    prefix: &ClusterPrefix,
+    count: usize,
+    durability: Durability,
+) -> Result<Vec<RunningNode>, BoxError> {
     let mut nodes = Vec::new();
     for name in NODE_NAMES.iter().take(count) {
-        nodes.push(start_node(prefix, name).await?);
+        nodes.push(start_node(prefix, name, durability).await?);
     }
     for node in &nodes {
         timeout(
@@ -755,7 +767,7 @@ fn child_main(mode: &str) -> Result<(), BoxError> {
         if let Some(rest) = mode.strip_prefix("nodes:") {
             let (prefix, count) = rest.rsplit_once(':').ok_or("nodes:<prefix>:<count>")?;
             let prefix = ClusterPrefix::new(prefix)?;
-            let nodes = start_nodes(&prefix, count.parse()?).await?;
+            let nodes = start_nodes(&prefix, count.parse()?, Durability::default()).await?;
             let ports: Vec<String> = nodes.iter().map(|n| n.port.to_string()).collect();
             println!("PORTS {}", ports.join(" "));
             let _ = stdin_closed().await;
@@ -792,25 +804,34 @@ async fn amqp_connection() -> Result<Connection, BoxError> {
     .await?)
 }
 
-async fn declare_raw_queue(channel: &lapin::Channel, queue: &str) -> Result<(), BoxError> {
+async fn declare_raw_queue(
+    channel: &lapin::Channel,
+    queue: &str,
+    durable: bool,
+) -> Result<(), BoxError> {
     let mut arguments = FieldTable::default();
     arguments.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+    let options = QueueDeclareOptions {
+        durable,
+        ..QueueDeclareOptions::default()
+    };
     channel
-        .queue_declare(queue.into(), QueueDeclareOptions::default(), arguments)
+        .queue_declare(queue.into(), options, arguments)
         .await?;
     Ok(())
 }
 
 /// Raw lapin: one connection publishes `n` × 128 B with publisher confirms, 256 in flight, to
 /// a queue another connection consumes (prefetch 256), acknowledging each (pipelined) or not
-/// at all (`no_ack`, the ceiling). Messages per second, first publish to last delivery.
-/// Also returns how many deliveries came after one published later (out of order).
-async fn raw_lapin_rate(n: usize, no_ack: bool) -> Result<(f64, usize), BoxError> {
+/// at all (`no_ack`, the ceiling); `durable`: a durable queue and persistent messages, so a
+/// confirm means on disk. Messages per second, first publish to last delivery. Also returns
+/// how many deliveries came after one published later (out of order).
+async fn raw_lapin_rate(n: usize, no_ack: bool, durable: bool) -> Result<(f64, usize), BoxError> {
     let publisher = amqp_connection().await?;
     let consumer_conn = amqp_connection().await?;
     let queue = format!("hc-suite:raw:{}", tag());
     let pub_channel = publisher.create_channel().await?;
-    declare_raw_queue(&pub_channel, &queue).await?;
+    declare_raw_queue(&pub_channel, &queue, durable).await?;
     pub_channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -883,7 +904,7 @@ async fn raw_lapin_rate(n: usize, no_ack: bool) -> Result<(f64, usize), BoxError
                     queue.as_str().into(),
                     BasicPublishOptions::default(),
                     &payload,
-                    BasicProperties::default(),
+                    BasicProperties::default().with_delivery_mode(if durable { 2 } else { 1 }),
                 )
                 .await
                 .unwrap()
@@ -943,7 +964,7 @@ impl Probe {
         let consumer_conn = amqp_connection().await?;
         let queue = format!("hc-suite:rtt:{}", tag());
         let channel = publisher.create_channel().await?;
-        declare_raw_queue(&channel, &queue).await?;
+        declare_raw_queue(&channel, &queue, false).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -1199,58 +1220,39 @@ async fn unicast_run(
     })
 }
 
-async fn section_throughput(ctx: &mut Ctx) -> Result<(), BoxError> {
-    let n = ctx.sizes.messages;
-    let rounds = ctx.sizes.rounds;
-    let prefix = ctx.prefix("throughput");
-    let nodes = start_nodes(&prefix, 2).await?;
+/// Cross-node throughput of one cluster in one durability mode, 1 and 4 pairs, over the
+/// rounds: the medians, and the messages lost and out of order over all runs.
+struct ModeThroughput {
+    one: f64,
+    four: f64,
+    lost: usize,
+    late: usize,
+}
+
+async fn throughput_rounds(ctx: &Ctx, mode: Durability) -> Result<ModeThroughput, BoxError> {
+    let (n, rounds) = (ctx.sizes.messages, ctx.sizes.rounds);
+    let prefix = ctx.prefix(&format!("throughput-{mode}"));
+    let nodes = start_nodes(&prefix, 2, mode).await?;
     let result = async {
-        let (mut raw_acks, mut raw_no_acks, mut ones, mut fours) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut lost, mut late_one, mut late_four, mut late_raw) = (0, 0, 0, 0);
+        let (mut ones, mut fours, mut lost, mut late) = (Vec::new(), Vec::new(), 0, 0);
         for round in 1..=rounds {
-            let (raw_ack, late_ack) = raw_lapin_rate(n, false).await?;
-            let (raw_no_ack, late_no_ack) = raw_lapin_rate(n, true).await?;
-            late_raw += late_ack + late_no_ack;
             let one = unicast_run(&nodes[0], &nodes[1], 1, n).await?;
             let four = unicast_run(&nodes[0], &nodes[1], 4, n).await?;
             println!(
-                "  round {round}: raw lapin ack {raw_ack:.0}, no-ack {raw_no_ack:.0}; cluster 1 pair {:.0}, 4 pairs {:.0} msg/s",
+                "  round {round}, {mode}: cluster 1 pair {:.0}, 4 pairs {:.0} msg/s",
                 one.rate, four.rate
             );
             lost += one.lost + four.lost;
-            late_one += one.out_of_order;
-            late_four += four.out_of_order;
-            raw_acks.push(raw_ack);
-            raw_no_acks.push(raw_no_ack);
+            late += one.out_of_order + four.out_of_order;
             ones.push(one.rate);
             fours.push(four.rate);
         }
-        let (raw_ack, raw_no_ack) = (median(raw_acks), median(raw_no_acks));
-        let (one, four) = (median(ones), median(fours));
-        let r = &mut ctx.report;
-        for (label, ours) in [("1 pair", one), ("4 pairs", four)] {
-            r.row(
-                format!("1. cross-node unicast, {label} ({n} × 128 B, no ids)"),
-                rate(ours),
-                format!("{} raw lapin confirms + ack", rate(raw_ack)),
-                ratio(ours, raw_ack),
-                "≥ 0.80 × raw",
-                Verdict::of(ours >= 0.8 * raw_ack),
-            );
-        }
-        r.row(
-            "1. raw lapin confirms, consumer no-ack (ceiling)",
-            "—",
-            rate(raw_no_ack),
-            format!("{} (4 pairs)", ratio(four, raw_no_ack)),
-            "—",
-            Verdict::Info,
-        );
-        r.note(format!(
-            "1: median of {rounds} round(s); over all cluster runs {lost} messages lost, and {late_one} (1 pair) / {late_four} (4 pairs) arrived after a message their sender sent later (out of order); raw lapin (same poll-once publishing): {late_raw} out of order"
-        ));
-        Ok::<_, BoxError>(())
+        Ok::<_, BoxError>(ModeThroughput {
+            one: median(ones),
+            four: median(fours),
+            lost,
+            late,
+        })
     }
     .await;
     stop_nodes(nodes).await;
@@ -1258,30 +1260,115 @@ async fn section_throughput(ctx: &mut Ctx) -> Result<(), BoxError> {
     result
 }
 
+async fn section_throughput(ctx: &mut Ctx) -> Result<(), BoxError> {
+    let n = ctx.sizes.messages;
+    let rounds = ctx.sizes.rounds;
+    // The raw broker, measured between the cluster runs so that both see the same machine.
+    let (mut raw_acks, mut raw_no_acks, mut raw_durables, mut late_raw) =
+        (Vec::new(), Vec::new(), Vec::new(), 0);
+    let mut raw_errors = Vec::new();
+    let transient = throughput_rounds(ctx, Durability::Transient).await?;
+    for round in 1..=rounds {
+        match async {
+            let (raw_ack, late_ack) = raw_lapin_rate(n, false, false).await?;
+            let (raw_no_ack, late_no_ack) = raw_lapin_rate(n, true, false).await?;
+            let (raw_durable, late_durable) = raw_lapin_rate(n, false, true).await?;
+            println!(
+                "  round {round}: raw lapin ack {raw_ack:.0}, no-ack {raw_no_ack:.0}, durable {raw_durable:.0} msg/s"
+            );
+            Ok::<_, BoxError>((raw_ack, raw_no_ack, raw_durable, late_ack + late_no_ack + late_durable))
+        }
+        .await
+        {
+            Ok((ack, no_ack, durable, late)) => {
+                raw_acks.push(ack);
+                raw_no_acks.push(no_ack);
+                raw_durables.push(durable);
+                late_raw += late;
+            }
+            Err(error) => raw_errors.push(error.to_string()),
+        }
+    }
+    if let Some(error) = raw_errors.first() {
+        return Err(error.clone().into());
+    }
+    let durable = throughput_rounds(ctx, Durability::Durable).await?;
+    let (raw_ack, raw_no_ack, raw_durable) =
+        (median(raw_acks), median(raw_no_acks), median(raw_durables));
+    let r = &mut ctx.report;
+    for (label, ours) in [("1 pair", transient.one), ("4 pairs", transient.four)] {
+        r.row(
+            format!("1. cross-node unicast, transient, {label} ({n} × 128 B, no ids)"),
+            rate(ours),
+            format!("{} raw lapin confirms + ack", rate(raw_ack)),
+            ratio(ours, raw_ack),
+            "≥ 0.80 × raw",
+            Verdict::of(ours >= 0.8 * raw_ack),
+        );
+    }
+    for (label, ours) in [("1 pair", durable.one), ("4 pairs", durable.four)] {
+        r.row(
+            format!("1. cross-node unicast, durable (the default), {label}"),
+            rate(ours),
+            format!(
+                "{} raw lapin transient confirms + ack ({} durable)",
+                rate(raw_ack),
+                rate(raw_durable)
+            ),
+            ratio(ours, raw_ack),
+            "≥ 1.0 × raw transient",
+            Verdict::of(ours >= raw_ack),
+        );
+    }
+    r.row(
+        "1. raw lapin confirms, consumer no-ack (ceiling)",
+        "—",
+        rate(raw_no_ack),
+        format!("{} (transient, 4 pairs)", ratio(transient.four, raw_no_ack)),
+        "—",
+        Verdict::Info,
+    );
+    r.note(format!(
+        "1: median of {rounds} round(s); over all cluster runs {} messages lost (transient {}, durable {}), {} arrived after a message their sender sent later (transient {}, durable {}); raw lapin (same poll-once publishing): {late_raw} out of order; raw durable: a durable queue, persistent messages, confirms, an ack per message",
+        transient.lost + durable.lost,
+        transient.lost,
+        durable.lost,
+        transient.late + durable.late,
+        transient.late,
+        durable.late
+    ));
+    Ok(())
+}
+
 async fn section_latency(ctx: &mut Ctx) -> Result<(), BoxError> {
     let samples = ctx.sizes.samples;
     let prefix = ctx.prefix("latency");
-    let nodes = start_nodes(&prefix, 2).await?;
+    let durable_prefix = ctx.prefix("latency-durable");
+    let nodes = start_nodes(&prefix, 2, Durability::Transient).await?;
+    let durable_nodes = start_nodes(&durable_prefix, 2, Durability::Durable).await?;
     let result = async {
         let probes = vec![
             Probe::one_way(&nodes[0].url(), &nodes[1].url()).await?,
             Probe::amqp().await?,
             Probe::echo().await?,
+            Probe::one_way(&durable_nodes[0].url(), &durable_nodes[1].url()).await?,
         ];
         measure(probes, samples).await
     }
     .await;
     stop_nodes(nodes).await;
+    stop_nodes(durable_nodes).await;
     cleanup(&prefix).await;
-    let (ours, amqp, ws) = match result?[..] {
-        [ours, amqp, ws] => (ours, amqp, ws),
-        _ => return Err("three measures expected".into()),
+    cleanup(&durable_prefix).await;
+    let (ours, amqp, ws, durable) = match result?[..] {
+        [ours, amqp, ws, durable] => (ours, amqp, ws, durable),
+        _ => return Err("four measures expected".into()),
     };
     let sum50 = amqp.p50 + ws.p50;
     let budget = sum50 + 100.0;
     let r = &mut ctx.report;
     r.row(
-        "2. cross-node latency p50 (one-way, A → B)",
+        "2. cross-node latency p50, transient (one-way, A → B)",
         us(ours.p50),
         format!("{} AMQP + WS echo", us(sum50)),
         ratio(ours.p50, sum50),
@@ -1289,7 +1376,7 @@ async fn section_latency(ctx: &mut Ctx) -> Result<(), BoxError> {
         Verdict::of(ours.p50 <= budget),
     );
     r.row(
-        "2. cross-node latency p99",
+        "2. cross-node latency p99, transient",
         us(ours.p99),
         format!("{} AMQP p99 + WS p99", us(amqp.p99 + ws.p99)),
         ratio(ours.p99, amqp.p99 + ws.p99),
@@ -1297,12 +1384,20 @@ async fn section_latency(ctx: &mut Ctx) -> Result<(), BoxError> {
         Verdict::of(ours.p99 <= 2.0 * budget),
     );
     r.row(
-        "2. cross-node latency p999",
+        "2. cross-node latency p999, transient",
         us(ours.p999),
         format!("{} AMQP p999 + WS p999", us(amqp.p999 + ws.p999)),
         ratio(ours.p999, amqp.p999 + ws.p999),
         "—",
         Verdict::Info,
+    );
+    r.row(
+        "2. cross-node latency, durable (the default), p50/p99/p999",
+        durable.show(),
+        format!("{} transient p99", us(ours.p99)),
+        ratio(durable.p99, ours.p99),
+        "p99 ≤ 2 ms",
+        Verdict::of(durable.p99 <= 2_000.0),
     );
     r.row(
         "2. raw AMQP publish → consume p50/p99/p999",
@@ -1329,7 +1424,7 @@ async fn section_latency(ctx: &mut Ctx) -> Result<(), BoxError> {
 async fn section_local(ctx: &mut Ctx) -> Result<(), BoxError> {
     let samples = ctx.sizes.samples;
     let prefix = ctx.prefix("local");
-    let nodes = start_nodes(&prefix, 1).await?;
+    let nodes = start_nodes(&prefix, 1, Durability::default()).await?;
     let result = async {
         let probes = vec![
             Probe::one_way(&nodes[0].url(), &nodes[0].url()).await?,
