@@ -10,13 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use hybrid_cluster_test_support::client::Client;
-use hybrid_cluster_test_support::node::{NodeOptions, NodeProgram};
+use hybrid_cluster_test_support::node::NodeCluster;
 use hybrid_cluster_test_support::rabbitmq;
-use hybrid_cluster_test_support::servers::{remove_cluster, unique_prefix};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -26,81 +24,20 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Taken by every test for its whole run, so that tests of this binary never overlap.
 static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Nodes started by one test under a prefix of its own; on drop, the nodes are killed, what
-/// they left in Redis and RabbitMQ is removed, and RabbitMQ is started if a test left it
-/// stopped.
-struct TestCluster {
-    prefix: String,
-    nodes: Vec<NodeProgram>,
-    ids: Vec<String>,
-}
-
-impl TestCluster {
-    fn new(test: &str) -> Self {
-        Self {
-            prefix: unique_prefix(&format!("faults-{test}")),
-            nodes: Vec::new(),
-            ids: Vec::new(),
-        }
+/// Starts node `name` of `cluster` with a heartbeat of `heartbeat_ms` and `extra`
+/// arguments; returns its index.
+async fn start(
+    cluster: &mut NodeCluster,
+    name: &str,
+    heartbeat_ms: u64,
+    extra: &[(&str, &str)],
+) -> usize {
+    let mut options = cluster.options();
+    options.heartbeat_ms = heartbeat_ms;
+    for (flag, value) in extra {
+        options = options.arg(flag, value);
     }
-
-    /// Starts a node `{prefix}`-less named `name` with a heartbeat of `heartbeat_ms` and
-    /// `extra` arguments; returns its index.
-    async fn start(&mut self, name: &str, heartbeat_ms: u64, extra: &[(&str, &str)]) -> usize {
-        let mut options = NodeOptions::servers(&self.prefix);
-        options.heartbeat_ms = heartbeat_ms;
-        for (flag, value) in extra {
-            options = options.arg(flag, value);
-        }
-        let node = NodeProgram::start(name, &options)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        self.ids.push(node.id.clone());
-        self.nodes.push(node);
-        self.nodes.len() - 1
-    }
-
-    async fn wait_for_nodes(&self, count: usize) {
-        for node in &self.nodes {
-            node.wait_for_nodes(count, WAIT)
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
-        }
-    }
-
-    fn queue(&self, node: usize) -> String {
-        format!("{}:node:{}", self.prefix, self.nodes[node].id)
-    }
-
-    fn logs(&self) -> String {
-        let mut logs = String::new();
-        for node in &self.nodes {
-            let _ = writeln!(logs, "--- {} ---\n{}", node.id, node.log_tail(25));
-        }
-        logs
-    }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        let prefix = self.prefix.clone();
-        let ids = self.ids.clone();
-        for node in &self.nodes {
-            let _ = node.signal("CONT");
-        }
-        self.nodes.clear();
-        let cleaning = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                rabbitmq::ensure_running().await;
-                remove_cluster(&prefix, &ids).await;
-            });
-        });
-        let _ = cleaning.join();
-    }
+    cluster.start(name, &options).await
 }
 
 /// Reads `client`'s frames until `done` says so, within [`WAIT`]; returns them.
@@ -148,11 +85,11 @@ fn count_of(frames: &[Value], kind: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_no_acknowledged_message_in_durable_mode() {
     let _alone = ALONE.lock().await;
-    let mut cluster = TestCluster::new("restart");
+    let mut cluster = NodeCluster::new("faults-restart");
     // A lease of 15 s outlasts the pause and the restart: the paused node stays a member.
-    let sending = cluster.start("restart-a", 5_000, &[]).await;
-    let receiving = cluster.start("restart-b", 5_000, &[]).await;
-    cluster.wait_for_nodes(2).await;
+    let sending = start(&mut cluster, "restart-a", 5_000, &[]).await;
+    let receiving = start(&mut cluster, "restart-b", 5_000, &[]).await;
+    cluster.wait_for_nodes(2, WAIT).await;
     let mut sender = Client::connect(&cluster.nodes[sending].ws_url())
         .await
         .unwrap();
@@ -185,7 +122,7 @@ async fn a_broker_restart_loses_no_acknowledged_message_in_durable_mode() {
     assert_eq!(after[0]["data"]["n"], "end", "no duplicate: {after:?}");
     for node in &cluster.nodes {
         let (status, body) = node.get("/healthz").await.unwrap();
-        assert_eq!(status, 200, "{}: {body}\n{}", node.id, cluster.logs());
+        assert_eq!(status, 200, "{}: {body}\n{}", node.id, cluster.logs(25));
     }
 }
 
@@ -195,10 +132,10 @@ async fn a_broker_restart_loses_no_acknowledged_message_in_durable_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_queue_is_deleted_heals_itself() {
     let _alone = ALONE.lock().await;
-    let mut cluster = TestCluster::new("deleted");
-    let sending = cluster.start("deleted-a", 1_000, &[]).await;
-    let receiving = cluster.start("deleted-b", 1_000, &[]).await;
-    cluster.wait_for_nodes(2).await;
+    let mut cluster = NodeCluster::new("faults-deleted");
+    let sending = start(&mut cluster, "deleted-a", 1_000, &[]).await;
+    let receiving = start(&mut cluster, "deleted-b", 1_000, &[]).await;
+    cluster.wait_for_nodes(2, WAIT).await;
     let mut sender = Client::connect(&cluster.nodes[sending].ws_url())
         .await
         .unwrap();
@@ -223,7 +160,7 @@ async fn a_node_whose_queue_is_deleted_heals_itself() {
         assert!(
             Instant::now() < deadline,
             "not healed: {healed:?}\n{}",
-            cluster.logs()
+            cluster.logs(25)
         );
         attempt += 1;
         let ops = [
@@ -254,12 +191,12 @@ async fn a_node_whose_queue_is_deleted_heals_itself() {
     assert!(
         log.contains("consumer is lost"),
         "the loss is logged\n{}",
-        cluster.logs()
+        cluster.logs(25)
     );
     assert!(
         log.contains("consumer is restored"),
         "the recovery is logged\n{}",
-        cluster.logs()
+        cluster.logs(25)
     );
     let (status, body) = cluster.nodes[receiving].get("/healthz").await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -271,10 +208,10 @@ async fn a_node_whose_queue_is_deleted_heals_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_nodes_waiting_messages_are_answered_by_a_survivor() {
     let _alone = ALONE.lock().await;
-    let mut cluster = TestCluster::new("crashed");
-    let surviving = cluster.start("crashed-a", 500, &[]).await;
-    let crashing = cluster.start("crashed-b", 500, &[]).await;
-    cluster.wait_for_nodes(2).await;
+    let mut cluster = NodeCluster::new("faults-crashed");
+    let surviving = start(&mut cluster, "crashed-a", 500, &[]).await;
+    let crashing = start(&mut cluster, "crashed-b", 500, &[]).await;
+    cluster.wait_for_nodes(2, WAIT).await;
     let mut sender = Client::connect(&cluster.nodes[surviving].ws_url())
         .await
         .unwrap();
@@ -302,5 +239,9 @@ async fn a_crashed_nodes_waiting_messages_are_answered_by_a_survivor() {
         "each request answered once"
     );
     let log = cluster.nodes[surviving].log();
-    assert!(log.contains("taking over the queue"), "{}", cluster.logs());
+    assert!(
+        log.contains("taking over the queue"),
+        "{}",
+        cluster.logs(25)
+    );
 }

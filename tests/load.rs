@@ -11,15 +11,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use futures_util::{StreamExt, stream};
 use hybrid_cluster_test_support::client::Client;
 use hybrid_cluster_test_support::limits::raise_open_files;
-use hybrid_cluster_test_support::node::{NodeOptions, NodeProgram};
-use hybrid_cluster_test_support::servers::{remove_cluster, unique_prefix};
+use hybrid_cluster_test_support::node::NodeCluster;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -32,73 +30,28 @@ const CONNECTING: usize = 64;
 /// Taken by every test for its whole run, so that tests of this binary never overlap.
 static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Nodes started by one test under a prefix of its own; on drop, the nodes are killed and
-/// whatever they left in Redis and RabbitMQ is removed.
-struct TestCluster {
-    prefix: String,
-    nodes: Vec<NodeProgram>,
-}
-
-impl TestCluster {
-    /// Starts `count` nodes named `{test}-0`, `{test}-1`, … with `extra` arguments each, and
-    /// waits until every one sees all of them.
-    async fn start(test: &str, count: usize, extra: &[(&str, String)]) -> Self {
-        let prefix = unique_prefix(&format!("load-{test}"));
-        let mut options = NodeOptions::servers(&prefix).arg("--max-connections", 10_000);
-        // A node saturated by the test (debug builds, two cores for everything) may not
-        // heartbeat for a while: a lease of 6 s keeps its peers from taking it for dead,
-        // which is not what these tests are about.
-        options.heartbeat_ms = 2_000;
-        for (flag, value) in extra {
-            options = options.arg(flag, value);
-        }
-        let mut cluster = Self {
-            prefix,
-            nodes: Vec::new(),
-        };
-        for i in 0..count {
-            let node = NodeProgram::start(&format!("{test}-{i}"), &options)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            cluster.nodes.push(node);
-        }
-        for node in &cluster.nodes {
-            node.wait_for_nodes(count, Duration::from_secs(30))
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        cluster
+/// Starts `count` nodes named `{test}-0`, `{test}-1`, … with `extra` arguments each, and
+/// waits until every one sees all of them.
+async fn start(test: &str, count: usize, extra: &[(&str, String)]) -> NodeCluster {
+    let mut cluster = NodeCluster::new(&format!("load-{test}"));
+    let mut options = cluster.options().arg("--max-connections", 10_000);
+    // A node saturated by the test (debug builds, two cores for everything) may not heartbeat
+    // for a while: a lease of 6 s keeps its peers from taking it for dead, which is not what
+    // these tests are about.
+    options.heartbeat_ms = 2_000;
+    for (flag, value) in extra {
+        options = options.arg(flag, value);
     }
-
-    /// The last lines of every node's log, for a failure message.
-    fn logs(&self) -> String {
-        let mut logs = String::new();
-        for node in &self.nodes {
-            let _ = writeln!(logs, "--- {} ---\n{}", node.id, node.log_tail(15));
-        }
-        logs
+    for i in 0..count {
+        cluster.start(&format!("{test}-{i}"), &options).await;
     }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        let prefix = self.prefix.clone();
-        let ids: Vec<String> = self.nodes.iter().map(|n| n.id.clone()).collect();
-        self.nodes.clear();
-        let cleaning = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(remove_cluster(&prefix, &ids));
-        });
-        let _ = cleaning.join();
-    }
+    cluster.wait_for_nodes(count, Duration::from_secs(30)).await;
+    cluster
 }
 
 /// Connects `per_node` clients to each node; `clients[n]` are node `n`'s, each welcomed by
 /// the node it connected to.
-async fn connect(cluster: &TestCluster, per_node: usize) -> Vec<Vec<Client>> {
+async fn connect(cluster: &NodeCluster, per_node: usize) -> Vec<Vec<Client>> {
     raise_open_files((cluster.nodes.len() * per_node) as u64 * 2 + 1024);
     let mut clients = Vec::new();
     for node in &cluster.nodes {
@@ -209,7 +162,7 @@ async fn collect(client: &mut Client, mut expected: Expected, deadline: Instant)
 /// one flush) and what it must then receive. Panics with a summary when any client missed
 /// anything.
 async fn phase(
-    cluster: &TestCluster,
+    cluster: &NodeCluster,
     what: &str,
     clients: &mut [Vec<Client>],
     plan: impl Fn(usize, usize, &Client) -> (Vec<Value>, Expected),
@@ -243,7 +196,7 @@ async fn phase(
         failed.len(),
         problems.len(),
         failed.iter().take(3).collect::<Vec<_>>(),
-        cluster.logs()
+        cluster.logs(15)
     );
     started.elapsed()
 }
@@ -265,7 +218,7 @@ async fn every_connection_of_two_nodes_is_answered_when_all_send_at_once() {
     const PER_NODE: usize = 1_500;
     const ROOMS: usize = 10;
     let _alone = ALONE.lock().await;
-    let cluster = TestCluster::start("at-once", 2, &[]).await;
+    let cluster = start("at-once", 2, &[]).await;
     let mut clients = connect(&cluster, PER_NODE).await;
     let ids = ids(&clients);
     let room = |i: usize| format!("room-{}", i % ROOMS);
@@ -352,7 +305,7 @@ async fn tens_of_thousands_of_ops_in_flight_are_all_answered_in_order() {
     const PER_NODE: usize = 1_000;
     const EACH: u64 = 10;
     let _alone = ALONE.lock().await;
-    let cluster = TestCluster::start("in-flight", 2, &[]).await;
+    let cluster = start("in-flight", 2, &[]).await;
     let mut clients = connect(&cluster, PER_NODE).await;
     let ids = ids(&clients);
 
@@ -389,7 +342,7 @@ async fn tens_of_thousands_of_ops_in_flight_are_all_answered_in_order() {
 async fn sigterm_ends_a_busy_node_within_its_grace_period() {
     const GRACE_MS: u64 = 2_000;
     let _alone = ALONE.lock().await;
-    let cluster = TestCluster::start(
+    let cluster = start(
         "sigterm",
         2,
         &[

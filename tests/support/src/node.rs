@@ -265,3 +265,90 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), BoxError> 
         .ok_or("an HTTP response without a status")?;
     Ok((status, body.to_owned()))
 }
+
+/// Node programs started by one test under a cluster prefix of its own. On drop, paused
+/// nodes are resumed and every node is killed, RabbitMQ is started again if a test left it
+/// stopped, and whatever the cluster left in Redis and RabbitMQ is removed.
+#[derive(Debug)]
+pub struct NodeCluster {
+    /// The cluster prefix.
+    pub prefix: String,
+    /// The nodes, in the order started.
+    pub nodes: Vec<NodeProgram>,
+    /// Every node id ever started (for cleanup, killed ones included).
+    ids: Vec<String>,
+}
+
+impl NodeCluster {
+    /// An empty cluster under a prefix of its own, `{what}-{random}`.
+    pub fn new(what: &str) -> Self {
+        Self {
+            prefix: crate::servers::unique_prefix(what),
+            nodes: Vec::new(),
+            ids: Vec::new(),
+        }
+    }
+
+    /// The options of a node of this cluster on the real servers, for `configure` to adjust.
+    pub fn options(&self) -> NodeOptions {
+        NodeOptions::servers(&self.prefix)
+    }
+
+    /// Starts node `id` with `options`; returns its index. Panics (with its log) when it does
+    /// not start.
+    pub async fn start(&mut self, id: &str, options: &NodeOptions) -> usize {
+        let node = NodeProgram::start(id, options)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.ids.push(node.id.clone());
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Waits until every node sees `count` nodes.
+    pub async fn wait_for_nodes(&self, count: usize, bound: Duration) {
+        for node in &self.nodes {
+            node.wait_for_nodes(count, bound)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", self.logs(25)));
+        }
+    }
+
+    /// The name of node `index`'s queue in RabbitMQ.
+    pub fn queue(&self, index: usize) -> String {
+        format!("{}:node:{}", self.prefix, self.nodes[index].id)
+    }
+
+    /// The last `lines` lines of every node's log, for a failure message.
+    pub fn logs(&self, lines: usize) -> String {
+        let mut logs = String::new();
+        for node in &self.nodes {
+            logs.push_str(&format!("--- {} ---\n{}\n", node.id, node.log_tail(lines)));
+        }
+        logs
+    }
+}
+
+impl Drop for NodeCluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            let _ = node.signal("CONT");
+        }
+        self.nodes.clear();
+        let prefix = self.prefix.clone();
+        let ids = std::mem::take(&mut self.ids);
+        let cleaning = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                crate::rabbitmq::ensure_running().await;
+                crate::servers::remove_cluster(&prefix, &ids).await;
+            });
+        });
+        let _ = cleaning.join();
+    }
+}
