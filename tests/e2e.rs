@@ -1308,6 +1308,64 @@ async fn a_signed_cluster_refuses_messages_from_outside() {
     tc.assert_left_nothing(&[]).await;
 }
 
+/// A signed unicast captured and republished into another node's queue is refused (its
+/// target is not there) and dead-lettered, never answered: its real sender gets no false
+/// `not_found`.
+#[tokio::test]
+async fn a_signed_message_republished_elsewhere_is_refused_not_answered() {
+    let tc = TestCluster::new("republished");
+    let secret = hybrid_cluster::ClusterSecret::new("the secret of this test cluster").unwrap();
+    let a = tc.start("a", |c| c.secret = Some(secret.clone())).await;
+    let b = tc.start("b", |c| c.secret = Some(secret.clone())).await;
+    a.wait_for_members(&[&a, &b]).await;
+    b.wait_for_members(&[&a, &b]).await;
+    let mut alice = Client::connect(&a).await;
+    let bob = Client::connect(&b).await;
+
+    // What alice's node signs for bob, as a wiretap on the broker would have captured it,
+    // published again to node a's own queue.
+    use hybrid_cluster::Broker as _;
+    let mut captured = hybrid_cluster::Envelope::text(
+        a.id().clone(),
+        hybrid_cluster::Target::Connection(bob.connection_id()),
+        r#""captured""#,
+    )
+    .with_sender(alice.connection_id());
+    captured.sign(&secret);
+    let intruder = hybrid_cluster::routing::RabbitBroker::connect(
+        &amqp_url(),
+        &tc.prefix,
+        hybrid_cluster::routing::RabbitConfig::default(),
+    )
+    .await
+    .unwrap();
+    intruder
+        .publish(
+            &hybrid_cluster::RoutingKey::Node(a.id().clone()),
+            captured.to_message().unwrap(),
+        )
+        .await
+        .unwrap();
+    intruder.close().await;
+
+    // Then a message to alice through a's queue too: had the captured one been answered, its
+    // notice would come first.
+    b.cluster
+        .handle()
+        .send_text(&alice.connection_id(), "\"after\"")
+        .await
+        .unwrap();
+    assert_eq!(
+        alice.next_json().await["data"],
+        "after",
+        "no false not_found before"
+    );
+
+    a.shutdown().await;
+    b.shutdown().await;
+    tc.assert_left_nothing(&[]).await;
+}
+
 #[tokio::test]
 async fn one_clients_messages_arrive_in_the_order_it_sent_them() {
     let tc = TestCluster::new("order");

@@ -47,6 +47,12 @@ async fn connect_backends(
     })
 }
 
+/// A message in this node's queue whose target is another node's: see
+/// [`Node::deliver_incoming`].
+#[derive(Debug, thiserror::Error)]
+#[error("its target is not on this node: it was republished here, not routed")]
+pub(crate) struct Misrouted;
+
 /// A step of a shutdown, cut short (and named in the log) at `deadline`.
 async fn within(
     deadline: Instant,
@@ -181,7 +187,16 @@ impl Node {
     }
 
     /// Hands an envelope that came through the broker to the local connections it is for.
-    fn deliver_incoming(self: &Arc<Self>, envelope: Envelope) {
+    ///
+    /// A message whose target cannot be on this node (a unicast or notice for another node's
+    /// connection, a node message for another node) was republished into this node's queue,
+    /// not routed here: it is refused (and dead-lettered by the receiver), never answered, so
+    /// that a captured message replayed elsewhere cannot make a node tell its real sender a
+    /// false `not_found`.
+    fn deliver_incoming(self: &Arc<Self>, envelope: Envelope) -> Result<(), Misrouted> {
+        if !self.routes_here(&envelope.target) {
+            return Err(Misrouted);
+        }
         let trace_id = TraceContext::of(&envelope).trace_id();
         let span = tracing::info_span!(
             "hybrid_cluster.deliver",
@@ -197,10 +212,9 @@ impl Node {
                 if let Some(notice) = crate::notice::read(&envelope) {
                     // Best effort: the sender may have closed meanwhile too.
                     let _ = self.local.deliver_to(id, InboxItem::Undeliverable(notice));
-                    return;
+                    return Ok(());
                 }
-                let delivered = id.node() == &self.id
-                    && id.incarnation() == self.incarnation
+                let delivered = id.incarnation() == self.incarnation
                     && self
                         .local
                         .deliver_to(id, InboxItem::Message(Arc::clone(&envelope)))
@@ -225,6 +239,16 @@ impl Node {
             Target::Node(_) => {
                 tracing::debug!(from = %envelope.origin, "ignoring a node message: none is defined yet");
             }
+        }
+        Ok(())
+    }
+
+    /// Whether a message for `target` is routed to this node's queue.
+    fn routes_here(&self, target: &Target) -> bool {
+        match target {
+            Target::Connection(id) => id.node() == &self.id,
+            Target::Node(node) => node == &self.id,
+            Target::Broadcast | Target::Group(_) => true,
         }
     }
 

@@ -41,11 +41,10 @@ fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> (JoinHandle<()>, JoinH
         let node = Weak::upgrade(&weak);
         async move {
             match node {
-                Some(node) => {
-                    node.deliver_incoming(envelope);
-                    Ok(())
-                }
-                None => Err("the node stopped"),
+                Some(node) => node
+                    .deliver_incoming(envelope)
+                    .map_err(hybrid_cluster_core::BoxError::from),
+                None => Err("the node stopped".into()),
             }
         }
     });
