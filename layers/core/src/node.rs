@@ -247,6 +247,7 @@ impl fmt::Display for NodeStatus {
 /// | `registered_at` | when this incarnation first registered (RFC 3339, UTC) |
 /// | `status` | `"active"`, `"draining"`, `"degraded"` or `"offline"` ([`NodeStatus`]); a reader that does not know a status skips the record |
 /// | `metadata` | free string pairs for the user's own use |
+/// | `lease_ms` | how long the record is live after `last_heartbeat`, in milliseconds (left out by older writers) |
 /// | `signature` | only when the cluster has a [`ClusterSecret`]: the record's HMAC-SHA256, 64 lowercase hex digits (see below) |
 ///
 /// # Signed records
@@ -294,6 +295,12 @@ pub struct NodeInfo {
     /// The user's own key/value pairs.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// How long the record is live after `last_heartbeat`, in milliseconds: it is a claim
+    /// for that long, and no longer (signed with the record when the cluster has a secret, so
+    /// a replayed record cannot outlive it). Written by every node of this version; a record
+    /// without it (an older writer) is read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 /// Connections a node admits when nothing else is configured (the seed's default).
@@ -327,6 +334,7 @@ impl NodeInfo {
             registered_at: now,
             status: NodeStatus::Active,
             metadata: BTreeMap::new(),
+            lease_ms: None,
         }
     }
 
@@ -392,6 +400,13 @@ impl NodeInfo {
             }
         }
         Ok(())
+    }
+
+    /// When the record's lease ends, by its writer's clock: `last_heartbeat + lease_ms`, when
+    /// the record says.
+    pub fn lease_ends_at(&self) -> Option<SystemTime> {
+        self.lease_ms
+            .map(|ms| self.last_heartbeat + std::time::Duration::from_millis(ms))
     }
 
     /// Writes the record's JSON form (see the type's docs), after checking it.

@@ -130,6 +130,13 @@ pub trait Registry: fmt::Debug + Send + Sync + 'static {
     /// Every live record.
     fn nodes(&self) -> BoxFuture<'static, Result<Vec<NodeRecord>, RegistryError>>;
 
+    /// Whether every record this registry reads tells its lease ([`NodeRecord::expires_in`]).
+    /// A watcher of such a registry drops a record that tells none (a key written by hand, with
+    /// no lease) like a crashed node's. The default is `false`.
+    fn reports_leases(&self) -> bool {
+        false
+    }
+
     /// Starts watching changes made from now on.
     fn watch(&self) -> BoxFuture<'static, Result<RegistryEvents, RegistryError>>;
 
@@ -169,6 +176,10 @@ impl<R: Registry + ?Sized> Registry for std::sync::Arc<R> {
 
     fn nodes(&self) -> BoxFuture<'static, Result<Vec<NodeRecord>, RegistryError>> {
         (**self).nodes()
+    }
+
+    fn reports_leases(&self) -> bool {
+        (**self).reports_leases()
     }
 
     fn watch(&self) -> BoxFuture<'static, Result<RegistryEvents, RegistryError>> {

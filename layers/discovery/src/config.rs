@@ -47,6 +47,10 @@ pub struct DiscoveryConfig {
     /// older than one already seen, and confirms a node's removal before acting on it (see
     /// [`ClusterView`](crate::ClusterView)). Default none.
     pub secret: Option<ClusterSecret>,
+    /// How far apart the clocks of two nodes may be. A record whose lease (its
+    /// `last_heartbeat` plus `lease_ms`, by its writer's clock) ended longer ago than this by
+    /// the reader's clock is stale (left over, or replayed) and is not taken. Default 10 s.
+    pub max_clock_skew: Duration,
 }
 
 impl Default for DiscoveryConfig {
@@ -61,6 +65,7 @@ impl Default for DiscoveryConfig {
             connections: ConnectionCounter::new(),
             provider: None,
             secret: None,
+            max_clock_skew: Duration::from_secs(10),
         }
     }
 }

@@ -330,6 +330,11 @@ impl Registry for RedisRegistry {
         })
     }
 
+    /// Every record read carries its key's remaining TTL: one with none has no lease.
+    fn reports_leases(&self) -> bool {
+        true
+    }
+
     fn nodes(&self) -> BoxFuture<'static, Result<Vec<NodeRecord>, RegistryError>> {
         let mut connection = self.connection.clone();
         let keys = self.keys.clone();

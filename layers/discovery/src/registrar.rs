@@ -74,6 +74,7 @@ impl Shared {
         info.registered_at = writer.base.registered_at;
         info.status = writer.status;
         info.last_heartbeat = now_millis();
+        info.lease_ms = Some(u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX));
         let record = match &self.config.secret {
             Some(secret) => info.to_signed_json(secret),
             None => info.to_json(),

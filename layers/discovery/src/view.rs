@@ -152,6 +152,7 @@ impl ClusterView {
             malformed: HashMap::new(),
             listed: false,
             secret: config.secret.clone(),
+            max_clock_skew: config.max_clock_skew,
             seen: HashMap::new(),
             departed: HashMap::new(),
         };
@@ -243,6 +244,8 @@ struct Worker {
     listed: bool,
     /// The cluster secret: records must be signed with it.
     secret: Option<ClusterSecret>,
+    /// How far apart nodes' clocks may be, for a record's own lease.
+    max_clock_skew: Duration,
     /// With a secret, the last good record seen of each node, to refuse older ones.
     seen: HashMap<NodeId, LastSeen>,
     /// The live info of nodes that dropped out, and since when: a node that comes back under
@@ -250,6 +253,27 @@ struct Worker {
     /// cell back, so every holder of the cell (a balancer's service, a placer) follows it
     /// again.
     departed: HashMap<NodeId, (LiveNodeInfo, Instant)>,
+}
+
+/// What applying a record did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// The membership changed.
+    Changed,
+    /// Taken, the membership as it was.
+    Unchanged,
+    /// Not taken: malformed, unauthenticated, stale or without a lease.
+    Refused,
+}
+
+impl From<bool> for Applied {
+    fn from(changed: bool) -> Self {
+        if changed {
+            Self::Changed
+        } else {
+            Self::Unchanged
+        }
+    }
 }
 
 /// What was last seen of a node, to tell a replayed record from a new one.
@@ -325,7 +349,8 @@ impl Worker {
             tokio::select! {
                 event = events.next() => match event {
                     Some(Ok(RegistryEvent::Updated(record))) => {
-                        if self.apply(record) {
+                        // A refused update does not remove a member: its lease does.
+                        if self.apply(record) == Applied::Changed {
                             self.publish();
                         }
                     }
@@ -369,9 +394,16 @@ impl Worker {
     async fn resync(&mut self) -> Result<(), RegistryError> {
         let records = self.registry.nodes().await?;
         let mut changed = !self.listed;
-        let listed: BTreeSet<NodeId> = records.iter().map(|r| r.node.clone()).collect();
+        let mut listed: BTreeSet<NodeId> = BTreeSet::new();
         for record in records {
-            changed |= self.apply(record);
+            let node = record.node.clone();
+            match self.apply(record) {
+                Applied::Refused => {}
+                applied => {
+                    changed |= applied == Applied::Changed;
+                    listed.insert(node);
+                }
+            }
         }
         let gone: Vec<NodeId> = self
             .members
@@ -410,9 +442,18 @@ impl Worker {
         let mut changed = false;
         for node in due {
             self.clear_deadline(&node);
-            match self.registry.node(&node).await? {
-                Some(record) => changed |= self.apply(record),
-                None => changed |= self.remove(&node, RemovalCause::Expired),
+            match self
+                .registry
+                .node(&node)
+                .await?
+                .map(|record| self.apply(record))
+            {
+                Some(Applied::Changed) => changed = true,
+                Some(Applied::Unchanged) => {}
+                // Gone, or what is left under its key is no live record: its lease ran out.
+                Some(Applied::Refused) | None => {
+                    changed |= self.remove(&node, RemovalCause::Expired);
+                }
             }
         }
         if changed {
@@ -440,13 +481,13 @@ impl Worker {
                          (the event may be forged)"
                     );
                 }
-                Ok(self.apply(record))
+                Ok(self.apply(record) == Applied::Changed)
             }
         }
     }
 
-    /// Applies one record; returns whether the membership changed.
-    fn apply(&mut self, record: NodeRecord) -> bool {
+    /// Applies one record: whether the membership changed, or the record was refused.
+    fn apply(&mut self, record: NodeRecord) -> Applied {
         let read = match &self.secret {
             Some(secret) => NodeInfo::from_signed_json(&record.value, secret),
             None => NodeInfo::from_json(&record.value),
@@ -459,15 +500,15 @@ impl Worker {
                     "malformed",
                     &format!("it names node {}", info.node_id),
                 );
-                return false;
+                return Applied::Refused;
             }
             Err(error @ (NodeRecordError::Unsigned | NodeRecordError::BadSignature)) => {
                 self.skip(&record, "unauthenticated", &error.to_string());
-                return false;
+                return Applied::Refused;
             }
             Err(error) => {
                 self.skip(&record, "malformed", &error_chain(&error));
-                return false;
+                return Applied::Refused;
             }
         };
         if self.secret.is_some() {
@@ -477,7 +518,7 @@ impl Worker {
                 .and_then(|seen| seen.refuses(&info));
             if let Some(reason) = older {
                 self.skip(&record, "unauthenticated", reason);
-                return false;
+                return Applied::Refused;
             }
             self.seen.insert(
                 info.node_id.clone(),
@@ -489,13 +530,20 @@ impl Worker {
                 },
             );
         }
+        let lease = match self.lease_of(&record, &info) {
+            Ok(lease) => lease,
+            Err(reason) => {
+                self.skip(&record, "stale", reason);
+                return Applied::Refused;
+            }
+        };
         self.malformed.remove(&record.key);
-        match record.expires_in {
+        match lease {
             Some(lease) => self.set_deadline(&info.node_id, Instant::now() + lease + EXPIRY_GRACE),
             None => self.clear_deadline(&info.node_id),
         }
         if info.status == NodeStatus::Offline {
-            return self.remove(&info.node_id, RemovalCause::Left);
+            return Applied::from(self.remove(&info.node_id, RemovalCause::Left));
         }
         match self.members.get(&info.node_id) {
             Some(live) if live.get().incarnation == info.incarnation => {
@@ -503,13 +551,13 @@ impl Worker {
                     live.update(info);
                     self.updates.send_replace(self.epoch.current());
                 }
-                false
+                Applied::Unchanged
             }
             Some(_) => {
                 tracing::info!(node = %info.node_id, incarnation = %info.incarnation, "node restarted");
                 let live = LiveNodeInfo::with_epoch(info.clone(), self.epoch.clone());
                 self.members.insert(info.node_id, live);
-                true
+                Applied::Changed
             }
             None => {
                 tracing::info!(
@@ -526,9 +574,42 @@ impl Worker {
                     _ => LiveNodeInfo::with_epoch(info.clone(), self.epoch.clone()),
                 };
                 self.members.insert(info.node_id, live);
-                true
+                Applied::Changed
             }
         }
+    }
+
+    /// How long `record` (read as `info`) is live from now on this node's clock: the lease the
+    /// registry tells (`None`: it tells none), no longer than the record's own signed lease
+    /// allows. Refused (with why) when the registry tells leases and this record has none (a
+    /// key written by hand, or left without a TTL), or when the record's own lease ended longer
+    /// ago than the clock skew allows (left over, or replayed).
+    fn lease_of(
+        &self,
+        record: &NodeRecord,
+        info: &NodeInfo,
+    ) -> Result<Option<Duration>, &'static str> {
+        if record.expires_in.is_none() && self.registry.reports_leases() {
+            return Err(
+                "its key has no lease (written by hand, or left over): taken as a crashed node's",
+            );
+        }
+        let Some(ends) = info.lease_ends_at() else {
+            return Ok(record.expires_in);
+        };
+        let now = SystemTime::now();
+        let left = match ends.duration_since(now) {
+            Ok(left) => left + self.max_clock_skew,
+            Err(past) if past.duration() <= self.max_clock_skew => {
+                self.max_clock_skew - past.duration()
+            }
+            Err(_) => {
+                return Err(
+                    "its own lease ended before now, beyond the clock skew allowed: a stale or replayed record",
+                );
+            }
+        };
+        Ok(Some(record.expires_in.map_or(left, |told| told.min(left))))
     }
 
     /// Skips a record that cannot be used (`what`: malformed or unauthenticated), reporting

@@ -564,3 +564,101 @@ async fn routes_are_leased_in_redis() {
         .await
         .unwrap();
 }
+
+/// Without a secret: a crashed node's key written again with no lease (a `SET` by hand, or a
+/// script gone wrong) does not keep the node in anyone's view: it is dropped within its
+/// lease like any crashed node.
+#[tokio::test]
+async fn a_crashed_nodes_key_set_again_without_a_lease_does_not_keep_it_alive() {
+    let prefix = unique_prefix("zombie");
+    let config = fast();
+    let lease = config.lease;
+    let a = node(&prefix, "a", config.clone()).await;
+    let b = node(&prefix, "b", config).await;
+    within("a sees b", a.view().wait_until(|n| n.len() == 2)).await;
+    let last = b.registrar().refresh().await.unwrap();
+    drop(b); // a crash: no goodbye
+
+    // Its last record written back under its key, with no TTL.
+    let registry = registry(&prefix, "hc-writer").await;
+    let key = registry.keys().node_key(&last.node_id);
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg(last.to_json().unwrap())
+        .query_async(&mut registry.connection())
+        .await
+        .unwrap();
+    let crashed = Instant::now();
+    within("b is dropped", a.view().wait_until(|n| n.len() == 1)).await;
+    assert!(
+        crashed.elapsed() < lease + Duration::from_millis(500),
+        "dropped after {:?} (lease {lease:?})",
+        crashed.elapsed()
+    );
+    // And a later full read does not bring it back.
+    let c = node(&prefix, "c", fast()).await;
+    within("c sees a and itself", c.view().wait_until(|n| n.len() == 2)).await;
+    assert!(!ids(&c).contains(last.node_id.as_str()), "{:?}", ids(&c));
+    a.leave().await.unwrap();
+    c.leave().await.unwrap();
+    clean(&prefix).await;
+}
+
+/// With a secret: a departed node's signed record replayed into Redis (with a fresh TTL)
+/// once its own lease is over is refused, by a peer that saw the node and by one started
+/// after it left.
+#[tokio::test]
+async fn a_replayed_old_record_does_not_bring_a_node_back() {
+    let prefix = unique_prefix("ghost");
+    let secret = ClusterSecret::new("the cluster secret of this test").unwrap();
+    let config = DiscoveryConfig {
+        max_clock_skew: Duration::from_millis(100),
+        ..fast().with_secret(secret.clone())
+    };
+    let lease = config.lease;
+    let a = node(&prefix, "a", config.clone()).await;
+    let b = node(&prefix, "b", config.clone()).await;
+    within("a sees b", a.view().wait_until(|n| n.len() == 2)).await;
+    let last = b.registrar().refresh().await.unwrap();
+    let captured = last.to_signed_json(&secret).unwrap();
+    b.leave().await.unwrap();
+    within("b left", a.view().wait_until(|n| n.len() == 1)).await;
+    // Its own lease ends, and the clock skew allowed passes.
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+
+    let registry = registry(&prefix, "hc-replayer").await;
+    let keys = registry.keys().clone();
+    let mut connection = registry.connection();
+    let () = redis::cmd("SET")
+        .arg(keys.node_key(&last.node_id))
+        .arg(&captured)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let () = redis::cmd("SADD")
+        .arg(keys.index_key())
+        .arg(last.node_id.as_str())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let mut event = format!("updated {} 60000\n", last.node_id).into_bytes();
+    event.extend_from_slice(&captured);
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(keys.events_channel())
+        .arg(event)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    // A peer started after b left reads everything from Redis: b is not among its nodes.
+    let c = node(&prefix, "c", config).await;
+    within("c sees a and itself", c.view().wait_until(|n| n.len() == 2)).await;
+    assert!(!ids(&c).contains(last.node_id.as_str()), "{:?}", ids(&c));
+    // Nor does a take it back (its event came before c joined, whose event comes after).
+    within("a sees c", a.view().wait_until(|n| n.len() == 2)).await;
+    assert!(!ids(&a).contains(last.node_id.as_str()), "{:?}", ids(&a));
+    a.leave().await.unwrap();
+    c.leave().await.unwrap();
+    clean(&prefix).await;
+}

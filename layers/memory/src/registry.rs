@@ -209,6 +209,11 @@ impl Registry for MemoryRegistry {
         done(Ok(record))
     }
 
+    /// Every record carries its lease.
+    fn reports_leases(&self) -> bool {
+        true
+    }
+
     fn nodes(&self) -> BoxFuture<'static, Result<Vec<NodeRecord>, RegistryError>> {
         let records = self.shared.locked(|state| {
             state
