@@ -17,7 +17,9 @@
 //! reading it, default 128), `--write-timeout-ms MS` (how long a write may wait for a client
 //! that does not read before it is dropped, default 5000), `--durability
 //! transient|durable|replicated` (what survives a broker restart, default durable: see the
-//! README's delivery contract). `RUST_LOG` sets the log level (default `info`);
+//! README's delivery contract), `--public-url URL` (the `ws://` or `wss://` URL clients reach
+//! this node at, when it is behind TLS or a proxy: redirects and close reasons name it),
+//! `--bind ADDR` (the address to listen on, default `0.0.0.0`). `RUST_LOG` sets the log level (default `info`);
 //! `HYBRID_CLUSTER_SECRET` (at least 16 bytes, the same on every node) signs node-to-node
 //! traffic.
 //!
@@ -51,7 +53,8 @@ type BoxError = Box<dyn Error + Send + Sync>;
 const USAGE: &str = "usage: node --node-id ID --port P [--address HOST] [--redis URL --amqp URL] \
 [--strategy least-connections|round-robin|least-resource-usage|random|p2c] [--max-connections N] \
 [--prefix P] [--heartbeat-ms MS] [--shutdown-grace-ms MS] [--max-in-flight N] \
-[--max-pending-per-connection N] [--write-timeout-ms MS] [--durability transient|durable|replicated]";
+[--max-pending-per-connection N] [--write-timeout-ms MS] [--durability transient|durable|replicated] \
+[--public-url URL] [--bind ADDR]";
 
 fn strategy(name: &str) -> Result<Strategy, BoxError> {
     Ok(match name {
@@ -73,7 +76,7 @@ where
         .map_err(|e| format!("{flag}: {e}\n{USAGE}").into())
 }
 
-fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
+fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig, std::net::IpAddr), BoxError> {
     let mut node_id = None;
     let mut port = None;
     let mut address = "127.0.0.1".to_owned();
@@ -85,6 +88,8 @@ fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
     let mut heartbeat = None;
     let mut grace = None;
     let mut durability = None;
+    let mut public_url = None;
+    let mut bind = std::net::IpAddr::from([0, 0, 0, 0]);
     let mut max_in_flight = None;
     let mut server = ServerConfig::default();
     let mut args = std::env::args().skip(1);
@@ -107,6 +112,12 @@ fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
             "--prefix" => prefix = value.parse()?,
             "--heartbeat-ms" => {
                 heartbeat = Some(Duration::from_millis(number(&arg, &value)?));
+            }
+            "--public-url" => public_url = Some(value),
+            "--bind" => {
+                bind = value
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|e| format!("--bind: {e}\n{USAGE}"))?;
             }
             "--durability" => {
                 durability = Some(
@@ -159,7 +170,12 @@ fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
     if let Some(max) = max_in_flight {
         config.forward.max_in_flight = max;
     }
-    Ok((config, backends, server))
+    if let Some(url) = public_url {
+        hybrid_cluster::node::check_public_url(&url)
+            .map_err(|reason| format!("--public-url: {reason}\n{USAGE}"))?;
+        config.public_url = Some(url);
+    }
+    Ok((config, backends, server, bind))
 }
 
 /// Raises the soft limit on open files to the hard one: each connection is a descriptor.
@@ -197,17 +213,28 @@ async fn stop_signal() {
     let _ = ctrl_c.await;
 }
 
+/// `RUST_LOG` (default `info`), with lapin's warning on returned messages off unless
+/// `RUST_LOG` names it: lapin logs a returned message whole, payload included.
+fn log_filter() -> EnvFilter {
+    const RETURNS: &str = "lapin::returned_messages";
+    let asked = std::env::var(EnvFilter::DEFAULT_ENV).unwrap_or_default();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if asked.contains(RETURNS) {
+        return filter;
+    }
+    match format!("{RETURNS}=error").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            // lapin logs a returned message whole, payload included, as a warning: never.
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,lapin::returned_messages=error")),
-        )
+        .with_env_filter(log_filter())
         // Colours only for a person at a terminal, not in a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let (config, backends, server) = match parse_args() {
+    let (config, backends, server, bind) = match parse_args() {
         Ok(parsed) => parsed,
         Err(error) => {
             eprintln!("error: {error}");
@@ -225,7 +252,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(config, backends, server));
+    let result = runtime.block_on(run(config, backends, server, bind));
     // Socket tasks of connections cut short are dropped here, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
@@ -241,9 +268,10 @@ async fn run(
     config: ClusterConfig,
     backends: Backends,
     server: ServerConfig,
+    bind: std::net::IpAddr,
 ) -> Result<(), BoxError> {
     let grace = config.shutdown_grace;
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.port)).await?;
+    let listener = tokio::net::TcpListener::bind((bind, config.port)).await?;
     let metrics = PrometheusBuilder::new().install_recorder()?;
     let cluster = Cluster::start(config, backends).await?;
     let app = router(cluster.clone(), server).route(

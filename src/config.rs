@@ -94,6 +94,10 @@ pub struct ClusterConfig {
     pub port: u16,
     /// The path of the WebSocket endpoint. Default `/ws`.
     pub endpoint: String,
+    /// The URL clients reach this node's endpoint at, when it is not
+    /// `ws://{address}:{port}{endpoint}`: behind TLS (`wss://…`), a proxy or another port. It
+    /// is what redirects, close reasons and the node's record name. Default none.
+    pub public_url: Option<String>,
     /// Connections this node admits at most. Default 10,000.
     pub max_connections: u32,
     /// The prefix of every name the cluster uses in Redis and RabbitMQ. Default
@@ -108,6 +112,9 @@ pub struct ClusterConfig {
     pub discovery: DiscoveryConfig,
     /// Messages a connection's inbox holds at most. Default 1,024.
     pub inbox_capacity: usize,
+    /// Payload bytes a connection's inbox holds at most (a message alone is taken whatever
+    /// its size). Past either bound, the slow-client policy applies. Default 8 MiB.
+    pub inbox_bytes: usize,
     /// What a connection whose inbox is full gets. Default close with 1013.
     pub slow_client: SlowClientPolicy,
     /// What survives the broker: see [`Durability`] and the README's delivery contract.
@@ -156,12 +163,14 @@ impl ClusterConfig {
             address: address.into(),
             port,
             endpoint: DEFAULT_ENDPOINT.to_owned(),
+            public_url: None,
             max_connections: hybrid_cluster_core::node::DEFAULT_MAX_CONNECTIONS,
             prefix: ClusterPrefix::default(),
             strategy: Strategy::default(),
             placement: PlacementPolicy::default(),
             discovery: DiscoveryConfig::default(),
             inbox_capacity: 1024,
+            inbox_bytes: 8 * 1024 * 1024,
             slow_client: SlowClientPolicy::default(),
             durability: Durability::default(),
             queue: QueueOptions::default(),

@@ -92,17 +92,19 @@ pub(crate) struct Bounced {
     ready: Notify,
     told: Notify,
     overflowed: std::sync::atomic::AtomicBool,
+    metrics: Metrics,
 }
 
 impl Bounced {
     const CAPACITY: usize = 65_536;
 
-    fn new() -> Self {
+    fn new(metrics: Metrics) -> Self {
         Self {
             waiting: Mutex::new((VecDeque::new(), 0)),
             ready: Notify::new(),
             told: Notify::new(),
             overflowed: std::sync::atomic::AtomicBool::new(false),
+            metrics,
         }
     }
 
@@ -122,6 +124,7 @@ impl Bounced {
         {
             let mut waiting = self.waiting.lock();
             if waiting.0.len() >= Self::CAPACITY {
+                self.metrics.notice_dropped();
                 if !self
                     .overflowed
                     .swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -178,6 +181,8 @@ impl Bounced {
 
 struct InboxState {
     queue: VecDeque<InboxItem>,
+    /// The payload bytes queued.
+    bytes: usize,
     close: Option<CloseFrame>,
     /// The close frame was handed out: the stream has ended.
     finished: bool,
@@ -189,6 +194,7 @@ struct InboxState {
 pub(crate) struct InboxSlot {
     state: Mutex<InboxState>,
     capacity: usize,
+    byte_bound: usize,
     policy: SlowClientPolicy,
     id: ConnectionId,
     metrics: Metrics,
@@ -205,14 +211,23 @@ impl InboxSlot {
                 self.metrics.dropped("connection_gone");
                 return Err(Refused::Closing);
             }
-            if state.queue.len() >= self.capacity {
+            let size = item_bytes(&item);
+            let over = |state: &InboxState| {
+                !state.queue.is_empty()
+                    && (state.queue.len() >= self.capacity || state.bytes + size > self.byte_bound)
+            };
+            if over(&state) {
                 match self.policy {
                     SlowClientPolicy::DropOldest => {
-                        if let Some(oldest) = state.queue.pop_front() {
+                        while over(&state) {
+                            let Some(oldest) = state.queue.pop_front() else {
+                                break;
+                            };
+                            state.bytes -= item_bytes(&oldest);
                             self.bounced.bounce(oldest);
+                            state.dropped += 1;
+                            self.metrics.dropped("slow_client");
                         }
-                        state.dropped += 1;
-                        self.metrics.dropped("slow_client");
                         self.metrics.slow_client("drop_oldest");
                         if state.dropped == 1 {
                             tracing::warn!(
@@ -223,6 +238,7 @@ impl InboxSlot {
                         }
                     }
                     SlowClientPolicy::Close { code } => {
+                        state.bytes = 0;
                         for dropped in state.queue.drain(..) {
                             self.bounced.bounce(dropped);
                         }
@@ -244,6 +260,7 @@ impl InboxSlot {
                     }
                 }
             }
+            state.bytes += size;
             state.queue.push_back(item);
             state.waker.take()
         };
@@ -253,7 +270,9 @@ impl InboxSlot {
 
     /// What was queued and never handed out: the connection went.
     fn take_queued(&self) -> VecDeque<InboxItem> {
-        std::mem::take(&mut self.state.lock().queue)
+        let mut state = self.state.lock();
+        state.bytes = 0;
+        std::mem::take(&mut state.queue)
     }
 
     /// Closes the inbox once its queued messages are handed out.
@@ -266,6 +285,14 @@ impl InboxSlot {
             state.waker.take()
         };
         wake(waker);
+    }
+}
+
+/// What an item costs an inbox's byte bound: its payload.
+fn item_bytes(item: &InboxItem) -> usize {
+    match item {
+        InboxItem::Message(envelope) => envelope.payload.len(),
+        InboxItem::Undeliverable(_) | InboxItem::Close(_) => 0,
     }
 }
 
@@ -319,6 +346,7 @@ impl Stream for Inbox {
             return Poll::Ready(None);
         }
         if let Some(item) = state.queue.pop_front() {
+            state.bytes -= item_bytes(&item);
             return Poll::Ready(Some(item));
         }
         if let Some(frame) = state.close.take() {
@@ -358,6 +386,7 @@ pub(crate) struct LocalConnections {
     table: RwLock<Table>,
     counter: ConnectionCounter,
     capacity: usize,
+    byte_bound: usize,
     policy: SlowClientPolicy,
     metrics: Metrics,
     /// Woken whenever a connection goes, for shutdown to wait on.
@@ -376,17 +405,26 @@ impl LocalConnections {
         policy: SlowClientPolicy,
         metrics: Metrics,
     ) -> Self {
+        let bounced = Arc::new(Bounced::new(metrics.clone()));
         Self {
             table: RwLock::new(Table::default()),
             counter,
             capacity: capacity.max(1),
+            byte_bound: usize::MAX,
             policy,
             metrics,
             emptied: Notify::new(),
             departed: Mutex::new(Vec::new()),
             departures: Notify::new(),
-            bounced: Arc::new(Bounced::new()),
+            bounced,
         }
+    }
+
+    /// Bounds every inbox to `bytes` of payload too (a message alone in an inbox is taken
+    /// whatever its size).
+    pub(crate) fn with_byte_bound(mut self, bytes: usize) -> Self {
+        self.byte_bound = bytes.max(1);
+        self
     }
 
     /// Adds a connection and returns its inbox.
@@ -394,12 +432,14 @@ impl LocalConnections {
         let slot = Arc::new(InboxSlot {
             state: Mutex::new(InboxState {
                 queue: VecDeque::new(),
+                bytes: 0,
                 close: None,
                 finished: false,
                 waker: None,
                 dropped: 0,
             }),
             capacity: self.capacity,
+            byte_bound: self.byte_bound,
             policy: self.policy,
             id: id.clone(),
             metrics: self.metrics.clone(),
@@ -668,6 +708,56 @@ mod tests {
         assert_eq!(next_text(&mut inbox).as_deref(), Some("4"));
         assert_eq!(next_text(&mut inbox), None);
         assert_eq!(inbox.dropped(), 2);
+    }
+
+    #[test]
+    fn inboxes_are_bounded_in_bytes_too() {
+        let table = Arc::new(
+            LocalConnections::new(
+                ConnectionCounter::new(),
+                100,
+                SlowClientPolicy::DropOldest,
+                Metrics::new("a"),
+            )
+            .with_byte_bound(10),
+        );
+        let mut inbox = table.register(id(1));
+        for text in ["aaaa", "bbbb", "cccc"] {
+            table
+                .deliver_to(&id(1), InboxItem::Message(message(text)))
+                .unwrap();
+        }
+        // 12 bytes do not fit in 10: the oldest went.
+        assert_eq!(inbox.dropped(), 1);
+        assert_eq!(next_text(&mut inbox).as_deref(), Some("bbbb"));
+        assert_eq!(next_text(&mut inbox).as_deref(), Some("cccc"));
+        // A message larger than the bound, alone, is still taken.
+        let big = "x".repeat(64);
+        table
+            .deliver_to(&id(1), InboxItem::Message(message(&big)))
+            .unwrap();
+        assert_eq!(next_text(&mut inbox).as_deref(), Some(big.as_str()));
+
+        let closing = Arc::new(
+            LocalConnections::new(
+                ConnectionCounter::new(),
+                100,
+                SlowClientPolicy::CLOSE_TRY_AGAIN_LATER,
+                Metrics::new("a"),
+            )
+            .with_byte_bound(10),
+        );
+        let mut inbox = closing.register(id(2));
+        for text in ["aaaa", "bbbb"] {
+            closing
+                .deliver_to(&id(2), InboxItem::Message(message(text)))
+                .unwrap();
+        }
+        assert_eq!(
+            closing.deliver_to(&id(2), InboxItem::Message(message("cccc"))),
+            Err(Refused::Closing)
+        );
+        assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1013"));
     }
 
     #[test]

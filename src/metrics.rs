@@ -16,6 +16,7 @@
 //! | `hybrid_cluster_messages_dropped_total` | counter | `reason`: `slow_client`, `connection_gone` | messages not handed to a client |
 //! | `hybrid_cluster_slow_client_actions_total` | counter | `action`: `drop_oldest`, `close` | slow-client policy at work |
 //! | `hybrid_cluster_broker_in_flight` | gauge | | messages sent to the broker and not yet confirmed |
+//! | `hybrid_cluster_notices_dropped_total` | counter | | undeliverable notices not sent because too many were waiting (their senders are not told) |
 //! | `hybrid_cluster_receiving` | gauge | | 1 while the node's consumer takes deliveries from the broker, 0 while it is being restored |
 //! | `hybrid_cluster_discovery_changes_total` | counter | `change`: `join`, `leave` | nodes joining and leaving this node's view |
 //! | `hybrid_cluster_broker_deliveries_total` | counter | `outcome`: `handled`, `duplicate`, `dead_lettered`, `rejected` | what the receiver did with the broker's deliveries (`rejected`: failed authentication; they are dead-lettered too); read every heartbeat |
@@ -48,6 +49,8 @@ pub const DISCOVERY_CHANGES: &str = "hybrid_cluster_discovery_changes_total";
 pub const BROKER_DELIVERIES: &str = "hybrid_cluster_broker_deliveries_total";
 /// Whether the node's consumer takes deliveries.
 pub const RECEIVING: &str = "hybrid_cluster_receiving";
+/// Notices not sent: too many waiting.
+pub const NOTICES_DROPPED: &str = "hybrid_cluster_notices_dropped_total";
 
 /// The kinds of send, in the order of the per-kind handles.
 const KINDS: [&str; 3] = ["unicast", "broadcast", "group"];
@@ -75,6 +78,7 @@ struct Handles {
     nodes: Gauge,
     in_flight: Gauge,
     receiving: Gauge,
+    notices_dropped: Counter,
     upgrades: [Counter; 3],
     sent_ok: [Counter; 3],
     sent_error: [Counter; 3],
@@ -111,6 +115,7 @@ impl Metrics {
             nodes: gauge!(NODES, labels(&[])),
             in_flight: gauge!(BROKER_IN_FLIGHT, labels(&[])),
             receiving: gauge!(RECEIVING, labels(&[])),
+            notices_dropped: counter!(NOTICES_DROPPED, labels(&[])),
             upgrades: UPGRADE_OUTCOMES.map(|o| counter!(UPGRADES, labels(&[("outcome", o)]))),
             sent_ok: sent("ok"),
             sent_error: sent("error"),
@@ -157,6 +162,10 @@ impl Metrics {
 
     pub(crate) fn slow_client(&self, action: &'static str) {
         self.0.slow[at(&SLOW_ACTIONS, action)].increment(1);
+    }
+
+    pub(crate) fn notice_dropped(&self) {
+        self.0.notices_dropped.increment(1);
     }
 
     pub(crate) fn receiving(&self, receiving: bool) {

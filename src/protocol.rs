@@ -9,7 +9,7 @@
 //! | `{"op":"group","group":G,"data":ANY}` | every member of `G`, on any node, gets `{"type":"group","group":G,"from":SENDER,"data":ANY}` |
 //!
 //! On open the server sends `{"type":"welcome","connection_id":ID,"node_id":NODE}`. Any op may
-//! carry an `"id"` (any JSON value); the server then answers `{"type":"ack","id":…}` once the
+//! carry an `"id"` (any JSON value of at most 256 bytes); the server then answers `{"type":"ack","id":…}` once the
 //! message is confirmed by the broker (or delivered locally), or
 //! `{"type":"error","id":…,"code":…,"message":…}`; a send to a connection that closed on
 //! another node is acked when the broker took it, then answered by that node with
@@ -30,6 +30,10 @@
 use hybrid_cluster_core::ConnectionId;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+/// The longest correlation `id` a request may carry, in bytes of JSON: a server remembers
+/// the ids of its latest sends, and this bounds what they cost.
+pub const MAX_ID_LEN: usize = 256;
 
 /// One request of a client, as parsed from a text frame.
 #[derive(Debug)]
@@ -100,7 +104,10 @@ impl ClientOp {
                 #[serde(default)]
                 id: Option<Box<RawValue>>,
             }
-            let id = serde_json::from_str::<OnlyId>(text).ok().and_then(|o| o.id);
+            let id = serde_json::from_str::<OnlyId>(text)
+                .ok()
+                .and_then(|o| o.id)
+                .filter(|id| id.get().len() <= MAX_ID_LEN);
             BadRequest {
                 id,
                 message: error.to_string(),
@@ -113,6 +120,13 @@ impl ClientOp {
             data,
             id,
         } = frame;
+        if id.as_ref().is_some_and(|id| id.get().len() > MAX_ID_LEN) {
+            // Not echoed back: a reply must not cost what the client chose.
+            return Err(BadRequest {
+                id: None,
+                message: format!("the `id` is longer than {MAX_ID_LEN} bytes of JSON"),
+            });
+        }
         let missing = |field: &str, id| BadRequest {
             id,
             message: format!("op `{op}` needs the field `{field}`"),
@@ -262,6 +276,19 @@ mod tests {
     }
 
     #[test]
+    fn an_id_longer_than_the_bound_is_refused_and_not_echoed() {
+        let long = "x".repeat(MAX_ID_LEN);
+        let bad = ClientOp::parse(&format!(r#"{{"op":"broadcast","data":1,"id":"{long}"}}"#))
+            .unwrap_err();
+        assert!(bad.id.is_none());
+        assert!(bad.message.contains("256"), "{}", bad.message);
+        let fits = "x".repeat(MAX_ID_LEN - 2);
+        assert!(
+            ClientOp::parse(&format!(r#"{{"op":"broadcast","data":1,"id":"{fits}"}}"#)).is_ok()
+        );
+    }
+
+    #[test]
     fn bad_requests_say_why_and_keep_the_id() {
         let bad = ClientOp::parse(r#"{"op":"fly","id":"x1"}"#).unwrap_err();
         assert_eq!(bad.id.unwrap().get(), r#""x1""#);
@@ -301,5 +328,28 @@ mod tests {
             .to_json(),
             r#"{"type":"welcome","connection_id":"a:1:1","node_id":"a"}"#
         );
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Any text frame reads to a request or a bad request, whose id (when kept) is
+            /// within the bound.
+            #[test]
+            fn any_frame_reads_to_a_request_or_a_bad_request(
+                text in prop_oneof![
+                    any::<String>(),
+                    r#"\{"op":"(send|broadcast|join|leave|group|x)"(,"(to|group|data|id)":("[^"]{0,300}"|[0-9]{1,30}|null|\[\]|\{\}))*\}"#,
+                ],
+            ) {
+                match ClientOp::parse(&text) {
+                    Ok(op) => prop_assert!(op.id().is_none_or(|id| id.get().len() <= MAX_ID_LEN)),
+                    Err(bad) => prop_assert!(bad.id.is_none_or(|id| id.get().len() <= MAX_ID_LEN)),
+                }
+            }
+        }
     }
 }

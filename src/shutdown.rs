@@ -39,6 +39,7 @@ mod tests {
             address: address.to_owned(),
             port: 5002,
             endpoint: "/ws".to_owned(),
+            public_url: None,
         }
     }
 

@@ -554,3 +554,50 @@ async fn a_node_that_cannot_receive_is_degraded_until_it_can() {
     .await
     .unwrap();
 }
+
+/// A node behind TLS or a proxy names its public URL: redirects to it (and close reasons
+/// naming it) use that URL, not the one made of its address and port.
+#[tokio::test]
+async fn redirects_name_a_nodes_public_url() {
+    let backends = Backends::embedded();
+    let (full, full_listener) = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut config = ClusterConfig::new(NodeId::new("full").unwrap(), "127.0.0.1", port);
+        config.max_connections = 0;
+        (
+            Cluster::start(config, backends.clone()).await.unwrap(),
+            listener,
+        )
+    };
+    let behind_tls = {
+        let mut config = ClusterConfig::new(NodeId::new("tls").unwrap(), "10.0.0.9", 5001);
+        config.public_url = Some("wss://chat.example.org/socket".to_owned());
+        Cluster::start(config, backends.clone()).await.unwrap()
+    };
+    within(
+        "the full node sees both",
+        full.discovery().view().wait_until(|n| n.len() == 2),
+    )
+    .await;
+    let port = full_listener.local_addr().unwrap().port();
+    let app = server::router(full.clone(), ServerConfig::default());
+    tokio::spawn(async move { axum::serve(full_listener, app).await });
+    match connect_async(format!("ws://127.0.0.1:{port}/ws?room=1")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 307);
+            assert_eq!(
+                response.headers()["location"],
+                "wss://chat.example.org/socket?room=1"
+            );
+        }
+        other => panic!("expected a redirect, got {other:?}"),
+    }
+    // A URL that is not a WebSocket one is refused at start, naming the field.
+    let mut config = ClusterConfig::new(NodeId::new("bad").unwrap(), "10.0.0.9", 5001);
+    config.public_url = Some("https://chat.example.org".to_owned());
+    let error = Cluster::start(config, backends).await.unwrap_err();
+    let chain = hybrid_cluster::error::error_chain(&error);
+    assert!(chain.contains("public_url"), "{chain}");
+    drop(behind_tls);
+}

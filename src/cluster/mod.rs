@@ -35,6 +35,14 @@ async fn connect_backends(
         Backends::Embedded { registry, broker } => (Arc::new(registry), Arc::new(broker)),
         Backends::Custom { registry, broker } => (registry, broker),
         Backends::Servers { redis, amqp } => {
+            if tracing::enabled!(target: "lapin::returned_messages", tracing::Level::WARN) {
+                tracing::warn!(
+                    "lapin logs each message RabbitMQ returns (a group with no member elsewhere, a node \
+                     gone) whole, payload included, at WARN under the target \
+                     `lapin::returned_messages`: filter it out (`lapin::returned_messages=error`) to \
+                     keep payloads out of the logs"
+                );
+            }
             let registry =
                 RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
             let mut rabbit = config.rabbitmq.clone();
@@ -425,14 +433,18 @@ impl Cluster {
 
         let counter = ConnectionCounter::new();
         let metrics = Metrics::new(id.as_str());
-        let local = Arc::new(LocalConnections::new(
-            counter.clone(),
-            config.inbox_capacity,
-            config.slow_client,
-            metrics.clone(),
-        ));
+        let local = Arc::new(
+            LocalConnections::new(
+                counter.clone(),
+                config.inbox_capacity,
+                config.slow_client,
+                metrics.clone(),
+            )
+            .with_byte_bound(config.inbox_bytes),
+        );
         let mut info = NodeInfo::new(id.clone(), incarnation, config.address.clone(), config.port);
         info.endpoint = config.endpoint.clone();
+        info.public_url = config.public_url.clone();
         info.max_connections = config.max_connections;
         let discovery = Discovery::start(
             registry,

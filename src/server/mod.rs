@@ -131,6 +131,8 @@ async fn upgrade(
         .read_buffer_size(config.read_buffer_size)
         .write_buffer_size(config.write_buffer_size)
         .max_message_size(config.max_message_size)
+        // A frame is refused from its header: never read (nor buffered) past the bound.
+        .max_frame_size(config.max_message_size)
         .on_upgrade(move |socket| serve_connection(socket, connection, config))
 }
 
@@ -223,6 +225,11 @@ pub async fn serve_connection(
                     .into(),
                 )],
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => Vec::new(),
+                Some(Err(error)) if is_too_big(&error) => {
+                    closing = true;
+                    let reason = format!("message too big: at most {} bytes", config.max_message_size);
+                    vec![Message::Close(Some(WsCloseFrame { code: CLOSE_TOO_BIG, reason: reason.into() }))]
+                }
                 Some(Ok(Message::Close(_)) | Err(_)) | None => break,
             },
         };
@@ -262,6 +269,18 @@ fn inbox_frames(
         }
     }
     frames
+}
+
+/// The close code for a message over the size bound: 1009, message too big.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Whether a read failed on a message or frame over the size bound.
+fn is_too_big(error: &axum::Error) -> bool {
+    matches!(
+        std::error::Error::source(error)
+            .and_then(|inner| inner.downcast_ref::<tungstenite::Error>()),
+        Some(tungstenite::Error::Capacity(_))
+    )
 }
 
 /// Inbox items written to the socket in one go, at most.

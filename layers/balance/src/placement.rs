@@ -84,12 +84,17 @@ pub struct Redirect {
     pub port: u16,
     /// Its WebSocket endpoint path.
     pub endpoint: String,
+    /// The URL clients reach it at, when its record names one (TLS in front of it, a proxy).
+    pub public_url: Option<String>,
 }
 
 impl Redirect {
-    /// The URL of the node's endpoint, e.g. `ws://10.0.0.5:5001/ws` (IPv6 in brackets).
+    /// The URL of the node's endpoint: its public URL, or e.g. `ws://10.0.0.5:5001/ws` (IPv6
+    /// in brackets).
     pub fn ws_url(&self) -> String {
-        hybrid_cluster_core::node::ws_url(&self.address, self.port, &self.endpoint)
+        self.public_url.clone().unwrap_or_else(|| {
+            hybrid_cluster_core::node::ws_url(&self.address, self.port, &self.endpoint)
+        })
     }
 }
 
@@ -237,6 +242,7 @@ impl Placer {
                 address: candidate.info.address.clone(),
                 port: candidate.info.port,
                 endpoint: candidate.info.endpoint.clone(),
+                public_url: candidate.info.public_url.clone(),
             }),
         };
         let chosen = match &placement {
@@ -370,6 +376,7 @@ mod tests {
             address: "::1".into(),
             port: 9000,
             endpoint: "/ws".into(),
+            public_url: None,
         };
         assert_eq!(redirect.ws_url(), "ws://[::1]:9000/ws");
     }

@@ -869,4 +869,57 @@ mod tests {
         assert!(GroupName::new("a\nb").is_err());
         assert!(GroupName::new("g".repeat(129)).is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::broker::BrokerMessage;
+
+        fn header_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                // Near the real metadata, to reach deeper into the decoder.
+                "1 [tb] [0-9]{1,14} [a-z0-9-]{1,8} [-a-z0-9:]{1,30} [a-z.:0-9-]{1,40}",
+            ]
+        }
+
+        proptest! {
+            /// Whatever a broker hands over, reading it as an envelope fails with an error or
+            /// succeeds: it never panics.
+            #[test]
+            fn any_message_reads_to_an_envelope_or_an_error(
+                message_id in any::<String>(),
+                headers in proptest::collection::btree_map(
+                    prop_oneof![Just("hc-meta".to_owned()), Just("hc-mac".to_owned()), any::<String>()],
+                    header_value(),
+                    0..4,
+                ),
+                body in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let _ = Envelope::from_message(BrokerMessage {
+                    message_id,
+                    headers,
+                    body: body.into(),
+                });
+            }
+
+            /// An envelope written as a message reads back the same.
+            #[test]
+            fn envelopes_round_trip(text in any::<String>(), group in "[a-z][a-z0-9_.-]{0,20}") {
+                let origin = NodeId::new("a").unwrap();
+                for target in [
+                    Target::Broadcast,
+                    Target::Group(GroupName::new(&group).unwrap()),
+                    Target::Node(NodeId::new("b").unwrap()),
+                ] {
+                    let envelope = Envelope::text(origin.clone(), target, text.clone());
+                    let read = Envelope::from_message(envelope.to_message().unwrap()).unwrap();
+                    prop_assert_eq!(read.id, envelope.id);
+                    prop_assert_eq!(read.payload, envelope.payload);
+                    prop_assert_eq!(read.target, envelope.target);
+                }
+            }
+        }
+    }
 }

@@ -248,6 +248,7 @@ impl fmt::Display for NodeStatus {
 /// | `status` | `"active"`, `"draining"`, `"degraded"` or `"offline"` ([`NodeStatus`]); a reader that does not know a status skips the record |
 /// | `metadata` | free string pairs for the user's own use |
 /// | `lease_ms` | how long the record is live after `last_heartbeat`, in milliseconds (left out by older writers) |
+/// | `public_url` | the `ws://` or `wss://` URL clients reach the node at, when not the one made of `address`, `port` and `endpoint` (left out then) |
 /// | `signature` | only when the cluster has a [`ClusterSecret`]: the record's HMAC-SHA256, 64 lowercase hex digits (see below) |
 ///
 /// # Signed records
@@ -301,7 +302,15 @@ pub struct NodeInfo {
     /// without it (an older writer) is read as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
+    /// The URL clients reach the node's endpoint at, when it is not
+    /// `ws://{address}:{port}{endpoint}` (TLS in front of it, a proxy, another port): a
+    /// `ws://` or `wss://` URL, used in redirects and close reasons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
+
+/// The longest `public_url` a record may carry, in bytes.
+pub const MAX_PUBLIC_URL_LEN: usize = 1024;
 
 /// Connections a node admits when nothing else is configured (the seed's default).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
@@ -335,6 +344,7 @@ impl NodeInfo {
             status: NodeStatus::Active,
             metadata: BTreeMap::new(),
             lease_ms: None,
+            public_url: None,
         }
     }
 
@@ -368,9 +378,12 @@ impl NodeInfo {
         }
     }
 
-    /// The URL clients use to reach this node's WebSocket endpoint, e.g. `ws://10.0.0.5:5001/ws`.
+    /// The URL clients use to reach this node's WebSocket endpoint: its `public_url`, or
+    /// `ws://{address}:{port}{endpoint}`, e.g. `ws://10.0.0.5:5001/ws`.
     pub fn ws_url(&self) -> String {
-        ws_url(&self.address, self.port, &self.endpoint)
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| ws_url(&self.address, self.port, &self.endpoint))
     }
 
     /// Checks the values that JSON alone cannot: percentages in range, a usable address, port
@@ -391,6 +404,9 @@ impl NodeInfo {
         if !self.endpoint.starts_with('/') {
             return invalid("endpoint", "it does not start with '/'");
         }
+        if let Some(url) = &self.public_url {
+            check_public_url(url).or_else(|reason| invalid("public_url", reason))?;
+        }
         for (field, value) in [
             ("cpu_usage_percent", self.cpu_usage_percent),
             ("memory_usage_percent", self.memory_usage_percent),
@@ -405,8 +421,8 @@ impl NodeInfo {
     /// When the record's lease ends, by its writer's clock: `last_heartbeat + lease_ms`, when
     /// the record says.
     pub fn lease_ends_at(&self) -> Option<SystemTime> {
-        self.lease_ms
-            .map(|ms| self.last_heartbeat + std::time::Duration::from_millis(ms))
+        self.last_heartbeat
+            .checked_add(std::time::Duration::from_millis(self.lease_ms?))
     }
 
     /// Writes the record's JSON form (see the type's docs), after checking it.
@@ -542,6 +558,25 @@ pub enum NodeRecordError {
     /// The record's signature does not match: forged, altered, or another cluster's secret.
     #[error("node record signature does not match (forged, altered, or another cluster's secret)")]
     BadSignature,
+}
+
+/// Checks a node's public URL: `ws://` or `wss://`, a host, at most
+/// [`MAX_PUBLIC_URL_LEN`] bytes, nothing that could break a header or a log line.
+pub fn check_public_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("wss://")
+        .or_else(|| url.strip_prefix("ws://"))
+        .ok_or("it does not start with ws:// or wss://")?;
+    if url.len() > MAX_PUBLIC_URL_LEN {
+        return Err("it is longer than 1024 bytes");
+    }
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("it names no host");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("it holds spaces or control characters");
+    }
+    Ok(())
 }
 
 /// The WebSocket URL of an endpoint, e.g. `ws://10.0.0.5:5001/ws`; an IPv6 address is put in
@@ -829,5 +864,69 @@ mod tests {
         assert_eq!(info.ws_url(), "ws://10.0.0.5:5001/ws");
         info.address = "::1".into();
         assert_eq!(info.ws_url(), "ws://[::1]:5001/ws");
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn record_json() -> serde_json::Value {
+            let mut info = NodeInfo::new(
+                NodeId::new("n1").unwrap(),
+                Incarnation::from_u64(7),
+                "10.0.0.5",
+                5001,
+            );
+            info.lease_ms = Some(15_000);
+            serde_json::from_slice(&info.to_json().unwrap()).unwrap()
+        }
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(serde_json::Value::from),
+                any::<String>().prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(2, 8, 4, |inner| {
+                proptest::collection::vec(inner, 0..4).prop_map(serde_json::Value::from)
+            })
+        }
+
+        proptest! {
+            /// Any bytes in a node's key read to a record or an error, signed or not.
+            #[test]
+            fn any_bytes_read_to_a_record_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let secret = crate::ClusterSecret::new("the secret of a property test").unwrap();
+                let _ = NodeInfo::from_json(&bytes);
+                let _ = NodeInfo::from_signed_json(&bytes, &secret);
+            }
+
+            /// A good record with any one field replaced by any JSON value reads to a record
+            /// or an error, and a record it reads to checks out.
+            #[test]
+            fn any_field_replaced_reads_to_a_valid_record_or_an_error(
+                field in prop_oneof![
+                    Just("node_id"), Just("incarnation"), Just("address"), Just("port"),
+                    Just("endpoint"), Just("connection_count"), Just("max_connections"),
+                    Just("cpu_usage_percent"), Just("memory_usage_percent"),
+                    Just("last_heartbeat"), Just("registered_at"), Just("status"),
+                    Just("metadata"), Just("lease_ms"), Just("public_url"),
+                ],
+                value in json_value(),
+            ) {
+                let mut record = record_json();
+                record[field] = value;
+                let bytes = serde_json::to_vec(&record).unwrap();
+                if let Ok(info) = NodeInfo::from_json(&bytes) {
+                    prop_assert!(info.validate().is_ok());
+                    let _ = info.lease_ends_at();
+                    let _ = info.ws_url();
+                }
+            }
+        }
     }
 }

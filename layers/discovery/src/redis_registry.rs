@@ -539,4 +539,24 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Any payload on the events channel reads to an event or an error.
+            #[test]
+            fn any_event_reads_to_an_event_or_an_error(
+                payload in prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..128),
+                    "(updated|left) [a-z0-9]{1,8}( [0-9]{1,25})?\n?.{0,40}".prop_map(String::into_bytes),
+                ],
+            ) {
+                let keys = KeyLayout::new(&ClusterPrefix::default());
+                let _ = parse_event(&keys, &payload);
+            }
+        }
+    }
 }

@@ -255,6 +255,9 @@ struct Worker {
     departed: HashMap<NodeId, (LiveNodeInfo, Instant)>,
 }
 
+/// The longest lease taken as told; a record claiming more is checked again after this.
+const MAX_LEASE: Duration = Duration::from_secs(86_400);
+
 /// What applying a record did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Applied {
@@ -539,7 +542,11 @@ impl Worker {
         };
         self.malformed.remove(&record.key);
         match lease {
-            Some(lease) => self.set_deadline(&info.node_id, Instant::now() + lease + EXPIRY_GRACE),
+            // A lease longer than a day is nobody's (a forged or broken event): checked then.
+            Some(lease) => self.set_deadline(
+                &info.node_id,
+                Instant::now() + lease.min(MAX_LEASE) + EXPIRY_GRACE,
+            ),
             None => self.clear_deadline(&info.node_id),
         }
         if info.status == NodeStatus::Offline {
@@ -599,7 +606,7 @@ impl Worker {
         };
         let now = SystemTime::now();
         let left = match ends.duration_since(now) {
-            Ok(left) => left + self.max_clock_skew,
+            Ok(left) => left.saturating_add(self.max_clock_skew),
             Err(past) if past.duration() <= self.max_clock_skew => {
                 self.max_clock_skew - past.duration()
             }

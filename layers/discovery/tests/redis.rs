@@ -662,3 +662,35 @@ async fn a_replayed_old_record_does_not_bring_a_node_back() {
     c.leave().await.unwrap();
     clean(&prefix).await;
 }
+
+/// An event claiming an absurd lease (or a record claiming an absurd `lease_ms`) does not
+/// break the view: it goes on following the cluster.
+#[tokio::test]
+async fn absurd_leases_in_events_and_records_do_not_break_the_view() {
+    let prefix = unique_prefix("absurd");
+    let a = node(&prefix, "a", fast()).await;
+    let registry = registry(&prefix, "hc-absurd").await;
+    let keys = registry.keys().clone();
+    let mut connection = registry.connection();
+    let mut odd = info("odd");
+    odd.lease_ms = Some(u64::MAX);
+    let mut event = b"updated odd 18446744073709551615\n".to_vec();
+    event.extend_from_slice(&odd.to_json().unwrap());
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(keys.events_channel())
+        .arg(event)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    // The view still follows: a node joining now is seen.
+    let b = node(&prefix, "b", fast()).await;
+    within(
+        "a sees b",
+        a.view()
+            .wait_until(|n| n.iter().any(|n| n.node_id.as_str() == "b")),
+    )
+    .await;
+    a.leave().await.unwrap();
+    b.leave().await.unwrap();
+    clean(&prefix).await;
+}

@@ -27,6 +27,8 @@ pub struct NodeOptions {
     pub args: Vec<String>,
     /// `RUST_LOG` of the process.
     pub log_filter: String,
+    /// Further environment variables of the process (`HYBRID_CLUSTER_SECRET`, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeOptions {
@@ -38,6 +40,7 @@ impl NodeOptions {
             heartbeat_ms: 200,
             args: Vec::new(),
             log_filter: "info".to_owned(),
+            env: Vec::new(),
         }
     }
 
@@ -101,6 +104,7 @@ impl NodeProgram {
                 .args(["--heartbeat-ms", &options.heartbeat_ms.to_string()])
                 .args(&options.args)
                 .env("RUST_LOG", &options.log_filter)
+                .envs(options.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone()?)
                 .stderr(log_file)

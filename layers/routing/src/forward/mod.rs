@@ -74,7 +74,9 @@ pub struct ForwardConfig {
     /// Messages sent and not yet confirmed, at most, over all clones of the service. At least 1.
     pub max_in_flight: usize,
     /// The largest payload sent, in bytes; larger ones fail with
-    /// [`ForwardError::PayloadTooLarge`] before reaching the broker.
+    /// [`ForwardError::PayloadTooLarge`] before reaching the broker. It also bounds what a
+    /// receiving node holds: RabbitMQ counts a consumer's prefetch in messages only, so the
+    /// deliveries in flight to a node take up to its prefetch times this.
     pub max_payload: usize,
     /// The cluster secret every envelope is signed with before it is sent, if the cluster has
     /// one. An envelope that arrives already signed is signed again: the service signs what it
@@ -83,11 +85,11 @@ pub struct ForwardConfig {
 }
 
 impl Default for ForwardConfig {
-    /// 256 messages in flight, payloads up to 8 MiB, no signing.
+    /// 256 messages in flight, payloads up to 1 MiB, no signing.
     fn default() -> Self {
         Self {
             max_in_flight: 256,
-            max_payload: 8 * 1024 * 1024,
+            max_payload: 1024 * 1024,
             secret: None,
         }
     }

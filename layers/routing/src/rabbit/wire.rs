@@ -462,4 +462,47 @@ mod tests {
             "test:c1:node:dead-letter"
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Any body and any count read to messages or an error, never a panic, and never
+            /// more messages than the batch bound.
+            #[test]
+            fn any_batch_reads_to_messages_or_an_error(
+                body in proptest::collection::vec(any::<u8>(), 0..512),
+                count in any::<usize>(),
+            ) {
+                if let Ok(messages) = decode_batch(&Bytes::from(body), count) {
+                    prop_assert!(messages.len() <= MAX_BATCH);
+                }
+            }
+
+            /// A batch written reads back as written.
+            #[test]
+            fn batches_round_trip(
+                parts in proptest::collection::vec(
+                    ("[a-z0-9-]{1,36}", proptest::collection::btree_map("[a-z-]{1,12}", any::<String>(), 0..3), proptest::collection::vec(any::<u8>(), 0..64)),
+                    1..MAX_BATCH,
+                ),
+            ) {
+                let written: Vec<Part<'_>> = parts
+                    .iter()
+                    .map(|(id, headers, body)| Part { message_id: id, headers, body })
+                    .collect();
+                let (properties, body) = encode_batch(&written).unwrap();
+                let count = batch_count(&properties).unwrap();
+                let read = decode_batch(&body, count).unwrap();
+                prop_assert_eq!(read.len(), parts.len());
+                for (message, (id, headers, body)) in read.iter().zip(&parts) {
+                    prop_assert_eq!(&message.message_id, id);
+                    prop_assert_eq!(&message.headers, headers);
+                    prop_assert_eq!(&message.body[..], &body[..]);
+                }
+            }
+        }
+    }
 }
