@@ -48,12 +48,12 @@ use futures_util::stream::{self, FuturesUnordered, SplitSink};
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::balance::{NodeSet, Selector, Strategy};
 use hybrid_cluster::discovery::{Discovery, DiscoveryConfig, RedisOptions, RedisRegistry};
-use hybrid_cluster::live::{Epoch, LiveNodeInfo};
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, Incarnation, NodeId,
     NodeInfo, RedisUrl,
 };
+use hybrid_cluster::{Epoch, LiveNodeInfo};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,

@@ -171,7 +171,7 @@ fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig, std::net::IpAd
         config.forward.max_in_flight = max;
     }
     if let Some(url) = public_url {
-        hybrid_cluster::node::check_public_url(&url)
+        hybrid_cluster::check_public_url(&url)
             .map_err(|reason| format!("--public-url: {reason}\n{USAGE}"))?;
         config.public_url = Some(url);
     }
@@ -307,7 +307,7 @@ async fn run(
     let deadline = tokio::time::Instant::now() + grace + Duration::from_millis(500);
     let stopping = async {
         if let Err(error) = cluster.shutdown().await {
-            tracing::error!(error = %hybrid_cluster::error::error_chain(&error), "shutdown was not clean");
+            tracing::error!(error = %hybrid_cluster::error_chain(&error), "shutdown was not clean");
         }
         match tokio::time::timeout_at(deadline, &mut serving).await {
             Ok(_) => {}

@@ -16,9 +16,9 @@ use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::cluster::Node;
 use crate::error::SendError;
 use crate::local::{Inbox, InboxItem};
+use crate::node::Node;
 use crate::trace::TraceContext;
 
 /// Sends messages into the cluster: to one connection anywhere, to every connection, to a
@@ -575,8 +575,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::cluster::{Admission, Cluster};
+    use crate::cluster::Cluster;
     use crate::config::{Backends, ClusterConfig};
+    use crate::hybrid::{Admission, admit};
 
     async fn node(max_in_flight: usize) -> Cluster {
         let mut config = ClusterConfig::new(NodeId::new("places").unwrap(), "127.0.0.1", 1);
@@ -585,7 +586,7 @@ mod tests {
     }
 
     fn connect(cluster: &Cluster) -> ClusterConnection {
-        match cluster.node.admit() {
+        match admit(&cluster.node) {
             Admission::Accept(connection) => connection,
             _ => panic!("the node admits"),
         }

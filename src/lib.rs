@@ -1,37 +1,48 @@
 #![doc = include_str!("../README.md")]
 
-pub mod cluster;
-pub mod config;
-pub mod error;
-pub mod handle;
-pub mod hybrid;
-pub mod local;
+mod cluster;
+mod config;
+mod error;
+mod handle;
+mod hybrid;
+mod local;
 pub mod metrics;
+mod node;
 mod notice;
 pub mod protocol;
 #[cfg(feature = "axum")]
 pub mod server;
-pub mod shutdown;
+mod shutdown;
 mod takeover;
-pub mod trace;
+mod trace;
 
+// Each layer, for use on its own.
 pub use hybrid_cluster_balance as balance;
-pub use hybrid_cluster_core::{broker, connection, envelope, live, node, registry};
 pub use hybrid_cluster_discovery as discovery;
 pub use hybrid_cluster_memory as memory;
 pub use hybrid_cluster_routing as routing;
 
+// Everything else has one path: here.
 pub use cluster::Cluster;
 pub use config::{Backends, ClusterConfig, SlowClientPolicy};
-pub use error::{ClusterError, SendError};
-pub use handle::{ClusterConnection, ClusterHandle, ConnectionSlot};
-pub use hybrid::{HybridCluster, HybridClusterLayer};
-pub use hybrid_cluster_balance::{PlacementPolicy, Strategy};
+pub use error::{ClusterError, SendError, error_chain};
+pub use handle::{ClusterConnection, ClusterHandle, Confirmation, ConnectionSlot, OrderedSender};
+pub use hybrid::{
+    HybridCluster, HybridClusterLayer, RETRY_AFTER_SECS, ResponseFuture, is_websocket_upgrade,
+};
+pub use hybrid_cluster_balance::{PlacementPolicy, Redirect, Strategy};
+pub use hybrid_cluster_core::node::check_public_url;
 pub use hybrid_cluster_core::{
-    AmqpUrl, Broker, BrokerError, BrokerMessage, ClusterPrefix, ClusterSecret, ConfigError,
-    ConnectionId, ConnectionIds, ConsumerState, Durability, Envelope, GroupName, Incarnation,
-    MessageId, NodeId, NodeInfo, NodeStatus, PayloadKind, PublishError, QueueOptions, RedisUrl,
-    Registry, RegistryError, RoutingKey, Target,
+    Acker, Acknowledge, AmqpUrl, AuthError, BoxError, Broker, BrokerError, BrokerMessage,
+    ClusterPrefix, ClusterSecret, ConfigError, ConnectionId, ConnectionIdError, ConnectionIds,
+    ConsumeOptions, ConsumerState, DEFAULT_REPLAY_WINDOW, Deliveries, Delivery, Durability,
+    Envelope, EnvelopeError, Epoch, GroupName, HasNodeInfo, Incarnation, InvalidIncarnation,
+    InvalidNodeId, LiveNodeInfo, MessageId, NodeId, NodeInfo, NodeRecord, NodeRecordError,
+    NodeStatus, PayloadKind, PublishError, QueueOptions, RedisUrl, Registry, RegistryError,
+    RegistryEvent, RegistryEvents, RemovalCause, RoutingKey, SECRET_ENV, Settlement, Signature,
+    Target, UnknownDurability,
 };
 pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
-pub use local::{CloseFrame, Inbox, InboxItem};
+pub use local::{CloseFrame, Inbox, InboxItem, Undeliverable};
+pub use shutdown::{CLOSE_SERVICE_RESTART, MAX_CLOSE_REASON, close_reason};
+pub use trace::{HEADER_TRACEPARENT, TraceContext, TraceId};

@@ -2,6 +2,9 @@
 
 use hybrid_cluster_balance::Redirect;
 
+/// The WebSocket close code sent to clients when their node shuts down: 1012, service restart.
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
+
 /// The longest reason a WebSocket close frame carries, in bytes.
 pub const MAX_CLOSE_REASON: usize = 123;
 

@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hybrid_cluster::broker::{ConsumeOptions, Deliveries};
-use hybrid_cluster::registry::{RegistryEvent, RemovalCause};
 use hybrid_cluster::{
     Broker, BrokerMessage, ConnectionIds, Envelope, GroupName, Incarnation, MemoryBroker,
     MemoryRegistry, NodeId, NodeInfo, PublishError, QueueOptions, Registry, RoutingKey, Target,
 };
+use hybrid_cluster::{ConsumeOptions, Deliveries};
+use hybrid_cluster::{RegistryEvent, RemovalCause};
 
 struct Node {
     info: NodeInfo,

@@ -476,10 +476,10 @@ impl hybrid_cluster::Broker for LosingBroker {
     fn consume(
         &self,
         node: &NodeId,
-        options: &hybrid_cluster::broker::ConsumeOptions,
+        options: &hybrid_cluster::ConsumeOptions,
     ) -> futures_util::future::BoxFuture<
         'static,
-        Result<hybrid_cluster::broker::Deliveries, hybrid_cluster::BrokerError>,
+        Result<hybrid_cluster::Deliveries, hybrid_cluster::BrokerError>,
     > {
         self.inner.consume(node, options)
     }
@@ -597,7 +597,7 @@ async fn redirects_name_a_nodes_public_url() {
     let mut config = ClusterConfig::new(NodeId::new("bad").unwrap(), "10.0.0.9", 5001);
     config.public_url = Some("https://chat.example.org".to_owned());
     let error = Cluster::start(config, backends).await.unwrap_err();
-    let chain = hybrid_cluster::error::error_chain(&error);
+    let chain = hybrid_cluster::error_chain(&error);
     assert!(chain.contains("public_url"), "{chain}");
     drop(behind_tls);
 }

@@ -3,33 +3,36 @@
 //! shutdown.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::sync::{Arc, Weak};
 
 use hybrid_cluster_core::{ConsumerState, Deliveries, Envelope, NodeId, NodeInfo};
 use hybrid_cluster_routing::{ReceiveConfig, Receiver};
-use tokio::task::JoinHandle;
 use tokio::time::Duration;
 
-use super::Node;
+use crate::node::Node;
+
+/// A background task of the node.
+pub(super) trait Task: Future<Output = ()> + Send + 'static {}
+impl<T: Future<Output = ()> + Send + 'static> Task for T {}
 
 /// Starts every task of `node`, the receiver reading `deliveries` among them.
 pub(super) fn spawn_all(node: &Arc<Node>, deliveries: Deliveries) {
     let (reporting, running) = receiving(node, deliveries);
-    *node.receiver.lock() = Some(running);
-    let mut tasks = vec![
-        reporting,
-        placing(node),
-        unbinding(node),
-        watching(node),
-        notifying(node),
-    ];
-    tasks.extend(following_consumer(node));
-    node.tasks.lock().extend(tasks);
+    node.spawn_receiver(running);
+    node.spawn(reporting);
+    node.spawn(placing(node));
+    node.spawn(unbinding(node));
+    node.spawn(watching(node));
+    node.spawn(notifying(node));
+    if let Some(following) = following_consumer(node) {
+        node.spawn(following);
+    }
 }
 
 /// Hands what comes through the broker to the local connections, and reports the receiver's
 /// counts every heartbeat: the reporting task, then the receiver's.
-fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> (JoinHandle<()>, JoinHandle<()>) {
+fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> (impl Task + use<>, impl Task + use<>) {
     let receive = ReceiveConfig {
         secret: node.config.secret.clone(),
         replay_window: node.config.replay_window,
@@ -53,37 +56,37 @@ fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> (JoinHandle<()>, JoinH
     let stats = receiver.stats();
     let metrics = node.metrics.clone();
     let every = node.config.discovery.heartbeat;
-    let reporting = tokio::spawn(async move {
+    let reporting = async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             metrics.receiver(&stats.get());
         }
-    });
-    let running = tokio::spawn(async move {
+    };
+    let running = async move {
         if let Err(error) = receiver.run(destination).await {
             tracing::error!(node = %node_id, %error, "stopped receiving messages");
         }
-    });
+    };
     (reporting, running)
 }
 
 /// Keeps placement's view of the cluster current.
-fn placing(node: &Arc<Node>) -> JoinHandle<()> {
+fn placing(node: &Arc<Node>) -> impl Task + use<> {
     let placer = node.placer.clone();
     let discover = node.discovery.discover(|_: &NodeInfo| ());
-    tokio::spawn(async move {
+    async move {
         if let Err(error) = placer.follow(discover).await {
             tracing::error!(%error, "placement stopped following discovery");
         }
-    })
+    }
 }
 
 /// Unbinds the node's queue from the groups whose last local member left.
-fn unbinding(node: &Arc<Node>) -> JoinHandle<()> {
+fn unbinding(node: &Arc<Node>) -> impl Task + use<> {
     let weak = Arc::downgrade(node);
     let local = Arc::clone(&node.local);
-    tokio::spawn(async move {
+    async move {
         loop {
             let groups = local.departed_groups().await;
             let Some(node) = weak.upgrade() else { return };
@@ -93,16 +96,16 @@ fn unbinding(node: &Arc<Node>) -> JoinHandle<()> {
                 }
             }
         }
-    })
+    }
 }
 
 /// Follows the cluster's membership: counts joins and leaves, and takes over the queue of
 /// each node that left (see [`takeover`](crate::takeover)).
-fn watching(node: &Arc<Node>) -> JoinHandle<()> {
+fn watching(node: &Arc<Node>) -> impl Task + use<> {
     let metrics = node.metrics.clone();
     let mut members = node.discovery.view().subscribe();
     let weak = Arc::downgrade(node);
-    tokio::spawn(async move {
+    async move {
         let mut known: BTreeSet<NodeId> = BTreeSet::new();
         loop {
             let now: BTreeSet<NodeId> = members
@@ -125,22 +128,22 @@ fn watching(node: &Arc<Node>) -> JoinHandle<()> {
                 return;
             }
         }
-    })
+    }
 }
 
 /// Answers the senders of unicasts that did not reach their connection (see
 /// [`notice`](crate::notice)).
-fn notifying(node: &Arc<Node>) -> JoinHandle<()> {
+fn notifying(node: &Arc<Node>) -> impl Task + use<> {
     let weak = Arc::downgrade(node);
     let bounced = Arc::clone(&node.local.bounced);
-    tokio::spawn(async move {
+    async move {
         loop {
             let batch = bounced.next().await;
             let Some(node) = weak.upgrade() else { return };
             crate::notice::send(&node.id, &node.local, &node.forward, batch).await;
             bounced.told();
         }
-    })
+    }
 }
 
 /// An interruption shorter than this (a reconnect, a consumer restored at once) does not
@@ -149,11 +152,11 @@ const DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// Follows the node's consumer, when its broker tells how it is: the node is degraded while
 /// it does not receive, for longer than [`DEBOUNCE`].
-fn following_consumer(node: &Arc<Node>) -> Option<JoinHandle<()>> {
+fn following_consumer(node: &Arc<Node>) -> Option<impl Task + use<>> {
     let mut states = node.topology.broker().consumer_state(&node.id)?;
     node.metrics.receiving(true);
     let weak = Arc::downgrade(node);
-    Some(tokio::spawn(async move {
+    Some(async move {
         loop {
             let interrupted = matches!(
                 *states.borrow_and_update(),
@@ -175,5 +178,5 @@ fn following_consumer(node: &Arc<Node>) -> Option<JoinHandle<()>> {
                 return;
             }
         }
-    }))
+    })
 }

@@ -22,6 +22,14 @@ impl HybridClusterLayer {
     }
 }
 
+impl Cluster {
+    /// The tower layer that makes a WebSocket server's connections part of this cluster.
+    // Defined with the layer, so that the cluster's module does not depend on this one.
+    pub fn layer(&self) -> HybridClusterLayer {
+        HybridClusterLayer::new(self.clone())
+    }
+}
+
 impl<S> Layer<S> for HybridClusterLayer {
     type Service = HybridCluster<S>;
 

@@ -13,6 +13,7 @@
 //!
 //! Requests that are not WebSocket upgrades pass through untouched.
 
+mod admission;
 mod future;
 mod layer;
 
@@ -22,9 +23,10 @@ use http::header::{CONNECTION, HeaderValue, LOCATION, RETRY_AFTER, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
 use tower_service::Service;
 
+pub(crate) use self::admission::{Admission, admit};
 pub use self::future::ResponseFuture;
 pub use self::layer::HybridClusterLayer;
-use crate::cluster::{Admission, Cluster};
+use crate::cluster::Cluster;
 use crate::handle::ConnectionSlot;
 
 /// Seconds a refused client is told to wait before it tries again.
@@ -91,7 +93,7 @@ where
         if !is_websocket_upgrade(&request) {
             return ResponseFuture::inner(self.inner.call(request));
         }
-        match self.cluster.node.admit() {
+        match admit(&self.cluster.node) {
             Admission::Accept(connection) => {
                 request
                     .extensions_mut()

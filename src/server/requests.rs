@@ -395,13 +395,14 @@ mod tests {
     use std::task::Waker;
 
     use super::*;
-    use crate::cluster::{Admission, Cluster};
+    use crate::cluster::Cluster;
     use crate::config::{Backends, ClusterConfig};
     use crate::handle::ClusterConnection;
+    use crate::hybrid::{Admission, admit};
     use hybrid_cluster_core::NodeId;
 
     fn connect(cluster: &Cluster) -> ClusterConnection {
-        match cluster.node.admit() {
+        match admit(&cluster.node) {
             Admission::Accept(connection) => connection,
             _ => panic!("the node admits"),
         }

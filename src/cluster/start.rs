@@ -1,0 +1,172 @@
+//! Starting a node, step by step: its backends connected, its queue declared and consumed,
+//! its record registered, its parts assembled and its background tasks running.
+
+use std::sync::Arc;
+
+use hybrid_cluster_balance::{Placer, Selector};
+use hybrid_cluster_core::{
+    Broker, BrokerError, ConsumeOptions, Deliveries, Incarnation, LiveNodeInfo, NodeInfo, Registry,
+};
+use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
+use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker};
+use tokio::time::{Duration, Instant};
+
+use super::tasks;
+use crate::config::{Backends, ClusterConfig};
+use crate::error::ClusterError;
+use crate::local::LocalConnections;
+use crate::metrics::Metrics;
+use crate::node::{Node, Parts};
+
+/// Starts the node of `config` on `backends`: see [`Cluster::start`](crate::Cluster::start).
+pub(super) async fn start(
+    config: ClusterConfig,
+    backends: Backends,
+) -> Result<Arc<Node>, ClusterError> {
+    let config = settled(config);
+    let (registry, broker) = connect_backends(&config, backends).await?;
+    let id = config.node_id.clone();
+    let incarnation = Incarnation::random();
+    let topology = NodeTopology::declare(Arc::clone(&broker), id.clone(), &config.queue).await?;
+    let deliveries = consume_own_queue(&topology, &config.consume).await?;
+
+    let counter = ConnectionCounter::new();
+    let metrics = Metrics::new(id.as_str());
+    let local = Arc::new(
+        LocalConnections::new(
+            counter.clone(),
+            config.inbox_capacity,
+            config.slow_client,
+            metrics.clone(),
+        )
+        .with_byte_bound(config.inbox_bytes),
+    );
+    let discovery = register(&config, incarnation, registry, counter).await?;
+    let local_info = discovery
+        .view()
+        .members()
+        .get(&id)
+        .cloned()
+        .unwrap_or_else(|| LiveNodeInfo::new(discovery.registrar().info()));
+    let placer = Placer::with(
+        local_info.clone(),
+        config.placement,
+        Selector::new(config.strategy),
+        Some(discovery.view().epoch().clone()),
+    );
+    let forward = Forward::with_config(broker, config.forward.clone());
+    let node = Arc::new(Node::new(Parts {
+        id,
+        incarnation,
+        config,
+        local,
+        topology,
+        forward,
+        discovery,
+        placer,
+        local_info,
+        metrics,
+    }));
+    run(&node, deliveries);
+    Ok(node)
+}
+
+/// `config` with what its top-level settings imply for the layers' own: the durability of
+/// the queue and the messages, the secret of routing and discovery.
+fn settled(mut config: ClusterConfig) -> ClusterConfig {
+    config.queue.durability = config.durability;
+    config.rabbitmq.persistent = config.durability.is_persistent();
+    if let Some(secret) = &config.secret {
+        config.forward.secret = Some(secret.clone());
+        config.discovery = config.discovery.clone().with_secret(secret.clone());
+    }
+    config
+}
+
+/// The registry and broker of `backends`, connected.
+async fn connect_backends(
+    config: &ClusterConfig,
+    backends: Backends,
+) -> Result<(Arc<dyn Registry>, Arc<dyn Broker>), ClusterError> {
+    Ok(match backends {
+        Backends::Embedded { registry, broker } => (Arc::new(registry), Arc::new(broker)),
+        Backends::Custom { registry, broker } => (registry, broker),
+        Backends::Servers { redis, amqp } => {
+            warn_if_lapin_logs_payloads();
+            let registry =
+                RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
+            let mut rabbit = config.rabbitmq.clone();
+            rabbit
+                .connection_name
+                .get_or_insert_with(|| format!("hybrid-cluster {}", config.node_id));
+            let broker = RabbitBroker::connect(&amqp, &config.prefix, rabbit).await?;
+            (Arc::new(registry), Arc::new(broker))
+        }
+    })
+}
+
+/// lapin logs a returned message whole: a library cannot turn that off for its user's
+/// subscriber, so it says so, once, when the user's filter would print it.
+fn warn_if_lapin_logs_payloads() {
+    if tracing::enabled!(target: "lapin::returned_messages", tracing::Level::WARN) {
+        tracing::warn!(
+            "lapin logs each message RabbitMQ returns (a group with no member elsewhere, a node \
+             gone) whole, payload included, at WARN under the target \
+             `lapin::returned_messages`: filter it out (`lapin::returned_messages=error`) to \
+             keep payloads out of the logs"
+        );
+    }
+}
+
+/// Starts consuming this node's queue. A peer may be reading it still (taking it over after
+/// this node's previous run went without leaving, see [`takeover`](crate::takeover)): it lets
+/// go within seconds, so a queue in use is tried again for a while.
+async fn consume_own_queue(
+    topology: &NodeTopology<dyn Broker>,
+    options: &ConsumeOptions,
+) -> Result<Deliveries, ClusterError> {
+    // Longer than a taker's round, so that the node gets its queue between two of them.
+    let deadline = Instant::now() + crate::takeover::ROUND * 3;
+    loop {
+        match topology.consume(options).await {
+            Err(BrokerError::QueueInUse { .. }) if Instant::now() < deadline => {
+                tracing::info!(
+                    "this node's queue is read by a peer that took it over: waiting for it to let go"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            consumed => return Ok(consumed?),
+        }
+    }
+}
+
+/// Registers the node's record and starts following the cluster.
+async fn register(
+    config: &ClusterConfig,
+    incarnation: Incarnation,
+    registry: Arc<dyn Registry>,
+    connections: ConnectionCounter,
+) -> Result<Discovery, ClusterError> {
+    let mut info = NodeInfo::new(
+        config.node_id.clone(),
+        incarnation,
+        config.address.clone(),
+        config.port,
+    );
+    info.endpoint = config.endpoint.clone();
+    info.public_url = config.public_url.clone();
+    info.max_connections = config.max_connections;
+    let discovery_config = config.discovery.clone().with_connections(connections);
+    Ok(Discovery::start(registry, info, discovery_config).await?)
+}
+
+/// Starts the node's background tasks, the receiver reading `deliveries` among them.
+fn run(node: &Arc<Node>, deliveries: Deliveries) {
+    tasks::spawn_all(node, deliveries);
+    tracing::info!(
+        node = %node.id,
+        incarnation = %node.incarnation,
+        url = %node.local_info.get().ws_url(),
+        "node started"
+    );
+}

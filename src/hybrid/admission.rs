@@ -1,0 +1,46 @@
+//! Admission: what becomes of a new WebSocket client.
+
+use std::sync::Arc;
+
+use hybrid_cluster_balance::Placement;
+
+use crate::handle::{ClusterConnection, ClusterHandle};
+use crate::node::Node;
+
+/// What the cluster layer decided for one upgrade request.
+pub(crate) enum Admission {
+    /// Serve it here, as this connection.
+    Accept(ClusterConnection),
+    /// Send the client to this URL.
+    Redirect(String),
+    /// No node has room.
+    Unavailable,
+}
+
+/// Decides what becomes of a new WebSocket client of `node`: the balancer's placement, and
+/// the node's own limits (a draining node, or one at its connection limit, never accepts).
+pub(crate) fn admit(node: &Arc<Node>) -> Admission {
+    match node.placer.place() {
+        Placement::Accept
+            if !node.is_draining() && node.local.len() < node.config.max_connections as usize =>
+        {
+            let id = node.ids.next_id();
+            let inbox = node.local.register(id.clone());
+            node.metrics.upgrade("accepted");
+            tracing::debug!(connection = %id, "accepted a WebSocket client");
+            Admission::Accept(ClusterConnection::new(
+                ClusterHandle::new(Arc::clone(node), Some(id)),
+                inbox,
+            ))
+        }
+        Placement::Redirect(redirect) => {
+            node.metrics.upgrade("redirected");
+            tracing::debug!(to = %redirect.node, "redirecting a WebSocket client");
+            Admission::Redirect(redirect.ws_url())
+        }
+        Placement::Accept | Placement::Refuse(_) => {
+            node.metrics.upgrade("refused");
+            Admission::Unavailable
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The running node behind a [`Cluster`](crate::Cluster): its parts (discovery, placement,
+//! routing, its connections), its background tasks, and what it does with what it receives.
+//!
+//! Every other module of the facade reaches the node through this one; it reaches none of
+//! them but the connections it holds ([`local`](crate::local)), so that the node is the leaf
+//! of the facade's imports.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hybrid_cluster_balance::{Placement, Placer};
+use hybrid_cluster_core::{
+    Broker, ConnectionIds, ConsumerState, Envelope, Incarnation, LiveNodeInfo, NodeId, NodeStatus,
+    Target,
+};
+use hybrid_cluster_discovery::Discovery;
+use hybrid_cluster_routing::{Forward, NodeTopology};
+use parking_lot::Mutex;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::config::ClusterConfig;
+use crate::error::{ClusterError, error_chain};
+use crate::local::{CloseFrame, InboxItem, LocalConnections};
+use crate::metrics::Metrics;
+use crate::shutdown::{CLOSE_SERVICE_RESTART, close_reason};
+use crate::trace::TraceContext;
+
+/// A message in this node's queue whose target is another node's: see
+/// [`Node::deliver_incoming`].
+#[derive(Debug, thiserror::Error)]
+#[error("its target is not on this node: it was republished here, not routed")]
+pub(crate) struct Misrouted;
+
+/// One running node: what [`Cluster`](crate::Cluster), its handles and its layer share.
+pub(crate) struct Node {
+    pub(crate) id: NodeId,
+    pub(crate) incarnation: Incarnation,
+    pub(crate) config: ClusterConfig,
+    pub(crate) local: Arc<LocalConnections>,
+    pub(crate) topology: NodeTopology<dyn Broker>,
+    pub(crate) forward: Forward<dyn Broker>,
+    pub(crate) discovery: Discovery,
+    pub(crate) placer: Placer,
+    pub(crate) ids: ConnectionIds,
+    /// This node's cell in the view, so that draining shows in placement at once.
+    pub(crate) local_info: LiveNodeInfo,
+    draining: AtomicBool,
+    pub(crate) stopped: AtomicBool,
+
+    /// Why the node does not receive from the broker now; `None` while it does.
+    not_receiving: Mutex<Option<String>>,
+    /// Held while the node's status changes (drain, degraded, active again), so that the
+    /// last change wins in the registry too.
+    status_change: tokio::sync::Mutex<()>,
+    /// The node's background tasks: each holds the node weakly, and all are aborted when the
+    /// node is dropped or shut down.
+    tasks: Mutex<JoinSet<()>>,
+    /// The receiver's task, stopped first at shutdown.
+    receiver: Mutex<Option<AbortOnDropHandle<()>>>,
+    pub(crate) metrics: Metrics,
+}
+
+/// What a [`Node`] is made of, before it runs.
+pub(crate) struct Parts {
+    pub(crate) id: NodeId,
+    pub(crate) incarnation: Incarnation,
+    pub(crate) config: ClusterConfig,
+    pub(crate) local: Arc<LocalConnections>,
+    pub(crate) topology: NodeTopology<dyn Broker>,
+    pub(crate) forward: Forward<dyn Broker>,
+    pub(crate) discovery: Discovery,
+    pub(crate) placer: Placer,
+    pub(crate) local_info: LiveNodeInfo,
+    pub(crate) metrics: Metrics,
+}
+
+impl Node {
+    /// A node of `parts`, with no task running yet.
+    pub(crate) fn new(parts: Parts) -> Self {
+        let Parts {
+            id,
+            incarnation,
+            config,
+            local,
+            topology,
+            forward,
+            discovery,
+            placer,
+            local_info,
+            metrics,
+        } = parts;
+        Self {
+            ids: ConnectionIds::new(id.clone(), incarnation),
+            id,
+            incarnation,
+            config,
+            local,
+            topology,
+            forward,
+            discovery,
+            placer,
+            local_info,
+            draining: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            not_receiving: Mutex::new(None),
+            status_change: tokio::sync::Mutex::new(()),
+            tasks: Mutex::new(JoinSet::new()),
+            receiver: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    /// Runs `task` in the background until the node is dropped or shut down.
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock();
+        // Finished tasks (a takeover that ended) are forgotten as new ones come.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+
+    /// Runs the receiver's `task`, which [`Node::stop_receiving`] stops first at shutdown.
+    pub(crate) fn spawn_receiver(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        *self.receiver.lock() = Some(AbortOnDropHandle::new(tokio::spawn(task)));
+    }
+
+    /// Aborts every background task but the receiver's.
+    pub(crate) fn stop_tasks(&self) {
+        self.tasks.lock().abort_all();
+    }
+    /// Places of the bound on unconfirmed messages in use: messages sent to the broker and not
+    /// yet confirmed, and places reserved for a send about to start.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.config
+            .forward
+            .max_in_flight
+            .saturating_sub(self.forward.available_permits())
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Hands an envelope that came through the broker to the local connections it is for.
+    ///
+    /// A message whose target cannot be on this node (a unicast or notice for another node's
+    /// connection, a node message for another node) was republished into this node's queue,
+    /// not routed here: it is refused (and dead-lettered by the receiver), never answered, so
+    /// that a captured message replayed elsewhere cannot make a node tell its real sender a
+    /// false `not_found`.
+    pub(crate) fn deliver_incoming(self: &Arc<Self>, envelope: Envelope) -> Result<(), Misrouted> {
+        if !self.routes_here(&envelope.target) {
+            return Err(Misrouted);
+        }
+        let trace_id = TraceContext::of(&envelope).trace_id();
+        let span = tracing::info_span!(
+            "hybrid_cluster.deliver",
+            node = %self.id,
+            from = %envelope.origin,
+            message_id = %envelope.id,
+            trace_id = %trace_id,
+        );
+        let _entered = span.enter();
+        let envelope = Arc::new(envelope);
+        match &envelope.target {
+            Target::Connection(id) => {
+                if let Some(notice) = crate::notice::read(&envelope) {
+                    // Best effort: the sender may have closed meanwhile too.
+                    let _ = self.local.deliver_to(id, InboxItem::Undeliverable(notice));
+                    return Ok(());
+                }
+                let delivered = id.incarnation() == self.incarnation
+                    && self
+                        .local
+                        .deliver_to(id, InboxItem::Message(Arc::clone(&envelope)))
+                        .is_ok();
+                if delivered {
+                    self.metrics.received("unicast");
+                } else {
+                    self.metrics.dropped("connection_gone");
+                    self.local.bounced.bounce_envelope(&envelope);
+                }
+            }
+            // This node delivered its own broadcasts and group messages locally already.
+            Target::Broadcast if envelope.origin != self.id => {
+                self.metrics.received("broadcast");
+                self.local.deliver_all(&envelope);
+            }
+            Target::Group(group) if envelope.origin != self.id => {
+                self.metrics.received("group");
+                self.local.deliver_group(group, &envelope);
+            }
+            Target::Broadcast | Target::Group(_) => {}
+            Target::Node(_) => {
+                tracing::debug!(from = %envelope.origin, "ignoring a node message: none is defined yet");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a message for `target` is routed to this node's queue.
+    fn routes_here(&self, target: &Target) -> bool {
+        match target {
+            Target::Connection(id) => id.node() == &self.id,
+            Target::Node(node) => node == &self.id,
+            Target::Broadcast | Target::Group(_) => true,
+        }
+    }
+
+    /// Marks this node Draining, here at once and for its peers.
+    pub(crate) async fn drain(&self) -> Result<(), ClusterError> {
+        let _changing = self.status_change.lock().await;
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.set_local_status(NodeStatus::Draining);
+        self.discovery.drain().await?;
+        Ok(())
+    }
+
+    /// Takes over the queue of `gone`, a node that left this node's view, in a task of its
+    /// own: see [`takeover`](crate::takeover).
+    pub(crate) fn take_over_queue(self: &Arc<Self>, gone: NodeId) {
+        if gone == self.id || self.is_draining() {
+            return;
+        }
+        let broker = Arc::clone(self.topology.broker());
+        let secret = self.config.secret.clone();
+        let weak = Arc::downgrade(self);
+        let bounced = Arc::clone(&self.local.bounced);
+        self.spawn(async move {
+            let is_back = {
+                let gone = gone.clone();
+                move || {
+                    weak.upgrade()
+                        .is_none_or(|node| node.discovery.view().node(&gone).is_some())
+                }
+            };
+            let bounce = move |envelope: &Envelope| bounced.bounce_envelope(envelope);
+            crate::takeover::take_over(broker, gone, secret, is_back, bounce).await;
+        });
+    }
+
+    /// Stops the receiver, and waits until the broker has let go of its consumer (so that
+    /// what it had not settled is back in the queue).
+    pub(crate) async fn stop_receiving(&self) {
+        let consumer = self.topology.broker().consumer_state(&self.id);
+        // Dropping its handle aborts the receiver's task.
+        drop(self.receiver.lock().take());
+        if let Some(mut consumer) = consumer {
+            // The broker drops its end once the consumer is gone.
+            while consumer.changed().await.is_ok() {}
+        }
+    }
+
+    /// The first part of a shutdown: drains, and closes every client with 1012 and a reason
+    /// naming a node to reconnect to; waits for them to go until `deadline`, then says in the
+    /// log what it cut short.
+    pub(crate) async fn close_clients(&self, deadline: Instant) {
+        match tokio::time::timeout_at(deadline, self.drain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error_chain(&error), "could not publish the drain; leaving anyway")
+            }
+            Err(_) => {
+                tracing::warn!("publishing the drain took too long: cut short, leaving anyway")
+            }
+        }
+        let redirect = match self.placer.place() {
+            Placement::Redirect(redirect) => Some(redirect),
+            Placement::Accept | Placement::Refuse(_) => None,
+        };
+        let frame = CloseFrame {
+            code: CLOSE_SERVICE_RESTART,
+            reason: close_reason(redirect.as_ref()),
+        };
+        self.local.close_all(&frame);
+        if tokio::time::timeout_at(deadline, self.local.wait_empty())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = self.local.len(),
+                awaiting_confirmation = self.in_flight(),
+                grace_ms = self.config.shutdown_grace.as_millis() as u64,
+                "shutdown grace period ran out: cutting short the connections still open (their clients were sent the close) and the messages still awaiting the broker's confirmation (their senders get no answer)"
+            );
+        }
+    }
+
+    /// This node's status in its own cell of the view, which placement reads at once.
+    fn set_local_status(&self, status: NodeStatus) {
+        let mut info = (*self.local_info.get()).clone();
+        info.status = status;
+        self.local_info.update(info);
+    }
+
+    /// Why the node does not receive from the broker now, if it does not.
+    pub(crate) fn not_receiving(&self) -> Option<String> {
+        self.not_receiving.lock().clone()
+    }
+
+    /// Follows the node's consumer: while it is not taking deliveries the node is Degraded
+    /// (here, for placement, and in its record, for its peers) and not healthy, and says so
+    /// in the log; once it takes them again, the node is Active again (unless it drains).
+    pub(crate) async fn follow_consumer(&self, state: ConsumerState) {
+        let _changing = self.status_change.lock().await;
+        let status = match state {
+            ConsumerState::Consuming => {
+                if self.not_receiving.lock().take().is_none() {
+                    return;
+                }
+                tracing::info!(node = %self.id, "receiving from the broker again: the node is active");
+                NodeStatus::Active
+            }
+            ConsumerState::Interrupted { reason } => {
+                tracing::error!(node = %self.id, %reason, "the node does not receive from the broker: it is degraded (no new clients, /healthz 503) until its consumer is restored");
+                *self.not_receiving.lock() = Some(reason);
+                NodeStatus::Degraded
+            }
+        };
+        self.metrics.receiving(status == NodeStatus::Active);
+        if self.is_draining() {
+            return;
+        }
+        self.set_local_status(status);
+        if let Err(error) = self.discovery.registrar().set_status(status).await {
+            tracing::warn!(error = %error_chain(&error), %status, "could not publish the node's status");
+        }
+    }
+}
