@@ -1,6 +1,6 @@
 //! What can go wrong, for a node starting and for a message being sent.
 
-use hybrid_cluster_core::{BrokerError, ConnectionId, NodeId, RegistryError};
+use hybrid_cluster_core::{BrokerError, ConnectionId, NodeId, RegistryError, Target};
 use hybrid_cluster_discovery::DiscoveryError;
 use hybrid_cluster_routing::ForwardError;
 
@@ -62,6 +62,12 @@ pub enum SendError {
     /// Joining or leaving a group needs a connection: this handle sends as the node.
     #[error("only a connection's handle can join or leave a group")]
     NoConnection,
+    /// Messages cannot be sent to this kind of target (a node as such takes none yet).
+    #[error("messages cannot be sent to {target}")]
+    UnsupportedTarget {
+        /// The target.
+        target: Target,
+    },
 }
 
 impl SendError {
@@ -70,7 +76,7 @@ impl SendError {
         match self {
             Self::NotFound { .. } | Self::NotRegistered { .. } => "not_found",
             Self::Unreachable { .. } | Self::Broadcast(_) | Self::Group(_) => "unreachable",
-            Self::Invalid(_) | Self::NoConnection => "bad_request",
+            Self::Invalid(_) | Self::NoConnection | Self::UnsupportedTarget { .. } => "bad_request",
         }
     }
 }

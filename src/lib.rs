@@ -26,7 +26,9 @@ pub use hybrid_cluster_routing as routing;
 pub use cluster::Cluster;
 pub use config::{Backends, ClusterConfig, SlowClientPolicy};
 pub use error::{ClusterError, SendError, error_chain};
-pub use handle::{ClusterConnection, ClusterHandle, Confirmation, ConnectionSlot, OrderedSender};
+pub use handle::{
+    ClusterConnection, ClusterHandle, Confirmation, ConnectionSlot, OrderedSender, Payload,
+};
 pub use hybrid::{
     HybridCluster, HybridClusterLayer, RETRY_AFTER_SECS, ResponseFuture, is_websocket_upgrade,
 };

@@ -79,26 +79,29 @@ pub enum ClientOp {
     },
 }
 
-impl ClientOp {
-    /// Parses a text frame. On failure, the error message says what is wrong, and the
-    /// correlation id is recovered when the frame is JSON with an `"id"`.
-    pub fn parse(text: &str) -> Result<Self, BadRequest> {
-        // `data` is kept as the raw text the client wrote, which serde's internally tagged
-        // enums cannot do: read the fields first, then the op.
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Frame {
-            op: String,
-            #[serde(default)]
-            to: Option<String>,
-            #[serde(default)]
-            group: Option<String>,
-            #[serde(default)]
-            data: Option<Box<RawValue>>,
-            #[serde(default)]
-            id: Option<Box<RawValue>>,
-        }
-        let frame: Frame = serde_json::from_str(text).map_err(|error| {
+/// A request's fields as read, before its op says which it needs.
+///
+/// `data` is kept as the raw text the client wrote, which serde's internally tagged enums
+/// cannot do: the fields are read first, then the op.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Frame {
+    op: String,
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    id: Option<Box<RawValue>>,
+}
+
+impl Frame {
+    /// Reads a text frame; when it is not a request, the error keeps its correlation id if
+    /// one can be read from it (and is not too long to echo).
+    fn read(text: &str) -> Result<Self, BadRequest> {
+        serde_json::from_str(text).map_err(|error| {
             #[derive(Deserialize)]
             struct OnlyId {
                 #[serde(default)]
@@ -112,42 +115,39 @@ impl ClientOp {
                 id,
                 message: error.to_string(),
             }
-        })?;
-        let Frame {
+        })
+    }
+
+    /// The request of these fields, when its op has the fields it needs.
+    fn into_op(self) -> Result<ClientOp, BadRequest> {
+        let Self {
             op,
             to,
             group,
             data,
             id,
-        } = frame;
-        if id.as_ref().is_some_and(|id| id.get().len() > MAX_ID_LEN) {
-            // Not echoed back: a reply must not cost what the client chose.
-            return Err(BadRequest {
-                id: None,
-                message: format!("the `id` is longer than {MAX_ID_LEN} bytes of JSON"),
-            });
-        }
+        } = self;
         let missing = |field: &str, id| BadRequest {
             id,
             message: format!("op `{op}` needs the field `{field}`"),
         };
-        let op = match op.as_str() {
+        Ok(match op.as_str() {
             "send" => match (to, data) {
-                (Some(to), Some(data)) => Self::Send { to, data, id },
+                (Some(to), Some(data)) => ClientOp::Send { to, data, id },
                 (None, _) => return Err(missing("to", id)),
                 (_, None) => return Err(missing("data", id)),
             },
             "broadcast" => match data {
-                Some(data) => Self::Broadcast { data, id },
+                Some(data) => ClientOp::Broadcast { data, id },
                 None => return Err(missing("data", id)),
             },
             "join" | "leave" => match group {
-                Some(group) if op == "join" => Self::Join { group, id },
-                Some(group) => Self::Leave { group, id },
+                Some(group) if op == "join" => ClientOp::Join { group, id },
+                Some(group) => ClientOp::Leave { group, id },
                 None => return Err(missing("group", id)),
             },
             "group" => match (group, data) {
-                (Some(group), Some(data)) => Self::Group { group, data, id },
+                (Some(group), Some(data)) => ClientOp::Group { group, data, id },
                 (None, _) => return Err(missing("group", id)),
                 (_, None) => return Err(missing("data", id)),
             },
@@ -159,8 +159,27 @@ impl ClientOp {
                     id,
                 });
             }
-        };
-        Ok(op)
+        })
+    }
+}
+
+impl ClientOp {
+    /// Parses a text frame. On failure, the error message says what is wrong, and the
+    /// correlation id is recovered when the frame is JSON with an `"id"`.
+    pub fn parse(text: &str) -> Result<Self, BadRequest> {
+        let frame = Frame::read(text)?;
+        if frame
+            .id
+            .as_ref()
+            .is_some_and(|id| id.get().len() > MAX_ID_LEN)
+        {
+            // Not echoed back: a reply must not cost what the client chose.
+            return Err(BadRequest {
+                id: None,
+                message: format!("the `id` is longer than {MAX_ID_LEN} bytes of JSON"),
+            });
+        }
+        frame.into_op()
     }
 
     /// The client's correlation id.

@@ -529,7 +529,7 @@ async fn unicast_between_clients_on_different_nodes() {
     // A send from the node's own handle has no sender.
     b.cluster
         .handle()
-        .send_text(&alice.connection_id(), r#"{"from":"the node"}"#)
+        .send(&alice.connection_id(), r#"{"from":"the node"}"#)
         .await
         .unwrap();
     assert_eq!(
@@ -595,7 +595,7 @@ async fn broadcast_reaches_every_client_on_three_nodes_exactly_once() {
     for (i, client) in clients.iter_mut().enumerate() {
         b.cluster
             .handle()
-            .send_text(&client.connection_id(), "\"marker\"")
+            .send(&client.connection_id(), "\"marker\"")
             .await
             .unwrap();
         assert_eq!(
@@ -904,11 +904,11 @@ async fn flood(from: &Node, slow: &Client, fast: &mut Client, count: usize, size
     let pad = "x".repeat(size);
     for i in 0..count {
         handle
-            .send_text(&slow_id, json!({"i": i, "pad": pad}).to_string())
+            .send(&slow_id, json!({"i": i, "pad": pad}).to_string())
             .await
             .unwrap();
         handle
-            .send_text(&fast_id, json!({"i": i}).to_string())
+            .send(&fast_id, json!({"i": i}).to_string())
             .await
             .unwrap();
         assert_eq!(
@@ -969,7 +969,7 @@ async fn a_slow_client_is_closed_with_1013_while_others_keep_receiving() {
     assert_eq!(a.cluster.local_connections(), 1);
     b.cluster
         .handle()
-        .send_text(&fast.connection_id(), "\"after\"")
+        .send(&fast.connection_id(), "\"after\"")
         .await
         .unwrap();
     assert_eq!(fast.next_json().await["data"], "after");
@@ -1135,7 +1135,7 @@ async fn a_slow_client_loses_its_oldest_messages_while_others_keep_receiving() {
     // It stays connected and served.
     b.cluster
         .handle()
-        .send_text(&slow.connection_id(), "\"after\"")
+        .send(&slow.connection_id(), "\"after\"")
         .await
         .unwrap();
     assert_eq!(slow.next_json().await["data"], "after");
@@ -1352,7 +1352,7 @@ async fn a_signed_message_republished_elsewhere_is_refused_not_answered() {
     // notice would come first.
     b.cluster
         .handle()
-        .send_text(&alice.connection_id(), "\"after\"")
+        .send(&alice.connection_id(), "\"after\"")
         .await
         .unwrap();
     assert_eq!(

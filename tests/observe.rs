@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::server::{ServerConfig, router};
-use hybrid_cluster::{Backends, Cluster, ClusterConfig, NodeId};
+use hybrid_cluster::{Backends, Cluster, ClusterConfig, ConnectionId, NodeId};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -299,7 +299,7 @@ async fn one_trace_id_follows_a_message_from_node_a_to_node_b() {
 
     let message_id = a
         .handle()
-        .send_text(&bob_id.parse().unwrap(), r#""traced""#)
+        .send(&bob_id.parse::<ConnectionId>().unwrap(), r#""traced""#)
         .await
         .unwrap();
     assert_eq!(next_json(&mut bob).await["data"], "traced");

@@ -22,7 +22,7 @@ use http_body_util::Full;
 use hybrid_cluster::server::{self, ServerConfig};
 use hybrid_cluster::{
     Backends, Cluster, ClusterConfig, ClusterConnection, ConnectionId, ConnectionSlot, GroupName,
-    InboxItem, NodeId, SendError,
+    InboxItem, NodeId, SendError, Target,
 };
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -290,11 +290,11 @@ async fn a_plain_hyper_server_takes_the_connection_and_a_message_crosses_nodes()
     assert_eq!(b.local_connections(), 1);
 
     // From node A's handle to the client on node B, through the shared broker.
-    a.handle().send_text(&id, "from A").await.unwrap();
+    a.handle().send(&id, "from A").await.unwrap();
     assert_eq!(next_text(&mut socket).await, "from A");
-    b.handle().send_text(&id, "from B").await.unwrap();
+    b.handle().send(&id, "from B").await.unwrap();
     assert_eq!(next_text(&mut socket).await, "from B");
-    a.handle().broadcast_text("to all").await.unwrap();
+    a.handle().send(Target::Broadcast, "to all").await.unwrap();
     assert_eq!(next_text(&mut socket).await, "to all");
 
     // B leaves: its client is closed with 1012 and told to go to A.
@@ -315,7 +315,7 @@ async fn a_plain_hyper_server_takes_the_connection_and_a_message_crosses_nodes()
     let (mut socket, _) = within("the upgrade", connect_async(&a_url)).await.unwrap();
     let id: ConnectionId = next_text(&mut socket).await.parse().unwrap();
     assert_eq!(id.node().as_str(), "hyper-a");
-    a.handle().send_text(&id, "welcome back").await.unwrap();
+    a.handle().send(&id, "welcome back").await.unwrap();
     assert_eq!(next_text(&mut socket).await, "welcome back");
 
     socket.close(None).await.unwrap();

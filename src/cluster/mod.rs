@@ -103,7 +103,7 @@ impl Cluster {
     }
 
     /// Leaves the cluster gracefully: drains, closes every local connection with close code
-    /// 1012 and a reason naming a node to reconnect to (JSON, see [`close_reason`]), waits
+    /// 1012 and a reason naming a node to reconnect to (JSON, see [`close_reason`](crate::close_reason)), waits
     /// for them to go, then leaves discovery and removes the node's queue.
     ///
     /// It always ends within [`ClusterConfig::shutdown_grace`](crate::ClusterConfig), whatever

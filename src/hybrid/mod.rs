@@ -1,17 +1,5 @@
-//! The cluster layer around a WebSocket server: admission at upgrade time.
-//!
-//! A WebSocket handler returns the 101 at once and serves the socket in a task of its own, so
-//! all the cluster layer can see is the upgrade request; its work happens there:
-//!
-//! - **admission**: the balancer's [placement](hybrid_cluster_balance::Placer) decides whether
-//!   the client stays on this node, goes to another (`307 Temporary Redirect`, `Location:` the
-//!   other node's WebSocket URL, query string kept) or nowhere (`503 Service Unavailable`,
-//!   `Retry-After: 5`, when no node has room). A node over its connection limit or draining
-//!   never accepts;
-//! - **registration**: an accepted client gets a connection id and an inbox, and the handler
-//!   finds its [`ClusterConnection`](crate::ClusterConnection) in the request's extensions.
-//!
-//! Requests that are not WebSocket upgrades pass through untouched.
+//! The cluster layer around a WebSocket server: admission at upgrade time (see
+//! [`HybridCluster`]).
 
 mod admission;
 mod future;
@@ -32,7 +20,20 @@ use crate::handle::ConnectionSlot;
 /// Seconds a refused client is told to wait before it tries again.
 pub const RETRY_AFTER_SECS: u32 = 5;
 
-/// The cluster layer's service: see the [module docs](self).
+/// The cluster layer's service: admission at upgrade time.
+///
+/// A WebSocket handler returns the 101 at once and serves the socket in a task of its own, so
+/// all the cluster layer can see is the upgrade request; its work happens there:
+///
+/// - **admission**: the balancer's [placement](hybrid_cluster_balance::Placer) decides whether
+///   the client stays on this node, goes to another (`307 Temporary Redirect`, `Location:` the
+///   other node's WebSocket URL, query string kept) or nowhere (`503 Service Unavailable`,
+///   `Retry-After: 5`, when no node has room). A node over its connection limit or draining
+///   never accepts;
+/// - **registration**: an accepted client gets a connection id and an inbox, and the handler
+///   finds its [`ClusterConnection`](crate::ClusterConnection) in the request's extensions.
+///
+/// Requests that are not WebSocket upgrades pass through untouched.
 #[derive(Clone, Debug)]
 pub struct HybridCluster<S> {
     inner: S,

@@ -187,13 +187,8 @@ pub async fn serve_connection(
         node_id: handle.node_id().as_str(),
     }
     .to_json();
-    if !write(
-        &mut sink,
-        config.write_timeout,
-        vec![Message::Text(welcome.into())],
-    )
-    .await
-    {
+    let welcome = vec![Message::Text(welcome.into())];
+    if !write(&mut sink, config.write_timeout, welcome).await {
         return;
     }
     let mut requests = Requests::new(handle);
@@ -208,29 +203,13 @@ pub async fn serve_connection(
             replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
                 replies.into_iter().map(|reply| Message::Text(reply.into())).collect()
             }
-            frame = stream.next(), if reading => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    // Start at once what can start, rather than on a later turn of the loop
-                    // (the replies branch waits, with the real waker, for the rest).
-                    requests.push(text.as_str(), &mut Context::from_waker(Waker::noop()));
-                    Vec::new()
-                }
-                Some(Ok(Message::Binary(_))) => vec![Message::Text(
-                    ServerMessage::Error {
-                        id: None,
-                        code: "bad_request",
-                        message: "binary frames are not part of the protocol: send JSON text",
-                    }
-                    .to_json()
-                    .into(),
-                )],
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Vec::new(),
-                Some(Err(error)) if is_too_big(&error) => {
+            frame = stream.next(), if reading => match client_frame(frame, &mut requests, &config) {
+                Read::Answer(frames) => frames,
+                Read::Close(frames) => {
                     closing = true;
-                    let reason = format!("message too big: at most {} bytes", config.max_message_size);
-                    vec![Message::Close(Some(WsCloseFrame { code: CLOSE_TOO_BIG, reason: reason.into() }))]
+                    frames
                 }
-                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                Read::Gone => break,
             },
         };
         if !outgoing.is_empty() && !write(&mut sink, config.write_timeout, outgoing).await {
@@ -239,6 +218,50 @@ pub async fn serve_connection(
         if closing {
             break;
         }
+    }
+}
+
+/// What a frame from the client calls for.
+enum Read {
+    /// These frames back (maybe none), and keep serving.
+    Answer(Vec<Message>),
+    /// These frames back, then close.
+    Close(Vec<Message>),
+    /// The client went (or broke the protocol of WebSocket itself): stop.
+    Gone,
+}
+
+/// Takes a frame from the client: a request starts, anything else is answered.
+fn client_frame(
+    frame: Option<Result<Message, axum::Error>>,
+    requests: &mut Requests,
+    config: &ServerConfig,
+) -> Read {
+    match frame {
+        Some(Ok(Message::Text(text))) => {
+            // Start at once what can start, rather than on a later turn of the loop (the
+            // replies branch waits, with the real waker, for the rest).
+            requests.push(text.as_str(), &mut Context::from_waker(Waker::noop()));
+            Read::Answer(Vec::new())
+        }
+        Some(Ok(Message::Binary(_))) => Read::Answer(vec![Message::Text(
+            ServerMessage::Error {
+                id: None,
+                code: "bad_request",
+                message: "binary frames are not part of the protocol: send JSON text",
+            }
+            .to_json()
+            .into(),
+        )]),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Read::Answer(Vec::new()),
+        Some(Err(error)) if is_too_big(&error) => {
+            let reason = format!("message too big: at most {} bytes", config.max_message_size);
+            Read::Close(vec![Message::Close(Some(WsCloseFrame {
+                code: CLOSE_TOO_BIG,
+                reason: reason.into(),
+            }))])
+        }
+        Some(Ok(Message::Close(_)) | Err(_)) | None => Read::Gone,
     }
 }
 

@@ -16,12 +16,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
-use hybrid_cluster_core::{ConnectionId, GroupName, MessageId, PayloadKind};
+use hybrid_cluster_core::{ConnectionId, GroupName, MessageId, Target};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::error::SendError;
-use crate::handle::{ClusterHandle, OrderedSender};
+use crate::handle::{ClusterHandle, OrderedSender, Payload};
 use crate::protocol::{ClientOp, ServerMessage};
 
 /// The replies to one request, as JSON text frames, in order.
@@ -30,7 +30,8 @@ pub(super) type Replies = Vec<String>;
 /// A request that was read and checked, not started yet.
 enum Request {
     Send {
-        to: ConnectionId,
+        /// A connection ([`Target::Connection`]).
+        to: Target,
         data: Box<RawValue>,
         id: Option<Box<RawValue>>,
     },
@@ -59,7 +60,11 @@ impl Request {
         let op = ClientOp::parse(text).map_err(|b| bad(b.id, b.message))?;
         Ok(match op {
             ClientOp::Send { to, data, id } => match to.parse::<ConnectionId>() {
-                Ok(to) => Self::Send { to, data, id },
+                Ok(to) => Self::Send {
+                    to: Target::Connection(to),
+                    data,
+                    id,
+                },
                 Err(e) => return Err(bad(id, e.to_string())),
             },
             ClientOp::Broadcast { data, id } => Self::Broadcast { data, id },
@@ -278,7 +283,7 @@ impl Requests {
                 } else {
                     &mut self.local
                 };
-                let confirmation = sender.send(&to, PayloadKind::Text, data.get().to_owned());
+                let confirmation = sender.send(to, Payload::text(data.get()));
                 if let Some(id) = &id {
                     // A notice may come back for it (from its node, or this one when its
                     // connection here goes before it reads it): remember whose it was.
@@ -289,13 +294,11 @@ impl Requests {
             Request::Broadcast { data, id } => {
                 let confirmation = self
                     .sender
-                    .broadcast(PayloadKind::Text, data.get().to_owned());
+                    .send(Target::Broadcast, Payload::text(data.get()));
                 Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
             }
             Request::Group { group, data, id } => {
-                let confirmation =
-                    self.sender
-                        .send_to_group(&group, PayloadKind::Text, data.get().to_owned());
+                let confirmation = self.sender.send(group, Payload::text(data.get()));
                 Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
             }
             Request::Membership { join, group, id } => {

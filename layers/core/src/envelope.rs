@@ -258,6 +258,30 @@ impl Target {
     }
 }
 
+impl From<ConnectionId> for Target {
+    fn from(id: ConnectionId) -> Self {
+        Self::Connection(id)
+    }
+}
+
+impl From<&ConnectionId> for Target {
+    fn from(id: &ConnectionId) -> Self {
+        Self::Connection(id.clone())
+    }
+}
+
+impl From<GroupName> for Target {
+    fn from(group: GroupName) -> Self {
+        Self::Group(group)
+    }
+}
+
+impl From<&GroupName> for Target {
+    fn from(group: &GroupName) -> Self {
+        Self::Group(group.clone())
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.encode())

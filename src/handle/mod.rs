@@ -1,23 +1,31 @@
-//! Sending into the cluster: [`ClusterHandle`], and the per-connection [`ClusterConnection`].
+//! Sending into the cluster: [`ClusterHandle`] and its [`OrderedSender`], what a send takes
+//! ([`Payload`]) and gives ([`Confirmation`]), and the per-connection [`ClusterConnection`].
+
+mod confirmation;
+mod connection;
+mod payload;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use hybrid_cluster_core::Broker;
 use hybrid_cluster_core::{
     ConnectionId, Envelope, GroupName, MessageId, NodeId, NodeInfo, PayloadKind, Target,
 };
 use hybrid_cluster_routing::{Forward, ForwardError};
-use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
+pub use self::confirmation::Confirmation;
+pub use self::connection::{ClusterConnection, ConnectionSlot};
+pub use self::payload::Payload;
 use crate::error::SendError;
-use crate::local::{Inbox, InboxItem};
+use crate::local::InboxItem;
 use crate::node::Node;
 use crate::trace::TraceContext;
 
@@ -104,82 +112,41 @@ impl ClusterHandle {
         }
     }
 
-    /// Sends `payload` to the connection `to`, wherever it is, and returns the message's id.
+    /// Sends `payload` to `to` and returns the message's id once it is delivered: to one
+    /// connection, wherever it is (a [`ConnectionId`]), to every connection of the cluster,
+    /// this handle's own included ([`Target::Broadcast`]), or to every member of a group, on
+    /// every node that has some (a [`GroupName`]). The payload is text (`&str`, `String`) or
+    /// bytes ([`Bytes`], `Vec<u8>`): see [`Payload`].
     ///
-    /// On another node, a connection that closed before the message arrived cannot be known
-    /// here in advance: that node answers with a notice, which reaches this handle's
-    /// connection as [`InboxItem::Undeliverable`] naming the message id.
-    ///
-    /// Fails with [`SendError::NotFound`] when the connection does not exist (on this node,
-    /// checked at once; on another node, when the id belongs to a previous run of it), and
-    /// with [`SendError::Unreachable`] when its node is gone or the broker refused.
+    /// - **A connection**: on this node, the message is in its inbox when this returns, and
+    ///   the broker is not involved. On another node, a connection that closed before the
+    ///   message arrived cannot be known here in advance: that node answers with a notice,
+    ///   which reaches this handle's connection as [`InboxItem::Undeliverable`] naming the
+    ///   message id. Fails with [`SendError::NotFound`] when the connection does not exist
+    ///   (on this node, checked at once; on another node, when the id belongs to a previous
+    ///   run of it), and with [`SendError::Unreachable`] when its node is gone or the broker
+    ///   refused.
+    /// - **Everyone, or a group**: local connections get it at once, other nodes through the
+    ///   broker. An error means the broker did not take it: this node's connections have it,
+    ///   the others' may not. A group with no member anywhere is not an error: nobody gets it.
+    /// - **A node** as such ([`Target::Node`]) takes no messages yet:
+    ///   [`SendError::UnsupportedTarget`].
     ///
     /// Sends awaited one after another arrive in that order; to keep several in flight and
     /// still in order, use [`ClusterHandle::ordered`].
     pub async fn send(
         &self,
-        to: &ConnectionId,
-        kind: PayloadKind,
-        payload: impl Into<Bytes>,
+        to: impl Into<Target>,
+        payload: impl Into<Payload>,
     ) -> Result<MessageId, SendError> {
+        let to = to.into();
         let mut sender = self.ordered();
         // A send settled on this node needs no place of the bound on unconfirmed messages:
         // it never waits behind the broker.
-        if sender.needs_place(to) {
+        if sender.needs_place(&to) {
             sender.ready().await?;
         }
-        sender.send(to, kind, payload).await
-    }
-
-    /// Sends a text message to the connection `to` (see [`ClusterHandle::send`]).
-    pub async fn send_text(
-        &self,
-        to: &ConnectionId,
-        text: impl Into<String>,
-    ) -> Result<MessageId, SendError> {
-        self.send(to, PayloadKind::Text, text.into()).await
-    }
-
-    /// Sends `payload` to every connection of the cluster, this handle's own included, once.
-    ///
-    /// Local connections get it at once; other nodes through the broker. An error means the
-    /// broker did not take it: this node's connections have it, the others' may not.
-    pub async fn broadcast(
-        &self,
-        kind: PayloadKind,
-        payload: impl Into<Bytes>,
-    ) -> Result<MessageId, SendError> {
-        let mut sender = self.ordered();
-        sender.ready().await?;
-        sender.broadcast(kind, payload).await
-    }
-
-    /// Broadcasts a text message (see [`ClusterHandle::broadcast`]).
-    pub async fn broadcast_text(&self, text: impl Into<String>) -> Result<MessageId, SendError> {
-        self.broadcast(PayloadKind::Text, text.into()).await
-    }
-
-    /// Sends `payload` to every member of `group`, on every node that has some. A group with
-    /// no member anywhere is not an error: nobody gets it.
-    pub async fn send_to_group(
-        &self,
-        group: &GroupName,
-        kind: PayloadKind,
-        payload: impl Into<Bytes>,
-    ) -> Result<MessageId, SendError> {
-        let mut sender = self.ordered();
-        sender.ready().await?;
-        sender.send_to_group(group, kind, payload).await
-    }
-
-    /// Sends a text message to a group (see [`ClusterHandle::send_to_group`]).
-    pub async fn send_group_text(
-        &self,
-        group: &GroupName,
-        text: impl Into<String>,
-    ) -> Result<MessageId, SendError> {
-        self.send_to_group(group, PayloadKind::Text, text.into())
-            .await
+        sender.send(to, payload).await
     }
 
     fn sender(&self) -> Result<&ConnectionId, SendError> {
@@ -247,41 +214,10 @@ impl ClusterHandle {
     }
 }
 
-/// A send that was started: resolves once the message is in its local inboxes and confirmed
-/// by the broker, or with the reason it failed.
-#[must_use = "a confirmation holds a place of the node's bound on unconfirmed messages until it is polled to the end"]
-pub struct Confirmation {
-    id: MessageId,
-    outcome: BoxFuture<'static, Result<MessageId, SendError>>,
-}
-
-impl Confirmation {
-    /// The id of the message, known as soon as it is started.
-    pub fn message_id(&self) -> MessageId {
-        self.id
-    }
-}
-
-impl fmt::Debug for Confirmation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Confirmation")
-            .field("message_id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::future::Future for Confirmation {
-    type Output = Result<MessageId, SendError>;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.outcome.as_mut().poll(cx)
-    }
-}
-
 /// Sends in order with several messages in flight.
 ///
-/// A message is placed in the broker's order when it is *started* ([`send`], [`broadcast`],
-/// [`send_to_group`] return its [`Confirmation`] at once), so messages started one after
+/// A message is placed in the broker's order when it is *started* ([`send`] returns its
+/// [`Confirmation`] at once), so messages started one after
 /// another through one `OrderedSender` reach every connection in that order, however their
 /// confirmations are awaited. A socket task pipelining a client's requests uses one.
 ///
@@ -305,8 +241,6 @@ impl std::future::Future for Confirmation {
 /// Senders waiting for a place are served in the order they asked, so none is starved.
 ///
 /// [`send`]: OrderedSender::send
-/// [`broadcast`]: OrderedSender::broadcast
-/// [`send_to_group`]: OrderedSender::send_to_group
 pub struct OrderedSender {
     handle: ClusterHandle,
     forward: Forward<dyn Broker>,
@@ -351,10 +285,34 @@ impl OrderedSender {
         self.forward.disarm()
     }
 
-    /// Whether a unicast to `to` goes through the broker, and so needs
-    /// [`ready`](OrderedSender::ready) first: false for a connection of this node.
-    pub fn needs_place(&self, to: &ConnectionId) -> bool {
-        to.node() != &self.handle.node.id
+    /// Whether a message to `to` goes through the broker, and so needs
+    /// [`ready`](OrderedSender::ready) first: false only for a connection of this node (and
+    /// for a target no message is sent to).
+    pub fn needs_place(&self, to: &Target) -> bool {
+        match to {
+            Target::Connection(id) => id.node() != &self.handle.node.id,
+            Target::Broadcast | Target::Group(_) => true,
+            Target::Node(_) => false,
+        }
+    }
+
+    /// Starts sending `payload` to `to` (see [`ClusterHandle::send`]) and returns its
+    /// [`Confirmation`] at once. To a connection of this node it is delivered at once, needs
+    /// no place and gives back one held; anything else is placed in the broker's order now,
+    /// in the place [`ready`](OrderedSender::ready) reserved.
+    pub fn send(&mut self, to: impl Into<Target>, payload: impl Into<Payload>) -> Confirmation {
+        let (kind, bytes) = payload.into().into_parts();
+        match to.into() {
+            Target::Connection(id) => self.unicast(&id, kind, bytes),
+            Target::Broadcast => self.broadcast(kind, bytes),
+            Target::Group(group) => self.group(&group, kind, bytes),
+            Target::Node(node) => {
+                let refused = Err(SendError::UnsupportedTarget {
+                    target: Target::Node(node),
+                });
+                self.settled("unicast", MessageId::random(), refused)
+            }
+        }
     }
 
     /// Starts `envelope` through the broker; `ready` must have answered first.
@@ -392,34 +350,28 @@ impl OrderedSender {
     /// A unicast settled here, without the broker: delivered to a local connection, or
     /// refused. A place reserved for it goes back at once: it would otherwise be held until
     /// this sender's next broker send, however long that takes.
-    fn settled(&mut self, id: MessageId, outcome: Result<MessageId, SendError>) -> Confirmation {
+    fn settled(
+        &mut self,
+        kind: &'static str,
+        id: MessageId,
+        outcome: Result<MessageId, SendError>,
+    ) -> Confirmation {
         if self.forward.is_ready() {
             self.forward.disarm();
         }
-        self.handle
-            .node
-            .metrics
-            .sent("unicast", outcome.is_ok(), 0.0);
+        self.handle.node.metrics.sent(kind, outcome.is_ok(), 0.0);
         Confirmation {
             id,
             outcome: Box::pin(std::future::ready(outcome)),
         }
     }
 
-    /// Starts sending `payload` to the connection `to` (see [`ClusterHandle::send`]). On this
-    /// node it is delivered at once, needs no place and gives back one held; to another, it
-    /// is placed in the broker's order now, in the place [`ready`](OrderedSender::ready)
-    /// reserved.
-    pub fn send(
-        &mut self,
-        to: &ConnectionId,
-        kind: PayloadKind,
-        payload: impl Into<Bytes>,
-    ) -> Confirmation {
+    /// A unicast to `to`: delivered here, or started through the broker.
+    fn unicast(&mut self, to: &ConnectionId, kind: PayloadKind, payload: Bytes) -> Confirmation {
         let node = Arc::clone(&self.handle.node);
         let envelope = self
             .handle
-            .envelope(Target::Connection(to.clone()), kind, payload.into());
+            .envelope(Target::Connection(to.clone()), kind, payload);
         let id = envelope.id;
         let not_found = || SendError::NotFound {
             connection: to.clone(),
@@ -436,7 +388,7 @@ impl OrderedSender {
                         .map_err(|_| not_found())
                 })
             };
-            return self.settled(id, outcome);
+            return self.settled("unicast", id, outcome);
         }
         match node.discovery.view().node(to.node()) {
             None => {
@@ -444,10 +396,10 @@ impl OrderedSender {
                     node: to.node().clone(),
                     source: None,
                 };
-                return self.settled(id, Err(gone));
+                return self.settled("unicast", id, Err(gone));
             }
             Some(info) if info.incarnation != to.incarnation() => {
-                return self.settled(id, Err(not_found()));
+                return self.settled("unicast", id, Err(not_found()));
             }
             Some(_) => {}
         }
@@ -460,12 +412,9 @@ impl OrderedSender {
         })
     }
 
-    /// Starts a broadcast (see [`ClusterHandle::broadcast`]): this node's connections get it
-    /// at once, the others' through the broker.
-    pub fn broadcast(&mut self, kind: PayloadKind, payload: impl Into<Bytes>) -> Confirmation {
-        let envelope = self
-            .handle
-            .envelope(Target::Broadcast, kind, payload.into());
+    /// A broadcast: this node's connections get it at once, the others' through the broker.
+    fn broadcast(&mut self, kind: PayloadKind, payload: Bytes) -> Confirmation {
+        let envelope = self.handle.envelope(Target::Broadcast, kind, payload);
         self.handle
             .node
             .local
@@ -475,17 +424,12 @@ impl OrderedSender {
         })
     }
 
-    /// Starts a group message (see [`ClusterHandle::send_to_group`]): this node's members get
-    /// it at once, the other nodes' through the broker.
-    pub fn send_to_group(
-        &mut self,
-        group: &GroupName,
-        kind: PayloadKind,
-        payload: impl Into<Bytes>,
-    ) -> Confirmation {
+    /// A group message: this node's members get it at once, the other nodes' through the
+    /// broker.
+    fn group(&mut self, group: &GroupName, kind: PayloadKind, payload: Bytes) -> Confirmation {
         let envelope = self
             .handle
-            .envelope(Target::Group(group.clone()), kind, payload.into());
+            .envelope(Target::Group(group.clone()), kind, payload);
         self.handle
             .node
             .local
@@ -495,150 +439,5 @@ impl OrderedSender {
             ForwardError::Unroutable { .. } => Ok(()),
             error => Err(invalid_or(error, SendError::Broadcast)),
         })
-    }
-}
-
-/// One WebSocket connection admitted by the cluster layer: its id, its [`Inbox`] of messages
-/// from anywhere in the cluster, and a [`ClusterHandle`] that sends as it.
-///
-/// The layer puts it in the upgrade request's extensions; take it with
-/// [`ClusterConnection::take`] (plain hyper) or as an axum extractor, and move it into the
-/// socket task. Dropping it (or its inbox) removes the connection from the node.
-#[derive(Debug)]
-pub struct ClusterConnection {
-    handle: ClusterHandle,
-    inbox: Inbox,
-}
-
-impl ClusterConnection {
-    pub(crate) fn new(handle: ClusterHandle, inbox: Inbox) -> Self {
-        Self { handle, inbox }
-    }
-
-    /// Takes the connection the cluster layer put in a request's extensions.
-    pub fn take(extensions: &mut http::Extensions) -> Option<Self> {
-        extensions
-            .get::<ConnectionSlot>()
-            .and_then(ConnectionSlot::take)
-    }
-
-    /// The connection's cluster-wide id.
-    pub fn id(&self) -> &ConnectionId {
-        self.inbox.connection_id()
-    }
-
-    /// The handle that sends as this connection.
-    pub fn handle(&self) -> &ClusterHandle {
-        &self.handle
-    }
-
-    /// The connection's inbox.
-    pub fn inbox(&mut self) -> &mut Inbox {
-        &mut self.inbox
-    }
-
-    /// Splits into the sending handle and the inbox, for a socket task that reads and writes
-    /// in separate halves. The connection lives as long as the inbox.
-    pub fn into_parts(self) -> (ClusterHandle, Inbox) {
-        (self.handle, self.inbox)
-    }
-}
-
-/// The request extension holding an admitted connection until a handler takes it. Dropped
-/// with the request when nobody takes it, which removes the connection.
-#[derive(Clone)]
-pub struct ConnectionSlot(Arc<Mutex<Option<ClusterConnection>>>);
-
-impl ConnectionSlot {
-    pub(crate) fn new(connection: ClusterConnection) -> Self {
-        Self(Arc::new(Mutex::new(Some(connection))))
-    }
-
-    /// Takes the connection, once.
-    pub fn take(&self) -> Option<ClusterConnection> {
-        self.0.lock().take()
-    }
-}
-
-impl fmt::Debug for ConnectionSlot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ConnectionSlot")
-            .field(&self.0.lock().as_ref().map(ClusterConnection::id))
-            .finish()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use std::time::Duration;
-
-    use super::*;
-    use crate::cluster::Cluster;
-    use crate::config::{Backends, ClusterConfig};
-    use crate::hybrid::{Admission, admit};
-
-    async fn node(max_in_flight: usize) -> Cluster {
-        let mut config = ClusterConfig::new(NodeId::new("places").unwrap(), "127.0.0.1", 1);
-        config.forward.max_in_flight = max_in_flight;
-        Cluster::start(config, Backends::embedded()).await.unwrap()
-    }
-
-    fn connect(cluster: &Cluster) -> ClusterConnection {
-        match admit(&cluster.node) {
-            Admission::Accept(connection) => connection,
-            _ => panic!("the node admits"),
-        }
-    }
-
-    async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(5), future)
-            .await
-            .expect("it does not hang")
-    }
-
-    #[tokio::test]
-    async fn senders_idle_after_a_local_send_hold_no_place() {
-        let cluster = node(4).await;
-        let connections: Vec<ClusterConnection> = (0..20).map(|_| connect(&cluster)).collect();
-        // Each readies its sender (as a socket task does before a request it has not read
-        // yet), sends to itself on this node, then goes idle, its sender kept.
-        let mut idle = Vec::new();
-        for connection in &connections {
-            let mut sender = connection.handle().ordered();
-            within(sender.ready()).await.unwrap();
-            within(sender.send(connection.id(), PayloadKind::Text, "to me"))
-                .await
-                .unwrap();
-            idle.push(sender);
-        }
-        assert_eq!(
-            cluster.node.in_flight(),
-            0,
-            "no place is held by an idle sender"
-        );
-        within(cluster.handle().broadcast_text("still flowing"))
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_local_send_never_waits_for_a_place_and_a_disarmed_sender_gives_its_back() {
-        let cluster = node(2).await;
-        let a = connect(&cluster);
-        let b = connect(&cluster);
-        let mut holders = [a.handle().ordered(), b.handle().ordered()];
-        for holder in &mut holders {
-            within(holder.ready()).await.unwrap();
-        }
-        // Every place is taken; a send within the node does not need one.
-        within(a.handle().send_text(b.id(), "local")).await.unwrap();
-        let mut waiting = a.handle().ordered();
-        let mut ready = tokio_test::task::spawn(waiting.ready());
-        assert!(ready.poll().is_pending());
-        assert!(holders[0].disarm());
-        assert!(ready.is_woken());
-        assert!(ready.poll().is_ready());
     }
 }

@@ -1,0 +1,293 @@
+//! This node's connections: their bounded inboxes, their groups, and their count.
+
+mod bounced;
+mod inbox;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use hybrid_cluster_core::{ConnectionId, Envelope, GroupName};
+use hybrid_cluster_discovery::ConnectionCounter;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+pub(crate) use self::bounced::{Bounce, Bounced};
+pub(crate) use self::inbox::Refused;
+pub use self::inbox::{CloseFrame, Inbox, InboxItem, Undeliverable};
+use self::inbox::{InboxSlot, bounce};
+use crate::config::SlowClientPolicy;
+use crate::metrics::Metrics;
+
+/// Removes its connection from the table when dropped.
+pub(super) struct Registration {
+    table: Arc<LocalConnections>,
+    id: ConnectionId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.table.deregister(&self.id);
+    }
+}
+
+struct Entry {
+    slot: Arc<InboxSlot>,
+    groups: BTreeSet<GroupName>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<ConnectionId, Entry>,
+    groups: HashMap<GroupName, HashSet<ConnectionId>>,
+}
+
+/// The connections of this node.
+pub(crate) struct LocalConnections {
+    table: RwLock<Table>,
+    counter: ConnectionCounter,
+    capacity: usize,
+    byte_bound: usize,
+    policy: SlowClientPolicy,
+    metrics: Metrics,
+    /// Woken whenever a connection goes, for shutdown to wait on.
+    emptied: Notify,
+    /// Groups a departed connection left, to be unbound by the node.
+    departed: Mutex<Vec<GroupName>>,
+    departures: Notify,
+    /// Unicasts that will not reach their connection, for notices to their senders.
+    pub(crate) bounced: Arc<Bounced>,
+}
+
+impl LocalConnections {
+    pub(crate) fn new(
+        counter: ConnectionCounter,
+        capacity: usize,
+        policy: SlowClientPolicy,
+        metrics: Metrics,
+    ) -> Self {
+        let bounced = Arc::new(Bounced::new(metrics.clone()));
+        Self {
+            table: RwLock::new(Table::default()),
+            counter,
+            capacity: capacity.max(1),
+            byte_bound: usize::MAX,
+            policy,
+            metrics,
+            emptied: Notify::new(),
+            departed: Mutex::new(Vec::new()),
+            departures: Notify::new(),
+            bounced,
+        }
+    }
+
+    /// Bounds every inbox to `bytes` of payload too (a message alone in an inbox is taken
+    /// whatever its size).
+    pub(crate) fn with_byte_bound(mut self, bytes: usize) -> Self {
+        self.byte_bound = bytes.max(1);
+        self
+    }
+
+    /// Adds a connection and returns its inbox.
+    pub(crate) fn register(self: &Arc<Self>, id: ConnectionId) -> Inbox {
+        let slot = Arc::new(InboxSlot::new(
+            id.clone(),
+            (self.capacity, self.byte_bound),
+            self.policy,
+            self.metrics.clone(),
+            Arc::clone(&self.bounced),
+        ));
+        let count = {
+            let mut table = self.table.write();
+            table.entries.insert(
+                id.clone(),
+                Entry {
+                    slot: Arc::clone(&slot),
+                    groups: BTreeSet::new(),
+                },
+            );
+            table.entries.len()
+        };
+        self.counter.increment();
+        self.metrics.connections(count);
+        Inbox {
+            slot,
+            _registration: Registration {
+                table: Arc::clone(self),
+                id,
+            },
+        }
+    }
+
+    fn deregister(&self, id: &ConnectionId) {
+        let (left, count) = {
+            let mut table = self.table.write();
+            let Some(entry) = table.entries.remove(id) else {
+                return;
+            };
+            for group in &entry.groups {
+                if let Some(members) = table.groups.get_mut(group) {
+                    members.remove(id);
+                    if members.is_empty() {
+                        table.groups.remove(group);
+                    }
+                }
+            }
+            (entry, table.entries.len())
+        };
+        // Messages the socket task never took: their senders are told.
+        for item in left.slot.take_queued() {
+            self.metrics.dropped("connection_gone");
+            bounce(&self.bounced, item);
+        }
+        let left = left.groups;
+        self.counter.decrement();
+        self.metrics.connections(count);
+        if !left.is_empty() {
+            self.departed.lock().extend(left);
+            self.departures.notify_one();
+        }
+        self.emptied.notify_waiters();
+    }
+
+    /// Takes the groups departed connections left, waiting for some when there are none.
+    pub(crate) async fn departed_groups(&self) -> Vec<GroupName> {
+        loop {
+            let notified = self.departures.notified();
+            let groups = std::mem::take(&mut *self.departed.lock());
+            if !groups.is_empty() {
+                return groups;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.table.read().entries.len()
+    }
+
+    pub(crate) fn contains(&self, id: &ConnectionId) -> bool {
+        self.table.read().entries.contains_key(id)
+    }
+
+    /// Puts a message or a notice in one connection's inbox.
+    pub(crate) fn deliver_to(&self, id: &ConnectionId, item: InboxItem) -> Result<(), Refused> {
+        let slot = self
+            .table
+            .read()
+            .entries
+            .get(id)
+            .map(|entry| Arc::clone(&entry.slot))
+            .ok_or(Refused::NotFound)?;
+        slot.push(item)
+    }
+
+    /// Puts a message in every connection's inbox; returns how many.
+    pub(crate) fn deliver_all(&self, envelope: &Arc<Envelope>) -> usize {
+        let slots: Vec<Arc<InboxSlot>> = self
+            .table
+            .read()
+            .entries
+            .values()
+            .map(|entry| Arc::clone(&entry.slot))
+            .collect();
+        // A closing connection misses a broadcast or group message: nobody to tell.
+        for slot in &slots {
+            let _ = slot.push(InboxItem::Message(Arc::clone(envelope)));
+        }
+        slots.len()
+    }
+
+    /// Puts a message in the inbox of every local member of `group`; returns how many.
+    pub(crate) fn deliver_group(&self, group: &GroupName, envelope: &Arc<Envelope>) -> usize {
+        let slots: Vec<Arc<InboxSlot>> = {
+            let table = self.table.read();
+            let Some(members) = table.groups.get(group) else {
+                return 0;
+            };
+            members
+                .iter()
+                .filter_map(|id| table.entries.get(id))
+                .map(|entry| Arc::clone(&entry.slot))
+                .collect()
+        };
+        // A closing connection misses a broadcast or group message: nobody to tell.
+        for slot in &slots {
+            let _ = slot.push(InboxItem::Message(Arc::clone(envelope)));
+        }
+        slots.len()
+    }
+
+    /// Adds a connection to a group; returns whether it was not a member yet.
+    pub(crate) fn join(&self, id: &ConnectionId, group: &GroupName) -> Result<bool, Refused> {
+        let mut table = self.table.write();
+        let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
+        if !entry.groups.insert(group.clone()) {
+            return Ok(false);
+        }
+        table
+            .groups
+            .entry(group.clone())
+            .or_default()
+            .insert(id.clone());
+        Ok(true)
+    }
+
+    /// Removes a connection from a group; returns whether it was a member.
+    pub(crate) fn leave(&self, id: &ConnectionId, group: &GroupName) -> Result<bool, Refused> {
+        let mut table = self.table.write();
+        let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
+        if !entry.groups.remove(group) {
+            return Ok(false);
+        }
+        if let Some(members) = table.groups.get_mut(group) {
+            members.remove(id);
+            if members.is_empty() {
+                table.groups.remove(group);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Local members of a group.
+    pub(crate) fn members(&self, group: &GroupName) -> usize {
+        self.table.read().groups.get(group).map_or(0, HashSet::len)
+    }
+
+    /// Closes every inbox with `frame` once its queued messages are out.
+    pub(crate) fn close_all(&self, frame: &CloseFrame) {
+        let slots: Vec<Arc<InboxSlot>> = self
+            .table
+            .read()
+            .entries
+            .values()
+            .map(|entry| Arc::clone(&entry.slot))
+            .collect();
+        for slot in slots {
+            slot.close(frame.clone());
+        }
+    }
+
+    /// Waits until no connection is left.
+    pub(crate) async fn wait_empty(&self) {
+        loop {
+            let notified = self.emptied.notified();
+            if self.len() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl fmt::Debug for LocalConnections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalConnections")
+            .field("connections", &self.len())
+            .field("capacity", &self.capacity)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}

@@ -1,0 +1,224 @@
+use futures_util::{FutureExt, StreamExt};
+use hybrid_cluster_core::{Incarnation, MessageId, NodeId, Target};
+
+use super::*;
+
+fn id(n: u64) -> ConnectionId {
+    ConnectionId::new(NodeId::new("a").unwrap(), Incarnation::from_u64(1), n)
+}
+
+fn message(text: &str) -> Arc<Envelope> {
+    Arc::new(Envelope::text(
+        NodeId::new("a").unwrap(),
+        Target::Broadcast,
+        text,
+    ))
+}
+
+fn next_text(inbox: &mut Inbox) -> Option<String> {
+    match inbox.next().now_or_never()?? {
+        InboxItem::Message(envelope) => envelope.payload_text().map(str::to_owned),
+        InboxItem::Close(frame) => Some(format!("close {}", frame.code)),
+        InboxItem::Undeliverable(notice) => Some(format!("undeliverable {}", notice.to)),
+    }
+}
+
+#[test]
+fn registration_counts_and_dropping_the_inbox_deregisters() {
+    let counter = ConnectionCounter::new();
+    let table = Arc::new(LocalConnections::new(
+        counter.clone(),
+        8,
+        SlowClientPolicy::DropOldest,
+        Metrics::new("a"),
+    ));
+    let inbox = table.register(id(1));
+    let _other = table.register(id(2));
+    assert_eq!((table.len(), counter.get()), (2, 2));
+    let group = GroupName::new("g").unwrap();
+    assert_eq!(table.join(&id(1), &group), Ok(true));
+    assert_eq!(table.join(&id(1), &group), Ok(false));
+    drop(inbox);
+    assert_eq!((table.len(), counter.get()), (1, 1));
+    assert_eq!(table.members(&group), 0);
+    assert_eq!(std::mem::take(&mut *table.departed.lock()), vec![group]);
+    assert_eq!(
+        table.deliver_to(&id(1), InboxItem::Message(message("x"))),
+        Err(Refused::NotFound)
+    );
+}
+
+#[test]
+fn drop_oldest_keeps_the_newest_within_the_bound() {
+    let table = Arc::new(LocalConnections::new(
+        ConnectionCounter::new(),
+        2,
+        SlowClientPolicy::DropOldest,
+        Metrics::new("a"),
+    ));
+    let mut inbox = table.register(id(1));
+    for text in ["1", "2", "3", "4"] {
+        table
+            .deliver_to(&id(1), InboxItem::Message(message(text)))
+            .unwrap();
+    }
+    assert_eq!(next_text(&mut inbox).as_deref(), Some("3"));
+    assert_eq!(next_text(&mut inbox).as_deref(), Some("4"));
+    assert_eq!(next_text(&mut inbox), None);
+    assert_eq!(inbox.dropped(), 2);
+}
+
+#[test]
+fn inboxes_are_bounded_in_bytes_too() {
+    let table = Arc::new(
+        LocalConnections::new(
+            ConnectionCounter::new(),
+            100,
+            SlowClientPolicy::DropOldest,
+            Metrics::new("a"),
+        )
+        .with_byte_bound(10),
+    );
+    let mut inbox = table.register(id(1));
+    for text in ["aaaa", "bbbb", "cccc"] {
+        table
+            .deliver_to(&id(1), InboxItem::Message(message(text)))
+            .unwrap();
+    }
+    // 12 bytes do not fit in 10: the oldest went.
+    assert_eq!(inbox.dropped(), 1);
+    assert_eq!(next_text(&mut inbox).as_deref(), Some("bbbb"));
+    assert_eq!(next_text(&mut inbox).as_deref(), Some("cccc"));
+    // A message larger than the bound, alone, is still taken.
+    let big = "x".repeat(64);
+    table
+        .deliver_to(&id(1), InboxItem::Message(message(&big)))
+        .unwrap();
+    assert_eq!(next_text(&mut inbox).as_deref(), Some(big.as_str()));
+
+    let closing = Arc::new(
+        LocalConnections::new(
+            ConnectionCounter::new(),
+            100,
+            SlowClientPolicy::CLOSE_TRY_AGAIN_LATER,
+            Metrics::new("a"),
+        )
+        .with_byte_bound(10),
+    );
+    let mut inbox = closing.register(id(2));
+    for text in ["aaaa", "bbbb"] {
+        closing
+            .deliver_to(&id(2), InboxItem::Message(message(text)))
+            .unwrap();
+    }
+    assert_eq!(
+        closing.deliver_to(&id(2), InboxItem::Message(message("cccc"))),
+        Err(Refused::Closing)
+    );
+    assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1013"));
+}
+
+#[test]
+fn close_policy_closes_the_slow_connection_at_once() {
+    let table = Arc::new(LocalConnections::new(
+        ConnectionCounter::new(),
+        2,
+        SlowClientPolicy::Close { code: 1013 },
+        Metrics::new("a"),
+    ));
+    let mut inbox = table.register(id(1));
+    for text in ["1", "2"] {
+        table
+            .deliver_to(&id(1), InboxItem::Message(message(text)))
+            .unwrap();
+    }
+    // The one over the bound closes the connection and is refused, as is every one after
+    // it: their callers tell their senders.
+    for text in ["3", "4"] {
+        assert_eq!(
+            table.deliver_to(&id(1), InboxItem::Message(message(text))),
+            Err(Refused::Closing)
+        );
+    }
+    assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1013"));
+    assert!(
+        matches!(inbox.next().now_or_never(), Some(None)),
+        "the stream ends after the close"
+    );
+}
+
+/// A unicast from a connection, as received from anywhere, and its id.
+fn unicast(to: u64, from: u64) -> (InboxItem, MessageId) {
+    let mut envelope = Envelope::text(NodeId::new("a").unwrap(), Target::Connection(id(to)), "x");
+    envelope.sender = Some(id(from));
+    let message_id = envelope.id;
+    (InboxItem::Message(Arc::new(envelope)), message_id)
+}
+
+fn bounced_ids(table: &LocalConnections) -> Vec<MessageId> {
+    table.bounced.waiting_ids()
+}
+
+#[test]
+fn unicasts_that_will_not_reach_their_client_are_bounced_for_a_notice() {
+    let table = Arc::new(LocalConnections::new(
+        ConnectionCounter::new(),
+        2,
+        SlowClientPolicy::Close { code: 1013 },
+        Metrics::new("a"),
+    ));
+    let inbox = table.register(id(1));
+    let (kept, kept_id) = unicast(1, 9);
+    table.deliver_to(&id(1), kept).unwrap();
+    table.deliver_all(&message("broadcast"));
+    // Over capacity: the close drops what was queued, unicasts bounced (not broadcasts);
+    // the one over the bound is refused, for its caller to tell.
+    let (over, _) = unicast(1, 9);
+    assert_eq!(table.deliver_to(&id(1), over), Err(Refused::Closing));
+    assert_eq!(bounced_ids(&table), [kept_id]);
+
+    // A connection that goes with messages still queued: they are bounced too.
+    let other = table.register(id(2));
+    let (never_read, never_read_id) = unicast(2, 9);
+    table.deliver_to(&id(2), never_read).unwrap();
+    drop(other);
+    assert_eq!(bounced_ids(&table), [kept_id, never_read_id]);
+    drop(inbox);
+}
+
+#[test]
+fn shutdown_close_comes_after_the_queued_messages() {
+    let table = Arc::new(LocalConnections::new(
+        ConnectionCounter::new(),
+        8,
+        SlowClientPolicy::DropOldest,
+        Metrics::new("a"),
+    ));
+    let mut inbox = table.register(id(1));
+    table.deliver_all(&message("last words"));
+    table.close_all(&CloseFrame {
+        code: 1012,
+        reason: "{}".to_owned(),
+    });
+    assert_eq!(next_text(&mut inbox).as_deref(), Some("last words"));
+    assert_eq!(next_text(&mut inbox).as_deref(), Some("close 1012"));
+}
+
+#[test]
+fn groups_reach_only_their_members() {
+    let table = Arc::new(LocalConnections::new(
+        ConnectionCounter::new(),
+        8,
+        SlowClientPolicy::DropOldest,
+        Metrics::new("a"),
+    ));
+    let mut a = table.register(id(1));
+    let mut b = table.register(id(2));
+    let group = GroupName::new("g").unwrap();
+    table.join(&id(2), &group).unwrap();
+    assert_eq!(table.deliver_group(&group, &message("members")), 1);
+    assert_eq!(next_text(&mut a), None);
+    assert_eq!(next_text(&mut b).as_deref(), Some("members"));
+    assert_eq!(table.leave(&id(2), &group), Ok(true));
+    assert_eq!(table.deliver_group(&group, &message("nobody")), 0);
+}
