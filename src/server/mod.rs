@@ -197,7 +197,7 @@ pub async fn serve_connection(
         let mut closing = false;
         let outgoing: Vec<Message> = tokio::select! {
             item = inbox.next() => match item {
-                Some(item) => inbox_frames(item, &mut inbox, &requests, &mut closing),
+                Some(item) => inbox_frames(item, &mut inbox, &mut requests, &mut closing),
                 None => break,
             },
             replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
@@ -270,7 +270,7 @@ fn client_frame(
 fn inbox_frames(
     item: InboxItem,
     inbox: &mut Inbox,
-    requests: &Requests,
+    requests: &mut Requests,
     closing: &mut bool,
 ) -> Vec<Message> {
     let mut frames = Vec::new();
@@ -285,7 +285,7 @@ fn inbox_frames(
                 };
                 frames.push(Message::Close(Some(close)));
             }
-            item => frames.push(Message::Text(inbox_frame(&item, requests).into())),
+            item => frames.extend(inbox_frame(&item, requests).map(|f| Message::Text(f.into()))),
         }
         if !*closing && frames.len() < WRITE_BATCH {
             next = inbox.next().now_or_never().flatten();
@@ -309,19 +309,13 @@ fn is_too_big(error: &axum::Error) -> bool {
 /// Inbox items written to the socket in one go, at most.
 const WRITE_BATCH: usize = 64;
 
-/// The frame a client gets for an inbox item other than a close.
-fn inbox_frame(item: &InboxItem, requests: &Requests) -> String {
+/// The frame a client gets now for an inbox item other than a close (none for a notice held
+/// until its request is answered).
+fn inbox_frame(item: &InboxItem, requests: &mut Requests) -> Option<String> {
     match item {
-        InboxItem::Message(envelope) => render(envelope),
-        InboxItem::Undeliverable(notice) => {
-            let id = requests.client_id(notice.message_id);
-            let message = format!(
-                "message {} was not delivered: connection {} is gone",
-                notice.message_id, notice.to
-            );
-            error_reply(id.as_deref(), "not_found", &message)
-        }
-        _ => error_reply(None, "internal", "an unknown notice arrived"),
+        InboxItem::Message(envelope) => Some(render(envelope)),
+        InboxItem::Undeliverable(notice) => requests.undeliverable(notice),
+        _ => Some(error_reply(None, "internal", "an unknown notice arrived")),
     }
 }
 

@@ -22,10 +22,27 @@ use tokio::time::Instant;
 
 use crate::error::SendError;
 use crate::handle::{ClusterHandle, OrderedSender, Payload};
+use crate::local::Undeliverable;
 use crate::protocol::{ClientOp, ServerMessage};
 
 /// The replies to one request, as JSON text frames, in order.
 pub(super) type Replies = Vec<String>;
+
+/// A started request, once settled: its replies, and the message it sent when it was a
+/// unicast (a notice of it not delivered goes out after these replies, never before).
+struct Settled {
+    replies: Replies,
+    unicast: Option<MessageId>,
+}
+
+impl From<Replies> for Settled {
+    fn from(replies: Replies) -> Self {
+        Self {
+            replies,
+            unicast: None,
+        }
+    }
+}
 
 /// A request that was read and checked, not started yet.
 enum Request {
@@ -152,7 +169,10 @@ pub(super) struct Requests {
     /// Whether a waiting request behind the head may be able to start now.
     rescan: bool,
     /// Started, their replies in the order they were started.
-    started: FuturesOrdered<BoxFuture<'static, Replies>>,
+    started: FuturesOrdered<BoxFuture<'static, Settled>>,
+    /// Unicasts started and not answered yet, with the notices that came back for them
+    /// before their answer (held: a client hears "sent" before "not delivered").
+    unanswered: Vec<(MessageId, Replies)>,
 }
 
 impl Requests {
@@ -165,12 +185,31 @@ impl Requests {
             waiting: VecDeque::new(),
             rescan: false,
             started: FuturesOrdered::new(),
+            unanswered: Vec::new(),
         }
     }
 
-    /// The correlation id of the request that sent `message_id`, if it is one of the latest.
-    pub(super) fn client_id(&self, message_id: MessageId) -> Option<Box<RawValue>> {
-        self.sent.client_id(message_id)
+    /// The error frame for a message this connection sent that was not delivered, naming the
+    /// request that sent it if it is one of the latest: now, or, while that request is not
+    /// answered yet, right after its answer (from [`Requests::poll_replies`]).
+    pub(super) fn undeliverable(&mut self, notice: &Undeliverable) -> Option<String> {
+        let id = self.sent.client_id(notice.message_id);
+        let message = format!(
+            "message {} was not delivered: connection {} is gone",
+            notice.message_id, notice.to
+        );
+        let frame = error_reply(id.as_deref(), "not_found", &message);
+        match self
+            .unanswered
+            .iter_mut()
+            .find(|(sent, _)| *sent == notice.message_id)
+        {
+            Some((_, held)) => {
+                held.push(frame);
+                None
+            }
+            None => Some(frame),
+        }
     }
 
     /// Requests read and not answered yet.
@@ -192,7 +231,7 @@ impl Requests {
             }
             Err(replies) => self
                 .started
-                .push_back(Box::pin(std::future::ready(replies))),
+                .push_back(Box::pin(std::future::ready(replies.into()))),
         }
         self.start(cx);
     }
@@ -202,7 +241,19 @@ impl Requests {
     pub(super) fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<Replies> {
         self.start(cx);
         match self.started.poll_next_unpin(cx) {
-            Poll::Ready(Some(replies)) => Poll::Ready(replies),
+            Poll::Ready(Some(Settled {
+                mut replies,
+                unicast,
+            })) => {
+                let answered = unicast.and_then(|message_id| {
+                    let at = self.unanswered.iter().position(|(m, _)| *m == message_id)?;
+                    Some(self.unanswered.swap_remove(at))
+                });
+                if let Some((_, held)) = answered {
+                    replies.extend(held);
+                }
+                Poll::Ready(replies)
+            }
             Poll::Ready(None) | Poll::Pending => Poll::Pending,
         }
     }
@@ -228,7 +279,7 @@ impl Requests {
                         };
                         let replies = vec![send_error_reply(request.id(), &error)];
                         self.started
-                            .push_back(Box::pin(std::future::ready(replies)));
+                            .push_back(Box::pin(std::future::ready(replies.into())));
                         continue;
                     }
                     Poll::Ready(Ok(())) => {}
@@ -275,7 +326,7 @@ impl Requests {
 
     /// Starts one request: a send is placed in the broker's order now (the sender is ready
     /// when it needs to be); the future resolves to its replies once it is settled.
-    fn start_one(&mut self, request: Request) -> BoxFuture<'static, Replies> {
+    fn start_one(&mut self, request: Request) -> BoxFuture<'static, Settled> {
         match request {
             Request::Send { to, data, id } => {
                 let sender = if self.sender.needs_place(&to) {
@@ -284,22 +335,29 @@ impl Requests {
                     &mut self.local
                 };
                 let confirmation = sender.send(to, Payload::text(data.get()));
+                let message_id = confirmation.message_id();
                 if let Some(id) = &id {
                     // A notice may come back for it (from its node, or this one when its
                     // connection here goes before it reads it): remember whose it was.
-                    self.sent.remember(confirmation.message_id(), id.clone());
+                    self.sent.remember(message_id, id.clone());
                 }
-                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
+                self.unanswered.push((message_id, Vec::new()));
+                Box::pin(async move {
+                    Settled {
+                        replies: sent_replies(confirmation.await, id.as_deref()),
+                        unicast: Some(message_id),
+                    }
+                })
             }
             Request::Broadcast { data, id } => {
                 let confirmation = self
                     .sender
                     .send(Target::Broadcast, Payload::text(data.get()));
-                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
+                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()).into() })
             }
             Request::Group { group, data, id } => {
                 let confirmation = self.sender.send(group, Payload::text(data.get()));
-                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()) })
+                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()).into() })
             }
             Request::Membership { join, group, id } => {
                 let handle = self.handle.clone();
@@ -309,7 +367,7 @@ impl Requests {
                     } else {
                         handle.leave(&group).await
                     };
-                    membership_replies(join, &group, result, id.as_deref())
+                    membership_replies(join, &group, result, id.as_deref()).into()
                 })
             }
         }
@@ -470,6 +528,41 @@ mod tests {
             "the overtaking join is answered first: {acks:?}"
         );
         assert!(acks[1].contains("group-g"), "{acks:?}");
+    }
+
+    #[tokio::test]
+    async fn a_notice_that_overtakes_its_ack_waits_for_it() {
+        let config = ClusterConfig::new(NodeId::new("notice").unwrap(), "127.0.0.1", 1);
+        let cluster = Cluster::start(config, Backends::embedded()).await.unwrap();
+        let me = connect(&cluster);
+        let other = connect(&cluster);
+        let (handle, _inbox) = me.into_parts();
+        let mut requests = Requests::new(handle);
+        let mut cx = Context::from_waker(Waker::noop());
+        let to = other.id().clone();
+        requests.push(
+            &format!(r#"{{"op":"send","to":"{to}","data":1,"id":7}}"#),
+            &mut cx,
+        );
+        let message_id = requests.unanswered[0].0;
+        let notice = Undeliverable { message_id, to };
+
+        // Sent, not answered yet: the notice is held...
+        assert_eq!(requests.undeliverable(&notice), None);
+        // ...and goes out right after the ack.
+        let replies = std::future::poll_fn(|cx| requests.poll_replies(cx)).await;
+        assert_eq!(replies.len(), 2, "{replies:?}");
+        assert_eq!(replies[0], r#"{"type":"ack","id":7}"#);
+        assert!(replies[1].contains(r#""code":"not_found""#), "{replies:?}");
+        assert!(replies[1].contains(r#""id":7"#), "{replies:?}");
+        // Once answered, a notice goes out at once.
+        assert!(
+            requests
+                .undeliverable(&notice)
+                .unwrap()
+                .contains(r#""id":7"#)
+        );
+        assert!(requests.unanswered.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
