@@ -21,7 +21,8 @@ use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, ConnectionId, NodeId, NodeInfo,
     NodeStatus, RedisUrl, SlowClientPolicy,
 };
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use hybrid_cluster_test_support::servers;
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -39,15 +40,13 @@ const WAIT: Duration = Duration::from_secs(10);
 const FAST: Duration = Duration::from_millis(200);
 
 fn redis_url() -> RedisUrl {
-    std::env::var("REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    servers::redis_url()
         .parse()
         .expect("REDIS_URL is a Redis connection string")
 }
 
 fn amqp_url() -> AmqpUrl {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    servers::amqp_url()
         .parse()
         .expect("AMQP_URL is an AMQP URL")
 }
@@ -230,49 +229,13 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         let prefix = self.prefix.clone();
         let nodes = std::mem::take(&mut *self.nodes.lock());
+        let nodes: Vec<String> = nodes.iter().map(ToString::to_string).collect();
         let cleaning = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(async move {
-                let connection = amqp_connection().await;
-                let channel = connection.create_channel().await.unwrap();
-                let dead_letter = format!("{prefix}:dead-letter");
-                let queues = nodes
-                    .iter()
-                    .map(|node| format!("{prefix}:node:{node}"))
-                    .chain([dead_letter.clone()]);
-                for queue in queues {
-                    let _ = channel
-                        .queue_delete(queue.into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for exchange in [prefix.to_string(), dead_letter] {
-                    let _ = channel
-                        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = connection.close(200, "OK".into()).await;
-
-                let registry =
-                    RedisRegistry::connect(&redis_url(), &prefix, RedisOptions::default())
-                        .await
-                        .unwrap();
-                let mut redis = registry.connection();
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{{{prefix}}}*"))
-                    .query_async(&mut redis)
-                    .await
-                    .unwrap();
-                if !keys.is_empty() {
-                    let _: () = redis::cmd("DEL")
-                        .arg(keys)
-                        .query_async(&mut redis)
-                        .await
-                        .unwrap();
-                }
-            });
+            runtime.block_on(servers::remove_cluster(prefix.as_str(), &nodes));
         });
         if cleaning.join().is_err() && !std::thread::panicking() {
             panic!("cleaning up the test's cluster failed");

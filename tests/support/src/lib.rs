@@ -1,5 +1,7 @@
 //! Helpers shared by hybrid-cluster's tests and benchmarks (dev only, never published).
 //!
+//! - [`conformance`]: the contract of the backend traits (`Registry`, `Broker`) as cases any
+//!   implementation must pass, run against the memory backends and the real servers alike;
 //! - [`servers`]: the real Redis and RabbitMQ the suite runs against (`REDIS_URL`,
 //!   `AMQP_URL`, loopback defaults), a unique cluster prefix per test, and the cleanup of
 //!   everything a cluster under that prefix may leave in them;
@@ -12,6 +14,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod client;
+pub mod conformance;
 pub mod limits;
 pub mod node;
 pub mod proxy;

@@ -1,0 +1,56 @@
+//! The backend traits' contract (`hybrid_cluster_test_support::conformance`), run against the
+//! embedded memory backends and the real Redis and RabbitMQ alike: the embedded default
+//! provably behaves like the servers.
+
+use std::sync::Arc;
+
+use hybrid_cluster::discovery::{RedisOptions, RedisRegistry};
+use hybrid_cluster::routing::{RabbitBroker, RabbitConfig};
+use hybrid_cluster::{Broker, ClusterPrefix, MemoryBroker, MemoryRegistry, Registry};
+use hybrid_cluster_test_support::conformance::{Cleanup, broker::NODES};
+use hybrid_cluster_test_support::servers::{amqp_url, redis_url, remove_cluster, unique_prefix};
+use hybrid_cluster_test_support::{broker_conformance, registry_conformance};
+
+async fn memory_registry(_case: &str) -> (Arc<dyn Registry>, Cleanup) {
+    (Arc::new(MemoryRegistry::new()), Box::pin(async {}))
+}
+
+async fn redis(case: &str) -> (Arc<dyn Registry>, Cleanup) {
+    let prefix = unique_prefix(&format!("conformance-{case}"));
+    let registry = RedisRegistry::connect(
+        &redis_url().parse().unwrap(),
+        &ClusterPrefix::new(&prefix).unwrap(),
+        RedisOptions::default(),
+    )
+    .await
+    .unwrap();
+    (
+        Arc::new(registry),
+        Box::pin(async move { remove_cluster(&prefix, &[]).await }),
+    )
+}
+
+async fn memory_broker(_case: &str) -> (Arc<dyn Broker>, Cleanup) {
+    (Arc::new(MemoryBroker::new()), Box::pin(async {}))
+}
+
+async fn rabbitmq(case: &str) -> (Arc<dyn Broker>, Cleanup) {
+    let prefix = unique_prefix(&format!("conformance-{case}"));
+    let broker = RabbitBroker::connect(
+        &amqp_url().parse().unwrap(),
+        &ClusterPrefix::new(&prefix).unwrap(),
+        RabbitConfig::default(),
+    )
+    .await
+    .unwrap();
+    let nodes: Vec<String> = NODES.iter().map(|&node| node.to_owned()).collect();
+    (
+        Arc::new(broker),
+        Box::pin(async move { remove_cluster(&prefix, &nodes).await }),
+    )
+}
+
+registry_conformance!(memory_registry);
+registry_conformance!(redis);
+broker_conformance!(memory_broker);
+broker_conformance!(rabbitmq);
