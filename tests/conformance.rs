@@ -2,6 +2,8 @@
 //! embedded memory backends and the real Redis and RabbitMQ alike: the embedded default
 //! provably behaves like the servers.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use hybrid_cluster::discovery::{RedisOptions, RedisRegistry};
