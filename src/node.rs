@@ -46,9 +46,16 @@ pub(crate) struct Node {
     pub(crate) ids: ConnectionIds,
     /// This node's cell in the view, so that draining shows in placement at once.
     pub(crate) local_info: LiveNodeInfo,
+    pub(crate) metrics: Metrics,
+    /// Where the node is in its run: starts empty (nothing running, not draining).
+    pub(crate) state: RunState,
+}
+
+/// A node's run: its status flags and the tasks it owns.
+#[derive(Default)]
+pub(crate) struct RunState {
     draining: AtomicBool,
     pub(crate) stopped: AtomicBool,
-
     /// Why the node does not receive from the broker now; `None` while it does.
     not_receiving: Mutex<Option<String>>,
     /// Held while the node's status changes (drain, degraded, active again), so that the
@@ -59,62 +66,12 @@ pub(crate) struct Node {
     tasks: Mutex<JoinSet<()>>,
     /// The receiver's task, stopped first at shutdown.
     receiver: Mutex<Option<AbortOnDropHandle<()>>>,
-    pub(crate) metrics: Metrics,
-}
-
-/// What a [`Node`] is made of, before it runs.
-pub(crate) struct Parts {
-    pub(crate) id: NodeId,
-    pub(crate) incarnation: Incarnation,
-    pub(crate) config: ClusterConfig,
-    pub(crate) local: Arc<LocalConnections>,
-    pub(crate) topology: NodeTopology<dyn Broker>,
-    pub(crate) forward: Forward<dyn Broker>,
-    pub(crate) discovery: Discovery,
-    pub(crate) placer: Placer,
-    pub(crate) local_info: LiveNodeInfo,
-    pub(crate) metrics: Metrics,
 }
 
 impl Node {
-    /// A node of `parts`, with no task running yet.
-    pub(crate) fn new(parts: Parts) -> Self {
-        let Parts {
-            id,
-            incarnation,
-            config,
-            local,
-            topology,
-            forward,
-            discovery,
-            placer,
-            local_info,
-            metrics,
-        } = parts;
-        Self {
-            ids: ConnectionIds::new(id.clone(), incarnation),
-            id,
-            incarnation,
-            config,
-            local,
-            topology,
-            forward,
-            discovery,
-            placer,
-            local_info,
-            draining: AtomicBool::new(false),
-            stopped: AtomicBool::new(false),
-            not_receiving: Mutex::new(None),
-            status_change: tokio::sync::Mutex::new(()),
-            tasks: Mutex::new(JoinSet::new()),
-            receiver: Mutex::new(None),
-            metrics,
-        }
-    }
-
     /// Runs `task` in the background until the node is dropped or shut down.
     pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        let mut tasks = self.tasks.lock();
+        let mut tasks = self.state.tasks.lock();
         // Finished tasks (a takeover that ended) are forgotten as new ones come.
         while tasks.try_join_next().is_some() {}
         tasks.spawn(task);
@@ -125,12 +82,12 @@ impl Node {
         &self,
         task: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        *self.receiver.lock() = Some(AbortOnDropHandle::new(tokio::spawn(task)));
+        *self.state.receiver.lock() = Some(AbortOnDropHandle::new(tokio::spawn(task)));
     }
 
     /// Aborts every background task but the receiver's.
     pub(crate) fn stop_tasks(&self) {
-        self.tasks.lock().abort_all();
+        self.state.tasks.lock().abort_all();
     }
     /// Places of the bound on unconfirmed messages in use: messages sent to the broker and not
     /// yet confirmed, and places reserved for a send about to start.
@@ -142,7 +99,7 @@ impl Node {
     }
 
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.state.draining.load(Ordering::Acquire)
     }
 
     /// Hands an envelope that came through the broker to the local connections it is for.
@@ -213,8 +170,8 @@ impl Node {
 
     /// Marks this node Draining, here at once and for its peers.
     pub(crate) async fn drain(&self) -> Result<(), ClusterError> {
-        let _changing = self.status_change.lock().await;
-        if self.draining.swap(true, Ordering::AcqRel) {
+        let _changing = self.state.status_change.lock().await;
+        if self.state.draining.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         self.set_local_status(NodeStatus::Draining);
@@ -250,7 +207,7 @@ impl Node {
     pub(crate) async fn stop_receiving(&self) {
         let consumer = self.topology.broker().consumer_state(&self.id);
         // Dropping its handle aborts the receiver's task.
-        drop(self.receiver.lock().take());
+        drop(self.state.receiver.lock().take());
         if let Some(mut consumer) = consumer {
             // The broker drops its end once the consumer is gone.
             while consumer.changed().await.is_ok() {}
@@ -301,17 +258,17 @@ impl Node {
 
     /// Why the node does not receive from the broker now, if it does not.
     pub(crate) fn not_receiving(&self) -> Option<String> {
-        self.not_receiving.lock().clone()
+        self.state.not_receiving.lock().clone()
     }
 
     /// Follows the node's consumer: while it is not taking deliveries the node is Degraded
     /// (here, for placement, and in its record, for its peers) and not healthy, and says so
     /// in the log; once it takes them again, the node is Active again (unless it drains).
     pub(crate) async fn follow_consumer(&self, state: ConsumerState) {
-        let _changing = self.status_change.lock().await;
+        let _changing = self.state.status_change.lock().await;
         let status = match state {
             ConsumerState::Consuming => {
-                if self.not_receiving.lock().take().is_none() {
+                if self.state.not_receiving.lock().take().is_none() {
                     return;
                 }
                 tracing::info!(node = %self.id, "receiving from the broker again: the node is active");
@@ -319,7 +276,7 @@ impl Node {
             }
             ConsumerState::Interrupted { reason } => {
                 tracing::error!(node = %self.id, %reason, "the node does not receive from the broker: it is degraded (no new clients, /healthz 503) until its consumer is restored");
-                *self.not_receiving.lock() = Some(reason);
+                *self.state.not_receiving.lock() = Some(reason);
                 NodeStatus::Degraded
             }
         };

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use hybrid_cluster_balance::{Placer, Selector};
 use hybrid_cluster_core::{
-    Broker, BrokerError, ConsumeOptions, Deliveries, Incarnation, LiveNodeInfo, NodeInfo, Registry,
+    Broker, BrokerError, ConnectionIds, ConsumeOptions, Deliveries, Incarnation, LiveNodeInfo,
+    NodeInfo, Registry,
 };
 use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
 use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker};
@@ -16,7 +17,7 @@ use crate::config::{Backends, ClusterConfig};
 use crate::error::ClusterError;
 use crate::local::LocalConnections;
 use crate::metrics::Metrics;
-use crate::node::{Node, Parts};
+use crate::node::{Node, RunState};
 
 /// Starts the node of `config` on `backends`: see [`Cluster::start`](crate::Cluster::start).
 pub(super) async fn start(
@@ -55,7 +56,8 @@ pub(super) async fn start(
         Some(discovery.view().epoch().clone()),
     );
     let forward = Forward::with_config(broker, config.forward.clone());
-    let node = Arc::new(Node::new(Parts {
+    let node = Arc::new(Node {
+        ids: ConnectionIds::new(id.clone(), incarnation),
         id,
         incarnation,
         config,
@@ -66,7 +68,8 @@ pub(super) async fn start(
         placer,
         local_info,
         metrics,
-    }));
+        state: RunState::default(),
+    });
     run(&node, deliveries);
     Ok(node)
 }

@@ -12,7 +12,7 @@ use crate::node::Node;
 /// when one fails, each within its part of the grace period; a failed shutdown can be called
 /// again.
 pub(super) async fn shutdown(node: &Node) -> Result<(), ClusterError> {
-    if node.stopped.swap(true, Ordering::AcqRel) {
+    if node.state.stopped.swap(true, Ordering::AcqRel) {
         return Ok(());
     }
     let grace = node.config.shutdown_grace;
@@ -30,7 +30,7 @@ pub(super) async fn shutdown(node: &Node) -> Result<(), ClusterError> {
             Ok(())
         }
         Err(error) => {
-            node.stopped.store(false, Ordering::Release);
+            node.state.stopped.store(false, Ordering::Release);
             Err(error)
         }
     }

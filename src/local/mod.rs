@@ -186,18 +186,7 @@ impl LocalConnections {
 
     /// Puts a message in every connection's inbox; returns how many.
     pub(crate) fn deliver_all(&self, envelope: &Arc<Envelope>) -> usize {
-        let slots: Vec<Arc<InboxSlot>> = self
-            .table
-            .read()
-            .entries
-            .values()
-            .map(|entry| Arc::clone(&entry.slot))
-            .collect();
-        // A closing connection misses a broadcast or group message: nobody to tell.
-        for slot in &slots {
-            let _ = slot.push(InboxItem::Message(Arc::clone(envelope)));
-        }
-        slots.len()
+        fan_out(&self.all_slots(), envelope)
     }
 
     /// Puts a message in the inbox of every local member of `group`; returns how many.
@@ -213,11 +202,7 @@ impl LocalConnections {
                 .map(|entry| Arc::clone(&entry.slot))
                 .collect()
         };
-        // A closing connection misses a broadcast or group message: nobody to tell.
-        for slot in &slots {
-            let _ = slot.push(InboxItem::Message(Arc::clone(envelope)));
-        }
-        slots.len()
+        fan_out(&slots, envelope)
     }
 
     /// Adds a connection to a group; returns whether it was not a member yet.
@@ -258,16 +243,19 @@ impl LocalConnections {
 
     /// Closes every inbox with `frame` once its queued messages are out.
     pub(crate) fn close_all(&self, frame: &CloseFrame) {
-        let slots: Vec<Arc<InboxSlot>> = self
-            .table
+        for slot in self.all_slots() {
+            slot.close(frame.clone());
+        }
+    }
+
+    /// Every connection's inbox, taken out of the table's lock.
+    fn all_slots(&self) -> Vec<Arc<InboxSlot>> {
+        self.table
             .read()
             .entries
             .values()
             .map(|entry| Arc::clone(&entry.slot))
-            .collect();
-        for slot in slots {
-            slot.close(frame.clone());
-        }
+            .collect()
     }
 
     /// Waits until no connection is left.
@@ -290,4 +278,13 @@ impl fmt::Debug for LocalConnections {
             .field("policy", &self.policy)
             .finish()
     }
+}
+
+/// Puts a message in each of `slots`; returns how many.
+fn fan_out(slots: &[Arc<InboxSlot>], envelope: &Arc<Envelope>) -> usize {
+    // A closing connection misses a broadcast or group message: nobody to tell.
+    for slot in slots {
+        let _ = slot.push(InboxItem::Message(Arc::clone(envelope)));
+    }
+    slots.len()
 }
