@@ -22,6 +22,7 @@ use hybrid_cluster_core::{
     Broker, BrokerError, ClusterSecret, ConsumeOptions, DEFAULT_REPLAY_WINDOW, Envelope, NodeId,
     Target,
 };
+use hybrid_cluster_routing::EnvelopeCodec;
 
 /// How long a taken-over queue may stay idle before it is let go.
 pub(crate) const IDLE: Duration = Duration::from_secs(2);

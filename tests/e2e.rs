@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::discovery::{DiscoveryConfig, RedisOptions, RedisRegistry};
+use hybrid_cluster::routing::EnvelopeCodec;
 use hybrid_cluster::server::{self, ServerConfig};
 use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, ConnectionId, NodeId, NodeInfo,

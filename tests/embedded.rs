@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use hybrid_cluster::routing::EnvelopeCodec;
 use hybrid_cluster::{
     Broker, BrokerMessage, ConnectionIds, Envelope, GroupName, Incarnation, MemoryBroker,
     MemoryRegistry, NodeId, NodeInfo, PublishError, QueueOptions, Registry, RoutingKey, Target,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::discovery::{RedisOptions, RedisRegistry};
+use hybrid_cluster::routing::EnvelopeCodec;
 use hybrid_cluster::routing::{RabbitBroker, RabbitConfig};
 use hybrid_cluster::{
     AmqpUrl, Broker, BrokerMessage, ClusterPrefix, Envelope, Incarnation, NodeId, NodeInfo,

@@ -27,9 +27,8 @@ use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
 use tokio::sync::watch;
 
-use crate::envelope::GroupName;
 use crate::error::BrokerError;
-use crate::node::NodeId;
+use crate::ids::{GroupName, NodeId};
 
 /// Where a published message goes: the queues bound to this key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -99,6 +99,59 @@ fn encode(component: &str) -> String {
     utf8_percent_encode(component, COMPONENT).to_string()
 }
 
+/// What Redis and AMQP connection strings share, read and checked the same way for both.
+struct Endpoint {
+    url: Url,
+    tls: bool,
+    host: String,
+    port: u16,
+    /// The user-info's name part, percent-decoded (empty when there is none).
+    user: String,
+    /// The user-info's password part, percent-decoded.
+    password: Option<String>,
+}
+
+impl Endpoint {
+    /// Parses `input` as a URL with one of `schemes` (plain, then TLS), a host, and a port
+    /// (`default_ports[tls]` when it names none). The error is the reason, for the caller's
+    /// [`ConfigError`].
+    fn parse(input: &str, schemes: [&str; 2], default_ports: [u16; 2]) -> Result<Self, String> {
+        let url = Url::parse(input).map_err(|e| e.to_string())?;
+        let [plain, secure] = schemes;
+        let tls = match url.scheme() {
+            scheme if scheme == plain => false,
+            scheme if scheme == secure => true,
+            other => {
+                return Err(format!(
+                    "unsupported scheme `{other}` (expected {plain}:// or {secure}://)"
+                ));
+            }
+        };
+        let host = match url.host() {
+            Some(url::Host::Ipv6(addr)) => addr.to_string(),
+            Some(host) => host.to_string(),
+            None => return Err("the host is missing".to_owned()),
+        };
+        if host.is_empty() {
+            return Err("the host is missing".to_owned());
+        }
+        let port = url.port().unwrap_or(default_ports[usize::from(tls)]);
+        if port == 0 {
+            return Err("port 0 is not a port to connect to".to_owned());
+        }
+        let user = decode(url.username())?;
+        let password = url.password().map(decode).transpose()?;
+        Ok(Self {
+            url,
+            tls,
+            host,
+            port,
+            user,
+            password,
+        })
+    }
+}
+
 /// A Redis connection string.
 ///
 /// Accepted forms: `localhost:6379`, `localhost` (port 6379), `redis://localhost:6379`,
@@ -191,30 +244,15 @@ impl FromStr for RedisUrl {
         } else {
             format!("redis://{input}")
         };
-        let url = Url::parse(&with_scheme).map_err(|e| fail(&e.to_string()))?;
-        let tls = match url.scheme() {
-            "redis" => false,
-            "rediss" => true,
-            other => {
-                return Err(fail(&format!(
-                    "unsupported scheme `{other}` (expected redis:// or rediss://)"
-                )));
-            }
-        };
-        let host = match url.host() {
-            Some(url::Host::Ipv6(addr)) => addr.to_string(),
-            Some(host) => host.to_string(),
-            None => return Err(fail("the host is missing")),
-        };
-        if host.is_empty() {
-            return Err(fail("the host is missing"));
-        }
-        let port = url.port().unwrap_or(Self::DEFAULT_PORT);
-        if port == 0 {
-            return Err(fail("port 0 is not a port to connect to"));
-        }
-        let user = decode(url.username()).map_err(fail)?;
-        let password = url.password().map(decode).transpose().map_err(fail)?;
+        let Endpoint {
+            url,
+            tls,
+            host,
+            port,
+            user,
+            password,
+        } = Endpoint::parse(&with_scheme, ["redis", "rediss"], [Self::DEFAULT_PORT; 2])
+            .map_err(|reason| fail(&reason))?;
         // The seed's `redis://password@host` puts the password where a URL has its user name.
         let (username, password) = match (user.is_empty(), password) {
             (true, password) => (None, password),
@@ -279,6 +317,23 @@ impl AmqpUrl {
         "channel_max",
         "frame_max",
     ];
+
+    /// The query parameters passed on to the client, checked: known keys, numeric values.
+    fn client_parameters(url: &Url) -> Result<Vec<(String, u64)>, String> {
+        let mut query = Vec::new();
+        for (key, value) in url.query_pairs() {
+            if !Self::QUERY_KEYS.contains(&key.as_ref()) {
+                return Err(format!(
+                    "unknown query parameter `{key}` (known: heartbeat, connection_timeout, channel_max, frame_max)"
+                ));
+            }
+            let value = value
+                .parse()
+                .map_err(|_| format!("query parameter `{key}` must be a number"))?;
+            query.push((key.into_owned(), value));
+        }
+        Ok(query)
+    }
 
     /// Whether the connection uses TLS (`amqps://`).
     pub fn tls(&self) -> bool {
@@ -356,36 +411,21 @@ impl FromStr for AmqpUrl {
         if !input.contains("://") {
             return Err(fail("the scheme is missing (expected amqp:// or amqps://)"));
         }
-        let url = Url::parse(input).map_err(|e| fail(&e.to_string()))?;
-        let tls = match url.scheme() {
-            "amqp" => false,
-            "amqps" => true,
-            other => {
-                return Err(fail(&format!(
-                    "unsupported scheme `{other}` (expected amqp:// or amqps://)"
-                )));
-            }
+        let Endpoint {
+            url,
+            tls,
+            host,
+            port,
+            user,
+            password,
+        } = Endpoint::parse(input, ["amqp", "amqps"], [5672, 5671])
+            .map_err(|reason| fail(&reason))?;
+        let username = if user.is_empty() {
+            "guest".to_owned()
+        } else {
+            user
         };
-        let host = match url.host() {
-            Some(url::Host::Ipv6(addr)) => addr.to_string(),
-            Some(host) => host.to_string(),
-            None => return Err(fail("the host is missing")),
-        };
-        if host.is_empty() {
-            return Err(fail("the host is missing"));
-        }
-        let port = url.port().unwrap_or(if tls { 5671 } else { 5672 });
-        if port == 0 {
-            return Err(fail("port 0 is not a port to connect to"));
-        }
-        let username = match decode(url.username()).map_err(fail)? {
-            user if user.is_empty() => "guest".to_owned(),
-            user => user,
-        };
-        let password = match url.password() {
-            Some(password) => decode(password).map_err(fail)?,
-            None => "guest".to_owned(),
-        };
+        let password = password.unwrap_or_else(|| "guest".to_owned());
         let path = url.path();
         let raw_vhost = path.strip_prefix('/').unwrap_or(path);
         if raw_vhost.contains('/') {
@@ -397,18 +437,7 @@ impl FromStr for AmqpUrl {
             vhost if vhost.is_empty() => "/".to_owned(),
             vhost => vhost,
         };
-        let mut query = Vec::new();
-        for (key, value) in url.query_pairs() {
-            if !Self::QUERY_KEYS.contains(&key.as_ref()) {
-                return Err(fail(&format!(
-                    "unknown query parameter `{key}` (known: heartbeat, connection_timeout, channel_max, frame_max)"
-                )));
-            }
-            let value = value
-                .parse()
-                .map_err(|_| fail(&format!("query parameter `{key}` must be a number")))?;
-            query.push((key.into_owned(), value));
-        }
+        let query = Self::client_parameters(&url).map_err(|reason| fail(&reason))?;
         if url.fragment().is_some() {
             return Err(fail("fragments are not supported"));
         }

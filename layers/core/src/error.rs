@@ -4,7 +4,7 @@
 //! is kept as the [`source`](std::error::Error::source), never as the only way to tell
 //! failures apart.
 
-use crate::node::NodeId;
+use crate::ids::NodeId;
 
 /// A boxed error from a backend or an inner service.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

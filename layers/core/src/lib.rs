@@ -3,12 +3,16 @@
 //! Every layer of the cluster speaks the types defined here, so that each layer crate can be
 //! used alone without depending on the facade:
 //!
-//! - [`node`]: who a node is ([`NodeId`], [`Incarnation`]) and what it tells its peers
-//!   ([`NodeInfo`], with a stable JSON form documented on the type).
-//! - [`connection`]: [`ConnectionId`], which names the node a WebSocket connection lives on, so
-//!   a message for it needs no lookup to find its way.
-//! - [`envelope`]: [`Envelope`], a message between nodes. Its payload is bytes carried as bytes;
-//!   the routing metadata travels beside it, never wrapped around it.
+//! - [`ids`]: every id, made the same way: [`NodeId`], [`Incarnation`] (one run of a node),
+//!   [`ConnectionId`] (which names the node a WebSocket connection lives on, so a message for it
+//!   needs no lookup to find its way), [`MessageId`] and [`GroupName`].
+//! - [`node`]: what a node tells its peers ([`NodeInfo`], with a stable JSON form documented on
+//!   the type).
+//! - [`target`]: [`Target`], where a message goes, and the [`RoutingKey`] that takes it there.
+//! - [`envelope`]: [`Envelope`], a message between nodes, and the MAC that authenticates it.
+//!   Its payload is bytes carried as bytes; the routing metadata travels beside it, never
+//!   wrapped around it (the broker wire form lives with the publisher, in
+//!   `hybrid-cluster-routing`).
 //! - [`auth`]: the optional [`ClusterSecret`] that signs envelopes and node records
 //!   (HMAC-SHA256), so that nodes refuse what is unsigned, forged or replayed ([`AuthError`]).
 //! - [`config`]: connection strings ([`RedisUrl`], [`AmqpUrl`]) and the cluster prefix
@@ -39,12 +43,13 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
-pub mod connection;
 pub mod envelope;
 pub mod error;
+pub mod ids;
 pub mod live;
 pub mod node;
 pub mod registry;
+pub mod target;
 
 pub use auth::{AuthError, ClusterSecret, DEFAULT_REPLAY_WINDOW, SECRET_ENV, Signature};
 pub use broker::{
@@ -52,11 +57,13 @@ pub use broker::{
     Durability, PublishError, QueueOptions, RoutingKey, Settlement, UnknownDurability,
 };
 pub use config::{AmqpUrl, ClusterPrefix, ConfigError, RedisUrl};
-pub use connection::{ConnectionId, ConnectionIdError, ConnectionIds};
-pub use envelope::{Envelope, EnvelopeError, GroupName, MessageId, PayloadKind, Target};
+pub use envelope::{Envelope, EnvelopeError, PayloadKind};
 pub use error::{BoxError, BrokerError, RegistryError};
-pub use live::{Epoch, HasNodeInfo, LiveNodeInfo};
-pub use node::{
-    Incarnation, InvalidIncarnation, InvalidNodeId, NodeId, NodeInfo, NodeRecordError, NodeStatus,
+pub use ids::{
+    ConnectionId, ConnectionIdError, ConnectionIds, GroupName, Incarnation, InvalidGroupName,
+    InvalidIncarnation, InvalidMessageId, InvalidNodeId, MessageId, NodeId,
 };
+pub use live::{Epoch, HasNodeInfo, LiveNodeInfo};
+pub use node::{NodeInfo, NodeRecordError, NodeStatus};
 pub use registry::{NodeRecord, Registry, RegistryEvent, RegistryEvents, RemovalCause};
+pub use target::{InvalidTarget, Target};

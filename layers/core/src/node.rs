@@ -2,174 +2,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use crate::auth::{AuthError, ClusterSecret, Signature};
+use crate::auth::{AuthError, ClusterSecret, MacInput, Signature};
+use crate::ids::{Incarnation, NodeId};
 
 /// The domain of node record MACs.
 const RECORD_DOMAIN: &str = "hybrid-cluster node-record v1";
 
 /// The field of a signed record that holds its MAC.
 pub const SIGNATURE_FIELD: &str = "signature";
-
-/// The longest node id accepted, in bytes.
-pub const MAX_NODE_ID_LEN: usize = 64;
-
-/// The name of a node, unique within a cluster.
-///
-/// 1 to 64 characters from `A-Z a-z 0-9 _ - .`, so that it can appear unescaped in Redis keys,
-/// AMQP queue names and routing keys, and inside a [`ConnectionId`](crate::ConnectionId)
-/// (which uses `:` as its separator). Cloning is cheap.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeId(Arc<str>);
-
-/// The error returned for a string that is not a valid [`NodeId`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid node id {id:?}: {reason}")]
-pub struct InvalidNodeId {
-    id: String,
-    reason: &'static str,
-}
-
-impl NodeId {
-    /// Checks `id` and makes a node id of it.
-    pub fn new(id: impl AsRef<str>) -> Result<Self, InvalidNodeId> {
-        let id = id.as_ref();
-        let invalid = |reason| InvalidNodeId {
-            id: id.chars().take(MAX_NODE_ID_LEN + 8).collect(),
-            reason,
-        };
-        if id.is_empty() {
-            return Err(invalid("it is empty"));
-        }
-        if id.len() > MAX_NODE_ID_LEN {
-            return Err(invalid("it is longer than 64 bytes"));
-        }
-        if !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-        {
-            return Err(invalid("only A-Z, a-z, 0-9, '_', '-' and '.' are allowed"));
-        }
-        Ok(Self(Arc::from(id)))
-    }
-
-    /// The id as a string slice.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl FromStr for NodeId {
-    type Err = InvalidNodeId;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
-
-impl AsRef<str> for NodeId {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Serialize for NodeId {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for NodeId {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        Self::new(&*s).map_err(serde::de::Error::custom)
-    }
-}
-
-/// One run of a node: a random number drawn when the node process starts.
-///
-/// A node that restarts under the same [`NodeId`] gets a new incarnation, so connection ids
-/// handed out by its previous run can be told apart from live ones. Written as 16 lowercase
-/// hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Incarnation(u64);
-
-impl Incarnation {
-    /// A fresh random incarnation.
-    pub fn random() -> Self {
-        Self(rand::random())
-    }
-
-    /// An incarnation with a chosen value (tests and tools).
-    pub const fn from_u64(value: u64) -> Self {
-        Self(value)
-    }
-
-    /// The incarnation's value.
-    pub const fn as_u64(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for Incarnation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-impl fmt::Debug for Incarnation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Incarnation({self})")
-    }
-}
-
-/// The error returned for a string that is not an [`Incarnation`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid incarnation: expected 1 to 16 hex digits")]
-pub struct InvalidIncarnation;
-
-impl FromStr for Incarnation {
-    type Err = InvalidIncarnation;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(InvalidIncarnation);
-        }
-        u64::from_str_radix(s, 16)
-            .map(Self)
-            .map_err(|_| InvalidIncarnation)
-    }
-}
-
-impl Serialize for Incarnation {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Incarnation {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
 
 /// Whether a node takes part in the cluster, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -487,7 +331,7 @@ impl NodeInfo {
     }
 }
 
-fn record_mac_input(secret: &ClusterSecret, value: &serde_json::Value) -> crate::auth::MacInput {
+fn record_mac_input(secret: &ClusterSecret, value: &serde_json::Value) -> MacInput {
     let mut canonical = Vec::new();
     // Writing a `Value` to a `Vec` cannot fail; should it, the MAC cannot match.
     let _ = write_canonical(value, &mut canonical);
@@ -641,18 +485,6 @@ mod tests {
         info.registered_at = UNIX_EPOCH + Duration::from_millis(1_796_024_400_000);
         info.metadata.insert("zone".into(), "eu-west-1a".into());
         info
-    }
-
-    #[test]
-    fn node_ids_are_checked() {
-        assert!(NodeId::new("node-1.eu_west").is_ok());
-        assert!(NodeId::new("").is_err());
-        assert!(NodeId::new("a:b").is_err());
-        assert!(NodeId::new("a b").is_err());
-        assert!(NodeId::new("x".repeat(65)).is_err());
-        assert!(NodeId::new("x".repeat(64)).is_ok());
-        let err = NodeId::new("no/slash").unwrap_err().to_string();
-        assert!(err.contains("no/slash") && err.contains("allowed"), "{err}");
     }
 
     #[test]

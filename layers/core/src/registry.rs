@@ -28,9 +28,8 @@ use bytes::Bytes;
 use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
 
-use crate::connection::ConnectionId;
 use crate::error::RegistryError;
-use crate::node::NodeId;
+use crate::ids::{ConnectionId, NodeId};
 
 /// One node's record as stored.
 #[derive(Clone, PartialEq, Eq)]

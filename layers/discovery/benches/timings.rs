@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use hybrid_cluster_core::{ClusterPrefix, Incarnation, NodeId, NodeInfo, RedisUrl};
 use hybrid_cluster_discovery::{Discovery, DiscoveryConfig, RedisOptions, RedisRegistry};
+use hybrid_cluster_test_support::servers;
 use tokio::time::Instant;
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -46,10 +47,8 @@ fn summary(samples: &mut [Duration]) -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let url: RedisUrl = std::env::var("REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-        .parse()?;
-    let prefix = ClusterPrefix::new(format!("bench-timings:{:08x}", rand::random::<u32>()))?;
+    let url: RedisUrl = servers::redis_url().parse()?;
+    let prefix = ClusterPrefix::new(servers::unique_prefix("bench-timings"))?;
     // Crash detection is bounded by the lease: measure it with a short one (1 s heartbeat,
     // 3 s lease), which the defaults (5 s / 15 s) scale up.
     let config = DiscoveryConfig::default().with_heartbeat(Duration::from_secs(1));

@@ -7,9 +7,14 @@ use std::time::Duration;
 
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{ClusterSecret, NodeInfo};
+use tower::retry::backoff::ExponentialBackoffMaker;
+use tower::util::rng::HasherRng;
 
 use crate::error::DiscoveryError;
 use crate::stats::ConnectionCounter;
+
+/// How much longer than its base a reconnection delay may be, at most: 25 %.
+const RECONNECT_JITTER: f64 = 0.25;
 
 /// A user's own source of node info, called on every heartbeat instead of the automatic one.
 pub type NodeInfoProvider = Arc<dyn Fn() -> BoxFuture<'static, NodeInfo> + Send + Sync>;
@@ -108,6 +113,27 @@ impl DiscoveryConfig {
         self
     }
 
+    /// The backoff between reconnection attempts (tower's): delays that double from
+    /// `min_reconnect_delay` up to `max_reconnect_delay`, with up to 25 % jitter so that nodes
+    /// cut off together do not all come back at the same instant. Start again from the
+    /// first delay after a success by making a new backoff.
+    pub(crate) fn reconnect_backoff(&self) -> ExponentialBackoffMaker {
+        // tower refuses a maximum below the minimum or of zero; the old backoff took the
+        // larger of the two as the maximum, and so does this.
+        let max = self
+            .max_reconnect_delay
+            .max(self.min_reconnect_delay)
+            .max(Duration::from_millis(1));
+        ExponentialBackoffMaker::new(
+            self.min_reconnect_delay,
+            max,
+            RECONNECT_JITTER,
+            HasherRng::default(),
+        )
+        // Cannot fail with a maximum above zero and not below the minimum, and this jitter.
+        .unwrap_or_default()
+    }
+
     pub(crate) fn check(&self) -> Result<(), DiscoveryError> {
         let invalid = |reason| Err(DiscoveryError::InvalidConfig { reason });
         if self.heartbeat.is_zero() {
@@ -135,5 +161,41 @@ impl fmt::Debug for DiscoveryConfig {
             .field("provider", &self.provider.as_ref().map(|_| "custom"))
             .field("secret", &self.secret)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+    use tower::retry::backoff::{Backoff, MakeBackoff};
+
+    use super::*;
+
+    /// The delay the backoff's next sleep waits for (time is paused, so it is exact).
+    fn next_delay(backoff: &mut impl Backoff<Future = tokio::time::Sleep>) -> Duration {
+        backoff.next_backoff().deadline() - Instant::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnect_delays_double_up_to_the_cap_and_reset() {
+        let config = DiscoveryConfig {
+            min_reconnect_delay: Duration::from_millis(100),
+            max_reconnect_delay: Duration::from_millis(350),
+            ..DiscoveryConfig::default()
+        };
+        let mut reconnect = config.reconnect_backoff();
+        let mut backoff = reconnect.make_backoff();
+        let delays: Vec<Duration> = (0..4).map(|_| next_delay(&mut backoff)).collect();
+        let bases = [100, 200, 350, 350];
+        for (delay, base) in delays.iter().zip(bases) {
+            let base = Duration::from_millis(base);
+            assert!(
+                *delay >= base && *delay <= base.mul_f64(1.25),
+                "{delay:?} vs {base:?}"
+            );
+        }
+        // A new backoff after a success starts again from the first delay.
+        let mut backoff = reconnect.make_backoff();
+        assert!(next_delay(&mut backoff) <= Duration::from_millis(125));
     }
 }

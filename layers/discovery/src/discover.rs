@@ -1,7 +1,7 @@
 //! The tower `Discover` of the cluster's nodes, and the service wrapper that gives balancers
 //! each node's live load.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;
 use std::pin::Pin;
@@ -10,14 +10,14 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 use hybrid_cluster_core::live::{HasNodeInfo, LiveNodeInfo};
-use hybrid_cluster_core::{Incarnation, NodeId, NodeInfo};
+use hybrid_cluster_core::{NodeId, NodeInfo};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tower::discover::Change;
 use tower::load::Load;
 use tower_service::Service;
 
-use crate::view::Membership;
+use crate::membership::{MemberChange, Membership};
 
 /// A node's service as discovery yields it: the service the user's factory built, with the
 /// node's [`LiveNodeInfo`], kept current on every heartbeat.
@@ -122,7 +122,8 @@ impl<S> HasNodeInfo for NodeService<S> {
 /// stops. See `ClusterView` for what happens when Redis goes away.
 pub struct NodeDiscover<F, S> {
     members: WatchStream<Arc<Membership>>,
-    inserted: HashMap<NodeId, Incarnation>,
+    /// The membership whose nodes are inserted.
+    inserted: Arc<Membership>,
     pending: VecDeque<Change<NodeId, NodeService<S>>>,
     make_service: F,
 }
@@ -134,40 +135,33 @@ where
     pub(crate) fn new(members: watch::Receiver<Arc<Membership>>, make_service: F) -> Self {
         Self {
             members: WatchStream::new(members),
-            inserted: HashMap::new(),
+            inserted: Arc::default(),
             pending: VecDeque::new(),
             make_service,
         }
     }
 
     /// Queues the changes that take the nodes inserted so far to `membership`.
-    fn diff(&mut self, membership: &Membership) {
-        let gone: Vec<NodeId> = self
-            .inserted
-            .iter()
-            .filter(|(node, incarnation)| {
-                membership
-                    .get(node)
-                    .is_none_or(|live| live.get().incarnation != **incarnation)
-            })
-            .map(|(node, _)| node.clone())
-            .collect();
-        for node in gone {
-            self.inserted.remove(&node);
-            self.pending.push_back(Change::Remove(node));
-        }
-        for (node, live) in membership.iter() {
-            if self.inserted.contains_key(node) {
-                continue;
+    /// A restarted node is removed, then inserted again with a new service.
+    fn diff(&mut self, membership: Arc<Membership>) {
+        let changes = membership.changes_since(&self.inserted);
+        for change in &changes {
+            if let MemberChange::Left(node) | MemberChange::Restarted(node) = change {
+                self.pending.push_back(Change::Remove(node.clone()));
             }
-            let info = live.get();
-            let service = (self.make_service)(&info);
-            self.inserted.insert(node.clone(), info.incarnation);
-            self.pending.push_back(Change::Insert(
-                node.clone(),
-                NodeService::new(service, live.clone()),
-            ));
         }
+        for change in changes {
+            if let MemberChange::Joined(node) | MemberChange::Restarted(node) = change
+                && let Some(live) = membership.get(&node)
+            {
+                let service = (self.make_service)(&live.get());
+                self.pending.push_back(Change::Insert(
+                    node,
+                    NodeService::new(service, live.clone()),
+                ));
+            }
+        }
+        self.inserted = membership;
     }
 }
 
@@ -184,7 +178,7 @@ where
                 return Poll::Ready(Some(Ok(change)));
             }
             match Pin::new(&mut this.members).poll_next(cx) {
-                Poll::Ready(Some(membership)) => this.diff(&membership),
+                Poll::Ready(Some(membership)) => this.diff(membership),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
@@ -197,7 +191,7 @@ impl<F, S> Unpin for NodeDiscover<F, S> {}
 impl<F, S> fmt::Debug for NodeDiscover<F, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeDiscover")
-            .field("inserted", &self.inserted.keys().collect::<Vec<_>>())
+            .field("inserted", &self.inserted)
             .field("pending", &self.pending.len())
             .finish()
     }

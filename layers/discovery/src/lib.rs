@@ -99,11 +99,11 @@
 //! # }
 //! ```
 
-mod backoff;
 pub mod config;
 pub mod discover;
 pub mod discovery;
 pub mod error;
+pub mod membership;
 pub mod redis_registry;
 pub mod registrar;
 pub mod stats;
@@ -116,7 +116,8 @@ pub use config::{DiscoveryConfig, NodeInfoProvider};
 pub use discover::{NodeDiscover, NodeService};
 pub use discovery::Discovery;
 pub use error::DiscoveryError;
+pub use membership::{MemberChange, Membership};
 pub use redis_registry::{KeyLayout, RedisOptions, RedisRegistry};
 pub use registrar::Registrar;
 pub use stats::{ConnectionCounter, ConnectionGuard, ResourceSampler, ResourceUsage};
-pub use view::{ClusterView, Membership};
+pub use view::ClusterView;

@@ -7,9 +7,9 @@ use hybrid_cluster_core::error::error_chain;
 use hybrid_cluster_core::node::now_millis;
 use hybrid_cluster_core::{NodeInfo, NodeStatus, Registry};
 use parking_lot::Mutex;
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
+use tower::retry::backoff::{Backoff, MakeBackoff};
 
-use crate::backoff::Backoff;
 use crate::config::DiscoveryConfig;
 use crate::error::DiscoveryError;
 use crate::stats::{ConnectionCounter, ResourceSampler};
@@ -30,7 +30,8 @@ use crate::stats::{ConnectionCounter, ResourceSampler};
 /// peers drop the node when its lease runs out. [`leave`](Registrar::leave) removes it at once.
 pub struct Registrar {
     shared: Arc<Shared>,
-    heartbeat: JoinHandle<()>,
+    /// Dropping it stops the heartbeat.
+    heartbeat: AbortOnDropHandle<()>,
 }
 
 struct Shared {
@@ -88,33 +89,33 @@ impl Shared {
     }
 
     async fn heartbeat(self: Arc<Self>) {
-        let mut backoff = Backoff::new(
-            self.config.min_reconnect_delay,
-            self.config.max_reconnect_delay,
-        );
-        let mut failing = false;
-        let mut delay = self.config.heartbeat;
+        let mut reconnect = self.config.reconnect_backoff();
+        // Some while the registry cannot be reached: the backoff of the retries.
+        let mut failing = None;
         loop {
-            tokio::time::sleep(delay).await;
+            match &mut failing {
+                None => tokio::time::sleep(self.config.heartbeat).await,
+                // Never later than the next heartbeat would be.
+                Some(backoff) => {
+                    let retry = Backoff::next_backoff(backoff);
+                    let _ = tokio::time::timeout(self.config.heartbeat, retry).await;
+                }
+            }
             match self.write().await {
                 Ok(info) => {
-                    if failing {
+                    if failing.take().is_some() {
                         tracing::info!(node = %info.node_id, "registered again after the registry came back");
                     }
-                    failing = false;
-                    backoff.reset();
-                    delay = self.config.heartbeat;
                 }
                 Err(DiscoveryError::Left) => return,
                 Err(error) => {
                     let node = self.current.lock().node_id.clone();
-                    if failing {
+                    if failing.is_some() {
                         tracing::debug!(%node, error = %error_chain(&error), "heartbeat failed again");
                     } else {
                         tracing::warn!(%node, error = %error_chain(&error), "heartbeat failed; retrying");
+                        failing = Some(reconnect.make_backoff());
                     }
-                    failing = true;
-                    delay = backoff.next_delay().min(self.config.heartbeat);
                 }
             }
         }
@@ -145,7 +146,7 @@ impl Registrar {
             config,
         });
         shared.write().await?;
-        let heartbeat = tokio::spawn(Arc::clone(&shared).heartbeat());
+        let heartbeat = AbortOnDropHandle::new(tokio::spawn(Arc::clone(&shared).heartbeat()));
         Ok(Self { shared, heartbeat })
     }
 
@@ -203,12 +204,6 @@ impl Registrar {
             .remove_node(&writer.base.node_id)
             .await?;
         Ok(())
-    }
-}
-
-impl Drop for Registrar {
-    fn drop(&mut self) {
-        self.heartbeat.abort();
     }
 }
 

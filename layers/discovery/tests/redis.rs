@@ -11,24 +11,20 @@ use hybrid_cluster_core::{
     ClusterPrefix, ClusterSecret, Incarnation, NodeId, NodeInfo, RedisUrl, Registry,
 };
 use hybrid_cluster_discovery::{Discovery, DiscoveryConfig, RedisOptions, RedisRegistry};
+use hybrid_cluster_test_support::servers;
 use tokio::time::{Instant, timeout};
 use tower::balance::p2c::Balance;
 use tower::{Service, ServiceExt};
 
 fn redis_url() -> RedisUrl {
-    std::env::var("REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    servers::redis_url()
         .parse()
         .expect("REDIS_URL is a Redis connection string")
 }
 
 /// A prefix no other test uses.
 fn unique_prefix(test: &str) -> ClusterPrefix {
-    ClusterPrefix::new(format!("hc-test:{test}:{:08x}", rand_u32())).unwrap()
-}
-
-fn rand_u32() -> u32 {
-    rand::random()
+    ClusterPrefix::new(servers::unique_prefix(&format!("hc-test:{test}"))).unwrap()
 }
 
 /// A registry with a connection of its own, as a separate node process would have.
@@ -371,7 +367,7 @@ async fn a_killed_redis_connection_is_recovered_from() {
     // can be killed with `CLIENT KILL USER`.
     let admin = registry(&prefix, "hc-admin").await;
     let mut connection = admin.connection();
-    let user = format!("hc-victim-{:08x}", rand_u32());
+    let user = servers::unique_prefix("hc-victim");
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg(&user)

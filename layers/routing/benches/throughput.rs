@@ -22,6 +22,7 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use hybrid_cluster_core::{
     AmqpUrl, ClusterPrefix, ConsumeOptions, Envelope, MessageId, NodeId, QueueOptions, Target,
 };
+use hybrid_cluster_routing::EnvelopeCodec;
 use hybrid_cluster_routing::{
     Forward, ForwardConfig, NodeTopology, RabbitBroker, RabbitConfig, Receiver,
 };

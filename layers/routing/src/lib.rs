@@ -36,7 +36,7 @@
 //! [`receive`]). A party that can publish to the broker but does not know the secret then
 //! cannot get a message to a client.
 //!
-//! The wire form is [`Envelope::to_message`]: the payload is the AMQP body, bytes as they are;
+//! The wire form is [`EnvelopeCodec`]: the payload is the AMQP body, bytes as they are;
 //! routing metadata travels as headers. No JSON wrapping, no base64.
 //!
 //! # Guarantees
@@ -105,17 +105,18 @@
 //! [`MessageId`]: hybrid_cluster_core::MessageId
 //! [`ClusterSecret`]: hybrid_cluster_core::ClusterSecret
 //! [`Envelope::sign`]: hybrid_cluster_core::Envelope::sign
-//! [`Envelope::to_message`]: hybrid_cluster_core::Envelope::to_message
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod codec;
 pub mod error;
 pub mod forward;
 pub mod rabbit;
 pub mod receive;
 pub mod topology;
 
+pub use codec::EnvelopeCodec;
 pub use error::{ForwardError, ReceiveError};
 pub use forward::{Forward, ForwardConfig};
 pub use rabbit::{RabbitBroker, RabbitConfig, RabbitError};

@@ -11,6 +11,7 @@ use hybrid_cluster_core::{
     AmqpUrl, Broker, BrokerError, ClusterPrefix, ConsumeOptions, Envelope, MessageId, NodeId,
     PublishError, QueueOptions, RoutingKey, Target,
 };
+use hybrid_cluster_routing::EnvelopeCodec;
 use hybrid_cluster_routing::{RabbitBroker, RabbitConfig, RabbitError};
 use hybrid_cluster_test_support::rabbitmq::MemoryAlarm;
 use hybrid_cluster_test_support::servers::remove_cluster;

@@ -12,6 +12,7 @@ use hybrid_cluster_core::{
     AmqpUrl, Broker, BrokerError, ClusterPrefix, ClusterSecret, ConsumeOptions, Envelope,
     GroupName, MessageId, NodeId, QueueOptions, RoutingKey, Target,
 };
+use hybrid_cluster_routing::EnvelopeCodec;
 use hybrid_cluster_routing::{
     Forward, ForwardConfig, ForwardError, NodeTopology, RabbitBroker, RabbitConfig, RabbitError,
     ReceiveConfig, Receiver, StatsHandle,

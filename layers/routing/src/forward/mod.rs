@@ -18,7 +18,7 @@
 //!   every other sender of the node. A `poll_ready` that fails gives its place back.
 //! - **Call**: checks the payload size, signs the envelope when the service has a
 //!   [`ClusterSecret`] ([`Envelope::sign`]: receivers with the secret refuse unsigned and
-//!   forged messages), encodes it ([`Envelope::to_message`]: the payload is the body as it
+//!   forged messages), encodes it ([`EnvelopeCodec::to_message`]: the payload is the body as it
 //!   is, metadata goes in headers) and publishes it. The message
 //!   is ordered when `call` is made: envelopes sent one after another through one service
 //!   reach each node in that order, even when their futures are awaited together.
@@ -66,6 +66,7 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 pub use self::future::ResponseFuture;
+use crate::codec::EnvelopeCodec;
 use crate::error::ForwardError;
 
 /// How a [`Forward`] service behaves.

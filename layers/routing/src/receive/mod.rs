@@ -5,7 +5,7 @@
 //! `Service<Envelope>` (the local destination: the node's connection table, a channel to a
 //! socket task) for each message:
 //!
-//! 1. the message is read back into an [`Envelope`] ([`Envelope::from_message`]). A
+//! 1. the message is read back into an [`Envelope`] ([`EnvelopeCodec::from_message`]). A
 //!    malformed message is **dead-lettered** with a `tracing` warning that names what was
 //!    wrong (never the payload), and the loop goes on;
 //! 2. when the receiver has a [`ClusterSecret`](ReceiveConfig::secret), the envelope is
@@ -57,7 +57,7 @@
 //! use std::sync::Arc;
 //! use hybrid_cluster_core::{Broker, ConsumeOptions, Envelope, NodeId, QueueOptions, Target};
 //! use hybrid_cluster_memory::MemoryBroker;
-//! use hybrid_cluster_routing::{NodeTopology, Receiver};
+//! use hybrid_cluster_routing::{EnvelopeCodec, NodeTopology, Receiver};
 //! use tower::{ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -104,6 +104,7 @@ use tracing::{debug, warn};
 
 use self::dedupe::Dedupe;
 use self::replay::{ReplayMemory, Seen};
+use crate::codec::EnvelopeCodec;
 use crate::error::ReceiveError;
 
 /// Settlements in progress, at most, before the loop waits for one to complete.
