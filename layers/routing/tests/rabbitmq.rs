@@ -14,7 +14,7 @@ use hybrid_cluster_core::{
 };
 use hybrid_cluster_routing::{
     Forward, ForwardConfig, ForwardError, NodeTopology, RabbitBroker, RabbitConfig, RabbitError,
-    ReceiveConfig, Receiver, StatsHandle,
+    ReceiveConfig, Receiver,
 };
 use hybrid_cluster_test_support::proxy::Proxy;
 use lapin::options::{
@@ -25,6 +25,11 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
+
+#[path = "../src/test_support/outcomes.rs"]
+mod outcomes;
+
+use outcomes::Outcomes;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -107,7 +112,7 @@ fn queue_options() -> QueueOptions {
 struct Node {
     topology: NodeTopology<RabbitBroker>,
     inbox: mpsc::Receiver<Envelope>,
-    stats: StatsHandle,
+    stats: Outcomes,
     task: JoinHandle<()>,
 }
 
@@ -124,14 +129,14 @@ async fn start_node_with(broker: Arc<RabbitBroker>, name: &str, config: ReceiveC
         .await
         .unwrap();
     let receiver = Receiver::with_config(deliveries, config);
-    let stats = receiver.stats();
     let (tx, inbox) = mpsc::channel(1024);
     let local = service_fn(move |envelope: Envelope| {
         let tx = tx.clone();
         async move { tx.send(envelope).await.map_err(BoxError::from) }
     });
+    let (run, stats) = Outcomes::record(|| receiver.run(local));
     let task = tokio::spawn(async move {
-        receiver.run(local).await.unwrap();
+        run.await.unwrap();
     });
     Node {
         topology,

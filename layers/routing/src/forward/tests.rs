@@ -14,6 +14,7 @@ use tower::ServiceExt;
 use tower_test::mock::Spawn;
 
 use super::*;
+use crate::test_support::outcomes::Outcomes;
 
 /// A memory broker whose publishes wait for a gate, whose flow can be switched, and whose
 /// next publishes can be made to fail.
@@ -427,14 +428,14 @@ async fn composes_with_timeout_and_retry() {
         .await
         .unwrap();
     let receiver = crate::Receiver::new(deliveries);
-    let stats = receiver.stats();
     let handed = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&handed);
     let local = tower::service_fn(move |_: Envelope| {
         counter.fetch_add(1, Ordering::SeqCst);
         std::future::ready(Ok::<_, std::convert::Infallible>(()))
     });
-    let run = tokio::spawn(receiver.run(local));
+    let (run, stats) = Outcomes::record(|| receiver.run(local));
+    let run = tokio::spawn(run);
     tokio::time::timeout(Duration::from_secs(5), async {
         while stats.get().duplicates < 2 {
             tokio::task::yield_now().await;

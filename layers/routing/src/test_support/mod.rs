@@ -1,0 +1,3 @@
+//! Helpers shared by the crate's unit tests.
+
+pub(crate) mod outcomes;
