@@ -1,5 +1,6 @@
 //! The connection: made, its topology declared, watched, and made again when lost.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -156,45 +157,55 @@ pub(crate) async fn establish(
     let (publishing, publishing_events) = connect(shared, "publishing").await?;
     let events: Events = Box::pin(futures_util::stream::select(events, publishing_events));
     let connection = Arc::new(connection);
-    let publishing = Arc::new(publishing);
-    let mut channel = connection
+    let channel = connection
         .create_channel()
         .await
         .map_err(RabbitError::Amqp)?;
     declare_cluster(shared, &channel)
         .await
         .map_err(RabbitError::Amqp)?;
-
     // From here on, an operation done on an older connection is done again on this one.
-    let (generation, queues, bindings) = {
+    let (link, queues, bindings) = {
         let mut state = shared.state.lock();
         state.generation += 1;
-        (
-            state.generation,
-            state.queues.clone(),
-            state.bindings.clone(),
-        )
+        let link = Link {
+            generation: state.generation,
+            connection,
+            publishing: Arc::new(publishing),
+        };
+        (link, state.queues.clone(), state.bindings.clone())
     };
-    let link = Link {
-        generation,
-        connection,
-        publishing,
-    };
+    declare_again(shared, &link, channel, &queues, &bindings).await?;
+    let healing = resume_consumers(shared, &link).await?;
+    Ok((link, events, healing))
+}
 
+/// Declares on `link` the queues and bindings made through this broker before.
+async fn declare_again(
+    shared: &Shared,
+    link: &Link,
+    mut channel: Channel,
+    queues: &BTreeMap<NodeId, QueueOptions>,
+    bindings: &BTreeSet<(NodeId, RoutingKey)>,
+) -> Result<(), RabbitError> {
     // A refused declaration (another declaration of the queue with other arguments) closes
     // the channel: warn, and go on with a new one.
-    for (node, options) in &queues {
+    for (node, options) in queues {
         if let Err(error) = declare_queue(shared, &channel, node, options).await {
-            channel = replay_failed(&link, error, "declaring a node queue again", node).await?;
+            channel = replay_failed(link, error, "declaring a node queue again", node).await?;
         }
     }
-    for (node, key) in &bindings {
+    for (node, key) in bindings {
         if let Err(error) = bind(shared, &channel, node, key).await {
-            channel = replay_failed(&link, error, "binding a node queue again", node).await?;
+            channel = replay_failed(link, error, "binding a node queue again", node).await?;
         }
     }
-    drop(channel);
+    Ok(())
+}
 
+/// Starts every live consumer again on `link`. Returns those that could not be started while
+/// the connection stays up, to heal once it is published.
+async fn resume_consumers(shared: &Arc<Shared>, link: &Link) -> Result<Healing, RabbitError> {
     let consumers: Vec<(NodeId, u64, u16, mpsc::Sender<_>)> = {
         let mut state = shared.state.lock();
         state
@@ -204,22 +215,17 @@ pub(crate) async fn establish(
             .consumers
             .iter()
             .map(|(node, entry)| {
-                (
-                    node.clone(),
-                    entry.id,
-                    entry.prefetch,
-                    entry.deliveries.clone(),
-                )
+                let deliveries = entry.deliveries.clone();
+                (node.clone(), entry.id, entry.prefetch, deliveries)
             })
             .collect()
     };
-    let connection = &link.connection;
     let mut healing = Healing::new();
     for (node, id, prefetch, deliveries) in consumers {
         let Ok(queue) = shared.names.queue(&node) else {
             continue;
         };
-        match consumer::start(&link, &queue, prefetch).await {
+        match consumer::start(link, &queue, prefetch).await {
             Ok((channel, lapin_consumer)) => {
                 shared.set_consumer_state(&node, id, ConsumerState::Consuming);
                 tokio::spawn(consumer::forward(
@@ -232,7 +238,9 @@ pub(crate) async fn establish(
                     deliveries,
                 ));
             }
-            Err(error) if wire::is_connection_error(&error) && !connection.status().connected() => {
+            Err(error)
+                if wire::is_connection_error(&error) && !link.connection.status().connected() =>
+            {
                 return Err(RabbitError::Amqp(error));
             }
             Err(error) => {
@@ -247,7 +255,7 @@ pub(crate) async fn establish(
             }
         }
     }
-    Ok((link, events, healing))
+    Ok(healing)
 }
 
 async fn replay_failed(
