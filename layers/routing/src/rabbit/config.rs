@@ -2,6 +2,13 @@
 
 use std::time::Duration;
 
+use tower::retry::backoff::{ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::util::rng::HasherRng;
+
+/// The most, as a share of the delay, added at random to a delay between reconnection
+/// attempts, so that nodes cut off together do not all come back at the same moment.
+const RECONNECT_JITTER: f64 = 0.25;
+
 /// How a [`RabbitBroker`](super::RabbitBroker) connects and behaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RabbitConfig {
@@ -19,7 +26,7 @@ pub struct RabbitConfig {
     /// How long making a connection may take.
     pub connect_timeout: Duration,
     /// The delay before the second reconnection attempt (the first is made at once); it
-    /// doubles at each failure.
+    /// doubles at each failure, and up to a quarter more is added at random.
     pub reconnect_delay: Duration,
     /// The longest delay between reconnection attempts.
     pub max_reconnect_delay: Duration,
@@ -58,5 +65,70 @@ impl Default for RabbitConfig {
             dead_letter_expires: None,
             persistent: true,
         }
+    }
+}
+
+impl RabbitConfig {
+    /// The delays between one outage's reconnection attempts: from
+    /// [`reconnect_delay`](Self::reconnect_delay), doubling up to
+    /// [`max_reconnect_delay`](Self::max_reconnect_delay), with jitter. A new outage starts
+    /// again from the shortest.
+    pub(crate) fn reconnect_backoff(&self) -> ExponentialBackoff {
+        // Bounds tower accepts whatever the configuration says: a positive maximum, not below
+        // the minimum.
+        let max = self
+            .max_reconnect_delay
+            .max(self.reconnect_delay)
+            .max(Duration::from_millis(1));
+        let maker = ExponentialBackoffMaker::new(
+            self.reconnect_delay,
+            max,
+            RECONNECT_JITTER,
+            HasherRng::default(),
+        );
+        maker.unwrap_or_default().make_backoff()
+    }
+}
+
+/// How long until `wait` ends (for logs).
+pub(crate) fn until(wait: &tokio::time::Sleep) -> Duration {
+    wait.deadline()
+        .saturating_duration_since(tokio::time::Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::retry::backoff::Backoff;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnection_delays_double_with_jitter_up_to_the_maximum() {
+        let config = RabbitConfig {
+            reconnect_delay: Duration::from_millis(100),
+            max_reconnect_delay: Duration::from_millis(500),
+            ..RabbitConfig::default()
+        };
+        let mut backoff = config.reconnect_backoff();
+        for base in [100, 200, 400, 500, 500] {
+            let delay = until(&backoff.next_backoff());
+            let base = Duration::from_millis(base);
+            assert!(delay >= base, "{delay:?} < {base:?}");
+            assert!(delay <= base.mul_f64(1.25).min(Duration::from_millis(500)));
+        }
+        // A new outage starts from the shortest again.
+        let delay = until(&config.reconnect_backoff().next_backoff());
+        assert!(delay <= Duration::from_millis(125));
+
+        // Bounds tower would refuse still make a backoff.
+        let odd = RabbitConfig {
+            reconnect_delay: Duration::from_secs(2),
+            max_reconnect_delay: Duration::ZERO,
+            ..RabbitConfig::default()
+        };
+        assert_eq!(
+            until(&odd.reconnect_backoff().next_backoff()),
+            Duration::from_secs(2)
+        );
     }
 }

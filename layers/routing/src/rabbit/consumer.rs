@@ -34,6 +34,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tower::retry::backoff::Backoff;
 use tracing::{debug, error, info, warn};
 
 use super::shared::{Link, Shared};
@@ -217,14 +218,14 @@ pub(crate) async fn heal(
     id: u64,
     deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
 ) {
-    let mut delay = shared.config.reconnect_delay;
+    let mut backoff = shared.config.reconnect_backoff();
+    let mut wait = backoff.next_backoff();
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         tokio::select! {
             () = super::shared::shut_down(&mut shutdown) => return,
-            () = tokio::time::sleep(delay) => {}
+            () = wait => {}
         }
-        delay = (delay * 2).min(shared.config.max_reconnect_delay);
         if deliveries.is_closed() {
             remove(&shared, &node, id);
             return;
@@ -254,7 +255,9 @@ pub(crate) async fn heal(
                 return;
             }
             Err(error) => {
-                warn!(%node, %error, retry_in = ?delay, "restoring the node's consumer failed");
+                wait = backoff.next_backoff();
+                let retry_in = super::config::until(&wait);
+                warn!(%node, %error, ?retry_in, "restoring the node's consumer failed");
             }
         }
     }

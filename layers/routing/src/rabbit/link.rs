@@ -13,6 +13,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
 use tokio::sync::mpsc;
+use tower::retry::backoff::Backoff;
 use tracing::{debug, info, warn};
 
 use super::consumer;
@@ -328,8 +329,8 @@ pub(crate) async fn close(link: &Link) {
 }
 
 /// Keeps the broker connected: watches the connection, and when it is lost connects again
-/// with exponential backoff (the first attempt at once), declaring the topology again and
-/// resuming consumers.
+/// with exponential backoff and jitter (the first attempt at once), declaring the topology
+/// again and resuming consumers.
 pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: Events) {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
@@ -344,42 +345,52 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: E
         }
         shared.set_down();
         close(&link).await;
-        let mut delay = Duration::ZERO;
-        loop {
-            tokio::select! {
-                () = shut_down(&mut shutdown) => return,
-                () = tokio::time::sleep(delay) => {}
-            }
-            let attempt = tokio::select! {
-                () = shut_down(&mut shutdown) => return,
-                attempt = establish(&shared) => attempt,
-            };
-            match attempt {
-                Ok((new_link, new_events, healing)) => {
-                    link = new_link;
-                    events = new_events;
-                    shared.set_up(link.clone());
-                    info!(url = %shared.url, generation = link.generation, "reconnected to RabbitMQ");
-                    for (node, id, deliveries) in healing {
-                        tokio::spawn(consumer::heal(
-                            Arc::clone(&shared),
-                            link.clone(),
-                            node,
-                            id,
-                            deliveries,
-                        ));
-                    }
-                    break;
+        let Some((new_link, new_events)) = reconnect(&shared, &mut shutdown).await else {
+            return;
+        };
+        link = new_link;
+        events = new_events;
+    }
+}
+
+/// Connects again, each outage with a backoff of its own, until it works (the new connection
+/// is published and its consumers that could not be resumed are healed) or the broker shuts
+/// down (`None`).
+async fn reconnect(
+    shared: &Arc<Shared>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(Link, Events)> {
+    let mut backoff = shared.config.reconnect_backoff();
+    loop {
+        let attempt = tokio::select! {
+            () = shut_down(shutdown) => return None,
+            attempt = establish(shared) => attempt,
+        };
+        match attempt {
+            Ok((link, events, healing)) => {
+                shared.set_up(link.clone());
+                info!(url = %shared.url, generation = link.generation, "reconnected to RabbitMQ");
+                for (node, id, deliveries) in healing {
+                    tokio::spawn(consumer::heal(
+                        Arc::clone(shared),
+                        link.clone(),
+                        node,
+                        id,
+                        deliveries,
+                    ));
                 }
-                Err(error) => {
-                    delay = (delay * 2)
-                        .max(shared.config.reconnect_delay)
-                        .min(shared.config.max_reconnect_delay);
-                    warn!(
-                        error = %hybrid_cluster_core::error::error_chain(&error),
-                        retry_in = ?delay,
-                        "reconnecting to RabbitMQ failed"
-                    );
+                return Some((link, events));
+            }
+            Err(error) => {
+                let wait = backoff.next_backoff();
+                warn!(
+                    error = %hybrid_cluster_core::error::error_chain(&error),
+                    retry_in = ?super::config::until(&wait),
+                    "reconnecting to RabbitMQ failed"
+                );
+                tokio::select! {
+                    () = shut_down(shutdown) => return None,
+                    () = wait => {}
                 }
             }
         }

@@ -46,7 +46,7 @@
 //!
 //! The broker keeps one connection and watches it. When it is lost (closed by the server,
 //! an I/O error, a missed heartbeat, a channel failing), it connects again, at once and then
-//! with exponential backoff ([`RabbitConfig::reconnect_delay`] up to
+//! with exponential backoff and jitter ([`RabbitConfig::reconnect_delay`] up to
 //! [`RabbitConfig::max_reconnect_delay`]), declares the exchanges, every queue and every
 //! binding made through it again, and resumes its consumers. Meanwhile:
 //!
