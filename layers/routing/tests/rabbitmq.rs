@@ -17,10 +17,8 @@ use hybrid_cluster_routing::{
     ReceiveConfig, Receiver,
 };
 use hybrid_cluster_test_support::proxy::Proxy;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions,
-};
+use hybrid_cluster_test_support::servers::{amqp_url, remove_cluster, unique_prefix};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,10 +32,7 @@ use outcomes::Outcomes;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn url() -> AmqpUrl {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-        .parse()
-        .expect("a valid AMQP_URL")
+    amqp_url().parse().expect("a valid AMQP_URL")
 }
 
 /// A cluster of its own for one test.
@@ -47,9 +42,8 @@ struct Cluster {
 
 impl Cluster {
     fn new(test: &str) -> Self {
-        let tag = format!("{:08x}", MessageId::random().as_u128() as u32);
         Self {
-            prefix: ClusterPrefix::new(format!("hc-test:{test}:{tag}")).unwrap(),
+            prefix: ClusterPrefix::new(unique_prefix(&format!("hc-test:{test}"))).unwrap(),
         }
     }
 
@@ -71,20 +65,10 @@ impl Cluster {
         )
     }
 
-    /// Deletes the cluster's exchanges and dead-letter queue.
+    /// Deletes the cluster's exchanges and dead-letter queue (node queues go as their
+    /// nodes leave, or expire).
     async fn clean_up(&self) {
-        let connection = raw_connection().await;
-        let channel = connection.create_channel().await.unwrap();
-        let prefix = self.prefix.as_str();
-        let dead = format!("{prefix}:dead-letter");
-        let _ = channel
-            .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        for exchange in [prefix, dead.as_str()] {
-            let _ = channel
-                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        remove_cluster(self.prefix.as_str(), &[]).await;
     }
 }
 
@@ -191,21 +175,9 @@ fn numbered(n: usize) -> Vec<String> {
 }
 
 async fn rabbitmqctl(args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new("rabbitmqctl")
-            .args(&args)
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    })
-    .await
-    .unwrap()
+    hybrid_cluster_test_support::rabbitmq::rabbitmqctl(args)
+        .await
+        .unwrap()
 }
 
 /// The (queue, routing key) bindings of the cluster's exchange, from RabbitMQ itself.

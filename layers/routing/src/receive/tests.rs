@@ -5,7 +5,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use hybrid_cluster_core::{
-    Broker, BrokerMessage, ConsumeOptions, MessageId, NodeId, QueueOptions, RoutingKey, Target,
+    Broker, BrokerMessage, ConsumeOptions, MessageId, NodeId, RoutingKey, Target,
 };
 use hybrid_cluster_memory::MemoryBroker;
 use parking_lot::Mutex;
@@ -14,23 +14,7 @@ use tower::service_fn;
 
 use super::*;
 use crate::test_support::outcomes::{Counts, Outcomes};
-
-fn node(id: &str) -> NodeId {
-    NodeId::new(id).unwrap()
-}
-
-async fn node_queue(broker: &MemoryBroker, id: &str) -> NodeId {
-    let id = node(id);
-    broker
-        .declare_queue(&id, &QueueOptions::default())
-        .await
-        .unwrap();
-    broker
-        .bind(&id, &RoutingKey::Node(id.clone()))
-        .await
-        .unwrap();
-    id
-}
+use crate::test_support::{node, node_queue};
 
 async fn send(broker: &MemoryBroker, envelope: &Envelope) {
     broker
