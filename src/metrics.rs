@@ -19,7 +19,7 @@
 //! | `hybrid_cluster_notices_dropped_total` | counter | | undeliverable notices not sent because too many were waiting (their senders are not told) |
 //! | `hybrid_cluster_receiving` | gauge | | 1 while the node's consumer takes deliveries from the broker, 0 while it is being restored |
 //! | `hybrid_cluster_discovery_changes_total` | counter | `change`: `join`, `leave` | nodes joining and leaving this node's view |
-//! | `hybrid_cluster_broker_deliveries_total` | counter | `outcome`: `handled`, `duplicate`, `dead_lettered`, `rejected` | what the receiver did with the broker's deliveries (`rejected`: failed authentication; they are dead-lettered too); read every heartbeat |
+//! | `hybrid_cluster_broker_deliveries_total` | counter | `outcome`: `handled`, `duplicate`, `dead_lettered`, `rejected` | what the receiver did with the broker's deliveries (`rejected`: failed authentication; they are dead-lettered too) |
 
 use std::sync::Arc;
 
@@ -46,7 +46,7 @@ pub const BROKER_IN_FLIGHT: &str = "hybrid_cluster_broker_in_flight";
 /// Discovery changes.
 pub const DISCOVERY_CHANGES: &str = "hybrid_cluster_discovery_changes_total";
 /// The receiver's outcomes.
-pub const BROKER_DELIVERIES: &str = "hybrid_cluster_broker_deliveries_total";
+pub const BROKER_DELIVERIES: &str = hybrid_cluster_routing::receive::DELIVERIES_METRIC;
 /// Whether the node's consumer takes deliveries.
 pub const RECEIVING: &str = "hybrid_cluster_receiving";
 /// Notices not sent: too many waiting.
@@ -62,8 +62,6 @@ const DROP_REASONS: [&str; 2] = ["slow_client", "connection_gone"];
 const SLOW_ACTIONS: [&str; 2] = ["drop_oldest", "close"];
 /// Discovery changes, in order.
 const CHANGES: [&str; 2] = ["join", "leave"];
-/// The receiver's outcomes, in order.
-const DELIVERY_OUTCOMES: [&str; 4] = ["handled", "duplicate", "dead_lettered", "rejected"];
 
 /// Records one node's metrics, every one labelled with the node's id.
 ///
@@ -87,7 +85,6 @@ struct Handles {
     dropped: [Counter; 2],
     slow: [Counter; 2],
     changes: [Counter; 2],
-    deliveries: [Counter; 4],
 }
 
 /// The position of `name` among `names` (the call sites only use listed names).
@@ -124,8 +121,6 @@ impl Metrics {
             dropped: DROP_REASONS.map(|r| counter!(MESSAGES_DROPPED, labels(&[("reason", r)]))),
             slow: SLOW_ACTIONS.map(|a| counter!(SLOW_CLIENT_ACTIONS, labels(&[("action", a)]))),
             changes: CHANGES.map(|c| counter!(DISCOVERY_CHANGES, labels(&[("change", c)]))),
-            deliveries: DELIVERY_OUTCOMES
-                .map(|o| counter!(BROKER_DELIVERIES, labels(&[("outcome", o)]))),
         }))
     }
 
@@ -174,18 +169,6 @@ impl Metrics {
 
     pub(crate) fn in_flight(&self, count: usize) {
         self.0.in_flight.set(count as f64);
-    }
-
-    pub(crate) fn receiver(&self, stats: &hybrid_cluster_routing::ReceiveStats) {
-        let values = [
-            stats.handled,
-            stats.duplicates,
-            stats.dead_lettered,
-            stats.rejected,
-        ];
-        for (counter, value) in self.0.deliveries.iter().zip(values) {
-            counter.absolute(value);
-        }
     }
 
     pub(crate) fn discovery_change(&self, change: &'static str) {

@@ -18,9 +18,7 @@ impl<T: Future<Output = ()> + Send + 'static> Task for T {}
 
 /// Starts every task of `node`, the receiver reading `deliveries` among them.
 pub(super) fn spawn_all(node: &Arc<Node>, deliveries: Deliveries) {
-    let (reporting, running) = receiving(node, deliveries);
-    node.spawn_receiver(running);
-    node.spawn(reporting);
+    node.spawn_receiver(receiving(node, deliveries));
     node.spawn(placing(node));
     node.spawn(unbinding(node));
     node.spawn(watching(node));
@@ -30,9 +28,9 @@ pub(super) fn spawn_all(node: &Arc<Node>, deliveries: Deliveries) {
     }
 }
 
-/// Hands what comes through the broker to the local connections, and reports the receiver's
-/// counts every heartbeat: the reporting task, then the receiver's.
-fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> (impl Task + use<>, impl Task + use<>) {
+/// Hands what comes through the broker to the local connections. The receiver records its
+/// outcomes (`hybrid_cluster_broker_deliveries_total`) itself, labelled with the node's id.
+fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> impl Task + use<> {
     let receive = ReceiveConfig {
         secret: node.config.secret.clone(),
         replay_window: node.config.replay_window,
@@ -52,23 +50,16 @@ fn receiving(node: &Arc<Node>, deliveries: Deliveries) -> (impl Task + use<>, im
         }
     });
     let node_id = node.id.clone();
-    let receiver = Receiver::with_config(deliveries, receive);
-    let stats = receiver.stats();
-    let metrics = node.metrics.clone();
-    let every = node.config.discovery.heartbeat;
-    let reporting = async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            metrics.receiver(&stats.get());
-        }
-    };
-    let running = async move {
-        if let Err(error) = receiver.run(destination).await {
+    // Run now, not in the task: the receiver's metrics are registered with the recorder in
+    // force when the node starts.
+    let running = Receiver::with_config(deliveries, receive)
+        .with_metric_labels([metrics::Label::new("node", node_id.to_string())])
+        .run(destination);
+    async move {
+        if let Err(error) = running.await {
             tracing::error!(node = %node_id, %error, "stopped receiving messages");
         }
-    };
-    (reporting, running)
+    }
 }
 
 /// Keeps placement's view of the cluster current.

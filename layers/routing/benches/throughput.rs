@@ -20,12 +20,13 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use hybrid_cluster_core::{
-    AmqpUrl, ClusterPrefix, ConsumeOptions, Envelope, MessageId, NodeId, QueueOptions, Target,
+    AmqpUrl, ClusterPrefix, ConsumeOptions, Envelope, NodeId, QueueOptions, Target,
 };
 use hybrid_cluster_routing::EnvelopeCodec;
 use hybrid_cluster_routing::{
     Forward, ForwardConfig, NodeTopology, RabbitBroker, RabbitConfig, Receiver,
 };
+use hybrid_cluster_test_support::servers::{amqp_url, unique_prefix};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -47,14 +48,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn url() -> AmqpUrl {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-        .parse()
-        .unwrap()
-}
-
-fn tag() -> String {
-    format!("{:08x}", MessageId::random().as_u128() as u32)
+    amqp_url().parse().unwrap()
 }
 
 async fn raw(n: usize, no_ack: bool) -> f64 {
@@ -65,7 +59,7 @@ async fn raw(n: usize, no_ack: bool) -> f64 {
     let consumer_conn = Connection::connect(&uri, ConnectionProperties::default())
         .await
         .unwrap();
-    let queue = format!("hc-bench:raw:{}", tag());
+    let queue = unique_prefix("hc-bench:raw");
     let pub_channel = publisher.create_channel().await.unwrap();
     let mut arguments = FieldTable::default();
     arguments.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
@@ -193,7 +187,7 @@ async fn raw(n: usize, no_ack: bool) -> f64 {
 }
 
 async fn forward(n: usize) -> f64 {
-    let prefix = ClusterPrefix::new(format!("hc-bench:{}", tag())).unwrap();
+    let prefix = ClusterPrefix::new(unique_prefix("hc-bench")).unwrap();
     let config = RabbitConfig {
         max_in_flight: IN_FLIGHT,
         dead_letter_expires: Some(Duration::from_secs(60)),

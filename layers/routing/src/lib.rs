@@ -116,9 +116,12 @@ pub mod rabbit;
 pub mod receive;
 pub mod topology;
 
+#[cfg(test)]
+mod test_support;
+
 pub use codec::EnvelopeCodec;
 pub use error::{ForwardError, ReceiveError};
 pub use forward::{Forward, ForwardConfig};
 pub use rabbit::{RabbitBroker, RabbitConfig, RabbitError};
-pub use receive::{ReceiveConfig, ReceiveStats, Receiver, StatsHandle};
+pub use receive::{ReceiveConfig, Receiver};
 pub use topology::NodeTopology;

@@ -211,10 +211,10 @@ impl<B: fmt::Debug + ?Sized> fmt::Debug for NodeTopology<B> {
 
 #[cfg(test)]
 mod tests {
-    use futures_core::future::BoxFuture;
     use hybrid_cluster_memory::MemoryBroker;
 
     use super::*;
+    use crate::test_support::broker::TestBroker;
 
     fn group(name: &str) -> GroupName {
         GroupName::new(name).unwrap()
@@ -276,76 +276,10 @@ mod tests {
         assert_eq!(node_a.members(&group("room")), 0);
     }
 
-    /// A memory broker whose binds of one key wait until let through.
-    #[derive(Debug)]
-    struct SlowBind {
-        inner: MemoryBroker,
-        slow: RoutingKey,
-        gate: Arc<tokio::sync::Semaphore>,
-    }
-
-    impl Broker for SlowBind {
-        fn declare_queue(
-            &self,
-            node: &NodeId,
-            options: &QueueOptions,
-        ) -> BoxFuture<'static, Result<(), BrokerError>> {
-            self.inner.declare_queue(node, options)
-        }
-        fn delete_queue(&self, node: &NodeId) -> BoxFuture<'static, Result<(), BrokerError>> {
-            self.inner.delete_queue(node)
-        }
-        fn bind(
-            &self,
-            node: &NodeId,
-            key: &RoutingKey,
-        ) -> BoxFuture<'static, Result<(), BrokerError>> {
-            let bind = self.inner.bind(node, key);
-            let gate = (key == &self.slow).then(|| Arc::clone(&self.gate));
-            Box::pin(async move {
-                if let Some(gate) = gate {
-                    let _ = gate.acquire().await;
-                }
-                bind.await
-            })
-        }
-        fn unbind(
-            &self,
-            node: &NodeId,
-            key: &RoutingKey,
-        ) -> BoxFuture<'static, Result<(), BrokerError>> {
-            self.inner.unbind(node, key)
-        }
-        fn publish(
-            &self,
-            key: &RoutingKey,
-            message: hybrid_cluster_core::BrokerMessage,
-        ) -> BoxFuture<'static, Result<(), hybrid_cluster_core::PublishError>> {
-            self.inner.publish(key, message)
-        }
-        fn consume(
-            &self,
-            node: &NodeId,
-            options: &ConsumeOptions,
-        ) -> BoxFuture<'static, Result<Deliveries, BrokerError>> {
-            self.inner.consume(node, options)
-        }
-        fn poll_flow(
-            &self,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Result<(), BrokerError>> {
-            self.inner.poll_flow(cx)
-        }
-    }
-
     #[tokio::test]
     async fn a_slow_bind_of_one_group_never_holds_a_join_of_another() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let broker = Arc::new(SlowBind {
-            inner: MemoryBroker::new(),
-            slow: RoutingKey::Group(group("slow")),
-            gate: Arc::clone(&gate),
-        });
+        let (broker, gate) = TestBroker::slow_bind(RoutingKey::Group(group("slow")));
+        let broker = Arc::new(broker);
         let a = NodeId::new("a").unwrap();
         let node_a = Arc::new(
             NodeTopology::declare(broker, a, &QueueOptions::default())

@@ -8,20 +8,17 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use hybrid_cluster_core::{
-    AmqpUrl, Broker, BrokerError, ClusterPrefix, ConsumeOptions, Envelope, MessageId, NodeId,
-    PublishError, QueueOptions, RoutingKey, Target,
+    AmqpUrl, Broker, BrokerError, ClusterPrefix, ConsumeOptions, Envelope, NodeId, PublishError,
+    QueueOptions, RoutingKey, Target,
 };
 use hybrid_cluster_routing::EnvelopeCodec;
 use hybrid_cluster_routing::{RabbitBroker, RabbitConfig, RabbitError};
 use hybrid_cluster_test_support::rabbitmq::MemoryAlarm;
-use hybrid_cluster_test_support::servers::remove_cluster;
+use hybrid_cluster_test_support::servers::{amqp_url, remove_cluster, unique_prefix};
 use tokio::time::Instant;
 
 fn url() -> AmqpUrl {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-        .parse()
-        .expect("a valid AMQP_URL")
+    amqp_url().parse().expect("a valid AMQP_URL")
 }
 
 fn node(name: &str) -> NodeId {
@@ -40,11 +37,7 @@ fn message(n: usize) -> hybrid_cluster_core::BrokerMessage {
 /// publishing works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_a_resource_alarm_consumers_drain_and_sends_fail_in_time() {
-    let prefix = ClusterPrefix::new(format!(
-        "hc-test:alarm:{:08x}",
-        MessageId::random().as_u128() as u32
-    ))
-    .unwrap();
+    let prefix = ClusterPrefix::new(unique_prefix("hc-test:alarm")).unwrap();
     let outage = Duration::from_secs(2);
     let config = RabbitConfig {
         outage_timeout: outage,

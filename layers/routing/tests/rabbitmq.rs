@@ -15,25 +15,25 @@ use hybrid_cluster_core::{
 use hybrid_cluster_routing::EnvelopeCodec;
 use hybrid_cluster_routing::{
     Forward, ForwardConfig, ForwardError, NodeTopology, RabbitBroker, RabbitConfig, RabbitError,
-    ReceiveConfig, Receiver, StatsHandle,
+    ReceiveConfig, Receiver,
 };
 use hybrid_cluster_test_support::proxy::Proxy;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions,
-};
+use hybrid_cluster_test_support::servers::{amqp_url, remove_cluster, unique_prefix};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
 
+#[path = "../src/test_support/outcomes.rs"]
+mod outcomes;
+
+use outcomes::Outcomes;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 fn url() -> AmqpUrl {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-        .parse()
-        .expect("a valid AMQP_URL")
+    amqp_url().parse().expect("a valid AMQP_URL")
 }
 
 /// A cluster of its own for one test.
@@ -43,9 +43,8 @@ struct Cluster {
 
 impl Cluster {
     fn new(test: &str) -> Self {
-        let tag = format!("{:08x}", MessageId::random().as_u128() as u32);
         Self {
-            prefix: ClusterPrefix::new(format!("hc-test:{test}:{tag}")).unwrap(),
+            prefix: ClusterPrefix::new(unique_prefix(&format!("hc-test:{test}"))).unwrap(),
         }
     }
 
@@ -67,20 +66,10 @@ impl Cluster {
         )
     }
 
-    /// Deletes the cluster's exchanges and dead-letter queue.
+    /// Deletes the cluster's exchanges and dead-letter queue (node queues go as their
+    /// nodes leave, or expire).
     async fn clean_up(&self) {
-        let connection = raw_connection().await;
-        let channel = connection.create_channel().await.unwrap();
-        let prefix = self.prefix.as_str();
-        let dead = format!("{prefix}:dead-letter");
-        let _ = channel
-            .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        for exchange in [prefix, dead.as_str()] {
-            let _ = channel
-                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        remove_cluster(self.prefix.as_str(), &[]).await;
     }
 }
 
@@ -108,7 +97,7 @@ fn queue_options() -> QueueOptions {
 struct Node {
     topology: NodeTopology<RabbitBroker>,
     inbox: mpsc::Receiver<Envelope>,
-    stats: StatsHandle,
+    stats: Outcomes,
     task: JoinHandle<()>,
 }
 
@@ -125,14 +114,14 @@ async fn start_node_with(broker: Arc<RabbitBroker>, name: &str, config: ReceiveC
         .await
         .unwrap();
     let receiver = Receiver::with_config(deliveries, config);
-    let stats = receiver.stats();
     let (tx, inbox) = mpsc::channel(1024);
     let local = service_fn(move |envelope: Envelope| {
         let tx = tx.clone();
         async move { tx.send(envelope).await.map_err(BoxError::from) }
     });
+    let (run, stats) = Outcomes::record(|| receiver.run(local));
     let task = tokio::spawn(async move {
-        receiver.run(local).await.unwrap();
+        run.await.unwrap();
     });
     Node {
         topology,
@@ -187,21 +176,9 @@ fn numbered(n: usize) -> Vec<String> {
 }
 
 async fn rabbitmqctl(args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new("rabbitmqctl")
-            .args(&args)
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    })
-    .await
-    .unwrap()
+    hybrid_cluster_test_support::rabbitmq::rabbitmqctl(args)
+        .await
+        .unwrap()
 }
 
 /// The (queue, routing key) bindings of the cluster's exchange, from RabbitMQ itself.

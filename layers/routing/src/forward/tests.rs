@@ -1,136 +1,17 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::Waker;
 use std::time::Duration;
 
-use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    BrokerError, BrokerMessage, ConsumeOptions, Deliveries, GroupName, NodeId, PublishError,
-    QueueOptions, RoutingKey, Target,
+    BrokerError, ConsumeOptions, GroupName, NodeId, QueueOptions, RoutingKey, Target,
 };
-use hybrid_cluster_memory::MemoryBroker;
-use parking_lot::Mutex;
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
 use tower::ServiceExt;
 use tower_test::mock::Spawn;
 
 use super::*;
-
-/// A memory broker whose publishes wait for a gate, whose flow can be switched, and whose
-/// next publishes can be made to fail.
-#[derive(Debug, Default)]
-struct TestBroker {
-    inner: MemoryBroker,
-    gate: Option<Arc<Semaphore>>,
-    flow: Mutex<(Option<bool>, Option<Waker>)>,
-    fail_next: AtomicUsize,
-    published: Mutex<Vec<String>>,
-}
-
-impl TestBroker {
-    fn gated() -> (Self, Arc<Semaphore>) {
-        let gate = Arc::new(Semaphore::new(0));
-        let broker = Self {
-            gate: Some(Arc::clone(&gate)),
-            ..Self::default()
-        };
-        (broker, gate)
-    }
-
-    /// `Some(true)`: ready; `Some(false)`: failed; `None`: pushing back.
-    fn set_flow(&self, flow: Option<bool>) {
-        let waker = {
-            let mut state = self.flow.lock();
-            state.0 = flow;
-            state.1.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-}
-
-impl Broker for TestBroker {
-    fn declare_queue(
-        &self,
-        node: &NodeId,
-        options: &QueueOptions,
-    ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        self.inner.declare_queue(node, options)
-    }
-    fn delete_queue(&self, node: &NodeId) -> BoxFuture<'static, Result<(), BrokerError>> {
-        self.inner.delete_queue(node)
-    }
-    fn bind(&self, node: &NodeId, key: &RoutingKey) -> BoxFuture<'static, Result<(), BrokerError>> {
-        self.inner.bind(node, key)
-    }
-    fn unbind(
-        &self,
-        node: &NodeId,
-        key: &RoutingKey,
-    ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        self.inner.unbind(node, key)
-    }
-    fn publish(
-        &self,
-        key: &RoutingKey,
-        message: BrokerMessage,
-    ) -> BoxFuture<'static, Result<(), PublishError>> {
-        self.published.lock().push(message.message_id.clone());
-        let failing = self
-            .fail_next
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        // Ordered at the call, like a real backend.
-        let publish = self.inner.publish(key, message);
-        let gate = self.gate.clone();
-        Box::pin(async move {
-            if let Some(gate) = gate {
-                gate.acquire().await.expect("gate open").forget();
-            }
-            if failing {
-                return Err(PublishError::Broker(BrokerError::Unavailable {
-                    source: "connection lost".into(),
-                }));
-            }
-            publish.await
-        })
-    }
-    fn consume(
-        &self,
-        node: &NodeId,
-        options: &ConsumeOptions,
-    ) -> BoxFuture<'static, Result<Deliveries, BrokerError>> {
-        self.inner.consume(node, options)
-    }
-    fn poll_flow(&self, cx: &mut Context<'_>) -> Poll<Result<(), BrokerError>> {
-        let mut state = self.flow.lock();
-        match state.0 {
-            Some(true) => Poll::Ready(Ok(())),
-            Some(false) => Poll::Ready(Err(BrokerError::Closed)),
-            None => {
-                state.1 = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    }
-}
-
-fn node(id: &str) -> NodeId {
-    NodeId::new(id).unwrap()
-}
-
-async fn with_node(broker: &TestBroker, id: &str) -> NodeId {
-    let id = node(id);
-    broker
-        .declare_queue(&id, &QueueOptions::default())
-        .await
-        .unwrap();
-    broker
-        .bind(&id, &RoutingKey::Node(id.clone()))
-        .await
-        .unwrap();
-    id
-}
+use crate::test_support::broker::TestBroker;
+use crate::test_support::outcomes::Outcomes;
+use crate::test_support::{node, node_queue};
 
 fn to(b: &NodeId) -> Envelope {
     Envelope::text(node("a"), Target::Node(b.clone()), "x")
@@ -147,7 +28,7 @@ fn config(max_in_flight: usize) -> ForwardConfig {
 async fn unconfirmed_messages_bound_readiness() {
     let (broker, gate) = TestBroker::gated();
     broker.set_flow(Some(true));
-    let b = with_node(&broker, "b").await;
+    let b = node_queue(&broker, "b").await;
     let broker = Arc::new(broker);
     let mut service = Spawn::new(Forward::with_config(broker.clone(), config(2)));
 
@@ -265,7 +146,7 @@ async fn clones_waiting_for_a_place_are_served_in_the_order_they_asked() {
 async fn failures_are_typed_and_nothing_is_sent_for_refused_envelopes() {
     let broker = TestBroker::default();
     broker.set_flow(Some(true));
-    let b = with_node(&broker, "b").await;
+    let b = node_queue(&broker, "b").await;
     let broker = Arc::new(broker);
     let service = Forward::with_config(
         broker.clone(),
@@ -340,7 +221,7 @@ async fn a_full_queue_rejects() {
 async fn messages_are_ordered_at_call_time() {
     let (broker, gate) = TestBroker::gated();
     broker.set_flow(Some(true));
-    let b = with_node(&broker, "b").await;
+    let b = node_queue(&broker, "b").await;
     let broker = Arc::new(broker);
     let mut service = Spawn::new(Forward::with_config(broker.clone(), config(16)));
     let mut futures = Vec::new();
@@ -405,7 +286,7 @@ impl tower::retry::Policy<Envelope, (), tower::BoxError> for RetryTransient {
 async fn composes_with_timeout_and_retry() {
     let broker = TestBroker::default();
     broker.set_flow(Some(true));
-    let b = with_node(&broker, "b").await;
+    let b = node_queue(&broker, "b").await;
     broker.fail_next.store(2, Ordering::SeqCst);
     let broker = Arc::new(broker);
     let stack = tower::ServiceBuilder::new()
@@ -427,14 +308,14 @@ async fn composes_with_timeout_and_retry() {
         .await
         .unwrap();
     let receiver = crate::Receiver::new(deliveries);
-    let stats = receiver.stats();
     let handed = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&handed);
     let local = tower::service_fn(move |_: Envelope| {
         counter.fetch_add(1, Ordering::SeqCst);
         std::future::ready(Ok::<_, std::convert::Infallible>(()))
     });
-    let run = tokio::spawn(receiver.run(local));
+    let (run, stats) = Outcomes::record(|| receiver.run(local));
+    let run = tokio::spawn(run);
     tokio::time::timeout(Duration::from_secs(5), async {
         while stats.get().duplicates < 2 {
             tokio::task::yield_now().await;

@@ -34,6 +34,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tower::retry::backoff::Backoff;
 use tracing::{debug, error, info, warn};
 
 use super::shared::{Link, Shared};
@@ -96,56 +97,7 @@ pub(crate) async fn forward(
         };
         match next {
             Some(Ok(delivery)) => {
-                let mut delivery = delivery;
-                let parts = match wire::batch_count(&delivery.properties) {
-                    None => None,
-                    Some(count) => {
-                        // The messages' bodies are slices of the batch's, not copies.
-                        let data = Bytes::from(std::mem::take(&mut delivery.data));
-                        match wire::decode_batch(&data, count) {
-                            Ok(messages) => Some(messages),
-                            Err(reason) => {
-                                // Handed on as it is: the receiver dead-letters it as malformed.
-                                warn!(%node, reason, "a batch that cannot be read");
-                                delivery.data = Vec::from(data);
-                                None
-                            }
-                        }
-                    }
-                };
-                let redelivered = delivery.redelivered;
-                let handed = match parts {
-                    Some(messages) => {
-                        let acker = Arc::new(Mutex::new(BatchState {
-                            acker: Some(delivery.acker),
-                            remaining: messages.len(),
-                            settlement: Settlement::Ack,
-                        }));
-                        let mut handed = true;
-                        for message in messages {
-                            let delivery = Delivery {
-                                message,
-                                redelivered,
-                                acker: Acker::new(BatchPart(Arc::clone(&acker))),
-                            };
-                            if deliveries.send(Ok(delivery)).await.is_err() {
-                                handed = false;
-                                break;
-                            }
-                        }
-                        handed
-                    }
-                    None => {
-                        let message = wire::decode(&delivery.properties, delivery.data);
-                        let delivery = Delivery {
-                            message,
-                            redelivered,
-                            acker: Acker::new(RabbitAcker(delivery.acker)),
-                        };
-                        deliveries.send(Ok(delivery)).await.is_ok()
-                    }
-                };
-                if !handed {
+                if !hand_on(&node, delivery, &deliveries).await {
                     break;
                 }
             }
@@ -163,6 +115,61 @@ pub(crate) async fn forward(
     }
     remove(&shared, &node, id);
     let _ = channel.close(200, "consumer dropped".into()).await;
+}
+
+/// The owner's end of a consumer's deliveries.
+type Owner = mpsc::Sender<Result<Delivery, BrokerError>>;
+
+/// Hands one AMQP delivery on to the owner (each message of a batch on its own). Returns
+/// whether the owner still takes deliveries.
+async fn hand_on(node: &NodeId, mut delivery: lapin::message::Delivery, owner: &Owner) -> bool {
+    let redelivered = delivery.redelivered;
+    let Some(messages) = split_batch(node, &mut delivery) else {
+        let message = wire::decode(&delivery.properties, delivery.data);
+        let delivery = Delivery {
+            message,
+            redelivered,
+            acker: Acker::new(RabbitAcker(delivery.acker)),
+        };
+        return owner.send(Ok(delivery)).await.is_ok();
+    };
+    // The batch is acknowledged once every one of its messages was settled.
+    let acker = Arc::new(Mutex::new(BatchState {
+        acker: Some(delivery.acker),
+        remaining: messages.len(),
+        settlement: Settlement::Ack,
+    }));
+    for message in messages {
+        let delivery = Delivery {
+            message,
+            redelivered,
+            acker: Acker::new(BatchPart(Arc::clone(&acker))),
+        };
+        if owner.send(Ok(delivery)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The messages of `delivery` when it is a batch that can be read; `None` when it is one
+/// message (or a batch that cannot be read, left as it came).
+fn split_batch(
+    node: &NodeId,
+    delivery: &mut lapin::message::Delivery,
+) -> Option<Vec<hybrid_cluster_core::BrokerMessage>> {
+    let count = wire::batch_count(&delivery.properties)?;
+    // The messages' bodies are slices of the batch's, not copies.
+    let data = Bytes::from(std::mem::take(&mut delivery.data));
+    match wire::decode_batch(&data, count) {
+        Ok(messages) => Some(messages),
+        Err(reason) => {
+            // Handed on as it is: the receiver dead-letters it as malformed.
+            warn!(%node, reason, "a batch that cannot be read");
+            delivery.data = Vec::from(data);
+            None
+        }
+    }
 }
 
 /// A consumer stopped: on a live connection it is healed here; on a lost one the supervisor
@@ -211,14 +218,14 @@ pub(crate) async fn heal(
     id: u64,
     deliveries: mpsc::Sender<Result<Delivery, BrokerError>>,
 ) {
-    let mut delay = shared.config.reconnect_delay;
+    let mut backoff = shared.config.reconnect_backoff();
+    let mut wait = backoff.next_backoff();
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         tokio::select! {
             () = super::shared::shut_down(&mut shutdown) => return,
-            () = tokio::time::sleep(delay) => {}
+            () = wait => {}
         }
-        delay = (delay * 2).min(shared.config.max_reconnect_delay);
         if deliveries.is_closed() {
             remove(&shared, &node, id);
             return;
@@ -248,7 +255,9 @@ pub(crate) async fn heal(
                 return;
             }
             Err(error) => {
-                warn!(%node, %error, retry_in = ?delay, "restoring the node's consumer failed");
+                wait = backoff.next_backoff();
+                let retry_in = super::config::until(&wait);
+                warn!(%node, %error, ?retry_in, "restoring the node's consumer failed");
             }
         }
     }

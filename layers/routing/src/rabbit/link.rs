@@ -1,5 +1,6 @@
 //! The connection: made, its topology declared, watched, and made again when lost.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,6 +13,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
 use tokio::sync::mpsc;
+use tower::retry::backoff::Backoff;
 use tracing::{debug, info, warn};
 
 use super::consumer;
@@ -156,45 +158,55 @@ pub(crate) async fn establish(
     let (publishing, publishing_events) = connect(shared, "publishing").await?;
     let events: Events = Box::pin(futures_util::stream::select(events, publishing_events));
     let connection = Arc::new(connection);
-    let publishing = Arc::new(publishing);
-    let mut channel = connection
+    let channel = connection
         .create_channel()
         .await
         .map_err(RabbitError::Amqp)?;
     declare_cluster(shared, &channel)
         .await
         .map_err(RabbitError::Amqp)?;
-
     // From here on, an operation done on an older connection is done again on this one.
-    let (generation, queues, bindings) = {
+    let (link, queues, bindings) = {
         let mut state = shared.state.lock();
         state.generation += 1;
-        (
-            state.generation,
-            state.queues.clone(),
-            state.bindings.clone(),
-        )
+        let link = Link {
+            generation: state.generation,
+            connection,
+            publishing: Arc::new(publishing),
+        };
+        (link, state.queues.clone(), state.bindings.clone())
     };
-    let link = Link {
-        generation,
-        connection,
-        publishing,
-    };
+    declare_again(shared, &link, channel, &queues, &bindings).await?;
+    let healing = resume_consumers(shared, &link).await?;
+    Ok((link, events, healing))
+}
 
+/// Declares on `link` the queues and bindings made through this broker before.
+async fn declare_again(
+    shared: &Shared,
+    link: &Link,
+    mut channel: Channel,
+    queues: &BTreeMap<NodeId, QueueOptions>,
+    bindings: &BTreeSet<(NodeId, RoutingKey)>,
+) -> Result<(), RabbitError> {
     // A refused declaration (another declaration of the queue with other arguments) closes
     // the channel: warn, and go on with a new one.
-    for (node, options) in &queues {
+    for (node, options) in queues {
         if let Err(error) = declare_queue(shared, &channel, node, options).await {
-            channel = replay_failed(&link, error, "declaring a node queue again", node).await?;
+            channel = replay_failed(link, error, "declaring a node queue again", node).await?;
         }
     }
-    for (node, key) in &bindings {
+    for (node, key) in bindings {
         if let Err(error) = bind(shared, &channel, node, key).await {
-            channel = replay_failed(&link, error, "binding a node queue again", node).await?;
+            channel = replay_failed(link, error, "binding a node queue again", node).await?;
         }
     }
-    drop(channel);
+    Ok(())
+}
 
+/// Starts every live consumer again on `link`. Returns those that could not be started while
+/// the connection stays up, to heal once it is published.
+async fn resume_consumers(shared: &Arc<Shared>, link: &Link) -> Result<Healing, RabbitError> {
     let consumers: Vec<(NodeId, u64, u16, mpsc::Sender<_>)> = {
         let mut state = shared.state.lock();
         state
@@ -204,22 +216,17 @@ pub(crate) async fn establish(
             .consumers
             .iter()
             .map(|(node, entry)| {
-                (
-                    node.clone(),
-                    entry.id,
-                    entry.prefetch,
-                    entry.deliveries.clone(),
-                )
+                let deliveries = entry.deliveries.clone();
+                (node.clone(), entry.id, entry.prefetch, deliveries)
             })
             .collect()
     };
-    let connection = &link.connection;
     let mut healing = Healing::new();
     for (node, id, prefetch, deliveries) in consumers {
         let Ok(queue) = shared.names.queue(&node) else {
             continue;
         };
-        match consumer::start(&link, &queue, prefetch).await {
+        match consumer::start(link, &queue, prefetch).await {
             Ok((channel, lapin_consumer)) => {
                 shared.set_consumer_state(&node, id, ConsumerState::Consuming);
                 tokio::spawn(consumer::forward(
@@ -232,7 +239,9 @@ pub(crate) async fn establish(
                     deliveries,
                 ));
             }
-            Err(error) if wire::is_connection_error(&error) && !connection.status().connected() => {
+            Err(error)
+                if wire::is_connection_error(&error) && !link.connection.status().connected() =>
+            {
                 return Err(RabbitError::Amqp(error));
             }
             Err(error) => {
@@ -247,7 +256,7 @@ pub(crate) async fn establish(
             }
         }
     }
-    Ok((link, events, healing))
+    Ok(healing)
 }
 
 async fn replay_failed(
@@ -320,8 +329,8 @@ pub(crate) async fn close(link: &Link) {
 }
 
 /// Keeps the broker connected: watches the connection, and when it is lost connects again
-/// with exponential backoff (the first attempt at once), declaring the topology again and
-/// resuming consumers.
+/// with exponential backoff and jitter (the first attempt at once), declaring the topology
+/// again and resuming consumers.
 pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: Events) {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
@@ -336,42 +345,52 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: E
         }
         shared.set_down();
         close(&link).await;
-        let mut delay = Duration::ZERO;
-        loop {
-            tokio::select! {
-                () = shut_down(&mut shutdown) => return,
-                () = tokio::time::sleep(delay) => {}
-            }
-            let attempt = tokio::select! {
-                () = shut_down(&mut shutdown) => return,
-                attempt = establish(&shared) => attempt,
-            };
-            match attempt {
-                Ok((new_link, new_events, healing)) => {
-                    link = new_link;
-                    events = new_events;
-                    shared.set_up(link.clone());
-                    info!(url = %shared.url, generation = link.generation, "reconnected to RabbitMQ");
-                    for (node, id, deliveries) in healing {
-                        tokio::spawn(consumer::heal(
-                            Arc::clone(&shared),
-                            link.clone(),
-                            node,
-                            id,
-                            deliveries,
-                        ));
-                    }
-                    break;
+        let Some((new_link, new_events)) = reconnect(&shared, &mut shutdown).await else {
+            return;
+        };
+        link = new_link;
+        events = new_events;
+    }
+}
+
+/// Connects again, each outage with a backoff of its own, until it works (the new connection
+/// is published and its consumers that could not be resumed are healed) or the broker shuts
+/// down (`None`).
+async fn reconnect(
+    shared: &Arc<Shared>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(Link, Events)> {
+    let mut backoff = shared.config.reconnect_backoff();
+    loop {
+        let attempt = tokio::select! {
+            () = shut_down(shutdown) => return None,
+            attempt = establish(shared) => attempt,
+        };
+        match attempt {
+            Ok((link, events, healing)) => {
+                shared.set_up(link.clone());
+                info!(url = %shared.url, generation = link.generation, "reconnected to RabbitMQ");
+                for (node, id, deliveries) in healing {
+                    tokio::spawn(consumer::heal(
+                        Arc::clone(shared),
+                        link.clone(),
+                        node,
+                        id,
+                        deliveries,
+                    ));
                 }
-                Err(error) => {
-                    delay = (delay * 2)
-                        .max(shared.config.reconnect_delay)
-                        .min(shared.config.max_reconnect_delay);
-                    warn!(
-                        error = %hybrid_cluster_core::error::error_chain(&error),
-                        retry_in = ?delay,
-                        "reconnecting to RabbitMQ failed"
-                    );
+                return Some((link, events));
+            }
+            Err(error) => {
+                let wait = backoff.next_backoff();
+                warn!(
+                    error = %hybrid_cluster_core::error::error_chain(&error),
+                    retry_in = ?super::config::until(&wait),
+                    "reconnecting to RabbitMQ failed"
+                );
+                tokio::select! {
+                    () = shut_down(shutdown) => return None,
+                    () = wait => {}
                 }
             }
         }

@@ -15,7 +15,7 @@
 //!
 //! # Publishing
 //!
-//! A publish is queued when [`publish`](Broker::publish) is called (so messages are ordered at
+//! A publish is queued when [`publish`](hybrid_cluster_core::Broker::publish) is called (so messages are ordered at
 //! the call, as the trait requires) and a publisher task puts queued messages on one channel
 //! with publisher confirms, keeping up to [`RabbitConfig::max_in_flight`] unconfirmed. Every
 //! message is published `mandatory`: a message no queue takes comes back and fails with
@@ -37,7 +37,7 @@
 //! messages is dead-lettered goes to the dead-letter queue whole (the others were handed over
 //! already).
 //!
-//! [`poll_flow`](Broker::poll_flow) is pending while the connection is being restored,
+//! [`poll_flow`](hybrid_cluster_core::Broker::poll_flow) is pending while the connection is being restored,
 //! while RabbitMQ blocks publishing (a resource alarm), and while
 //! [`RabbitConfig::max_pending`] publishes wait for confirmation; it fails once the outage
 //! has lasted longer than [`RabbitConfig::outage_timeout`].
@@ -46,7 +46,7 @@
 //!
 //! The broker keeps one connection and watches it. When it is lost (closed by the server,
 //! an I/O error, a missed heartbeat, a channel failing), it connects again, at once and then
-//! with exponential backoff ([`RabbitConfig::reconnect_delay`] up to
+//! with exponential backoff and jitter ([`RabbitConfig::reconnect_delay`] up to
 //! [`RabbitConfig::max_reconnect_delay`]), declares the exchanges, every queue and every
 //! binding made through it again, and resumes its consumers. Meanwhile:
 //!
@@ -68,7 +68,17 @@
 //! [`Receiver`](crate::Receiver)'s dedupe window.
 //!
 //! [`Acker`]: hybrid_cluster_core::Acker
+//! [`Broker`]: hybrid_cluster_core::Broker
+//! [`Deliveries`]: hybrid_cluster_core::Deliveries
+//! [`PublishError`]: hybrid_cluster_core::PublishError
+//! [`PublishError::Unroutable`]: hybrid_cluster_core::PublishError::Unroutable
+//! [`PublishError::Rejected`]: hybrid_cluster_core::PublishError::Rejected
+//! [`QueueOptions::expires`]: hybrid_cluster_core::QueueOptions::expires
+//! [`RoutingKey`]: hybrid_cluster_core::RoutingKey
 
+mod attempt;
+mod broker;
+mod config;
 mod consumer;
 mod error;
 mod link;
@@ -77,84 +87,13 @@ mod shared;
 mod wire;
 
 use std::fmt;
-use std::future::{Future, ready};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use futures_core::future::BoxFuture;
-use hybrid_cluster_core::{
-    AmqpUrl, Broker, BrokerError, BrokerMessage, ClusterPrefix, ConsumeOptions, ConsumerState,
-    Deliveries, NodeId, PublishError, QueueOptions, RoutingKey,
-};
-use lapin::Channel;
-use lapin::options::QueueDeleteOptions;
-use lapin::types::FieldTable;
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use hybrid_cluster_core::{AmqpUrl, BrokerError, ClusterPrefix, NodeId};
 
+pub use self::config::RabbitConfig;
 pub use self::error::RabbitError;
-use self::shared::{ConsumerEntry, Flow, Link, Pending, Shared};
-
-/// How a [`RabbitBroker`] connects and behaves.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RabbitConfig {
-    /// The connection's name, shown by RabbitMQ (`rabbitmqctl list_connections
-    /// user_provided_name`, the management UI).
-    pub connection_name: Option<String>,
-    /// Publishes sent and not yet confirmed, at most. At least 1.
-    pub max_in_flight: usize,
-    /// Publishes queued or in flight, at most: past it [`Broker::poll_flow`] is pending and
-    /// a publish fails at once with [`BrokerError::Unavailable`].
-    pub max_pending: usize,
-    /// How long publishes and declarations wait through an outage (connection lost, or
-    /// publishing blocked) before failing with [`BrokerError::Unavailable`].
-    pub outage_timeout: Duration,
-    /// How long making a connection may take.
-    pub connect_timeout: Duration,
-    /// The delay before the second reconnection attempt (the first is made at once); it
-    /// doubles at each failure.
-    pub reconnect_delay: Duration,
-    /// The longest delay between reconnection attempts.
-    pub max_reconnect_delay: Duration,
-    /// The largest message body published; larger ones fail with [`BrokerError::Backend`]
-    /// before being sent (RabbitMQ would close the channel on them).
-    pub max_body_len: usize,
-    /// How many times a message is sent, each time its connection dropping before the
-    /// confirmation, before it fails with [`BrokerError::Unavailable`].
-    pub publish_attempts: u32,
-    /// Dead letters kept at most in `{prefix}:dead-letter`, oldest dropped first.
-    pub dead_letter_max_length: Option<u32>,
-    /// The dead-letter queue is deleted after going unused this long (`None`: kept).
-    pub dead_letter_expires: Option<Duration>,
-    /// Whether messages are published persistent (AMQP delivery mode 2), so that RabbitMQ
-    /// confirms them once they are on disk and they survive a restart in a durable or
-    /// quorum queue. A cluster sets it from its [`Durability`](hybrid_cluster_core::Durability).
-    pub persistent: bool,
-}
-
-impl Default for RabbitConfig {
-    /// 256 in flight, 4,096 pending, a 10 s outage bound, 10 s to connect, reconnection
-    /// delays from 100 ms to 5 s, bodies up to 16 MiB, 3 attempts per message, 10,000 dead
-    /// letters kept, persistent messages.
-    fn default() -> Self {
-        Self {
-            connection_name: None,
-            max_in_flight: 256,
-            max_pending: 4096,
-            outage_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            reconnect_delay: Duration::from_millis(100),
-            max_reconnect_delay: Duration::from_secs(5),
-            max_body_len: 16 * 1024 * 1024,
-            publish_attempts: 3,
-            dead_letter_max_length: Some(10_000),
-            dead_letter_expires: None,
-            persistent: true,
-        }
-    }
-}
+use self::shared::Shared;
 
 /// Shuts the broker's tasks down when the last handle is dropped.
 struct Handle(Arc<Shared>);
@@ -165,7 +104,7 @@ impl Drop for Handle {
     }
 }
 
-/// The [`Broker`] over RabbitMQ. See the [module docs](self).
+/// The [`Broker`](hybrid_cluster_core::Broker) over RabbitMQ. See the [module docs](self).
 ///
 /// Cheap to clone; clones share the connection. When the last clone is dropped (or
 /// [`close`](RabbitBroker::close) is called) the connection is closed, waiting publishes
@@ -257,379 +196,6 @@ impl RabbitBroker {
         self.shared.set_closed();
         if let Some(link) = link {
             link::close(&link).await;
-        }
-    }
-
-    /// Runs a topology operation on a channel of its own, waiting through an outage within
-    /// the bound; `commit` records it (it is done again on each new connection), or it is
-    /// done again when the connection changed meanwhile.
-    fn topology<F, Fut>(
-        &self,
-        node: &NodeId,
-        op: F,
-        commit: impl Fn(&mut shared::State) + Send + 'static,
-    ) -> BoxFuture<'static, Result<(), BrokerError>>
-    where
-        F: Fn(Arc<Shared>, Channel) -> Fut + Send + 'static,
-        Fut: Future<Output = lapin::Result<()>> + Send,
-    {
-        let shared = Arc::clone(&self.shared);
-        let node = node.clone();
-        Box::pin(async move {
-            let mut attempt = Attempt::new(&shared);
-            loop {
-                let link = attempt.link().await?;
-                let result = match link.connection.create_channel().await {
-                    Ok(channel) => op(Arc::clone(&shared), channel).await,
-                    Err(error) => Err(error),
-                };
-                match result {
-                    Ok(()) => {
-                        if shared.commit(link.generation, &commit).is_some() {
-                            return Ok(());
-                        }
-                        attempt.min_generation = link.generation + 1;
-                    }
-                    Err(error) => attempt.failed(error, &link, &node, false)?,
-                }
-            }
-        })
-    }
-}
-
-/// One operation's tries across connections.
-struct Attempt<'a> {
-    shared: &'a Shared,
-    deadline: Instant,
-    min_generation: u64,
-}
-
-impl<'a> Attempt<'a> {
-    fn new(shared: &'a Shared) -> Self {
-        Self {
-            shared,
-            deadline: Instant::now() + shared.config.outage_timeout,
-            min_generation: 0,
-        }
-    }
-
-    async fn link(&self) -> Result<Link, BrokerError> {
-        self.shared
-            .wait_link(self.min_generation, self.deadline)
-            .await
-    }
-
-    /// Whether to try again on the next connection (the error was the connection's), or the
-    /// error to return.
-    fn failed(
-        &mut self,
-        error: lapin::Error,
-        link: &Link,
-        node: &NodeId,
-        consuming: bool,
-    ) -> Result<(), BrokerError> {
-        if wire::is_connection_error(&error) && !link.connection.status().connected() {
-            self.shared.report_broken(link.generation);
-            self.min_generation = link.generation + 1;
-            return Ok(());
-        }
-        Err(wire::broker_error(error, node, consuming))
-    }
-}
-
-fn done<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {
-    Box::pin(ready(value))
-}
-
-fn invalid(error: RabbitError) -> BrokerError {
-    BrokerError::Backend {
-        source: Box::new(error),
-    }
-}
-
-impl Broker for RabbitBroker {
-    fn declare_queue(
-        &self,
-        node: &NodeId,
-        options: &QueueOptions,
-    ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        if let Err(e) = self.shared.names.queue(node) {
-            return done(Err(invalid(e)));
-        }
-        let (op_node, op_options) = (node.clone(), options.clone());
-        let (record_node, record_options) = (node.clone(), options.clone());
-        self.topology(
-            node,
-            move |shared, channel| {
-                let (node, options) = (op_node.clone(), op_options.clone());
-                async move { link::declare_queue(&shared, &channel, &node, &options).await }
-            },
-            move |state| {
-                state
-                    .queues
-                    .insert(record_node.clone(), record_options.clone());
-            },
-        )
-    }
-
-    fn delete_queue(&self, node: &NodeId) -> BoxFuture<'static, Result<(), BrokerError>> {
-        let queue = match self.shared.names.queue(node) {
-            Ok(queue) => queue,
-            Err(e) => return done(Err(invalid(e))),
-        };
-        let record_node = node.clone();
-        // Its consumer first: once RabbitMQ cancels it, its stream ends, rather than the
-        // queue being declared again as after a deletion from outside.
-        self.shared.state.lock().consumers.remove(node);
-        self.topology(
-            node,
-            move |_, channel| {
-                let queue = queue.clone();
-                async move {
-                    match channel
-                        .queue_delete(queue, QueueDeleteOptions::default())
-                        .await
-                    {
-                        Err(error) if wire::is_queue_not_found(&error) => Ok(()),
-                        other => other.map(drop),
-                    }
-                }
-            },
-            move |state| {
-                state.queues.remove(&record_node);
-                state.bindings.retain(|(node, _)| *node != record_node);
-                state.consumers.remove(&record_node);
-            },
-        )
-    }
-
-    fn delete_queue_if_empty(
-        &self,
-        node: &NodeId,
-    ) -> BoxFuture<'static, Result<bool, BrokerError>> {
-        let queue = match self.shared.names.queue(node) {
-            Ok(queue) => queue,
-            Err(e) => return done(Err(invalid(e))),
-        };
-        let record_node = node.clone();
-        self.shared.state.lock().consumers.remove(node);
-        let emptied = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let outcome = Arc::clone(&emptied);
-        let deleting = self.topology(
-            node,
-            move |_, channel| {
-                let queue = queue.clone();
-                let emptied = Arc::clone(&emptied);
-                async move {
-                    let options = QueueDeleteOptions {
-                        if_empty: true,
-                        ..QueueDeleteOptions::default()
-                    };
-                    match channel.queue_delete(queue, options).await {
-                        Err(error) if wire::is_queue_not_found(&error) => Ok(()),
-                        Err(error) if wire::is_precondition_failed(&error) => {
-                            emptied.store(false, Ordering::Relaxed);
-                            Ok(())
-                        }
-                        other => other.map(drop),
-                    }
-                }
-            },
-            move |state| {
-                state.queues.remove(&record_node);
-                state.bindings.retain(|(node, _)| *node != record_node);
-                state.consumers.remove(&record_node);
-            },
-        );
-        Box::pin(async move {
-            deleting.await?;
-            Ok(outcome.load(Ordering::Relaxed))
-        })
-    }
-
-    fn bind(&self, node: &NodeId, key: &RoutingKey) -> BoxFuture<'static, Result<(), BrokerError>> {
-        if let Err(e) = self
-            .shared
-            .names
-            .queue(node)
-            .and_then(|_| wire::short(key.to_string()))
-        {
-            return done(Err(invalid(e)));
-        }
-        let (op_node, op_key) = (node.clone(), key.clone());
-        let record = (node.clone(), key.clone());
-        self.topology(
-            node,
-            move |shared, channel| {
-                let (node, key) = (op_node.clone(), op_key.clone());
-                async move { link::bind(&shared, &channel, &node, &key).await }
-            },
-            move |state| {
-                state.bindings.insert(record.clone());
-            },
-        )
-    }
-
-    fn unbind(
-        &self,
-        node: &NodeId,
-        key: &RoutingKey,
-    ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        let (queue, routing_key) = match self
-            .shared
-            .names
-            .queue(node)
-            .and_then(|queue| Ok((queue, wire::short(key.to_string())?)))
-        {
-            Ok(names) => names,
-            Err(e) => return done(Err(invalid(e))),
-        };
-        let record = (node.clone(), key.clone());
-        self.topology(
-            node,
-            move |shared, channel| {
-                let (queue, routing_key) = (queue.clone(), routing_key.clone());
-                async move {
-                    let unbinding = channel.queue_unbind(
-                        queue,
-                        shared.names.exchange.clone(),
-                        routing_key,
-                        FieldTable::default(),
-                    );
-                    match unbinding.await {
-                        Err(error) if wire::is_queue_not_found(&error) => Ok(()),
-                        other => other,
-                    }
-                }
-            },
-            move |state| {
-                state.bindings.remove(&record);
-            },
-        )
-    }
-
-    fn publish(
-        &self,
-        key: &RoutingKey,
-        message: BrokerMessage,
-    ) -> BoxFuture<'static, Result<(), PublishError>> {
-        let max = self.shared.config.max_body_len;
-        if message.body.len() > max {
-            return done(Err(invalid(RabbitError::InvalidMessage {
-                reason: format!("the body is {} bytes, more than {max}", message.body.len()),
-            })
-            .into()));
-        }
-        let prepared = wire::encode(&message)
-            .and_then(|properties| Ok((properties, wire::short(key.to_string())?)));
-        let (properties, routing_key) = match prepared {
-            Ok(prepared) => prepared,
-            Err(e) => return done(Err(invalid(e).into())),
-        };
-        let (reply, confirmed) = oneshot::channel();
-        let pending = Pending {
-            key: key.clone(),
-            routing_key,
-            properties,
-            message,
-            enqueued_at: Instant::now(),
-            attempts: 0,
-            reply,
-        };
-        if let Err(e) = self.shared.enqueue(pending) {
-            return done(Err(e));
-        }
-        Box::pin(async move {
-            match confirmed.await {
-                Ok(result) => result,
-                Err(_) => Err(BrokerError::Closed.into()),
-            }
-        })
-    }
-
-    fn consume(
-        &self,
-        node: &NodeId,
-        options: &ConsumeOptions,
-    ) -> BoxFuture<'static, Result<Deliveries, BrokerError>> {
-        let queue = match self.shared.names.queue(node) {
-            Ok(queue) => queue,
-            Err(e) => return done(Err(invalid(e))),
-        };
-        let shared = Arc::clone(&self.shared);
-        let node = node.clone();
-        let prefetch = options.prefetch.max(1);
-        Box::pin(async move {
-            if shared.state.lock().consumers.contains_key(&node) {
-                return Err(BrokerError::QueueInUse { node });
-            }
-            let (sender, receiver) = mpsc::channel(usize::from(prefetch));
-            let id = shared.next_consumer.fetch_add(1, Ordering::Relaxed);
-            let mut attempt = Attempt::new(&shared);
-            loop {
-                let link = attempt.link().await?;
-                let (channel, lapin_consumer) = match consumer::start(&link, &queue, prefetch).await
-                {
-                    Ok(started) => started,
-                    Err(error) => {
-                        attempt.failed(error, &link, &node, true)?;
-                        continue;
-                    }
-                };
-                let registered = shared.commit(link.generation, |state| {
-                    if state.consumers.contains_key(&node) {
-                        return false;
-                    }
-                    let entry = ConsumerEntry {
-                        id,
-                        prefetch,
-                        deliveries: sender.clone(),
-                        state: tokio::sync::watch::Sender::new(ConsumerState::Consuming),
-                    };
-                    state.consumers.insert(node.clone(), entry);
-                    true
-                });
-                match registered {
-                    Some(true) => {
-                        tokio::spawn(consumer::forward(
-                            Arc::clone(&shared),
-                            link.clone(),
-                            node,
-                            id,
-                            channel,
-                            lapin_consumer,
-                            sender,
-                        ));
-                        let stream = consumer::DeliveryStream {
-                            deliveries: receiver,
-                        };
-                        return Ok(Box::pin(stream) as Deliveries);
-                    }
-                    Some(false) => {
-                        let _ = channel.close(200, "queue in use".into()).await;
-                        return Err(BrokerError::QueueInUse { node });
-                    }
-                    // The connection changed meanwhile: start it on the new one.
-                    None => attempt.min_generation = link.generation + 1,
-                }
-            }
-        })
-    }
-
-    fn consumer_state(&self, node: &NodeId) -> Option<tokio::sync::watch::Receiver<ConsumerState>> {
-        let state = self.shared.state.lock();
-        state
-            .consumers
-            .get(node)
-            .map(|entry| entry.state.subscribe())
-    }
-
-    fn poll_flow(&self, cx: &mut Context<'_>) -> Poll<Result<(), BrokerError>> {
-        match self.shared.flow(cx.waker()) {
-            Flow::Ready => Poll::Ready(Ok(())),
-            Flow::Wait => Poll::Pending,
-            Flow::Down => Poll::Ready(Err(self.shared.outage_error())),
-            Flow::Closed => Poll::Ready(Err(BrokerError::Closed)),
         }
     }
 }

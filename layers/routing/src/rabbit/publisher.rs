@@ -336,6 +336,7 @@ fn next_group(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
     group
 }
 
+/// Publishes on `link` until it changes or breaks, or the broker shuts down.
 async fn publish_on(
     shared: &Shared,
     link: &Link,
@@ -350,75 +351,19 @@ async fn publish_on(
             return Ended::Broken;
         }
     };
-    let exchange = shared.names.exchange.clone();
-    let max_in_flight = shared.config.max_in_flight.max(1);
-    let persistent = shared.config.persistent;
-    let mut confirms: FuturesUnordered<Confirm> = FuturesUnordered::new();
-    let mut confirmations = Confirmations::default();
-    let mut sent: BTreeMap<u64, Vec<Pending>> = BTreeMap::new();
-    // When each publish went on the wire, in order: one unconfirmed past the outage bound
-    // fails (a blocked or stuck broker must not hold its senders, nor their places, forever).
-    let mut sent_at: VecDeque<(u64, Instant)> = VecDeque::new();
-    // Publishes failed that way and still on the wire, by message count: they keep their
-    // room until lapin settles them, so that a broker that stopped confirming never gets more
-    // than the in-flight bound.
-    let mut expired: BTreeMap<u64, usize> = BTreeMap::new();
-    let mut batch = Vec::new();
-    // Taken from the shared queue and not on the wire yet.
-    let mut queue: VecDeque<Pending> = VecDeque::new();
-    let mut seq = 0u64;
-    let ended = 'publishing: loop {
-        // Put waiting publishes on the wire, in call order, up to the in-flight bound.
-        // Messages, not AMQP publishes: a batch counts for each message it carries.
-        let in_flight: usize =
-            sent.values().map(Vec::len).sum::<usize>() + expired.values().sum::<usize>();
-        let room = max_in_flight.saturating_sub(in_flight);
-        if room > 0 {
-            shared.take_pending(room, &mut batch);
+    let mut round = Round::new(shared, channel);
+    let ended = loop {
+        if !round.send_waiting().await {
+            break Ended::Broken;
         }
-        // Sent even when its caller stopped waiting: a publish is placed in order at its
-        // call, and withdrawing it would leave a gap in its sender's sequence.
-        queue.extend(batch.drain(..));
-        while !queue.is_empty() {
-            let mut group = next_group(&mut queue);
-            let outgoing = outgoing(&mut group, &mut queue);
-            seq += 1;
-            if group.len() > 1 {
-                shared.batched(group.len());
-            }
-            let mut publish = put_on_wire(&channel, &exchange, outgoing, seq, persistent);
-            sent.insert(seq, group);
-            sent_at.push_back((seq, Instant::now()));
-            // The first poll pushes the frames: this fixes the message's place on the wire.
-            match poll_once(&mut publish).await {
-                Poll::Ready((seq, result)) => {
-                    confirmations.take(seq, result);
-                    if !confirmations.settle(shared, &mut sent, &mut expired) {
-                        break 'publishing Ended::Broken;
-                    }
-                }
-                Poll::Pending => confirms.push(publish),
-            }
-        }
-        let unconfirmed_at = expire_unconfirmed(shared, &mut sent, &mut sent_at, &mut expired);
-        confirmations.stuck |= !expired.is_empty();
-        let wake_at = match (shared.expire(), unconfirmed_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let wake_at = round.expire();
         tokio::select! {
             biased;
-            () = shut_down(shutdown) => break 'publishing Ended::Shutdown,
-            _ = links.changed() => break 'publishing Ended::LinkChanged,
-            Some((seq, result)) = confirms.next(), if !confirms.is_empty() => {
-                // Every confirmation already in is taken before any is settled, so that each
-                // return is known before its own ack (see the module docs).
-                confirmations.take(seq, result);
-                while let Some(Some((seq, result))) = confirms.next().now_or_never() {
-                    confirmations.take(seq, result);
-                }
-                if !confirmations.settle(shared, &mut sent, &mut expired) {
-                    break 'publishing Ended::Broken;
+            () = shut_down(shutdown) => break Ended::Shutdown,
+            _ = links.changed() => break Ended::LinkChanged,
+            Some((seq, result)) = round.confirms.next(), if !round.confirms.is_empty() => {
+                if !round.confirmed(seq, result) {
+                    break Ended::Broken;
                 }
             }
             () = shared.publisher_wake.notified() => {}
@@ -428,15 +373,151 @@ async fn publish_on(
     if matches!(ended, Ended::Broken) {
         shared.report_broken(link.generation);
     }
-    drop(confirms);
-    // Sent and not confirmed: back to the head of the queue, in order, for the next connection.
-    if !sent.is_empty() {
-        debug!(
-            count = sent.len(),
-            "publishes to send again on the next connection"
+    round.end();
+    ended
+}
+
+/// One connection's publishing: what is on the wire, unconfirmed, and what waits to go.
+struct Round<'a> {
+    shared: &'a Shared,
+    channel: Channel,
+    exchange: ShortString,
+    max_in_flight: usize,
+    persistent: bool,
+    confirms: FuturesUnordered<Confirm>,
+    confirmations: Confirmations,
+    sent: BTreeMap<u64, Vec<Pending>>,
+    /// When each publish went on the wire, in order: one unconfirmed past the outage bound
+    /// fails (a blocked or stuck broker must not hold its senders, nor their places, forever).
+    sent_at: VecDeque<(u64, Instant)>,
+    /// Publishes failed that way and still on the wire, by message count: they keep their
+    /// room until lapin settles them, so that a broker that stopped confirming never gets more
+    /// than the in-flight bound.
+    expired: BTreeMap<u64, usize>,
+    batch: Vec<Pending>,
+    /// Taken from the shared queue and not on the wire yet.
+    queue: VecDeque<Pending>,
+    seq: u64,
+}
+
+impl<'a> Round<'a> {
+    fn new(shared: &'a Shared, channel: Channel) -> Self {
+        Self {
+            shared,
+            channel,
+            exchange: shared.names.exchange.clone(),
+            max_in_flight: shared.config.max_in_flight.max(1),
+            persistent: shared.config.persistent,
+            confirms: FuturesUnordered::new(),
+            confirmations: Confirmations::default(),
+            sent: BTreeMap::new(),
+            sent_at: VecDeque::new(),
+            expired: BTreeMap::new(),
+            batch: Vec::new(),
+            queue: VecDeque::new(),
+            seq: 0,
+        }
+    }
+
+    /// Puts waiting publishes on the wire, in call order, up to the in-flight bound. Returns
+    /// whether the connection still works.
+    async fn send_waiting(&mut self) -> bool {
+        // Messages, not AMQP publishes: a batch counts for each message it carries.
+        let in_flight: usize =
+            self.sent.values().map(Vec::len).sum::<usize>() + self.expired.values().sum::<usize>();
+        let room = self.max_in_flight.saturating_sub(in_flight);
+        if room > 0 {
+            self.shared.take_pending(room, &mut self.batch);
+        }
+        // Sent even when its caller stopped waiting: a publish is placed in order at its
+        // call, and withdrawing it would leave a gap in its sender's sequence.
+        self.queue.extend(self.batch.drain(..));
+        while !self.queue.is_empty() {
+            if !self.send_next().await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Puts the next group of the queue on the wire. Returns whether the connection still
+    /// works.
+    async fn send_next(&mut self) -> bool {
+        let mut group = next_group(&mut self.queue);
+        let outgoing = outgoing(&mut group, &mut self.queue);
+        self.seq += 1;
+        if group.len() > 1 {
+            self.shared.batched(group.len());
+        }
+        let mut publish = put_on_wire(
+            &self.channel,
+            &self.exchange,
+            outgoing,
+            self.seq,
+            self.persistent,
+        );
+        self.sent.insert(self.seq, group);
+        self.sent_at.push_back((self.seq, Instant::now()));
+        // The first poll pushes the frames: this fixes the message's place on the wire.
+        match poll_once(&mut publish).await {
+            Poll::Ready((seq, result)) => {
+                self.confirmations.take(seq, result);
+                self.settle()
+            }
+            Poll::Pending => {
+                self.confirms.push(publish);
+                true
+            }
+        }
+    }
+
+    /// Takes a confirmation in, and every other already in, then settles them. Returns whether
+    /// the connection still works.
+    fn confirmed(&mut self, seq: u64, result: lapin::Result<Confirmation>) -> bool {
+        // Every confirmation already in is taken before any is settled, so that each return is
+        // known before its own ack (see the module docs).
+        self.confirmations.take(seq, result);
+        while let Some(Some((seq, result))) = self.confirms.next().now_or_never() {
+            self.confirmations.take(seq, result);
+        }
+        self.settle()
+    }
+
+    fn settle(&mut self) -> bool {
+        self.confirmations
+            .settle(self.shared, &mut self.sent, &mut self.expired)
+    }
+
+    /// Fails what waited too long; returns when something will have waited too long next.
+    fn expire(&mut self) -> Option<Instant> {
+        let unconfirmed_at = expire_unconfirmed(
+            self.shared,
+            &mut self.sent,
+            &mut self.sent_at,
+            &mut self.expired,
+        );
+        self.confirmations.stuck |= !self.expired.is_empty();
+        match (self.shared.expire(), unconfirmed_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Gives back, in order, what this connection did not get confirmed.
+    fn end(self) {
+        drop(self.confirms);
+        // Sent and not confirmed: back to the head of the queue, in order, for the next
+        // connection.
+        if !self.sent.is_empty() {
+            debug!(
+                count = self.sent.len(),
+                "publishes to send again on the next connection"
+            );
+        }
+        // A round cut short leaves the messages it had taken and not sent: they go back too.
+        self.shared.requeue(
+            self.sent.into_values().flatten().collect(),
+            self.queue.into(),
         );
     }
-    // A round cut short leaves the messages it had taken and not sent: they go back too.
-    shared.requeue(sent.into_values().flatten().collect(), queue.into());
-    ended
 }

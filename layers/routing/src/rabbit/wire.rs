@@ -182,68 +182,77 @@ pub(crate) fn batch_count(properties: &BasicProperties) -> Option<usize> {
 
 /// The messages of a batch's body; the error says what is wrong with it.
 pub(crate) fn decode_batch(body: &Bytes, count: usize) -> Result<Vec<BrokerMessage>, &'static str> {
-    /// Reads `body` from `at` on; message bodies are slices of it, not copies.
-    struct Reader<'a> {
-        body: &'a Bytes,
-        at: usize,
-    }
-    impl Reader<'_> {
-        fn take(&mut self, n: usize) -> Result<std::ops::Range<usize>, &'static str> {
-            let end = self
-                .at
-                .checked_add(n)
-                .filter(|end| *end <= self.body.len())
-                .ok_or("the batch body ends in the middle of a message")?;
-            let range = self.at..end;
-            self.at = end;
-            Ok(range)
-        }
-        fn len16(&mut self) -> Result<usize, &'static str> {
-            let range = self.take(2)?;
-            let b = &self.body[range];
-            Ok(usize::from(u16::from_be_bytes([b[0], b[1]])))
-        }
-        fn len32(&mut self) -> Result<usize, &'static str> {
-            let range = self.take(4)?;
-            let b = &self.body[range];
-            usize::try_from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                .map_err(|_| "a length in the batch is too large")
-        }
-        fn text(&mut self, len: usize) -> Result<String, &'static str> {
-            let range = self.take(len)?;
-            String::from_utf8(self.body[range].to_vec())
-                .map_err(|_| "a string in the batch is not UTF-8")
-        }
-    }
     if count == 0 || count > MAX_BATCH {
         return Err("the batch count is out of range");
     }
-    let mut reader = Reader { body, at: 0 };
-    let mut messages = Vec::with_capacity(count);
-    for _ in 0..count {
-        let id_len = reader.len16()?;
-        let message_id = reader.text(id_len)?;
-        let header_count = reader.len16()?;
-        let mut headers = BTreeMap::new();
-        for _ in 0..header_count {
-            let name_len = reader.len16()?;
-            let name = reader.text(name_len)?;
-            let value_len = reader.len32()?;
-            let value = reader.text(value_len)?;
-            headers.insert(name, value);
-        }
-        let body_len = reader.len32()?;
-        let range = reader.take(body_len)?;
-        messages.push(BrokerMessage {
-            message_id,
-            headers,
-            body: body.slice(range),
-        });
-    }
+    let mut reader = BatchReader { body, at: 0 };
+    let messages = (0..count)
+        .map(|_| reader.message())
+        .collect::<Result<Vec<_>, _>>()?;
     if reader.at != body.len() {
         return Err("the batch body holds more than its count says");
     }
     Ok(messages)
+}
+
+/// Reads a batch's body from `at` on; message bodies are slices of it, not copies.
+struct BatchReader<'a> {
+    body: &'a Bytes,
+    at: usize,
+}
+
+impl BatchReader<'_> {
+    /// One message: its id, its headers, its body.
+    fn message(&mut self) -> Result<BrokerMessage, &'static str> {
+        let id_len = self.len16()?;
+        let message_id = self.text(id_len)?;
+        let header_count = self.len16()?;
+        let mut headers = BTreeMap::new();
+        for _ in 0..header_count {
+            let name_len = self.len16()?;
+            let name = self.text(name_len)?;
+            let value_len = self.len32()?;
+            let value = self.text(value_len)?;
+            headers.insert(name, value);
+        }
+        let body_len = self.len32()?;
+        let range = self.take(body_len)?;
+        Ok(BrokerMessage {
+            message_id,
+            headers,
+            body: self.body.slice(range),
+        })
+    }
+
+    fn take(&mut self, n: usize) -> Result<std::ops::Range<usize>, &'static str> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|end| *end <= self.body.len())
+            .ok_or("the batch body ends in the middle of a message")?;
+        let range = self.at..end;
+        self.at = end;
+        Ok(range)
+    }
+
+    fn len16(&mut self) -> Result<usize, &'static str> {
+        let range = self.take(2)?;
+        let b = &self.body[range];
+        Ok(usize::from(u16::from_be_bytes([b[0], b[1]])))
+    }
+
+    fn len32(&mut self) -> Result<usize, &'static str> {
+        let range = self.take(4)?;
+        let b = &self.body[range];
+        usize::try_from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .map_err(|_| "a length in the batch is too large")
+    }
+
+    fn text(&mut self, len: usize) -> Result<String, &'static str> {
+        let range = self.take(len)?;
+        String::from_utf8(self.body[range].to_vec())
+            .map_err(|_| "a string in the batch is not UTF-8")
+    }
 }
 
 fn millis(duration: std::time::Duration) -> AMQPValue {

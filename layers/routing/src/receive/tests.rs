@@ -2,8 +2,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use hybrid_cluster_core::{
-    Broker, BrokerMessage, ConsumeOptions, NodeId, QueueOptions, RoutingKey, Target,
+    Broker, BrokerMessage, ConsumeOptions, MessageId, NodeId, RoutingKey, Target,
 };
 use hybrid_cluster_memory::MemoryBroker;
 use parking_lot::Mutex;
@@ -11,23 +13,9 @@ use tokio::sync::mpsc;
 use tower::service_fn;
 
 use super::*;
-
-fn node(id: &str) -> NodeId {
-    NodeId::new(id).unwrap()
-}
-
-async fn node_queue(broker: &MemoryBroker, id: &str) -> NodeId {
-    let id = node(id);
-    broker
-        .declare_queue(&id, &QueueOptions::default())
-        .await
-        .unwrap();
-    broker
-        .bind(&id, &RoutingKey::Node(id.clone()))
-        .await
-        .unwrap();
-    id
-}
+use crate::codec::EnvelopeCodec;
+use crate::test_support::outcomes::{Counts, Outcomes};
+use crate::test_support::{node, node_queue};
 
 async fn send(broker: &MemoryBroker, envelope: &Envelope) {
     broker
@@ -115,9 +103,8 @@ async fn malformed_messages_are_dead_lettered_and_good_ones_keep_flowing() {
         .await
         .unwrap();
     let receiver = Receiver::new(deliveries);
-    let stats = receiver.stats();
     let (tx, mut rx) = mpsc::channel(8);
-    let run = receiver.run(channel_destination(tx));
+    let (run, stats) = Outcomes::record(|| receiver.run(channel_destination(tx)));
     let check = async {
         assert_eq!(recv(&mut rx).await.payload_text(), Some("one"));
         assert_eq!(recv(&mut rx).await.payload_text(), Some("two"));
@@ -162,8 +149,8 @@ async fn refused_messages_are_dead_lettered() {
         .unwrap();
     let (tx, mut rx) = mpsc::channel(8);
     let receiver = Receiver::new(deliveries);
-    let stats = receiver.stats();
-    let run = tokio::spawn(receiver.run(channel_destination(tx)));
+    let (run, stats) = Outcomes::record(|| receiver.run(channel_destination(tx)));
+    let run = tokio::spawn(run);
     assert_eq!(recv(&mut rx).await.payload_text(), Some("ok"));
     assert_eq!(stats.get().dead_lettered, 1);
     assert_eq!(broker.dead_letters().len(), 1);
@@ -268,12 +255,11 @@ mod authenticated {
         b: &NodeId,
         config: ReceiveConfig,
         expected: &[&str],
-    ) -> ReceiveStats {
+    ) -> Counts {
         let deliveries = broker.consume(b, &ConsumeOptions::default()).await.unwrap();
         let receiver = Receiver::with_config(deliveries, config);
-        let stats = receiver.stats();
         let (tx, mut rx) = mpsc::channel(16);
-        let run = receiver.run(channel_destination(tx));
+        let (run, stats) = Outcomes::record(|| receiver.run(channel_destination(tx)));
         let check = async {
             for text in expected {
                 assert_eq!(recv(&mut rx).await.payload_text(), Some(*text));

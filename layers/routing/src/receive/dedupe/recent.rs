@@ -19,17 +19,17 @@ pub(crate) const BYTES_PER_ID: usize = 64;
 
 /// Message ids handled within the last `window`, at most `max_ids` of them.
 #[derive(Debug)]
-pub(crate) struct Dedupe {
+pub(super) struct RecentIds {
     window: Duration,
     max_ids: usize,
     order: VecDeque<(Instant, MessageId)>,
     seen: HashSet<MessageId>,
 }
 
-impl Dedupe {
+impl RecentIds {
     /// Remembers ids for `window`, within about `memory` bytes; a zero window or memory turns
     /// duplicate suppression off.
-    pub(crate) fn new(window: Duration, memory: usize) -> Self {
+    pub(super) fn new(window: Duration, memory: usize) -> Self {
         Self {
             window,
             max_ids: memory / BYTES_PER_ID,
@@ -38,13 +38,13 @@ impl Dedupe {
         }
     }
 
-    pub(crate) fn contains(&self, id: &MessageId) -> bool {
+    pub(super) fn contains(&self, id: &MessageId) -> bool {
         self.seen.contains(id)
     }
 
     /// Remembers `id`, handled `now`, forgetting what fell out of the window. Returns whether
     /// the memory bound made it forget an id still inside the window.
-    pub(crate) fn insert(&mut self, id: MessageId, now: Instant) -> bool {
+    pub(super) fn insert(&mut self, id: MessageId, now: Instant) -> bool {
         if self.max_ids == 0 || self.window.is_zero() {
             return false;
         }
@@ -69,12 +69,12 @@ impl Dedupe {
         shortened
     }
 
-    pub(crate) fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.order.len()
     }
 
     /// How long ago the oldest id remembered was handled: the window in force now.
-    pub(crate) fn span(&self, now: Instant) -> Duration {
+    pub(super) fn span(&self, now: Instant) -> Duration {
         self.order
             .front()
             .map_or(Duration::ZERO, |&(handled, _)| now.duration_since(handled))
@@ -88,7 +88,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn remembers_within_the_window_and_the_memory_bound() {
         let id = MessageId::from_u128;
-        let mut dedupe = Dedupe::new(Duration::from_secs(10), 3 * BYTES_PER_ID);
+        let mut dedupe = RecentIds::new(Duration::from_secs(10), 3 * BYTES_PER_ID);
         let start = Instant::now();
         assert!(!dedupe.insert(id(1), start));
         assert!(!dedupe.insert(id(2), start + Duration::from_secs(5)));
@@ -108,7 +108,7 @@ mod tests {
             Duration::from_secs(2)
         );
 
-        let mut off = Dedupe::new(Duration::ZERO, 1 << 20);
+        let mut off = RecentIds::new(Duration::ZERO, 1 << 20);
         off.insert(id(1), start);
         assert!(!off.contains(&id(1)));
     }

@@ -16,7 +16,7 @@ use hybrid_cluster_core::MessageId;
 
 /// What the memory says of a signed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Seen {
+pub(super) enum Seen {
     /// Not seen: hand it over.
     New,
     /// Handled before: a duplicate or a replay.
@@ -26,7 +26,7 @@ pub(crate) enum Seen {
 }
 
 #[derive(Debug)]
-pub(crate) struct ReplayMemory {
+pub(super) struct ReplayMemory {
     capacity: usize,
     window_ms: u64,
     /// (send time in ms, id) of the messages handled, oldest first.
@@ -36,7 +36,7 @@ pub(crate) struct ReplayMemory {
 }
 
 impl ReplayMemory {
-    pub(crate) fn new(capacity: usize, window_ms: u64) -> Self {
+    pub(super) fn new(capacity: usize, window_ms: u64) -> Self {
         Self {
             capacity: capacity.max(1),
             window_ms,
@@ -45,7 +45,7 @@ impl ReplayMemory {
         }
     }
 
-    pub(crate) fn check(&self, id: MessageId, sent_ms: u64) -> Seen {
+    pub(super) fn check(&self, id: MessageId, sent_ms: u64) -> Seen {
         if self.handled.contains(&(sent_ms, id)) {
             Seen::Before
         } else if sent_ms < self.horizon {
@@ -57,7 +57,7 @@ impl ReplayMemory {
 
     /// Remembers a message handed over at `now_ms`, forgetting what fell out of the window and
     /// the oldest when full. Returns whether the horizon moved inside the window (memory full).
-    pub(crate) fn insert(&mut self, id: MessageId, sent_ms: u64, now_ms: u64) -> bool {
+    pub(super) fn insert(&mut self, id: MessageId, sent_ms: u64, now_ms: u64) -> bool {
         // What the window refuses anyway. Kept as the horizon too, so that a clock stepping
         // back does not let a forgotten message in again.
         let cutoff = now_ms.saturating_sub(self.window_ms);
@@ -80,12 +80,12 @@ impl ReplayMemory {
         full
     }
 
-    pub(crate) fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.handled.len()
     }
 
     #[cfg(test)]
-    pub(crate) fn horizon(&self) -> u64 {
+    pub(super) fn horizon(&self) -> u64 {
         self.horizon
     }
 }

@@ -1,0 +1,55 @@
+//! What passes between the layers of the receive stack, and the one metric they record.
+
+use std::sync::Arc;
+
+use metrics::{Counter, Label, counter};
+
+/// The counter of what the receiver did with the broker's deliveries, labelled `outcome`
+/// ([`HANDLED`], [`DUPLICATE`], [`DEAD_LETTERED`], [`REJECTED`]) and with the receiver's own
+/// labels ([`Receiver::with_metric_labels`](super::Receiver::with_metric_labels)).
+pub const DELIVERIES_METRIC: &str = "hybrid_cluster_broker_deliveries_total";
+/// Outcome: handed to the destination and acknowledged.
+pub const HANDLED: &str = "handled";
+/// Outcome: a duplicate, dropped and acknowledged.
+pub const DUPLICATE: &str = "duplicate";
+/// Outcome: dead-lettered (malformed, refused by the destination, or rejected).
+pub const DEAD_LETTERED: &str = "dead_lettered";
+/// Outcome: failed authentication (counted in [`DEAD_LETTERED`] as well).
+pub const REJECTED: &str = "rejected";
+
+/// A message taken from the node's queue: a raw broker message before the decoding layer, an
+/// envelope after it.
+#[derive(Debug)]
+pub(crate) struct Received<T> {
+    pub(crate) message: T,
+    /// Whether the broker delivered it before (logged with every warning about it).
+    pub(crate) redelivered: bool,
+}
+
+/// What the receiver does with a delivery once the stack is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    Acknowledge,
+    DeadLetter,
+}
+
+/// The labels every series of [`DELIVERIES_METRIC`] of one receiver carries.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MetricLabels(Arc<[Label]>);
+
+impl MetricLabels {
+    pub(crate) fn new(labels: Vec<Label>) -> Self {
+        Self(labels.into())
+    }
+
+    /// Registers the series of `outcome` once, so that recording costs no lookup per message.
+    pub(crate) fn counter(&self, outcome: &'static str) -> Counter {
+        let labels: Vec<Label> = self
+            .0
+            .iter()
+            .cloned()
+            .chain([Label::new("outcome", outcome)])
+            .collect();
+        counter!(DELIVERIES_METRIC, labels)
+    }
+}
