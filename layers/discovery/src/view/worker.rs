@@ -33,18 +33,18 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 pub(super) struct Worker {
     pub(super) registry: Arc<dyn Registry>,
     pub(super) updates: watch::Sender<u64>,
-    pub(super) resync_interval: Duration,
+    resync_interval: Duration,
     /// Makes the backoff between reconnection attempts; a new one after each success.
-    pub(super) reconnect: ExponentialBackoffMaker,
-    pub(super) backoff: ExponentialBackoff,
-    pub(super) sender: watch::Sender<Arc<Membership>>,
+    reconnect: ExponentialBackoffMaker,
+    backoff: ExponentialBackoff,
+    sender: watch::Sender<Arc<Membership>>,
     pub(super) epoch: Epoch,
     pub(super) members: BTreeMap<NodeId, LiveNodeInfo>,
-    pub(super) deadlines: BTreeSet<(Instant, NodeId)>,
-    pub(super) deadline_of: HashMap<NodeId, Instant>,
+    deadlines: BTreeSet<(Instant, NodeId)>,
+    deadline_of: HashMap<NodeId, Instant>,
     /// The last malformed value seen per key, so each is reported once.
     pub(super) malformed: HashMap<String, Bytes>,
-    pub(super) listed: bool,
+    listed: bool,
     /// The cluster secret: records must be signed with it.
     pub(super) secret: Option<ClusterSecret>,
     /// How far apart nodes' clocks may be, for a record's own lease.
