@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 pub(crate) use self::recent::BYTES_PER_ID;
 use self::recent::RecentIds;
 use self::replay::{ReplayMemory, Seen};
-use super::ReceiveConfig;
+use super::config::ReceiveConfig;
 use super::delivery::{DUPLICATE, MetricLabels, Received, Settlement};
 use super::verify::Rejections;
 
