@@ -27,7 +27,11 @@
 //! each message back into an envelope, drops duplicates by [`MessageId`] within a window,
 //! dead-letters malformed messages with a warning (never the payload), hands each envelope to
 //! a local `Service<Envelope>` and acknowledges it only after that service took it. Messages
-//! are handled one at a time, so one sender's messages arrive in the order sent.
+//! are handled one at a time, so one sender's messages arrive in the order sent. The receiver
+//! itself only pulls and settles: decoding, authentication, dedupe and the hand-over are tower
+//! layers over the local service, each counting what it did in
+//! [`DELIVERIES_METRIC`](receive::DELIVERIES_METRIC) through the `metrics` facade (see
+//! [`receive`]).
 //!
 //! **Authentication** is optional: with a [`ClusterSecret`] in [`ForwardConfig::secret`] every
 //! envelope is signed (HMAC-SHA256 over its metadata and payload, [`Envelope::sign`]) before

@@ -3,14 +3,14 @@
 
 use std::task::{Context, Poll};
 
-use futures_util::future::{Either, Ready, ready};
+use futures_util::future::Either;
 use hybrid_cluster_core::{BrokerMessage, Envelope, MessageId};
 use metrics::Counter;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::warn;
 
-use super::delivery::{DEAD_LETTERED, MetricLabels, Received, Settlement};
+use super::delivery::{Answer, DEAD_LETTERED, MetricLabels, Received, Settlement, answer_now};
 use crate::codec::EnvelopeCodec;
 
 /// Wraps a service of envelopes into a [`Decode`] of raw messages.
@@ -53,7 +53,7 @@ where
 {
     type Response = Settlement;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Settlement, S::Error>>, S::Future>;
+    type Future = Answer<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -79,7 +79,7 @@ where
                     "malformed message dead-lettered"
                 );
                 self.malformed.increment(1);
-                Either::Left(ready(Ok(Settlement::DeadLetter)))
+                answer_now(Settlement::DeadLetter)
             }
         }
     }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use futures_util::future::{Either, Ready, ready};
 use metrics::{Counter, Label, counter};
 
 /// The counter of what the receiver did with the broker's deliveries, labelled `outcome`
@@ -31,6 +32,14 @@ pub(crate) struct Received<T> {
 pub(crate) enum Settlement {
     Acknowledge,
     DeadLetter,
+}
+
+/// A layer's future: settled at once (`Left`), or the inner service's (`Right`).
+pub(crate) type Answer<F, E> = Either<Ready<Result<Settlement, E>>, F>;
+
+/// An answer given at once, without the inner service.
+pub(crate) fn answer_now<F, E>(settlement: Settlement) -> Answer<F, E> {
+    Either::Left(ready(Ok(settlement)))
 }
 
 /// The labels every series of [`DELIVERIES_METRIC`] of one receiver carries.

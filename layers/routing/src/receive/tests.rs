@@ -212,6 +212,66 @@ async fn the_loop_ends_with_its_deliveries() {
     assert!(matches!(ended, Ok(Ok(Ok(())))));
 }
 
+/// The stack's readiness is the destination's: while the destination pushes back, no delivery
+/// is taken on, not even one it would never see (a malformed one).
+#[tokio::test]
+async fn a_destination_pushing_back_holds_every_delivery() {
+    let broker = MemoryBroker::new();
+    let b = node_queue(&broker, "b").await;
+    let malformed = BrokerMessage {
+        message_id: MessageId::random().to_string(),
+        headers: BTreeMap::new(),
+        body: "not an envelope".into(),
+    };
+    broker
+        .publish(&RoutingKey::Node(b.clone()), malformed)
+        .await
+        .unwrap();
+    send(
+        &broker,
+        &Envelope::text(node("a"), Target::Node(b.clone()), "good"),
+    )
+    .await;
+    let deliveries = broker
+        .consume(&b, &ConsumeOptions::default())
+        .await
+        .unwrap();
+    let (destination, mut handle) = tower_test::mock::pair::<Envelope, ()>();
+    handle.allow(0);
+    let (run, stats) = Outcomes::record(|| Receiver::new(deliveries).run(destination));
+    let run = tokio::spawn(run);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(broker.dead_letters().is_empty());
+    assert_eq!(stats.get(), Counts::default());
+
+    handle.allow(1);
+    let (envelope, respond) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(envelope.payload_text(), Some("good"));
+    respond.send_response(());
+    assert_eq!(broker.dead_letters().len(), 1);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while stats.get().handled < 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        stats.get(),
+        Counts {
+            handled: 1,
+            dead_lettered: 1,
+            ..Counts::default()
+        }
+    );
+    run.abort();
+}
+
 mod authenticated {
     use std::time::SystemTime;
 

@@ -5,14 +5,16 @@ use std::fmt;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use futures_util::future::{Either, Ready, ready};
+use futures_util::future::Either;
 use hybrid_cluster_core::{ClusterSecret, Envelope};
 use metrics::Counter;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::warn;
 
-use super::delivery::{DEAD_LETTERED, MetricLabels, REJECTED, Received, Settlement};
+use super::delivery::{
+    Answer, DEAD_LETTERED, MetricLabels, REJECTED, Received, Settlement, answer_now,
+};
 
 /// Refuses a message that failed authentication: warns and counts it.
 #[derive(Clone, Debug)]
@@ -107,7 +109,7 @@ where
 {
     type Response = Settlement;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Settlement, S::Error>>, S::Future>;
+    type Future = Answer<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -119,7 +121,7 @@ where
                 .message
                 .verify(&auth.secret, SystemTime::now(), auth.window);
             if let Err(reason) = verified {
-                return Either::Left(ready(Ok(self.rejections.reject(&received, &reason))));
+                return answer_now(self.rejections.reject(&received, &reason));
             }
         }
         Either::Right(self.inner.call(received))

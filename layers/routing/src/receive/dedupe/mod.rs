@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::future::{Either, Ready};
+use futures_util::future::Either;
 use hybrid_cluster_core::{Envelope, MessageId};
 use metrics::Counter;
 use parking_lot::Mutex;
@@ -26,8 +26,8 @@ use tracing::{debug, warn};
 pub(crate) use self::recent::BYTES_PER_ID;
 use self::recent::RecentIds;
 use self::replay::{ReplayMemory, Seen};
-use super::ReceiveConfig;
-use super::delivery::{DUPLICATE, MetricLabels, Received, Settlement};
+use super::config::ReceiveConfig;
+use super::delivery::{Answer, DUPLICATE, MetricLabels, Received, Settlement, answer_now};
 use super::verify::Rejections;
 
 /// Why the replay memory refuses a message.
@@ -176,7 +176,7 @@ where
 {
     type Response = Settlement;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Settlement, S::Error>>, RememberFuture<S::Future>>;
+    type Future = Answer<RememberFuture<S::Future>, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -208,7 +208,7 @@ where
             }
             Seen::Forgotten => self.rejections.reject(&received, &Forgotten),
         };
-        Either::Left(futures_util::future::ready(Ok(settled)))
+        answer_now(settled)
     }
 }
 
