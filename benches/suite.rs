@@ -44,6 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use clap::Parser;
 use futures_util::stream::{self, FuturesUnordered, SplitSink};
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::balance::{NodeSet, Selector, Strategy};
@@ -101,41 +102,42 @@ const SECTIONS: [&str; 6] = [
 // ---------------------------------------------------------------------------------------------
 // Options and sizes
 
+/// The suite's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "suite",
+    about = "The benchmark suite: ours next to the raw baselines"
+)]
 struct Options {
+    /// Fewer messages, samples and connections.
+    #[arg(long)]
     quick: bool,
+    /// Passed by `cargo bench` to benches without a harness; nothing to do with it.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// The sections to run, by name or number (1-6); every section when none is given.
+    #[arg(value_name = "SECTION", value_parser = section_named)]
     sections: Vec<&'static str>,
 }
 
 impl Options {
-    fn parse() -> Result<Self, String> {
-        let mut quick = false;
-        let mut sections = Vec::new();
-        for arg in std::env::args().skip(1) {
-            match arg.as_str() {
-                // cargo bench passes `--bench` to harness-less benches.
-                "--bench" => {}
-                "--quick" => quick = true,
-                other => {
-                    let found = SECTIONS.iter().enumerate().find(|(i, name)| {
-                        **name == other || other.parse::<usize>().is_ok_and(|n| n == i + 1)
-                    });
-                    match found {
-                        Some((_, name)) => sections.push(*name),
-                        None => {
-                            return Err(format!(
-                                "unknown argument `{other}`: expected --quick or a section ({} or 1-6)",
-                                SECTIONS.join(", ")
-                            ));
-                        }
-                    }
-                }
-            }
+    fn parse_args() -> Self {
+        let mut options = Self::parse();
+        if options.sections.is_empty() {
+            options.sections = SECTIONS.to_vec();
         }
-        if sections.is_empty() {
-            sections = SECTIONS.to_vec();
-        }
-        Ok(Self { quick, sections })
+        options
     }
+}
+
+/// A section by its name or its number, counting from 1.
+fn section_named(arg: &str) -> Result<&'static str, String> {
+    SECTIONS
+        .iter()
+        .enumerate()
+        .find(|(i, name)| **name == arg || arg.parse::<usize>().is_ok_and(|n| n == i + 1))
+        .map(|(_, name)| *name)
+        .ok_or_else(|| format!("expected a section ({} or 1-6)", SECTIONS.join(", ")))
 }
 
 struct Sizes {
@@ -1822,13 +1824,7 @@ fn main() -> Result<(), BoxError> {
     if let Ok(mode) = std::env::var(CHILD_ENV) {
         return child_main(&mode);
     }
-    let options = match Options::parse() {
-        Ok(options) => options,
-        Err(error) => {
-            eprintln!("{error}");
-            std::process::exit(2);
-        }
-    };
+    let options = Options::parse_args();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -14,6 +14,7 @@ use std::error::Error;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl};
@@ -116,6 +117,21 @@ impl Client {
     }
 }
 
+/// The demo's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cluster",
+    about = "Three nodes of one cluster in one process, with real WebSocket clients"
+)]
+struct Cli {
+    /// Redis, for discovery (give --amqp too, or neither for the embedded backends).
+    #[arg(long, value_name = "URL")]
+    redis: Option<RedisUrl>,
+    /// RabbitMQ, for routing (give --redis too, or neither).
+    #[arg(long, value_name = "URL")]
+    amqp: Option<AmqpUrl>,
+}
+
 struct Args {
     backends: Backends,
     prefix: ClusterPrefix,
@@ -123,21 +139,7 @@ struct Args {
 }
 
 fn args() -> Result<Args, BoxError> {
-    let mut redis = None;
-    let mut amqp = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--redis" => redis = Some(value.parse::<RedisUrl>()?),
-            "--amqp" => amqp = Some(value.parse::<AmqpUrl>()?),
-            other => {
-                return Err(
-                    format!("unknown option {other} (known: --redis URL --amqp URL)").into(),
-                );
-            }
-        }
-    }
+    let Cli { redis, amqp } = Cli::parse();
     // One fixed prefix: every run reuses the same exchange and dead-letter queue in RabbitMQ
     // rather than leaving new ones behind (nodes remove their own queues and keys on leaving).
     let prefix = ClusterPrefix::new("hybrid-cluster-demo")?;

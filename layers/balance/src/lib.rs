@@ -91,4 +91,4 @@ pub use error::{BoxError, DiscoverError, NoAvailableNode, NotReady};
 pub use load::ConnectionLoad;
 pub use nodes::{Candidate, NodeSet};
 pub use placement::{Placement, PlacementPolicy, Placer, Redirect};
-pub use strategy::{Selector, Strategy};
+pub use strategy::{Selector, Strategy, UnknownStrategy};
