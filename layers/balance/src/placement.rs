@@ -210,16 +210,11 @@ impl Placer {
     {
         let mut discover = pin!(discover);
         while let Some(change) = poll_fn(|cx| discover.as_mut().poll_discover(cx)).await {
-            match change.map_err(Into::into)? {
-                Change::Insert(id, service) => {
-                    if id != self.local {
-                        let live = service.live_node_info().clone();
-                        self.view.lock().nodes.insert(id, live);
-                    }
-                }
-                Change::Remove(id) => {
-                    self.remove(&id);
-                }
+            let change = change.map_err(Into::into)?;
+            let (Change::Insert(id, _) | Change::Remove(id)) = &change;
+            // This node's own entry is the cell the placer was built with: never replaced.
+            if *id != self.local {
+                self.view.lock().nodes.apply(&change, true);
             }
         }
         Ok(())

@@ -214,21 +214,24 @@ where
                     self.discover_ended = true;
                 }
                 Poll::Ready(Some(Err(error))) => return Err(DiscoverError::new(error.into())),
-                Poll::Ready(Some(Ok(Change::Insert(key, service)))) => {
-                    trace!("insert");
-                    // A replaced service is dropped at once (the cache would otherwise keep
-                    // calling the old one until the new one is ready): a re-insert is a new
-                    // service for the node, e.g. after a restart. The node then waits, like a
-                    // new one, until its new service is ready.
-                    self.services.evict(&key);
-                    self.nodes
-                        .insert_with(key.clone(), service.live_node_info().clone(), false);
-                    self.services.push(key, service);
-                }
-                Poll::Ready(Some(Ok(Change::Remove(key)))) => {
-                    trace!("remove");
-                    self.services.evict(&key);
-                    self.nodes.remove(&key);
+                Poll::Ready(Some(Ok(change))) => {
+                    self.nodes.apply(&change, false);
+                    match change {
+                        Change::Insert(key, service) => {
+                            trace!("insert");
+                            // A replaced service is dropped at once (the cache would otherwise
+                            // keep calling the old one until the new one is ready): a
+                            // re-insert is a new service for the node, e.g. after a restart.
+                            // The node then waits, like a new one, until its new service is
+                            // ready (inserted not ready above).
+                            self.services.evict(&key);
+                            self.services.push(key, service);
+                        }
+                        Change::Remove(key) => {
+                            trace!("remove");
+                            self.services.evict(&key);
+                        }
+                    }
                 }
             }
         }
