@@ -60,7 +60,7 @@ pub(crate) async fn raw_lapin_rate(
     sub_channel
         .basic_qos(256, BasicQosOptions::default())
         .await?;
-    let mut consumer = sub_channel
+    let consumer = sub_channel
         .basic_consume(
             queue.as_str().into(),
             "".into(),
@@ -71,41 +71,66 @@ pub(crate) async fn raw_lapin_rate(
             FieldTable::default(),
         )
         .await?;
-    let consuming = tokio::spawn(async move {
-        let mut acks = FuturesUnordered::new();
-        let (mut seen, mut late, mut highest) = (0, 0, None);
-        while seen < n {
-            tokio::select! {
-                biased;
-                Some(()) = acks.next(), if !acks.is_empty() => continue,
-                delivery = timeout(WAIT, consumer.next()) => {
-                    let Ok(Some(Ok(delivery))) = delivery else { break };
-                    seen += 1;
-                    let seq = std::str::from_utf8(&delivery.data[..8]).ok().and_then(|s| s.parse::<usize>().ok());
-                    if seq < highest {
-                        late += 1;
-                    }
-                    highest = highest.max(seq);
-                    if no_ack {
-                        continue;
-                    }
-                    let mut ack = Box::pin(async move {
-                        let _ = delivery.ack(BasicAckOptions::default()).await;
-                    });
-                    if std::future::poll_fn(|cx| std::task::Poll::Ready(ack.as_mut().poll(cx)))
-                        .await
-                        .is_pending()
-                    {
-                        acks.push(ack);
-                    }
+    let consuming = tokio::spawn(consume(consumer, n, no_ack));
+    let start = Instant::now();
+    publish(&pub_channel, &queue, n, durable).await?;
+    let (seen, late) = consuming.await?;
+    let elapsed = start.elapsed();
+    let _ = pub_channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = publisher.close(200, "OK".into()).await;
+    let _ = consumer_conn.close(200, "OK".into()).await;
+    if seen < n {
+        return Err(format!("raw lapin: {seen} of {n} consumed").into());
+    }
+    Ok((n as f64 / elapsed.as_secs_f64(), late))
+}
+
+/// Consumes `n` messages, acknowledging each (pipelined) unless `no_ack`: (consumed, out of
+/// order).
+async fn consume(mut consumer: lapin::Consumer, n: usize, no_ack: bool) -> (usize, usize) {
+    let mut acks = FuturesUnordered::new();
+    let (mut seen, mut late, mut highest) = (0, 0, None);
+    while seen < n {
+        tokio::select! {
+            biased;
+            Some(()) = acks.next(), if !acks.is_empty() => continue,
+            delivery = timeout(WAIT, consumer.next()) => {
+                let Ok(Some(Ok(delivery))) = delivery else { break };
+                seen += 1;
+                let seq = std::str::from_utf8(&delivery.data[..8]).ok().and_then(|s| s.parse::<usize>().ok());
+                if seq < highest {
+                    late += 1;
+                }
+                highest = highest.max(seq);
+                if no_ack {
+                    continue;
+                }
+                let mut ack = Box::pin(async move {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                });
+                if std::future::poll_fn(|cx| std::task::Poll::Ready(ack.as_mut().poll(cx)))
+                    .await
+                    .is_pending()
+                {
+                    acks.push(ack);
                 }
             }
         }
-        while let Ok(Some(())) = timeout(WAIT, acks.next()).await {}
-        (seen, late)
-    });
+    }
+    while let Ok(Some(())) = timeout(WAIT, acks.next()).await {}
+    (seen, late)
+}
 
-    let start = Instant::now();
+/// Publishes `n` × 128 B to `queue` with confirms, 256 in flight, persistent when `durable`,
+/// each body starting with its sequence number; waits for the last confirms.
+async fn publish(
+    pub_channel: &lapin::Channel,
+    queue: &str,
+    n: usize,
+    durable: bool,
+) -> Result<(), BoxError> {
     let mut confirms = FuturesUnordered::new();
     for i in 0..n {
         // The body starts with its 8-digit sequence number, so the consumer can check order.
@@ -117,7 +142,7 @@ pub(crate) async fn raw_lapin_rate(
                 .map_err(|_| "no confirm")?;
         }
         let channel = pub_channel.clone();
-        let queue = queue.clone();
+        let queue = queue.to_owned();
         let mut publish = Box::pin(async move {
             let confirm = channel
                 .basic_publish(
@@ -142,15 +167,5 @@ pub(crate) async fn raw_lapin_rate(
         }
     }
     while let Ok(Some(())) = timeout(WAIT, confirms.next()).await {}
-    let (seen, late) = consuming.await?;
-    let elapsed = start.elapsed();
-    let _ = pub_channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = publisher.close(200, "OK".into()).await;
-    let _ = consumer_conn.close(200, "OK".into()).await;
-    if seen < n {
-        return Err(format!("raw lapin: {seen} of {n} consumed").into());
-    }
-    Ok((n as f64 / elapsed.as_secs_f64(), late))
+    Ok(())
 }

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::{Instant, timeout};
 
-use crate::report::{Verdict, median, ratio};
+use crate::report::{Report, Verdict, median, ratio};
 use crate::{Ctx, cleanup};
 
 pub(crate) fn node_set(n: usize, epoch: &Epoch) -> NodeSet<NodeId> {
@@ -60,6 +60,26 @@ pub(crate) async fn start_discovery(
     Ok(Discovery::start(Arc::new(registry), info, config.clone()).await?)
 }
 
+/// Waits (at most `limit`) until `observer` sees `id` in the cluster (`present`) or gone;
+/// `what` names the event in the error.
+async fn wait_seen(
+    observer: &Discovery,
+    id: &NodeId,
+    present: bool,
+    limit: Duration,
+    what: &str,
+) -> Result<(), BoxError> {
+    timeout(
+        limit,
+        observer
+            .view()
+            .wait_until(|n| n.iter().any(|n| n.node_id == *id) == present),
+    )
+    .await
+    .map_err(|_| format!("a {what} was not seen"))?;
+    Ok(())
+}
+
 /// Join, graceful leave and crash, as `layers/discovery/benches/timings.rs` measures them.
 pub(crate) async fn discovery_timings(
     prefix: &ClusterPrefix,
@@ -75,86 +95,31 @@ pub(crate) async fn discovery_timings(
         let id = NodeId::new(&name)?;
         let started = Instant::now();
         let node = start_discovery(prefix, &name, config).await?;
-        timeout(
-            limit,
-            observer
-                .view()
-                .wait_until(|n| n.iter().any(|n| n.node_id == id)),
-        )
-        .await
-        .map_err(|_| "a join was not seen")?;
+        wait_seen(&observer, &id, true, limit, "join").await?;
         joins.push(started.elapsed().as_secs_f64() * 1e3);
         let leaving = Instant::now();
         node.leave().await?;
-        timeout(
-            limit,
-            observer
-                .view()
-                .wait_until(|n| n.iter().all(|n| n.node_id != id)),
-        )
-        .await
-        .map_err(|_| "a leave was not seen")?;
+        wait_seen(&observer, &id, false, limit, "leave").await?;
         leaves.push(leaving.elapsed().as_secs_f64() * 1e3);
     }
     for i in 0..crash_trials {
         let name = format!("crasher-{i}");
         let id = NodeId::new(&name)?;
         let node = start_discovery(prefix, &name, config).await?;
-        timeout(
-            limit,
-            observer
-                .view()
-                .wait_until(|n| n.iter().any(|n| n.node_id == id)),
-        )
-        .await
-        .map_err(|_| "a join was not seen")?;
+        wait_seen(&observer, &id, true, limit, "join").await?;
         node.registrar().refresh().await?;
         let crashed = Instant::now();
         drop(node);
-        timeout(
-            limit,
-            observer
-                .view()
-                .wait_until(|n| n.iter().all(|n| n.node_id != id)),
-        )
-        .await
-        .map_err(|_| "a crash was not seen")?;
+        wait_seen(&observer, &id, false, limit, "crash").await?;
         crashes.push(crashed.elapsed().as_secs_f64() * 1e3);
     }
     observer.leave().await?;
     Ok((joins, leaves, crashes))
 }
 
+/// Measures and reports the section.
 pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
-    let picks = ctx.sizes.picks;
-    let mut others = Vec::new();
-    for strategy in Strategy::ALL {
-        for n in [10, 100, 1000] {
-            let ns = pick_ns(strategy, n, picks);
-            let targeted = n == 1000
-                && matches!(
-                    strategy,
-                    Strategy::LeastConnections | Strategy::PowerOfTwoChoices
-                );
-            if targeted {
-                ctx.report.row(
-                    format!("6. pick, {} at 1000 nodes", strategy.as_str()),
-                    format!("{ns:.0} ns"),
-                    "—",
-                    "—",
-                    "≤ 1 µs",
-                    Verdict::of(ns <= 1000.0),
-                );
-            } else {
-                others.push(format!("{} @{n}: {ns:.0} ns", strategy.as_str()));
-            }
-        }
-    }
-    ctx.report.note(format!(
-        "6: pick cost ({picks} picks each, `Selector::pick` on a seeded set as `cargo bench -p hybrid-cluster-balance --bench pick` does): {}",
-        others.join(", ")
-    ));
-
+    report_picks(&mut ctx.report, ctx.sizes.picks);
     let prefix = ctx.prefix("discovery");
     // As the discovery bench: a 1 s heartbeat, so a 3 s lease.
     let config = DiscoveryConfig::default().with_heartbeat(Duration::from_secs(1));
@@ -167,15 +132,52 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
     .await;
     cleanup(&prefix).await;
     let (joins, leaves, crashes) = timings?;
-    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let lease_ms = config.lease.as_secs_f64() * 1e3;
-    let r = &mut ctx.report;
+    report_discovery(&mut ctx.report, &joins, &leaves, &crashes, lease_ms);
+    Ok(())
+}
+
+/// Times `picks` picks of every strategy at 10, 100 and 1000 nodes: a row for the targeted
+/// ones, a note for the others.
+fn report_picks(report: &mut Report, picks: u32) {
+    let mut others = Vec::new();
+    for strategy in Strategy::ALL {
+        for n in [10, 100, 1000] {
+            let ns = pick_ns(strategy, n, picks);
+            let targeted = n == 1000
+                && matches!(
+                    strategy,
+                    Strategy::LeastConnections | Strategy::PowerOfTwoChoices
+                );
+            if targeted {
+                report.row(
+                    format!("6. pick, {} at 1000 nodes", strategy.as_str()),
+                    format!("{ns:.0} ns"),
+                    "—",
+                    "—",
+                    "≤ 1 µs",
+                    Verdict::of(ns <= 1000.0),
+                );
+            } else {
+                others.push(format!("{} @{n}: {ns:.0} ns", strategy.as_str()));
+            }
+        }
+    }
+    report.note(format!(
+        "6: pick cost ({picks} picks each, `Selector::pick` on a seeded set as `cargo bench -p hybrid-cluster-balance --bench pick` does): {}",
+        others.join(", ")
+    ));
+}
+
+/// The discovery rows: join, graceful leave and crash, in milliseconds.
+fn report_discovery(r: &mut Report, joins: &[f64], leaves: &[f64], crashes: &[f64], lease_ms: f64) {
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     r.row(
         format!(
             "6. discovery: join seen by a peer, p50 / max ({})",
             joins.len()
         ),
-        format!("{:.1} / {:.1} ms", median(joins.clone()), max(&joins)),
+        format!("{:.1} / {:.1} ms", median(joins.to_vec()), max(joins)),
         "—",
         "—",
         "—",
@@ -186,23 +188,22 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
             "6. discovery: graceful leave seen, p50 / max ({})",
             leaves.len()
         ),
-        format!("{:.1} / {:.1} ms", median(leaves.clone()), max(&leaves)),
+        format!("{:.1} / {:.1} ms", median(leaves.to_vec()), max(leaves)),
         "—",
         "—",
         "< 1 s",
-        Verdict::of(max(&leaves) < 1000.0),
+        Verdict::of(max(leaves) < 1000.0),
     );
     r.row(
         format!(
             "6. discovery: crash seen, from the last heartbeat, max ({})",
             crashes.len()
         ),
-        format!("{:.0} ms", max(&crashes)),
+        format!("{:.0} ms", max(crashes)),
         format!("lease {lease_ms:.0} ms"),
-        ratio(max(&crashes), lease_ms),
+        ratio(max(crashes), lease_ms),
         format!("≤ lease + 50 ms = {:.0} ms", lease_ms + 50.0),
-        Verdict::of(max(&crashes) <= lease_ms + 50.0),
+        Verdict::of(max(crashes) <= lease_ms + 50.0),
     );
     r.note("6: discovery against the real Redis with a 1 s heartbeat / 3 s lease, as `cargo bench -p hybrid-cluster-discovery --bench timings` (20 + 3 trials there); a crash cannot be seen before the lease runs out (no other failure detector), the view re-checks a peer 5 ms after its lease should have run out (`EXPIRY_GRACE`), hence the 50 ms allowance");
-    Ok(())
 }

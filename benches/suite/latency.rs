@@ -4,10 +4,11 @@ use hybrid_cluster::Durability;
 use hybrid_cluster_test_support::BoxError;
 
 use crate::probes::{Probe, measure};
-use crate::report::{Verdict, ratio, us};
+use crate::report::{Lat, Report, Verdict, ratio, us};
 use crate::serve::{start_nodes, stop_nodes};
 use crate::{Ctx, cleanup};
 
+/// Measures and reports the section.
 pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
     let samples = ctx.sizes.samples;
     let prefix = ctx.prefix("latency");
@@ -32,9 +33,14 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
         [ours, amqp, ws, durable] => (ours, amqp, ws, durable),
         _ => return Err("four measures expected".into()),
     };
+    report(&mut ctx.report, ours, amqp, ws, durable, samples);
+    Ok(())
+}
+
+/// The rows of the section: ours next to the sum of its parts.
+fn report(r: &mut Report, ours: Lat, amqp: Lat, ws: Lat, durable: Lat, samples: usize) {
     let sum50 = amqp.p50 + ws.p50;
     let budget = sum50 + 100.0;
-    let r = &mut ctx.report;
     r.row(
         "2. cross-node latency p50, transient (one-way, A → B)",
         us(ours.p50),
@@ -86,5 +92,4 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
     r.note(format!(
         "2, 3: {samples} samples each after 200 warm-up, the measures interleaved in blocks of 100; cluster latency is one-way (send → the target client has it), raw AMQP is publish → delivery (confirms on, awaited after), raw WS is a full echo round trip"
     ));
-    Ok(())
 }

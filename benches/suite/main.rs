@@ -217,38 +217,53 @@ fn main() -> Result<(), BoxError> {
     let started = Instant::now();
     runtime.block_on(async {
         for section in &options.sections {
-            println!("== {section}");
-            let running = async {
-                match *section {
-                    "throughput" => throughput::run(&mut ctx).await,
-                    "latency" => latency::run(&mut ctx).await,
-                    "local" => local::run(&mut ctx).await,
-                    "broadcast" => broadcast::run(&mut ctx).await,
-                    "memory" => memory::run(&mut ctx).await,
-                    _ => balance::run(&mut ctx).await,
-                }
-            };
-            let outcome = timeout(SECTION_LIMIT, running).await;
-            let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(error.to_string()),
-                Err(_) => Some(format!("did not finish within {SECTION_LIMIT:?}")),
-            };
-            if let Some(failure) = failure {
-                eprintln!("section {section} failed: {failure}");
-                ctx.report.row(
-                    format!("{section}: FAILED"),
-                    failure,
-                    "—",
-                    "—",
-                    "—",
-                    Verdict::Missed,
-                );
-            }
+            run_section(&mut ctx, section).await;
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
+    let table = ctx.report.markdown(&header(&ctx, &options, started));
+    println!("\n{table}");
+    std::fs::create_dir_all("bench-results")?;
+    std::fs::write(RESULTS, &table)?;
+    println!("written to {RESULTS}");
+    Ok(())
+}
 
+/// Runs one section within `SECTION_LIMIT`; a failure is a row of the table, not the end
+/// of the run.
+async fn run_section(ctx: &mut Ctx, section: &str) {
+    println!("== {section}");
+    let running = async {
+        match section {
+            "throughput" => throughput::run(ctx).await,
+            "latency" => latency::run(ctx).await,
+            "local" => local::run(ctx).await,
+            "broadcast" => broadcast::run(ctx).await,
+            "memory" => memory::run(ctx).await,
+            _ => balance::run(ctx).await,
+        }
+    };
+    let outcome = timeout(SECTION_LIMIT, running).await;
+    let failure = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error.to_string()),
+        Err(_) => Some(format!("did not finish within {SECTION_LIMIT:?}")),
+    };
+    if let Some(failure) = failure {
+        eprintln!("section {section} failed: {failure}");
+        ctx.report.row(
+            format!("{section}: FAILED"),
+            failure,
+            "—",
+            "—",
+            "—",
+            Verdict::Missed,
+        );
+    }
+}
+
+/// The table's header: the command that ran, when, on what.
+fn header(ctx: &Ctx, options: &Options, started: Instant) -> String {
     let unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -266,19 +281,13 @@ fn main() -> Result<(), BoxError> {
     } else {
         format!(" -- {}", args.join(" "))
     };
-    let header = format!(
+    format!(
         "# hybrid-cluster benchmark suite\n\n`cargo bench --bench suite{args}` — run {} at unix time {unix}, {cores} cores, {:.0} s; sections: {}; open-file limit {}.\nOurs and the baselines are measured in this run, on this machine, against the same Redis and RabbitMQ.",
         ctx.run,
         started.elapsed().as_secs_f64(),
         options.sections.join(", "),
         fd_limit(),
-    );
-    let table = ctx.report.markdown(&header);
-    println!("\n{table}");
-    std::fs::create_dir_all("bench-results")?;
-    std::fs::write(RESULTS, &table)?;
-    println!("written to {RESULTS}");
-    Ok(())
+    )
 }
 
 /// Deletes what a cluster may leave: its exchanges and dead-letter queue (which no node

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::amqp::raw_lapin_rate;
 use crate::clients::{client, send_frame, seq_of};
-use crate::report::{Verdict, median, rate, ratio};
+use crate::report::{Report, Verdict, median, rate, ratio};
 use crate::serve::{RunningNode, WAIT, start_nodes, stop_nodes};
 use crate::{Ctx, Ws, cleanup};
 
@@ -43,48 +43,12 @@ pub(crate) async fn unicast_run(
     // Receivers: count, check order, remember when the last one came.
     let receiving: Vec<JoinHandle<(usize, usize, Instant)>> = receivers
         .into_iter()
-        .map(|mut ws| {
-            tokio::spawn(async move {
-                // Out of order: a message arriving after one sent later than it.
-                let (mut got, mut out_of_order, mut highest) = (0, 0, None);
-                let mut last = Instant::now();
-                while got < per_pair {
-                    match timeout(Duration::from_secs(10), ws.next()).await {
-                        Ok(Some(Ok(Message::Text(text)))) => {
-                            let seq = seq_of(text.as_str());
-                            if seq < highest {
-                                out_of_order += 1;
-                            }
-                            highest = highest.max(seq);
-                            got += 1;
-                            last = Instant::now();
-                        }
-                        Ok(Some(Ok(_))) => {}
-                        _ => break,
-                    }
-                }
-                (got, out_of_order, last)
-            })
-        })
+        .map(|ws| tokio::spawn(receive(ws, per_pair)))
         .collect();
     let start = Instant::now();
     let sending: Vec<JoinHandle<Result<Ws, BoxError>>> = senders
         .into_iter()
-        .map(|(mut ws, frames)| {
-            tokio::spawn(async move {
-                // Frames are fed and flushed 16 at a time (a client writing as fast as it can).
-                for (i, frame) in frames.into_iter().enumerate() {
-                    timeout(WAIT, ws.feed(Message::text(frame)))
-                        .await
-                        .map_err(|_| "the node stopped reading")??;
-                    if i % 16 == 15 {
-                        timeout(WAIT, ws.flush()).await.map_err(|_| "flush")??;
-                    }
-                }
-                timeout(WAIT, ws.flush()).await.map_err(|_| "flush")??;
-                Ok(ws)
-            })
-        })
+        .map(|(ws, frames)| tokio::spawn(send(ws, frames)))
         .collect();
     let mut kept = Vec::new();
     for sending in sending {
@@ -103,6 +67,45 @@ pub(crate) async fn unicast_run(
         lost: per_pair * pairs - got,
         out_of_order,
     })
+}
+
+/// A receiver: counts up to `expected` messages, checks their order, and tells when the last
+/// one came: (received, out of order, the last one's arrival).
+async fn receive(mut ws: Ws, expected: usize) -> (usize, usize, Instant) {
+    // Out of order: a message arriving after one sent later than it.
+    let (mut got, mut out_of_order, mut highest) = (0, 0, None);
+    let mut last = Instant::now();
+    while got < expected {
+        match timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let seq = seq_of(text.as_str());
+                if seq < highest {
+                    out_of_order += 1;
+                }
+                highest = highest.max(seq);
+                got += 1;
+                last = Instant::now();
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    (got, out_of_order, last)
+}
+
+/// A sender: writes `frames` as fast as it can, fed and flushed 16 at a time. Returns the
+/// socket, kept open until every receiver is done.
+async fn send(mut ws: Ws, frames: Vec<String>) -> Result<Ws, BoxError> {
+    for (i, frame) in frames.into_iter().enumerate() {
+        timeout(WAIT, ws.feed(Message::text(frame)))
+            .await
+            .map_err(|_| "the node stopped reading")??;
+        if i % 16 == 15 {
+            timeout(WAIT, ws.flush()).await.map_err(|_| "flush")??;
+        }
+    }
+    timeout(WAIT, ws.flush()).await.map_err(|_| "flush")??;
+    Ok(ws)
 }
 
 /// Cross-node throughput of one cluster in one durability mode, 1 and 4 pairs, over the
@@ -148,14 +151,21 @@ pub(crate) async fn throughput_rounds(
     result
 }
 
-pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
-    let n = ctx.sizes.messages;
-    let rounds = ctx.sizes.rounds;
-    // The raw broker, measured between the cluster runs so that both see the same machine.
+/// Raw lapin's throughput over the rounds: the medians, and the deliveries out of order over
+/// all runs.
+struct RawThroughput {
+    ack: f64,
+    no_ack: f64,
+    durable: f64,
+    late: usize,
+}
+
+/// Raw lapin with an ack per message, without acks, and durable, `rounds` times; the first
+/// error once every round has run.
+async fn raw_rounds(n: usize, rounds: usize) -> Result<RawThroughput, BoxError> {
     let (mut raw_acks, mut raw_no_acks, mut raw_durables, mut late_raw) =
         (Vec::new(), Vec::new(), Vec::new(), 0);
     let mut raw_errors = Vec::new();
-    let transient = throughput_rounds(ctx, Durability::Transient).await?;
     for round in 1..=rounds {
         match async {
             let (raw_ack, late_ack) = raw_lapin_rate(n, false, false).await?;
@@ -180,10 +190,36 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
     if let Some(error) = raw_errors.first() {
         return Err(error.clone().into());
     }
+    Ok(RawThroughput {
+        ack: median(raw_acks),
+        no_ack: median(raw_no_acks),
+        durable: median(raw_durables),
+        late: late_raw,
+    })
+}
+
+/// Measures and reports the section.
+pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
+    let n = ctx.sizes.messages;
+    let rounds = ctx.sizes.rounds;
+    // The raw broker, measured between the cluster runs so that both see the same machine.
+    let transient = throughput_rounds(ctx, Durability::Transient).await?;
+    let raw = raw_rounds(n, rounds).await?;
     let durable = throughput_rounds(ctx, Durability::Durable).await?;
-    let (raw_ack, raw_no_ack, raw_durable) =
-        (median(raw_acks), median(raw_no_acks), median(raw_durables));
-    let r = &mut ctx.report;
+    report(&mut ctx.report, n, rounds, &transient, &durable, &raw);
+    Ok(())
+}
+
+/// The rows of the section: each durability mode next to raw lapin.
+fn report(
+    r: &mut Report,
+    n: usize,
+    rounds: usize,
+    transient: &ModeThroughput,
+    durable: &ModeThroughput,
+    raw: &RawThroughput,
+) {
+    let (raw_ack, raw_no_ack, raw_durable, late_raw) = (raw.ack, raw.no_ack, raw.durable, raw.late);
     for (label, ours) in [("1 pair", transient.one), ("4 pairs", transient.four)] {
         r.row(
             format!("1. cross-node unicast, transient, {label} ({n} × 128 B, no ids)"),
@@ -225,5 +261,4 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
         transient.late,
         durable.late
     ));
-    Ok(())
 }
