@@ -17,11 +17,55 @@ use crate::{PAYLOAD, tag};
 /// Raw lapin publishes in flight (as the routing bench and TARGETS.md measure it).
 pub(crate) const IN_FLIGHT: usize = 256;
 
-pub(crate) async fn amqp_connection() -> Result<Connection, BoxError> {
+/// A queue of its own between two connections: one publishes with confirms, the other
+/// consumes. The queue expires a minute after its last consumer, should `close` not run.
+pub(crate) struct RawQueue {
+    publisher: Connection,
+    consumer_conn: Connection,
+    /// The publishing channel (confirms on).
+    pub(crate) channel: lapin::Channel,
+    /// A channel of the consuming connection.
+    pub(crate) sub_channel: lapin::Channel,
+    pub(crate) queue: String,
+}
+
+impl RawQueue {
+    /// A queue named `hc-suite:<what>:<random>`, durable or not.
+    pub(crate) async fn open(what: &str, durable: bool) -> Result<Self, BoxError> {
+        let publisher = amqp_connection().await?;
+        let consumer_conn = amqp_connection().await?;
+        let queue = format!("hc-suite:{what}:{}", tag());
+        let channel = publisher.create_channel().await?;
+        declare_raw_queue(&channel, &queue, durable).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let sub_channel = consumer_conn.create_channel().await?;
+        Ok(Self {
+            publisher,
+            consumer_conn,
+            channel,
+            sub_channel,
+            queue,
+        })
+    }
+
+    /// Deletes the queue and closes both connections.
+    pub(crate) async fn close(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self.publisher.close(200, "OK".into()).await;
+        let _ = self.consumer_conn.close(200, "OK".into()).await;
+    }
+}
+
+async fn amqp_connection() -> Result<Connection, BoxError> {
     Ok(Connection::connect(&servers::amqp_url(), ConnectionProperties::default()).await?)
 }
 
-pub(crate) async fn declare_raw_queue(
+async fn declare_raw_queue(
     channel: &lapin::Channel,
     queue: &str,
     durable: bool,
@@ -48,21 +92,14 @@ pub(crate) async fn raw_lapin_rate(
     no_ack: bool,
     durable: bool,
 ) -> Result<(f64, usize), BoxError> {
-    let publisher = amqp_connection().await?;
-    let consumer_conn = amqp_connection().await?;
-    let queue = format!("hc-suite:raw:{}", tag());
-    let pub_channel = publisher.create_channel().await?;
-    declare_raw_queue(&pub_channel, &queue, durable).await?;
-    pub_channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let sub_channel = consumer_conn.create_channel().await?;
-    sub_channel
+    let raw = RawQueue::open("raw", durable).await?;
+    raw.sub_channel
         .basic_qos(256, BasicQosOptions::default())
         .await?;
-    let consumer = sub_channel
+    let consumer = raw
+        .sub_channel
         .basic_consume(
-            queue.as_str().into(),
+            raw.queue.as_str().into(),
             "".into(),
             BasicConsumeOptions {
                 no_ack,
@@ -73,14 +110,10 @@ pub(crate) async fn raw_lapin_rate(
         .await?;
     let consuming = tokio::spawn(consume(consumer, n, no_ack));
     let start = Instant::now();
-    publish(&pub_channel, &queue, n, durable).await?;
+    publish(&raw.channel, &raw.queue, n, durable).await?;
     let (seen, late) = consuming.await?;
     let elapsed = start.elapsed();
-    let _ = pub_channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = publisher.close(200, "OK".into()).await;
-    let _ = consumer_conn.close(200, "OK".into()).await;
+    raw.close().await;
     if seen < n {
         return Err(format!("raw lapin: {seen} of {n} consumed").into());
     }

@@ -69,7 +69,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::machine::fd_limit;
 use crate::report::{Report, Verdict};
-use crate::serve::{NODE_NAMES, WAIT};
+use crate::serve::{NODE_NAMES, WAIT, init_logging, runtime};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Sink = SplitSink<Ws, Message>;
@@ -198,17 +198,9 @@ pub(crate) fn tag() -> String {
 }
 
 fn main() -> Result<(), BoxError> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_logging();
     let options = Options::parse_args();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     let mut ctx = Ctx {
         sizes: Sizes::new(options.quick),
         run: tag(),

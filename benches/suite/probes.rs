@@ -6,22 +6,18 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster_test_support::BoxError;
 use lapin::BasicProperties;
-use lapin::Connection;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::amqp::{amqp_connection, declare_raw_queue};
+use crate::amqp::RawQueue;
 use crate::clients::{client, connect, next_text, send_frame, seq_of};
 use crate::report::Lat;
 use crate::serve::{WAIT, echo_server};
-use crate::{PAYLOAD, Ws, tag};
+use crate::{PAYLOAD, Ws};
 
 /// One latency measure, sampled one message at a time.
 #[allow(clippy::large_enum_variant)] // a handful of probes, built once
@@ -29,11 +25,8 @@ pub(crate) enum Probe {
     /// Raw AMQP: publish (confirms on) → the consumer on another connection has it. The
     /// confirm and the ack are awaited after the sample, before the next message.
     Amqp {
-        publisher: Connection,
-        consumer_conn: Connection,
-        channel: lapin::Channel,
+        raw: RawQueue,
         consumer: lapin::Consumer,
-        queue: String,
     },
     /// Raw tokio-tungstenite echo round trip on loopback (TCP_NODELAY both ways).
     Echo { ws: Box<Ws>, server: JoinHandle<()> },
@@ -49,30 +42,17 @@ pub(crate) enum Probe {
 
 impl Probe {
     pub(crate) async fn amqp() -> Result<Self, BoxError> {
-        let publisher = amqp_connection().await?;
-        let consumer_conn = amqp_connection().await?;
-        let queue = format!("hc-suite:rtt:{}", tag());
-        let channel = publisher.create_channel().await?;
-        declare_raw_queue(&channel, &queue, false).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let sub_channel = consumer_conn.create_channel().await?;
-        let consumer = sub_channel
+        let raw = RawQueue::open("rtt", false).await?;
+        let consumer = raw
+            .sub_channel
             .basic_consume(
-                queue.as_str().into(),
+                raw.queue.as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        Ok(Self::Amqp {
-            publisher,
-            consumer_conn,
-            channel,
-            consumer,
-            queue,
-        })
+        Ok(Self::Amqp { raw, consumer })
     }
 
     pub(crate) async fn echo() -> Result<Self, BoxError> {
@@ -97,18 +77,14 @@ impl Probe {
 
     pub(crate) async fn sample(&mut self) -> Result<Duration, BoxError> {
         match self {
-            Self::Amqp {
-                channel,
-                consumer,
-                queue,
-                ..
-            } => {
+            Self::Amqp { raw, consumer } => {
                 let payload = [7u8; PAYLOAD];
                 let start = Instant::now();
-                let confirm = channel
+                let confirm = raw
+                    .channel
                     .basic_publish(
                         "".into(),
-                        queue.as_str().into(),
+                        raw.queue.as_str().into(),
                         BasicPublishOptions::default(),
                         &payload,
                         BasicProperties::default(),
@@ -152,19 +128,7 @@ impl Probe {
 
     pub(crate) async fn close(self) {
         match self {
-            Self::Amqp {
-                publisher,
-                consumer_conn,
-                channel,
-                queue,
-                ..
-            } => {
-                let _ = channel
-                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-                let _ = publisher.close(200, "OK".into()).await;
-                let _ = consumer_conn.close(200, "OK".into()).await;
-            }
+            Self::Amqp { raw, .. } => raw.close().await,
             Self::Echo { mut ws, server } => {
                 let _ = timeout(WAIT, WebSocketStream::close(&mut *ws, None)).await;
                 server.abort();

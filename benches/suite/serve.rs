@@ -139,3 +139,22 @@ pub(crate) async fn echo_server(
     });
     Ok((port, task))
 }
+
+/// Warnings to stderr (`RUST_LOG` chooses), lapin's own off.
+pub(crate) fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The runtime of the suite and of its child: two workers, as many as this machine's cores
+/// the measures were tuned on.
+pub(crate) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}

@@ -25,7 +25,7 @@ use hybrid_cluster::{ClusterPrefix, Durability};
 use hybrid_cluster_test_support::BoxError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::serve::{echo_server, small_buffers, start_nodes, stop_nodes};
+use crate::serve::{echo_server, init_logging, runtime, small_buffers, start_nodes, stop_nodes};
 
 /// The child's command line: what to serve.
 #[derive(Debug, Parser)]
@@ -64,17 +64,9 @@ enum Buffers {
 }
 
 fn main() -> Result<(), BoxError> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_logging();
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     runtime.block_on(serve(args.serve))?;
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
