@@ -85,6 +85,8 @@ pub mod load;
 pub mod nodes;
 pub mod placement;
 pub mod strategy;
+#[cfg(test)]
+mod test_nodes;
 
 pub use balance::{Balance, BalanceLayer, BufferedBalance, ResponseFuture};
 pub use error::{BoxError, DiscoverError, NoAvailableNode, NotReady};

@@ -253,20 +253,16 @@ impl Placer {
 mod tests {
     use std::collections::HashMap;
 
-    use hybrid_cluster_core::{Incarnation, NodeInfo, NodeStatus};
+    use hybrid_cluster_core::NodeStatus;
 
     use super::*;
     use crate::strategy::Strategy;
+    use crate::test_nodes::info;
 
+    /// A node whose address names it, so that a redirect shows where it points.
     fn cell(name: &str, connections: u32, max: u32) -> LiveNodeInfo {
-        let mut info = NodeInfo::new(
-            NodeId::new(name).unwrap(),
-            Incarnation::from_u64(1),
-            format!("{name}.local"),
-            5001,
-        );
-        info.connection_count = connections;
-        info.max_connections = max;
+        let mut info = info(name, connections, max);
+        info.address = format!("{name}.local");
         LiveNodeInfo::new(info)
     }
 

@@ -269,21 +269,10 @@ fn rotate_min<T: Ord + Copy>(
 mod tests {
     use std::collections::HashMap;
 
-    use hybrid_cluster_core::{Incarnation, LiveNodeInfo, NodeId, NodeInfo, NodeStatus};
+    use hybrid_cluster_core::{LiveNodeInfo, NodeStatus};
 
     use super::*;
-
-    fn info(name: &str, connections: u32, max: u32) -> NodeInfo {
-        let mut info = NodeInfo::new(
-            NodeId::new(name).unwrap(),
-            Incarnation::from_u64(1),
-            "10.0.0.1",
-            5001,
-        );
-        info.connection_count = connections;
-        info.max_connections = max;
-        info
-    }
+    use crate::test_nodes::info;
 
     fn set_of(nodes: &[(&'static str, u32, u32)]) -> NodeSet<&'static str> {
         let mut set = NodeSet::new();

@@ -247,10 +247,7 @@ where
         loop {
             match self.services.poll_pending(cx) {
                 Poll::Ready(Ok(())) | Poll::Pending => break,
-                Poll::Ready(Err(Failed(key, error))) => {
-                    debug!(%error, "dropping failed endpoint");
-                    self.drop_failed(&key);
-                }
+                Poll::Ready(Err(failed)) => self.drop_failed(failed),
             }
         }
         for index in before..self.services.ready_len() {
@@ -262,9 +259,10 @@ where
 
     /// A service failed: forget its node, unless an older service of the same key is still
     /// ready (a replacement failed).
-    fn drop_failed(&mut self, key: &D::Key) {
-        if self.services.get_ready(key).is_none() {
-            self.nodes.remove(key);
+    fn drop_failed(&mut self, Failed(key, error): Failed<D::Key>) {
+        debug!(%error, "dropping failed endpoint");
+        if self.services.get_ready(&key).is_none() {
+            self.nodes.remove(&key);
         }
     }
 
@@ -276,9 +274,8 @@ where
                 self.nodes.set_ready(key, false);
                 false
             }
-            Err(Failed(key, error)) => {
-                debug!(%error, "dropping failed endpoint");
-                self.drop_failed(&key);
+            Err(failed) => {
+                self.drop_failed(failed);
                 false
             }
         }

@@ -1,20 +1,8 @@
-use hybrid_cluster_core::{Incarnation, NodeId};
+use hybrid_cluster_core::NodeStatus;
 
 use super::slot::{Class, Ratio};
 use super::*;
-use hybrid_cluster_core::NodeStatus;
-
-fn cell(name: &str, connections: u32, max: u32) -> LiveNodeInfo {
-    let mut info = NodeInfo::new(
-        NodeId::new(name).unwrap(),
-        Incarnation::from_u64(1),
-        "10.0.0.1",
-        5001,
-    );
-    info.connection_count = connections;
-    info.max_connections = max;
-    LiveNodeInfo::new(info)
-}
+use crate::test_nodes::cell;
 
 /// Every index holds exactly the available nodes.
 fn check_invariants<K: Clone + Eq + Hash>(set: &NodeSet<K>) {
