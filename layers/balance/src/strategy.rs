@@ -72,7 +72,7 @@ impl Strategy {
     /// The strategy's name, the one spelling written everywhere (command lines, `Display`):
     /// `least-connections`, `round-robin`, `least-resource-usage`, `random`, `p2c`.
     ///
-    /// [`FromStr`](std::str::FromStr) reads these and, for configurations written before
+    /// [`FromStr`] reads these and, for configurations written before
     /// there was one spelling, the older snake_case names (`least_connections`, `round_robin`,
     /// `least_resource_usage`, `power_of_two_choices`).
     pub fn as_str(self) -> &'static str {

@@ -6,7 +6,7 @@
 //! and re-indexes only those. A [`Selector`] then picks among the *available* nodes.
 //!
 //! # What is available
-//! A node is available when it is [`Active`](NodeStatus::Active), below its
+//! A node is available when it is [`Active`](hybrid_cluster_core::NodeStatus::Active), below its
 //! `max_connections` (counting the connections [charged](NodeSet::charge) to it since its
 //! last update) and, inside the [`Balance`] service, when its service is ready. Only available
 //! nodes are in the indexes; the others are only counted, so that [`NoAvailableNode`] can say

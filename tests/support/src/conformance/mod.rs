@@ -3,8 +3,8 @@
 //! provably behave like Redis and RabbitMQ.
 //!
 //! Each case is an `async fn` taking the backend under test (fresh: nothing of another case in
-//! it). A test crate runs every case against one backend with [`registry_conformance!`] or
-//! [`broker_conformance!`], given an `async fn` that makes a fresh backend for a case (named,
+//! it). A test crate runs every case against one backend with [`registry_conformance!`](crate::registry_conformance) or
+//! [`broker_conformance!`](crate::broker_conformance), given an `async fn` that makes a fresh backend for a case (named,
 //! for a unique prefix) and the [`Cleanup`] to run after it:
 //!
 //! ```ignore
