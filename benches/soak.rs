@@ -46,6 +46,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 
 #[derive(Parser, Debug, Clone)]
@@ -331,7 +332,7 @@ async fn connection_slot(shared: Arc<Shared>, node: usize, slot: usize, first: C
         };
         let first_room = format!("room-{}", rng.random_range(0..args.rooms));
         conn.rooms.push(first_room.clone());
-        let mut alive = conn
+        let alive = conn
             .request(&shared, Kind::Join, json!({"op":"join","group":first_room}))
             .await;
         let life_ends = if args.churn > 0.0 {
@@ -339,49 +340,70 @@ async fn connection_slot(shared: Arc<Shared>, node: usize, slot: usize, first: C
         } else {
             Instant::now() + Duration::from_secs(365 * 24 * 3600)
         };
-        let mean_gap = args.connections as f64 / args.rate;
-        let mut next_request = Instant::now() + exponential(mean_gap, &mut rng);
-        while alive && !shared.is_stopping() && Instant::now() < life_ends {
-            tokio::select! {
-                () = sleep_until(next_request.min(life_ends)) => {
-                    if Instant::now() >= life_ends {
-                        break;
-                    }
-                    alive = conn.random_request(&shared, node, &mut rng).await;
-                    next_request = Instant::now() + exponential(mean_gap, &mut rng);
-                }
-                frame = conn.client.next_json(Duration::from_secs(3_600)) => match frame {
-                    Ok(Ok(frame)) => conn.take(&shared, &frame),
-                    Ok(Err(_)) | Err(_) => {
-                        shared.stats.lock().dropped_by_server += 1;
-                        alive = false;
-                    }
-                },
-                () = shared.stop.notified() => {}
-            }
-        }
+        let alive = live(&mut conn, &shared, node, life_ends, alive, &mut rng).await;
         shared.directory[node].write()[slot] = None;
-        // Before closing, every request of this connection is answered (or given up on).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while alive && !conn.pending.is_empty() && Instant::now() < deadline {
-            match conn
-                .client
-                .next_json(deadline.saturating_duration_since(Instant::now()))
-                .await
-            {
-                Ok(Ok(frame)) => conn.take(&shared, &frame),
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
-        {
-            let mut stats = shared.stats.lock();
-            for (kind, _) in conn.pending.values() {
-                stats.kinds.entry(*kind).or_default().never += 1;
-            }
-            stats.closes += 1;
-        }
-        conn.client.close().await;
+        close(conn, &shared, alive).await;
     }
+}
+
+/// A connection's life: random requests at the configured rate, answers taken as they come,
+/// until it ends (`life_ends`), the server drops it or the run stops. Whether it is still
+/// alive.
+async fn live(
+    conn: &mut Conn,
+    shared: &Shared,
+    node: usize,
+    life_ends: Instant,
+    mut alive: bool,
+    rng: &mut StdRng,
+) -> bool {
+    let args = &shared.args;
+    let mean_gap = args.connections as f64 / args.rate;
+    let mut next_request = Instant::now() + exponential(mean_gap, rng);
+    while alive && !shared.is_stopping() && Instant::now() < life_ends {
+        tokio::select! {
+            () = sleep_until(next_request.min(life_ends)) => {
+                if Instant::now() >= life_ends {
+                    break;
+                }
+                alive = conn.random_request(shared, node, rng).await;
+                next_request = Instant::now() + exponential(mean_gap, rng);
+            }
+            frame = conn.client.next_json(Duration::from_secs(3_600)) => match frame {
+                Ok(Ok(frame)) => conn.take(shared, &frame),
+                Ok(Err(_)) | Err(_) => {
+                    shared.stats.lock().dropped_by_server += 1;
+                    alive = false;
+                }
+            },
+            () = shared.stop.notified() => {}
+        }
+    }
+    alive
+}
+
+/// Before closing, every request of the connection is answered (or given up on after 30 s);
+/// the ones never answered are counted.
+async fn close(mut conn: Conn, shared: &Shared, alive: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive && !conn.pending.is_empty() && Instant::now() < deadline {
+        match conn
+            .client
+            .next_json(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Ok(Ok(frame)) => conn.take(shared, &frame),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    {
+        let mut stats = shared.stats.lock();
+        for (kind, _) in conn.pending.values() {
+            stats.kinds.entry(*kind).or_default().never += 1;
+        }
+        stats.closes += 1;
+    }
+    conn.client.close().await;
 }
 
 /// One sample of one node.
@@ -486,22 +508,7 @@ async fn soak(args: &Args, nodes: &[NodeProgram]) -> Result<(), BoxError> {
         stop: Notify::new(),
     });
     let connecting = Instant::now();
-    let mut tasks = Vec::new();
-    for (n, url) in shared.urls.clone().iter().enumerate() {
-        let clients: Vec<Result<Client, BoxError>> = stream::iter(0..per_node)
-            .map(|_| Client::connect(url))
-            .buffered(64)
-            .collect()
-            .await;
-        for (slot, client) in clients.into_iter().enumerate() {
-            tasks.push(tokio::spawn(connection_slot(
-                Arc::clone(&shared),
-                n,
-                slot,
-                client?,
-            )));
-        }
-    }
+    let tasks = open_connections(&shared, per_node).await?;
     let mut report = String::new();
     writeln!(
         report,
@@ -520,6 +527,60 @@ async fn soak(args: &Args, nodes: &[NodeProgram]) -> Result<(), BoxError> {
         per_node * args.nodes,
         connecting.elapsed().as_secs_f64()
     )?;
+    sample_until_the_end(&shared, nodes, &mut report).await?;
+    shared.stopping.store(true, Ordering::Release);
+    shared.stop.notify_waiters();
+    let draining = Instant::now();
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(60), task).await;
+    }
+    writeln!(
+        report,
+        "\nStopped sending; every connection drained its answers and closed in {:.1} s.\n",
+        draining.elapsed().as_secs_f64()
+    )?;
+    write_totals(&mut report, &shared.stats.lock())?;
+    println!("\n{report}");
+    if let Some(dir) = args.report.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.report, &report)?;
+    eprintln!("written to {}", args.report.display());
+    Ok(())
+}
+
+/// Opens `per_node` connections to every node, 64 at a time, each in its slot's task.
+async fn open_connections(
+    shared: &Arc<Shared>,
+    per_node: usize,
+) -> Result<Vec<JoinHandle<()>>, BoxError> {
+    let mut tasks = Vec::new();
+    for (n, url) in shared.urls.clone().iter().enumerate() {
+        let clients: Vec<Result<Client, BoxError>> = stream::iter(0..per_node)
+            .map(|_| Client::connect(url))
+            .buffered(64)
+            .collect()
+            .await;
+        for (slot, client) in clients.into_iter().enumerate() {
+            tasks.push(tokio::spawn(connection_slot(
+                Arc::clone(shared),
+                n,
+                slot,
+                client?,
+            )));
+        }
+    }
+    Ok(tasks)
+}
+
+/// Every `sample_secs` until the run's end: the answers of the interval and each node's
+/// resources, printed and added to `report` as table rows.
+async fn sample_until_the_end(
+    shared: &Shared,
+    nodes: &[NodeProgram],
+    report: &mut String,
+) -> std::fmt::Result {
+    let args = &shared.args;
     writeln!(
         report,
         "| t (s) | answered/s | p50 ms | p99 ms | node | connections | RSS MiB | fds | tasks |"
@@ -558,22 +619,15 @@ async fn soak(args: &Args, nodes: &[NodeProgram]) -> Result<(), BoxError> {
             writeln!(report, "{line}")?;
         }
         if Instant::now() >= end {
-            break;
+            return Ok(());
         }
         next_sample += every;
     }
-    shared.stopping.store(true, Ordering::Release);
-    shared.stop.notify_waiters();
-    let draining = Instant::now();
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(60), task).await;
-    }
-    writeln!(
-        report,
-        "\nStopped sending; every connection drained its answers and closed in {:.1} s.\n",
-        draining.elapsed().as_secs_f64()
-    )?;
-    let stats = shared.stats.lock();
+}
+
+/// The totals of the run: per kind of request, then what clients received and connection
+/// counts.
+fn write_totals(report: &mut String, stats: &Stats) -> std::fmt::Result {
     writeln!(
         report,
         "| request | sent | acked | errors | never answered | p50 ms | p99 ms | max ms |"
@@ -617,13 +671,5 @@ async fn soak(args: &Args, nodes: &[NodeProgram]) -> Result<(), BoxError> {
         report,
         "\nDelivered to clients: {received}. Connections opened {} (failed {}), closed {}, dropped by a node {}. Requests never answered: {never}.",
         stats.connects, stats.connect_failures, stats.closes, stats.dropped_by_server
-    )?;
-    drop(stats);
-    println!("\n{report}");
-    if let Some(dir) = args.report.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.report, &report)?;
-    eprintln!("written to {}", args.report.display());
-    Ok(())
+    )
 }

@@ -14,6 +14,7 @@ use std::error::Error;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl};
@@ -116,6 +117,21 @@ impl Client {
     }
 }
 
+/// The demo's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cluster",
+    about = "Three nodes of one cluster in one process, with real WebSocket clients"
+)]
+struct Cli {
+    /// Redis, for discovery (give --amqp too, or neither for the embedded backends).
+    #[arg(long, value_name = "URL")]
+    redis: Option<RedisUrl>,
+    /// RabbitMQ, for routing (give --redis too, or neither).
+    #[arg(long, value_name = "URL")]
+    amqp: Option<AmqpUrl>,
+}
+
 struct Args {
     backends: Backends,
     prefix: ClusterPrefix,
@@ -123,21 +139,7 @@ struct Args {
 }
 
 fn args() -> Result<Args, BoxError> {
-    let mut redis = None;
-    let mut amqp = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--redis" => redis = Some(value.parse::<RedisUrl>()?),
-            "--amqp" => amqp = Some(value.parse::<AmqpUrl>()?),
-            other => {
-                return Err(
-                    format!("unknown option {other} (known: --redis URL --amqp URL)").into(),
-                );
-            }
-        }
-    }
+    let Cli { redis, amqp } = Cli::parse();
     // One fixed prefix: every run reuses the same exchange and dead-letter queue in RabbitMQ
     // rather than leaving new ones behind (nodes remove their own queues and keys on leaving).
     let prefix = ClusterPrefix::new("hybrid-cluster-demo")?;
@@ -193,12 +195,63 @@ async fn main() -> Result<(), BoxError> {
             "hybrid-cluster demo: 3 nodes in one process on the embedded backends (no Redis, no RabbitMQ)\n"
         );
     }
+    let [(node1, url1), (node2, url2), (node3, url3)] = start_nodes(&args, &log).await?;
 
-    let (node1, url1) = start_node("node-1", 2, &args).await?;
+    let mut alice = Client::connect("alice", &url1, &log).await?;
+    let mut bob = Client::connect("bob", &url2, &log).await?;
+    let mut carol = Client::connect("carol", &url3, &log).await?;
+    let mut dave = Client::connect("dave", &url1, &log).await?;
+    // node-1 is full now (alice, dave): erin is sent elsewhere by the balancer.
+    let mut erin = Client::connect("erin", &url1, &log).await?;
+    println!();
+
+    unicast(&mut alice, &mut bob, &log).await?;
+    group(&mut alice, &mut bob, &mut carol, &mut dave, &log).await?;
+    log.say("carol broadcasts");
+    carol
+        .send(json!({"op": "broadcast", "data": "news for all"}))
+        .await?;
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave, &mut erin] {
+        let message = client.next().await?;
+        log.say(format!(
+            "    {:<5} on {} gets {message}",
+            client.name, client.node
+        ));
+    }
+    log.say("dave -> a connection that never existed");
+    dave.send(json!({"op": "send", "to": "node-2:00000000000000aa:99", "data": 1, "id": "x"}))
+        .await?;
+    log.say(format!("    dave gets {}", dave.next().await?));
+    println!();
+
+    let carol = leave(&node1, node3, &mut carol, &log).await?;
+    println!();
+    let seen: Vec<String> = node1
+        .nodes()
+        .iter()
+        .map(|n| {
+            format!(
+                "{} ({} connections, {})",
+                n.node_id, n.connection_count, n.status
+            )
+        })
+        .collect();
+    log.say(format!("node-1 sees {}", seen.join(", ")));
+    drop((alice, bob, carol, dave, erin));
+    node1.shutdown().await?;
+    node2.shutdown().await?;
+    println!("\nDone.");
+    Ok(())
+}
+
+/// Starts the three nodes (node-1 holds at most 2 connections) and waits until node-1 sees
+/// them all.
+async fn start_nodes(args: &Args, log: &Log) -> Result<[(Cluster, String); 3], BoxError> {
+    let (node1, url1) = start_node("node-1", 2, args).await?;
     log.say(format!("node-1 serves {url1} (at most 2 connections)"));
-    let (node2, url2) = start_node("node-2", 100, &args).await?;
+    let (node2, url2) = start_node("node-2", 100, args).await?;
     log.say(format!("node-2 serves {url2}"));
-    let (node3, url3) = start_node("node-3", 100, &args).await?;
+    let (node3, url3) = start_node("node-3", 100, args).await?;
     log.say(format!("node-3 serves {url3}"));
     node1
         .discovery()
@@ -212,15 +265,11 @@ async fn main() -> Result<(), BoxError> {
         .collect();
     log.say(format!("node-1 sees {}", seen.join(", ")));
     println!();
+    Ok([(node1, url1), (node2, url2), (node3, url3)])
+}
 
-    let mut alice = Client::connect("alice", &url1, &log).await?;
-    let mut bob = Client::connect("bob", &url2, &log).await?;
-    let mut carol = Client::connect("carol", &url3, &log).await?;
-    let mut dave = Client::connect("dave", &url1, &log).await?;
-    // node-1 is full now (alice, dave): erin is sent elsewhere by the balancer.
-    let mut erin = Client::connect("erin", &url1, &log).await?;
-    println!();
-
+/// A message across nodes, acked once the broker confirmed it.
+async fn unicast(alice: &mut Client, bob: &mut Client, log: &Log) -> Result<(), BoxError> {
     log.say(format!(
         "alice -> bob: {{\"op\":\"send\",\"to\":\"{}\",\"data\":\"hi bob\",\"id\":1}}",
         bob.id
@@ -233,8 +282,18 @@ async fn main() -> Result<(), BoxError> {
         "    alice gets {} (confirmed by the broker)",
         alice.next().await?
     ));
+    Ok(())
+}
 
-    for client in [&mut bob, &mut carol] {
+/// Bob and carol join a group; a message to it reaches them only.
+async fn group(
+    alice: &mut Client,
+    bob: &mut Client,
+    carol: &mut Client,
+    dave: &mut Client,
+    log: &Log,
+) -> Result<(), BoxError> {
+    for client in [&mut *bob, &mut *carol] {
         client.send(json!({"op": "join", "group": "lobby"})).await?;
         let reply = client.next().await?;
         log.say(format!("{} on {} gets {reply}", client.name, client.node));
@@ -249,31 +308,20 @@ async fn main() -> Result<(), BoxError> {
         "    alice and dave get nothing: {}",
         alice.quiet().await && dave.quiet().await
     ));
+    Ok(())
+}
 
-    log.say("carol broadcasts");
-    carol
-        .send(json!({"op": "broadcast", "data": "news for all"}))
-        .await?;
-    for client in [&mut alice, &mut bob, &mut carol, &mut dave, &mut erin] {
-        let message = client.next().await?;
-        log.say(format!(
-            "    {:<5} on {} gets {message}",
-            client.name, client.node
-        ));
-    }
-
-    log.say("dave -> a connection that never existed");
-    dave.send(json!({"op": "send", "to": "node-2:00000000000000aa:99", "data": 1, "id": "x"}))
-        .await?;
-    log.say(format!("    dave gets {}", dave.next().await?));
-    println!();
-
+/// Node-3 shuts down gracefully: carol is closed with a reason naming another node, and
+/// reconnects there. Returns carol's new client.
+async fn leave(
+    node1: &Cluster,
+    node3: Cluster,
+    carol: &mut Client,
+    log: &Log,
+) -> Result<Client, BoxError> {
     log.say("node-3 shuts down gracefully");
     let left = Instant::now();
-    let shutdown = tokio::spawn({
-        let node3 = node3.clone();
-        async move { node3.shutdown().await }
-    });
+    let shutdown = tokio::spawn(async move { node3.shutdown().await });
     let closed = carol.next().await?;
     log.say(format!("    carol gets {closed}"));
     shutdown.await??;
@@ -291,24 +339,7 @@ async fn main() -> Result<(), BoxError> {
         .and_then(|reason| serde_json::from_str::<Value>(reason).ok())
         .and_then(|reason| reason["reconnect"].as_str().map(str::to_owned))
         .ok_or("the close reason names no node")?;
-    let carol = Client::connect("carol", &reconnect, &log).await?;
+    let carol = Client::connect("carol", &reconnect, log).await?;
     log.say(format!("carol is back, on {}", carol.node));
-    println!();
-
-    let seen: Vec<String> = node1
-        .nodes()
-        .iter()
-        .map(|n| {
-            format!(
-                "{} ({} connections, {})",
-                n.node_id, n.connection_count, n.status
-            )
-        })
-        .collect();
-    log.say(format!("node-1 sees {}", seen.join(", ")));
-    drop((alice, bob, carol, dave, erin));
-    node1.shutdown().await?;
-    node2.shutdown().await?;
-    println!("\nDone.");
-    Ok(())
+    Ok(carol)
 }

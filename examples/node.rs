@@ -35,10 +35,12 @@
 
 use std::error::Error;
 use std::future::IntoFuture;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use clap::Parser;
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, NodeId, RedisUrl,
@@ -50,132 +52,125 @@ use tracing_subscriber::EnvFilter;
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
-const USAGE: &str = "usage: node --node-id ID --port P [--address HOST] [--redis URL --amqp URL] \
-[--strategy least-connections|round-robin|least-resource-usage|random|p2c] [--max-connections N] \
-[--prefix P] [--heartbeat-ms MS] [--shutdown-grace-ms MS] [--max-in-flight N] \
-[--max-pending-per-connection N] [--write-timeout-ms MS] [--durability transient|durable|replicated] \
-[--public-url URL] [--bind ADDR]";
-
-fn strategy(name: &str) -> Result<Strategy, BoxError> {
-    Ok(match name {
-        "least-connections" => Strategy::LeastConnections,
-        "round-robin" => Strategy::RoundRobin,
-        "least-resource-usage" => Strategy::LeastResourceUsage,
-        "random" => Strategy::Random,
-        "p2c" => Strategy::PowerOfTwoChoices,
-        other => return Err(format!("unknown strategy `{other}`\n{USAGE}").into()),
-    })
+/// The node program's command line. Its flags are a public interface: scripts and
+/// deployments name them, so a flag is never renamed and its default never moves.
+#[derive(Debug, Parser)]
+#[command(
+    name = "node",
+    about = "One node of a hybrid-cluster, serving the demo protocol on ws://HOST:PORT/ws",
+    after_help = "RUST_LOG sets the log level (default info). HYBRID_CLUSTER_SECRET (at least \
+16 bytes, the same on every node) signs node-to-node traffic.",
+    // A flag given twice keeps its last value, as scripts that append overrides expect.
+    args_override_self = true,
+    // A value may start with `-`, as the hand-written parser this replaced allowed.
+    allow_hyphen_values = true
+)]
+struct Args {
+    /// This node's id (1-64 characters of A-Z a-z 0-9 _ - .).
+    #[arg(long, value_name = "ID")]
+    node_id: NodeId,
+    /// The port to serve on.
+    #[arg(long, value_name = "P")]
+    port: u16,
+    /// The host clients and redirects use to reach this node.
+    #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
+    address: String,
+    /// Redis, for discovery (give --amqp too, or neither for a lone node on the embedded
+    /// backends).
+    #[arg(long, value_name = "URL")]
+    redis: Option<RedisUrl>,
+    /// RabbitMQ, for routing (give --redis too, or neither).
+    #[arg(long, value_name = "URL")]
+    amqp: Option<AmqpUrl>,
+    /// How the node chooses where a client goes when it does not keep it.
+    #[arg(long, value_enum, default_value_t = Strategy::default())]
+    strategy: Strategy,
+    /// Connections this node holds at most [default: 10000].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u32>,
+    /// The cluster's prefix in Redis keys and RabbitMQ names.
+    #[arg(long, value_name = "P")]
+    prefix: Option<ClusterPrefix>,
+    /// How often the node publishes its info.
+    #[arg(long, value_name = "MS")]
+    heartbeat_ms: Option<u64>,
+    /// How long a graceful shutdown may take [default: 5000].
+    #[arg(long, value_name = "MS")]
+    shutdown_grace_ms: Option<u64>,
+    /// The node's bound on messages awaiting the broker (at least 1) [default: 256].
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
+    /// One client's requests in flight before the node stops reading it (at least 1)
+    /// [default: 128].
+    #[arg(long, value_name = "N")]
+    max_pending_per_connection: Option<usize>,
+    /// How long a write may wait for a client that does not read before it is dropped
+    /// [default: 5000].
+    #[arg(long, value_name = "MS")]
+    write_timeout_ms: Option<u64>,
+    /// What survives a broker restart (see the README's delivery contract) [default: durable].
+    #[arg(long, value_parser = ["transient", "durable", "replicated"])]
+    durability: Option<String>,
+    /// The ws:// or wss:// URL clients reach this node at, behind TLS or a proxy: redirects
+    /// and close reasons name it.
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+    /// The address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
+    bind: IpAddr,
 }
 
-fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, BoxError>
-where
-    T::Err: std::fmt::Display,
-{
-    value
-        .parse::<T>()
-        .map_err(|e| format!("{flag}: {e}\n{USAGE}").into())
-}
-
-fn parse_args() -> Result<(ClusterConfig, Backends, ServerConfig, std::net::IpAddr), BoxError> {
-    let mut node_id = None;
-    let mut port = None;
-    let mut address = "127.0.0.1".to_owned();
-    let mut redis = None;
-    let mut amqp = None;
-    let mut chosen_strategy = Strategy::default();
-    let mut max_connections = None;
-    let mut prefix = ClusterPrefix::default();
-    let mut heartbeat = None;
-    let mut grace = None;
-    let mut durability = None;
-    let mut public_url = None;
-    let mut bind = std::net::IpAddr::from([0, 0, 0, 0]);
-    let mut max_in_flight = None;
-    let mut server = ServerConfig::default();
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        if arg == "--help" || arg == "-h" {
-            println!("{USAGE}");
-            std::process::exit(0);
+impl Args {
+    /// The cluster's and the server's configuration, and the backends, from the flags.
+    fn into_config(self) -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
+        let backends = match (self.redis, self.amqp) {
+            (Some(redis), Some(amqp)) => Backends::servers(redis, amqp),
+            (None, None) => {
+                tracing::warn!("no --redis/--amqp: a lone node on the embedded backends");
+                Backends::embedded()
+            }
+            _ => return Err("give both --redis and --amqp, or neither".into()),
+        };
+        // The cluster secret, when HYBRID_CLUSTER_SECRET is set: never on the command line,
+        // where other users of the machine could read it.
+        let mut config =
+            ClusterConfig::new(self.node_id, self.address, self.port).with_secret_from_env()?;
+        if config.secret.is_some() {
+            tracing::info!("HYBRID_CLUSTER_SECRET is set: node-to-node traffic is signed");
         }
-        let value = args
-            .next()
-            .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))?;
-        match arg.as_str() {
-            "--node-id" => node_id = Some(NodeId::new(&value)?),
-            "--port" => port = Some(value.parse::<u16>().map_err(|e| format!("--port: {e}"))?),
-            "--address" => address = value,
-            "--redis" => redis = Some(value.parse::<RedisUrl>()?),
-            "--amqp" => amqp = Some(value.parse::<AmqpUrl>()?),
-            "--strategy" => chosen_strategy = strategy(&value)?,
-            "--max-connections" => max_connections = Some(number::<u32>(&arg, &value)?),
-            "--prefix" => prefix = value.parse()?,
-            "--heartbeat-ms" => {
-                heartbeat = Some(Duration::from_millis(number(&arg, &value)?));
-            }
-            "--public-url" => public_url = Some(value),
-            "--bind" => {
-                bind = value
-                    .parse::<std::net::IpAddr>()
-                    .map_err(|e| format!("--bind: {e}\n{USAGE}"))?;
-            }
-            "--durability" => {
-                durability = Some(
-                    value
-                        .parse::<Durability>()
-                        .map_err(|e| format!("{e}\n{USAGE}"))?,
-                )
-            }
-            "--shutdown-grace-ms" => grace = Some(Duration::from_millis(number(&arg, &value)?)),
-            "--max-in-flight" => max_in_flight = Some(number::<usize>(&arg, &value)?.max(1)),
-            "--write-timeout-ms" => {
-                server.write_timeout = Duration::from_millis(number(&arg, &value)?);
-            }
-            "--max-pending-per-connection" => {
-                server.max_pending_per_connection = number::<usize>(&arg, &value)?.max(1);
-            }
-            other => return Err(format!("unknown option {other}\n{USAGE}").into()),
+        config.strategy = self.strategy;
+        if let Some(prefix) = self.prefix {
+            config.prefix = prefix;
         }
-    }
-    let node_id = node_id.ok_or_else(|| format!("--node-id is required\n{USAGE}"))?;
-    let port = port.ok_or_else(|| format!("--port is required\n{USAGE}"))?;
-    let backends = match (redis, amqp) {
-        (Some(redis), Some(amqp)) => Backends::servers(redis, amqp),
-        (None, None) => {
-            tracing::warn!("no --redis/--amqp: a lone node on the embedded backends");
-            Backends::embedded()
+        if let Some(max) = self.max_connections {
+            config.max_connections = max;
         }
-        _ => return Err(format!("give both --redis and --amqp, or neither\n{USAGE}").into()),
-    };
-    // The cluster secret, when HYBRID_CLUSTER_SECRET is set: never on the command line, where
-    // other users of the machine could read it.
-    let mut config = ClusterConfig::new(node_id, address, port).with_secret_from_env()?;
-    if config.secret.is_some() {
-        tracing::info!("HYBRID_CLUSTER_SECRET is set: node-to-node traffic is signed");
+        if let Some(ms) = self.heartbeat_ms {
+            config.discovery = config.discovery.with_heartbeat(Duration::from_millis(ms));
+        }
+        if let Some(ms) = self.shutdown_grace_ms {
+            config.shutdown_grace = Duration::from_millis(ms);
+        }
+        if let Some(durability) = self.durability {
+            config.durability = durability.parse::<Durability>()?;
+        }
+        if let Some(max) = self.max_in_flight {
+            config.forward.max_in_flight = max.max(1);
+        }
+        if let Some(url) = self.public_url {
+            hybrid_cluster::check_public_url(&url)
+                .map_err(|reason| format!("--public-url: {reason}"))?;
+            config.public_url = Some(url);
+        }
+        let mut server = ServerConfig::default();
+        if let Some(ms) = self.write_timeout_ms {
+            server.write_timeout = Duration::from_millis(ms);
+        }
+        if let Some(max) = self.max_pending_per_connection {
+            server.max_pending_per_connection = max.max(1);
+        }
+        Ok((config, backends, server))
     }
-    config.strategy = chosen_strategy;
-    config.prefix = prefix;
-    if let Some(max) = max_connections {
-        config.max_connections = max;
-    }
-    if let Some(heartbeat) = heartbeat {
-        config.discovery = config.discovery.with_heartbeat(heartbeat);
-    }
-    if let Some(grace) = grace {
-        config.shutdown_grace = grace;
-    }
-    if let Some(durability) = durability {
-        config.durability = durability;
-    }
-    if let Some(max) = max_in_flight {
-        config.forward.max_in_flight = max;
-    }
-    if let Some(url) = public_url {
-        hybrid_cluster::check_public_url(&url)
-            .map_err(|reason| format!("--public-url: {reason}\n{USAGE}"))?;
-        config.public_url = Some(url);
-    }
-    Ok((config, backends, server, bind))
 }
 
 /// Raises the soft limit on open files to the hard one: each connection is a descriptor.
@@ -234,10 +229,12 @@ fn main() -> std::process::ExitCode {
         // Colours only for a person at a terminal, not in a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let (config, backends, server, bind) = match parse_args() {
+    let args = Args::parse();
+    let bind = args.bind;
+    let (config, backends, server) = match args.into_config() {
         Ok(parsed) => parsed,
         Err(error) => {
-            eprintln!("error: {error}");
+            eprintln!("error: {error}\n\nFor more information, try '--help'.");
             return std::process::ExitCode::from(2);
         }
     };
@@ -268,7 +265,7 @@ async fn run(
     config: ClusterConfig,
     backends: Backends,
     server: ServerConfig,
-    bind: std::net::IpAddr,
+    bind: IpAddr,
 ) -> Result<(), BoxError> {
     let grace = config.shutdown_grace;
     let listener = tokio::net::TcpListener::bind((bind, config.port)).await?;

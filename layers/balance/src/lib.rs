@@ -85,10 +85,12 @@ pub mod load;
 pub mod nodes;
 pub mod placement;
 pub mod strategy;
+#[cfg(test)]
+mod test_nodes;
 
 pub use balance::{Balance, BalanceLayer, BufferedBalance, ResponseFuture};
 pub use error::{BoxError, DiscoverError, NoAvailableNode, NotReady};
 pub use load::ConnectionLoad;
 pub use nodes::{Candidate, NodeSet};
 pub use placement::{Placement, PlacementPolicy, Placer, Redirect};
-pub use strategy::{Selector, Strategy};
+pub use strategy::{Selector, Strategy, UnknownStrategy};

@@ -210,16 +210,11 @@ impl Placer {
     {
         let mut discover = pin!(discover);
         while let Some(change) = poll_fn(|cx| discover.as_mut().poll_discover(cx)).await {
-            match change.map_err(Into::into)? {
-                Change::Insert(id, service) => {
-                    if id != self.local {
-                        let live = service.live_node_info().clone();
-                        self.view.lock().nodes.insert(id, live);
-                    }
-                }
-                Change::Remove(id) => {
-                    self.remove(&id);
-                }
+            let change = change.map_err(Into::into)?;
+            let (Change::Insert(id, _) | Change::Remove(id)) = &change;
+            // This node's own entry is the cell the placer was built with: never replaced.
+            if *id != self.local {
+                self.view.lock().nodes.apply(&change, true);
             }
         }
         Ok(())
@@ -258,20 +253,16 @@ impl Placer {
 mod tests {
     use std::collections::HashMap;
 
-    use hybrid_cluster_core::{Incarnation, NodeInfo, NodeStatus};
+    use hybrid_cluster_core::NodeStatus;
 
     use super::*;
     use crate::strategy::Strategy;
+    use crate::test_nodes::info;
 
+    /// A node whose address names it, so that a redirect shows where it points.
     fn cell(name: &str, connections: u32, max: u32) -> LiveNodeInfo {
-        let mut info = NodeInfo::new(
-            NodeId::new(name).unwrap(),
-            Incarnation::from_u64(1),
-            format!("{name}.local"),
-            5001,
-        );
-        info.connection_count = connections;
-        info.max_connections = max;
+        let mut info = info(name, connections, max);
+        info.address = format!("{name}.local");
         LiveNodeInfo::new(info)
     }
 

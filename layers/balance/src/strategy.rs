@@ -34,6 +34,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::str::FromStr;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -68,9 +69,25 @@ impl Strategy {
         Strategy::PowerOfTwoChoices,
     ];
 
-    /// The strategy's name, as in configuration: `least_connections`, `round_robin`,
-    /// `least_resource_usage`, `random`, `power_of_two_choices`.
+    /// The strategy's name, the one spelling written everywhere (command lines, `Display`):
+    /// `least-connections`, `round-robin`, `least-resource-usage`, `random`, `p2c`.
+    ///
+    /// [`FromStr`] reads these and, for configurations written before
+    /// there was one spelling, the older snake_case names (`least_connections`, `round_robin`,
+    /// `least_resource_usage`, `power_of_two_choices`).
     pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeastConnections => "least-connections",
+            Self::RoundRobin => "round-robin",
+            Self::LeastResourceUsage => "least-resource-usage",
+            Self::Random => "random",
+            Self::PowerOfTwoChoices => "p2c",
+        }
+    }
+
+    /// The snake_case name `as_str` returned before there was one spelling: still read, so
+    /// that scripts and configurations holding it keep working, never written.
+    fn legacy_name(self) -> &'static str {
         match self {
             Self::LeastConnections => "least_connections",
             Self::RoundRobin => "round_robin",
@@ -84,6 +101,52 @@ impl Strategy {
 impl fmt::Display for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = UnknownStrategy;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|strategy| name == strategy.as_str() || name == strategy.legacy_name())
+            .ok_or_else(|| UnknownStrategy(name.to_owned()))
+    }
+}
+
+/// A name [`Strategy::from_str`](std::str::FromStr::from_str) does not know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownStrategy(String);
+
+impl fmt::Display for UnknownStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let known: Vec<&str> = Strategy::ALL.iter().map(|s| s.as_str()).collect();
+        write!(
+            f,
+            "unknown strategy `{}` (known: {})",
+            self.0,
+            known.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownStrategy {}
+
+/// `--strategy` for command lines built with clap (the `clap` feature): the names of
+/// [`Strategy::as_str`] in `--help`, the older snake_case names accepted as hidden aliases.
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for Strategy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let value = clap::builder::PossibleValue::new(self.as_str());
+        Some(match self.legacy_name() {
+            legacy if legacy != self.as_str() => value.alias(legacy),
+            _ => value,
+        })
     }
 }
 
@@ -206,21 +269,10 @@ fn rotate_min<T: Ord + Copy>(
 mod tests {
     use std::collections::HashMap;
 
-    use hybrid_cluster_core::{Incarnation, LiveNodeInfo, NodeId, NodeInfo, NodeStatus};
+    use hybrid_cluster_core::{LiveNodeInfo, NodeStatus};
 
     use super::*;
-
-    fn info(name: &str, connections: u32, max: u32) -> NodeInfo {
-        let mut info = NodeInfo::new(
-            NodeId::new(name).unwrap(),
-            Incarnation::from_u64(1),
-            "10.0.0.1",
-            5001,
-        );
-        info.connection_count = connections;
-        info.max_connections = max;
-        info
-    }
+    use crate::test_nodes::info;
 
     fn set_of(nodes: &[(&'static str, u32, u32)]) -> NodeSet<&'static str> {
         let mut set = NodeSet::new();
@@ -430,5 +482,17 @@ mod tests {
                 assert_eq!(one.pick(&set).unwrap().key, two.pick(&set).unwrap().key);
             }
         }
+    }
+
+    #[test]
+    fn names_read_back_in_both_spellings_and_write_in_one() {
+        for strategy in Strategy::ALL {
+            assert_eq!(strategy.as_str().parse::<Strategy>(), Ok(strategy));
+            assert_eq!(strategy.legacy_name().parse::<Strategy>(), Ok(strategy));
+            assert_eq!(strategy.to_string(), strategy.as_str());
+        }
+        assert_eq!("p2c".parse::<Strategy>(), Ok(Strategy::PowerOfTwoChoices));
+        assert!("least connections".parse::<Strategy>().is_err());
+        assert!("Random".parse::<Strategy>().is_err());
     }
 }

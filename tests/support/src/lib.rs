@@ -8,6 +8,7 @@
 //! - [`node`]: the node program (`examples/node.rs`) run as a real process;
 //! - [`client`]: a WebSocket client of the node program's JSON protocol;
 //! - [`limits`]: raising the open-file limit for thousands of connections;
+//! - [`process`]: what a process holds (resident memory, open files), from `/proc`;
 //! - [`proxy`]: a TCP proxy a test can cut, for network failures between a node and a server;
 //! - [`rabbitmq`]: disturbing the shared RabbitMQ (restart, memory alarm) and putting it back.
 
@@ -17,6 +18,7 @@ pub mod client;
 pub mod conformance;
 pub mod limits;
 pub mod node;
+pub mod process;
 pub mod proxy;
 pub mod rabbitmq;
 pub mod servers;

@@ -209,23 +209,12 @@ impl NodeProgram {
 
     /// Its resident memory, in KiB (Linux).
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        crate::process::rss_kib(self.pid()?)
     }
 
     /// Its open file descriptors (Linux).
     pub fn open_fds(&self) -> Option<usize> {
-        Some(
-            std::fs::read_dir(format!("/proc/{}/fd", self.pid()?))
-                .ok()?
-                .count(),
-        )
+        crate::process::open_fds(self.pid()?)
     }
 }
 

@@ -214,21 +214,24 @@ where
                     self.discover_ended = true;
                 }
                 Poll::Ready(Some(Err(error))) => return Err(DiscoverError::new(error.into())),
-                Poll::Ready(Some(Ok(Change::Insert(key, service)))) => {
-                    trace!("insert");
-                    // A replaced service is dropped at once (the cache would otherwise keep
-                    // calling the old one until the new one is ready): a re-insert is a new
-                    // service for the node, e.g. after a restart. The node then waits, like a
-                    // new one, until its new service is ready.
-                    self.services.evict(&key);
-                    self.nodes
-                        .insert_with(key.clone(), service.live_node_info().clone(), false);
-                    self.services.push(key, service);
-                }
-                Poll::Ready(Some(Ok(Change::Remove(key)))) => {
-                    trace!("remove");
-                    self.services.evict(&key);
-                    self.nodes.remove(&key);
+                Poll::Ready(Some(Ok(change))) => {
+                    self.nodes.apply(&change, false);
+                    match change {
+                        Change::Insert(key, service) => {
+                            trace!("insert");
+                            // A replaced service is dropped at once (the cache would otherwise
+                            // keep calling the old one until the new one is ready): a
+                            // re-insert is a new service for the node, e.g. after a restart.
+                            // The node then waits, like a new one, until its new service is
+                            // ready (inserted not ready above).
+                            self.services.evict(&key);
+                            self.services.push(key, service);
+                        }
+                        Change::Remove(key) => {
+                            trace!("remove");
+                            self.services.evict(&key);
+                        }
+                    }
                 }
             }
         }
@@ -244,10 +247,7 @@ where
         loop {
             match self.services.poll_pending(cx) {
                 Poll::Ready(Ok(())) | Poll::Pending => break,
-                Poll::Ready(Err(Failed(key, error))) => {
-                    debug!(%error, "dropping failed endpoint");
-                    self.drop_failed(&key);
-                }
+                Poll::Ready(Err(failed)) => self.drop_failed(failed),
             }
         }
         for index in before..self.services.ready_len() {
@@ -259,9 +259,10 @@ where
 
     /// A service failed: forget its node, unless an older service of the same key is still
     /// ready (a replacement failed).
-    fn drop_failed(&mut self, key: &D::Key) {
-        if self.services.get_ready(key).is_none() {
-            self.nodes.remove(key);
+    fn drop_failed(&mut self, Failed(key, error): Failed<D::Key>) {
+        debug!(%error, "dropping failed endpoint");
+        if self.services.get_ready(&key).is_none() {
+            self.nodes.remove(&key);
         }
     }
 
@@ -273,9 +274,8 @@ where
                 self.nodes.set_ready(key, false);
                 false
             }
-            Err(Failed(key, error)) => {
-                debug!(%error, "dropping failed endpoint");
-                self.drop_failed(&key);
+            Err(failed) => {
+                self.drop_failed(failed);
                 false
             }
         }

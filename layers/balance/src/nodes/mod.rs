@@ -6,7 +6,7 @@
 //! and re-indexes only those. A [`Selector`] then picks among the *available* nodes.
 //!
 //! # What is available
-//! A node is available when it is [`Active`](NodeStatus::Active), below its
+//! A node is available when it is [`Active`](hybrid_cluster_core::NodeStatus::Active), below its
 //! `max_connections` (counting the connections [charged](NodeSet::charge) to it since its
 //! last update) and, inside the [`Balance`] service, when its service is ready. Only available
 //! nodes are in the indexes; the others are only counted, so that [`NoAvailableNode`] can say
@@ -62,141 +62,23 @@
 //! [`Selector`]: crate::Selector
 //! [`NoAvailableNode`]: crate::NoAvailableNode
 
-use std::cmp::Ordering;
+mod follow;
+mod slot;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use hybrid_cluster_core::{Epoch, LiveNodeInfo, NodeInfo, NodeStatus};
+use hybrid_cluster_core::{Epoch, HasNodeInfo, LiveNodeInfo, NodeInfo};
+use tower::discover::Change;
 
+use self::follow::Follow;
+pub(crate) use self::slot::Ratio;
+use self::slot::{Class, Slot};
 use crate::error::NoAvailableNode;
-
-/// Connections relative to capacity, as an exact fraction (`den > 0`), compared by
-/// cross-multiplication so that equal loads are exactly equal (no float noise in ties).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Ratio {
-    num: u64,
-    den: u64,
-}
-
-impl Ratio {
-    fn new(connections: u64, max: u32) -> Self {
-        Self {
-            num: connections,
-            den: u64::from(max.max(1)),
-        }
-    }
-}
-
-impl PartialEq for Ratio {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Ratio {}
-
-impl PartialOrd for Ratio {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Ratio {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (u128::from(self.num) * u128::from(other.den))
-            .cmp(&(u128::from(other.num) * u128::from(self.den)))
-    }
-}
-
-/// CPU % + memory %, in thousandths of a percent (`0..=200_000`); unreadable values sort last.
-fn usage_of(info: &NodeInfo) -> u32 {
-    let sum = f64::from(info.cpu_usage_percent) + f64::from(info.memory_usage_percent);
-    if sum.is_nan() {
-        return u32::MAX;
-    }
-    // Clamped to 0..=200 first, so the cast cannot truncate.
-    (sum.clamp(0.0, 200.0) * 1000.0).round() as u32
-}
-
-/// Why a node is or is not in the indexes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Class {
-    Available = 0,
-    Draining = 1,
-    Offline = 2,
-    Full = 3,
-    NotReady = 4,
-    Degraded = 5,
-}
-
-struct Slot<K> {
-    key: K,
-    live: LiveNodeInfo,
-    info: Arc<NodeInfo>,
-    version: u64,
-    /// Join order: unique, never reused; the rotation order of round robin and of ties.
-    seq: u64,
-    ready: bool,
-    /// Connections charged since the last update, added to the reported count.
-    charged: u32,
-    class: Class,
-    load: Ratio,
-    usage: u32,
-    /// Position in `available` while available.
-    pos: usize,
-}
-
-impl<K> Slot<K> {
-    fn connections(&self) -> u64 {
-        u64::from(self.info.connection_count) + u64::from(self.charged)
-    }
-
-    /// Recomputes the derived keys and class from `info`, `charged` and `ready`.
-    fn derive(&mut self) {
-        let connections = self.connections();
-        self.load = Ratio::new(connections, self.info.max_connections);
-        self.usage = usage_of(&self.info);
-        self.class = match self.info.status {
-            NodeStatus::Draining => Class::Draining,
-            NodeStatus::Degraded => Class::Degraded,
-            NodeStatus::Offline => Class::Offline,
-            NodeStatus::Active if connections >= u64::from(self.info.max_connections) => {
-                Class::Full
-            }
-            NodeStatus::Active if !self.ready => Class::NotReady,
-            NodeStatus::Active => Class::Available,
-        };
-    }
-}
-
-#[derive(Debug)]
-enum Follow {
-    /// No node inserted yet: the first one's epoch is adopted.
-    Undecided,
-    /// Cells with different epochs were inserted: every refresh checks every version.
-    EachNode,
-    /// Every cell bumps this epoch: a refresh first checks whether it moved.
-    Shared { epoch: Epoch, seen: u64 },
-}
-
-impl Follow {
-    /// Follows one more cell: adopts its epoch when none is known yet, and falls back to
-    /// checking every node when the cell bumps another epoch.
-    fn admit(&mut self, live: &LiveNodeInfo) {
-        match self {
-            Self::Undecided => {
-                *self = Self::Shared {
-                    seen: live.epoch().current(),
-                    epoch: live.epoch().clone(),
-                }
-            }
-            Self::Shared { epoch, .. } if !epoch.same_as(live.epoch()) => *self = Self::EachNode,
-            Self::Shared { .. } | Self::EachNode => {}
-        }
-    }
-}
 
 /// One node as the set sees it, returned by a pick.
 #[derive(Debug)]
@@ -491,6 +373,20 @@ impl<K: Clone + Eq + Hash> NodeSet<K> {
         true
     }
 
+    /// Applies one change of a discovery: an inserted node with its service's live info,
+    /// ready or not as `ready` says (a re-inserted node keeps its place in the rotation), or
+    /// a removed one. The one place where the balancer and the placer follow membership.
+    pub(crate) fn apply<S: HasNodeInfo>(&mut self, change: &Change<K, S>, ready: bool) {
+        match change {
+            Change::Insert(key, service) => {
+                self.insert_with(key.clone(), service.live_node_info().clone(), ready);
+            }
+            Change::Remove(key) => {
+                self.remove(key);
+            }
+        }
+    }
+
     /// The node's info as of the last refresh.
     pub fn get(&self, key: &K) -> Option<&Arc<NodeInfo>> {
         let idx = *self.by_key.get(key)?;
@@ -524,196 +420,5 @@ impl<K: Clone + Eq + Hash> NodeSet<K> {
         if self.slots[idx].as_ref().is_some_and(|s| s.ready != ready) {
             self.reindex(idx, |slot| slot.ready = ready);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use hybrid_cluster_core::{Incarnation, NodeId};
-
-    use super::*;
-
-    fn cell(name: &str, connections: u32, max: u32) -> LiveNodeInfo {
-        let mut info = NodeInfo::new(
-            NodeId::new(name).unwrap(),
-            Incarnation::from_u64(1),
-            "10.0.0.1",
-            5001,
-        );
-        info.connection_count = connections;
-        info.max_connections = max;
-        LiveNodeInfo::new(info)
-    }
-
-    /// Every index holds exactly the available nodes.
-    fn check_invariants<K: Clone + Eq + Hash>(set: &NodeSet<K>) {
-        let available: Vec<usize> = (0..set.slots.len())
-            .filter(|&i| {
-                set.slots[i]
-                    .as_ref()
-                    .is_some_and(|s| s.class == Class::Available)
-            })
-            .collect();
-        assert_eq!(set.available.len(), available.len());
-        assert_eq!(set.by_seq.len(), available.len());
-        assert_eq!(set.by_load.len(), available.len());
-        assert_eq!(set.by_usage.len(), available.len());
-        for (pos, &idx) in set.available.iter().enumerate() {
-            let slot = set.slots[idx].as_ref().unwrap();
-            assert_eq!(slot.pos, pos);
-            assert_eq!(set.by_seq.get(&slot.seq), Some(&idx));
-            assert!(set.by_load.contains(&(slot.load, slot.seq, idx)));
-            assert!(set.by_usage.contains(&(slot.usage, slot.seq, idx)));
-        }
-        assert_eq!(set.counts.iter().sum::<usize>(), set.len());
-    }
-
-    #[test]
-    fn ratios_compare_exactly() {
-        assert_eq!(Ratio::new(1, 2), Ratio::new(50, 100));
-        assert!(Ratio::new(1, 3) < Ratio::new(34, 100));
-        assert!(Ratio::new(0, 10) < Ratio::new(1, 10_000));
-    }
-
-    #[test]
-    fn classes_and_counts_follow_changes() {
-        let mut set = NodeSet::new();
-        let a = cell("a", 0, 10);
-        set.insert("a", a.clone());
-        set.insert("b", cell("b", 10, 10));
-        let mut draining = (*cell("c", 0, 10).get()).clone();
-        draining.status = NodeStatus::Draining;
-        set.insert("c", LiveNodeInfo::new(draining));
-        check_invariants(&set);
-        assert_eq!(set.available_len(), 1);
-        assert_eq!(
-            set.unavailable(),
-            NoAvailableNode {
-                known: 3,
-                draining: 1,
-                offline: 0,
-                full: 1,
-                not_ready: 0,
-                degraded: 0
-            }
-        );
-
-        // Charging fills a up to its limit; its next update resets the charge.
-        for _ in 0..10 {
-            assert!(set.is_available(&"a"));
-            set.charge(&"a");
-        }
-        assert!(!set.is_available(&"a"));
-        check_invariants(&set);
-        a.update((*a.get()).clone());
-        assert_eq!(set.refresh(), 1);
-        assert!(set.is_available(&"a"));
-
-        set.set_ready(&"a", false);
-        assert_eq!(set.unavailable().not_ready, 1);
-        check_invariants(&set);
-        assert!(set.remove(&"a"));
-        assert!(!set.remove(&"a"));
-        check_invariants(&set);
-        assert_eq!(set.len(), 2);
-        assert_eq!(set.available_len(), 0);
-    }
-
-    #[test]
-    fn shared_epoch_refresh_skips_when_unchanged_and_catches_updates() {
-        let epoch = Epoch::new();
-        let mut set = NodeSet::with_shared_epoch(epoch.clone());
-        let a = LiveNodeInfo::with_epoch((*cell("a", 1, 10).get()).clone(), epoch.clone());
-        set.insert("a", a.clone());
-        assert_eq!(set.refresh(), 0);
-        let mut info = (*a.get()).clone();
-        info.connection_count = 7;
-        a.update(info);
-        assert_eq!(set.refresh(), 1);
-        assert_eq!(set.get(&"a").unwrap().connection_count, 7);
-        assert_eq!(set.refresh(), 0);
-    }
-
-    #[test]
-    fn indexed_picks_match_a_linear_scan_under_random_churn() {
-        use rand::rngs::StdRng;
-        use rand::{Rng, SeedableRng};
-
-        use crate::strategy::{Selector, Strategy};
-
-        let mut rng = StdRng::seed_from_u64(5);
-        let mut set = NodeSet::new();
-        let mut cells: HashMap<u32, LiveNodeInfo> = HashMap::new();
-        let mut least_connections = Selector::seeded(Strategy::LeastConnections, 1);
-        let mut least_usage = Selector::seeded(Strategy::LeastResourceUsage, 1);
-        for _ in 0..5000 {
-            let key = rng.random_range(0..40u32);
-            match rng.random_range(0..6) {
-                0 => {
-                    let live = cell("n", rng.random_range(0..12), rng.random_range(0..12));
-                    set.insert(key, live.clone());
-                    cells.insert(key, live);
-                }
-                1 => {
-                    set.remove(&key);
-                    cells.remove(&key);
-                }
-                2 => {
-                    set.charge(&key);
-                }
-                3 => set.set_ready(&key, rng.random()),
-                _ => {
-                    if let Some(live) = cells.get(&key) {
-                        let mut info = (*live.get()).clone();
-                        info.connection_count = rng.random_range(0..12);
-                        info.cpu_usage_percent = rng.random_range(0..4) as f32 * 10.0;
-                        info.status = match rng.random_range(0..8) {
-                            0 => NodeStatus::Draining,
-                            1 => NodeStatus::Offline,
-                            _ => NodeStatus::Active,
-                        };
-                        live.update(info);
-                    }
-                    set.refresh();
-                }
-            }
-            check_invariants(&set);
-            let available = || {
-                set.slots
-                    .iter()
-                    .flatten()
-                    .filter(|slot| slot.class == Class::Available)
-            };
-            match least_connections.pick(&set) {
-                Ok(candidate) => {
-                    let min = available().map(|slot| slot.load).min().unwrap();
-                    let idx = set.by_key[candidate.key];
-                    assert_eq!(set.slots[idx].as_ref().unwrap().load, min);
-                    let usage = least_usage.pick(&set).unwrap();
-                    let min = available().map(|slot| slot.usage).min().unwrap();
-                    let idx = set.by_key[usage.key];
-                    assert_eq!(set.slots[idx].as_ref().unwrap().usage, min);
-                }
-                Err(none) => {
-                    assert_eq!(available().count(), 0);
-                    assert_eq!(none.known, cells.len());
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn slots_are_reused_without_breaking_indexes() {
-        let mut set = NodeSet::new();
-        for round in 0..50u32 {
-            for i in 0..20u32 {
-                set.insert(i, cell("n", (i * 7 + round) % 12, 10));
-            }
-            for i in (0..20u32).step_by(3) {
-                set.remove(&i);
-            }
-            check_invariants(&set);
-        }
-        assert!(set.slots.len() <= 20);
     }
 }

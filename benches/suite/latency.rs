@@ -1,0 +1,95 @@
+//! Section 2: cross-node one-way latency, next to raw AMQP and a raw WebSocket echo.
+
+use hybrid_cluster::Durability;
+use hybrid_cluster_test_support::BoxError;
+
+use crate::probes::{Probe, measure};
+use crate::report::{Lat, Report, Verdict, ratio, us};
+use crate::serve::{start_nodes, stop_nodes};
+use crate::{Ctx, cleanup};
+
+/// Measures and reports the section.
+pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
+    let samples = ctx.sizes.samples;
+    let prefix = ctx.prefix("latency");
+    let durable_prefix = ctx.prefix("latency-durable");
+    let nodes = start_nodes(&prefix, 2, Durability::Transient).await?;
+    let durable_nodes = start_nodes(&durable_prefix, 2, Durability::Durable).await?;
+    let result = async {
+        let probes = vec![
+            Probe::one_way(&nodes[0].url(), &nodes[1].url()).await?,
+            Probe::amqp().await?,
+            Probe::echo().await?,
+            Probe::one_way(&durable_nodes[0].url(), &durable_nodes[1].url()).await?,
+        ];
+        measure(probes, samples).await
+    }
+    .await;
+    stop_nodes(nodes).await;
+    stop_nodes(durable_nodes).await;
+    cleanup(&prefix).await;
+    cleanup(&durable_prefix).await;
+    let (ours, amqp, ws, durable) = match result?[..] {
+        [ours, amqp, ws, durable] => (ours, amqp, ws, durable),
+        _ => return Err("four measures expected".into()),
+    };
+    report(&mut ctx.report, ours, amqp, ws, durable, samples);
+    Ok(())
+}
+
+/// The rows of the section: ours next to the sum of its parts.
+fn report(r: &mut Report, ours: Lat, amqp: Lat, ws: Lat, durable: Lat, samples: usize) {
+    let sum50 = amqp.p50 + ws.p50;
+    let budget = sum50 + 100.0;
+    r.row(
+        "2. cross-node latency p50, transient (one-way, A → B)",
+        us(ours.p50),
+        format!("{} AMQP + WS echo", us(sum50)),
+        ratio(ours.p50, sum50),
+        format!("≤ sum + 100 µs = {}", us(budget)),
+        Verdict::of(ours.p50 <= budget),
+    );
+    r.row(
+        "2. cross-node latency p99, transient",
+        us(ours.p99),
+        format!("{} AMQP p99 + WS p99", us(amqp.p99 + ws.p99)),
+        ratio(ours.p99, amqp.p99 + ws.p99),
+        format!("≤ 2 × (p50 sum + 100 µs) = {}", us(2.0 * budget)),
+        Verdict::of(ours.p99 <= 2.0 * budget),
+    );
+    r.row(
+        "2. cross-node latency p999, transient",
+        us(ours.p999),
+        format!("{} AMQP p999 + WS p999", us(amqp.p999 + ws.p999)),
+        ratio(ours.p999, amqp.p999 + ws.p999),
+        "—",
+        Verdict::Info,
+    );
+    r.row(
+        "2. cross-node latency, durable (the default), p50/p99/p999",
+        durable.show(),
+        format!("{} transient p99", us(ours.p99)),
+        ratio(durable.p99, ours.p99),
+        "p99 ≤ 2 ms",
+        Verdict::of(durable.p99 <= 2_000.0),
+    );
+    r.row(
+        "2. raw AMQP publish → consume p50/p99/p999",
+        "—",
+        amqp.show(),
+        "—",
+        "—",
+        Verdict::Info,
+    );
+    r.row(
+        "2. raw WebSocket echo RTT p50/p99/p999",
+        "—",
+        ws.show(),
+        "—",
+        "—",
+        Verdict::Info,
+    );
+    r.note(format!(
+        "2, 3: {samples} samples each after 200 warm-up, the measures interleaved in blocks of 100; cluster latency is one-way (send → the target client has it), raw AMQP is publish → delivery (confirms on, awaited after), raw WS is a full echo round trip"
+    ));
+}
