@@ -2,11 +2,11 @@
 //! node weakly (it stops once the node is dropped) and is aborted by the node's drop or
 //! shutdown.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, Weak};
 
-use hybrid_cluster_core::{ConsumerState, Deliveries, Envelope, NodeId, NodeInfo};
+use hybrid_cluster_core::{ConsumerState, Deliveries, Envelope, NodeInfo};
+use hybrid_cluster_discovery::{MemberChange, Membership};
 use hybrid_cluster_routing::{ReceiveConfig, Receiver};
 use tokio::time::Duration;
 
@@ -97,20 +97,20 @@ fn watching(node: &Arc<Node>) -> impl Task + use<> {
     let mut members = node.discovery.view().subscribe();
     let weak = Arc::downgrade(node);
     async move {
-        let mut known: BTreeSet<NodeId> = BTreeSet::new();
+        let mut known = Arc::new(Membership::default());
         loop {
-            let now: BTreeSet<NodeId> = members
-                .borrow_and_update()
-                .iter()
-                .map(|(id, _)| id.clone())
-                .collect();
-            for _ in now.difference(&known) {
-                metrics.discovery_change("join");
-            }
-            for gone in known.difference(&now) {
-                metrics.discovery_change("leave");
-                if let Some(node) = weak.upgrade() {
-                    node.take_over_queue(gone.clone());
+            let now = Arc::clone(&members.borrow_and_update());
+            for change in now.changes_since(&known) {
+                match change {
+                    MemberChange::Joined(_) => metrics.discovery_change("join"),
+                    MemberChange::Left(gone) => {
+                        metrics.discovery_change("leave");
+                        if let Some(node) = weak.upgrade() {
+                            node.take_over_queue(gone);
+                        }
+                    }
+                    // Back under a new run, the node consumes its own queue: nothing to take.
+                    MemberChange::Restarted(_) => {}
                 }
             }
             metrics.nodes(now.len());
