@@ -13,6 +13,7 @@ use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{Backends, Cluster, ClusterConfig, ConnectionId, NodeId};
+use hybrid_cluster_test_support::browser;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -330,12 +331,6 @@ async fn one_trace_id_follows_a_message_from_node_a_to_node_b() {
     b.shutdown().await.unwrap();
 }
 
-/// The Chromium binary: `CHROMIUM` if set, else `chromium` on the path (`./scripts/test.sh`
-/// installs Debian's package when it is missing).
-fn chromium() -> String {
-    std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_shows_every_node_in_a_real_browser() {
     let backends = Backends::embedded();
@@ -351,47 +346,14 @@ async fn the_status_page_shows_every_node_in_a_real_browser() {
     .await;
     let (_client, _) = client(*port).await;
 
-    let profile = std::env::temp_dir().join(format!("hc-chromium-{}", rand::random::<u32>()));
     let url = format!("http://127.0.0.1:{port}/cluster");
-    let binary = chromium();
-    let output = within(
+    // The budget lets the page's script fetch and render before the DOM is dumped.
+    let dom = within(
         "chromium renders the page",
-        tokio::task::spawn_blocking({
-            let profile = profile.clone();
-            move || {
-                std::process::Command::new(&binary)
-                    .args([
-                        "--headless",
-                        "--no-sandbox",
-                        "--disable-gpu",
-                        "--disable-dev-shm-usage",
-                        "--disable-quic",
-                        "--no-first-run",
-                        "--disable-background-networking",
-                        "--disable-component-update",
-                        "--disable-sync",
-                        // Let the page's script fetch and render before the DOM is dumped.
-                        "--virtual-time-budget=5000",
-                        "--dump-dom",
-                    ])
-                    .arg(format!("--user-data-dir={}", profile.display()))
-                    .arg(&url)
-                    .output()
-                    .unwrap_or_else(|e| {
-                        panic!("cannot run {binary} ({e}): run ./scripts/test.sh, which installs it, or set CHROMIUM")
-                    })
-            }
-        }),
+        browser::dump_dom(&url, Duration::from_millis(5000)),
     )
     .await
-    .unwrap();
-    let _ = std::fs::remove_dir_all(&profile);
-    let dom = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    .unwrap_or_else(|e| panic!("{e}"));
     for name in ["page-1", "page-2", "page-3"] {
         assert!(
             dom.contains(&format!("<tr data-node=\"{name}\">")),

@@ -1,6 +1,6 @@
 //! A ready-made node server on axum: `/ws` speaking the [demo protocol](crate::protocol),
-//! `GET /cluster` (a status page), `GET /cluster/nodes` (every node's info as JSON) and
-//! `GET /healthz`. The node program, the demo and the end-to-end
+//! `GET /cluster` (a status page), `GET /cluster/nodes` (every node's info as JSON),
+//! `GET /cluster/client.js` (the [client for browsers](CLIENT_JS)) and `GET /healthz`. The node program, the demo and the end-to-end
 //! tests run it; it is also a worked example of serving a [`ClusterConnection`].
 //!
 //! ```no_run
@@ -86,7 +86,8 @@ struct AppState {
     config: ServerConfig,
 }
 
-/// The node's routes: `/ws` (behind the cluster layer), `/cluster/nodes`, `/healthz`.
+/// The node's routes: `/ws` (behind the cluster layer), `/cluster`, `/cluster/nodes`,
+/// `/cluster/client.js`, `/healthz`.
 pub fn router(cluster: Cluster, config: ServerConfig) -> Router {
     let ws = Router::new()
         .route(&cluster.node.config.endpoint, get(upgrade))
@@ -95,6 +96,7 @@ pub fn router(cluster: Cluster, config: ServerConfig) -> Router {
         .merge(ws)
         .route("/cluster", get(status_page))
         .route("/cluster/nodes", get(nodes))
+        .route("/cluster/client.js", get(client_js))
         .route("/healthz", get(health))
         .with_state(AppState { cluster, config })
 }
@@ -142,6 +144,26 @@ pub const STATUS_PAGE: &str = include_str!("status.html");
 
 async fn status_page() -> Html<&'static str> {
     Html(STATUS_PAGE)
+}
+
+/// The client for browsers (and Node.js): an ES module without dependency nor build step,
+/// exporting `connect(url, options)`, which asks `/cluster/placement` where to go, follows
+/// in-band redirects, and reconnects after a drain or a lost connection with backoff and
+/// jitter. Served at `GET /cluster/client.js` to pages of any origin.
+pub const CLIENT_JS: &str = include_str!("client.js");
+
+async fn client_js() -> impl IntoResponse {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/javascript; charset=utf-8",
+            ),
+            // Pages served from another origin import it as a module, which takes CORS.
+            (axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
+        CLIENT_JS,
+    )
 }
 
 async fn nodes(State(state): State<AppState>) -> Json<Vec<NodeInfo>> {

@@ -1,5 +1,7 @@
 //! Helpers shared by hybrid-cluster's tests and benchmarks (dev only, never published).
 //!
+//! - [`browser`]: a real headless Chromium, one-shot (`--dump-dom`) or driven through the
+//!   DevTools protocol;
 //! - [`conformance`]: the contract of the backend traits (`Registry`, `Broker`) as cases any
 //!   implementation must pass, run against the memory backends and the real servers alike;
 //! - [`servers`]: the real Redis and RabbitMQ the suite runs against (`REDIS_URL`,
@@ -14,6 +16,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod browser;
 pub mod client;
 pub mod conformance;
 pub mod limits;

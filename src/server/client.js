@@ -1,0 +1,586 @@
+// hybrid-cluster's client for browsers (and Node.js): an ES module, no dependency, no build
+// step. Every node serves it at `GET /cluster/client.js`.
+//
+//   import { connect } from "https://node.example/cluster/client.js";
+//   const client = await connect("wss://node.example/ws");
+//   client.on("frame", (frame) => console.log(frame));
+//   await client.send(otherConnectionId, { hello: "world" });
+//
+// It speaks the demo protocol of the node server (`hybrid_cluster::protocol`): JSON text
+// frames, `{"op":…,"id":…}` requests answered by `{"type":"ack","id":…}` or
+// `{"type":"error","id":…,"code":…,"message":…}`.
+//
+// Where it connects, in order:
+// 1. it asks the node of the given URL `GET /cluster/placement` which node has room, and goes
+//    there (when that fails it connects to the given URL; a 503 makes it wait as told);
+// 2. a node that cannot take it answers in-band: a `{"type":"redirect","url":…}` frame and a
+//    close 4000 (it follows, up to `maxRedirects` hops), or `{"type":"unavailable",
+//    "retry_after_ms":…}` and a close 4001 (it waits that long, plus jitter);
+// 3. once welcomed, a drained node closes it with 1012 and a JSON reason
+//    `{"reconnect":URL,"node":ID}`: it goes there after a small random delay, so that the
+//    clients of a drained node do not all arrive at once; a lost connection is retried with
+//    exponential backoff and full jitter.
+
+/** Close code of an in-band redirect: the reason (JSON) may carry the `url` to go to. */
+export const CLOSE_REDIRECT = 4000;
+/** Close code of an in-band "no node has room": the reason (JSON) may carry `retry_after_ms`. */
+export const CLOSE_UNAVAILABLE = 4001;
+/** Close code of a node that drains (service restart): the reason (JSON) names a node. */
+export const CLOSE_DRAIN = 1012;
+
+/** The WebSocket `readyState` of an open socket (the same in browsers, `ws` and undici). */
+const OPEN = 1;
+
+/**
+ * The options of {@link connect}; every one has a default.
+ *
+ * @typedef {object} ConnectOptions
+ * @property {boolean} [placement=true] Ask `/cluster/placement` before each fresh connection.
+ * @property {number} [minDelayMs=250] The first backoff step after a failure.
+ * @property {number} [maxDelayMs=30000] The backoff's ceiling.
+ * @property {number} [maxAttempts=Infinity] Failed attempts in a row (refused, unreachable,
+ *   unavailable, too many redirects) after which the client gives up and closes.
+ * @property {number} [maxRedirects=5] In-band redirects followed in a row before the attempt
+ *   counts as failed (a loop between nodes that disagree ends there).
+ * @property {number} [drainDelayMs=1000] After a drain close, the client waits a random delay
+ *   below this before it reconnects.
+ * @property {number} [retryJitterMs=1000] Added at random to a server's `retry_after_ms`.
+ * @property {number} [connectTimeoutMs=10000] How long an attempt may take until welcomed.
+ * @property {Function} [WebSocket] The WebSocket constructor (default: the global one; in
+ *   Node.js without one, pass `ws`'s `WebSocket`).
+ * @property {Function} [fetch] The fetch function (default: the global one).
+ */
+
+/** @type {Required<Omit<ConnectOptions, "WebSocket" | "fetch">>} */
+const DEFAULTS = {
+  placement: true,
+  minDelayMs: 250,
+  maxDelayMs: 30000,
+  maxAttempts: Infinity,
+  maxRedirects: 5,
+  drainDelayMs: 1000,
+  retryJitterMs: 1000,
+  connectTimeoutMs: 10000,
+};
+
+/**
+ * Connects to the cluster through the node at `url` (`ws://` or `wss://`), and resolves once
+ * a node welcomed the client. Rejects when the client gives up first (see `maxAttempts`) or
+ * is closed.
+ *
+ * @param {string} url The WebSocket URL of any node (or of a load balancer in front of them).
+ * @param {ConnectOptions} [options]
+ * @returns {Promise<ClusterClient>}
+ */
+export function connect(url, options = {}) {
+  const client = new ClusterClient(url, options);
+  return client.ready.then(() => client);
+}
+
+/**
+ * An error of a request (`code` is the server's: `bad_request`, `not_found`, `unreachable`,
+ * `internal`), or of the client itself: `disconnected` (the connection was lost before the
+ * answer, or there was none), `closed` (the client was closed), `gave_up`.
+ */
+export class ClusterError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
+  constructor(code, message) {
+    super(message);
+    this.name = "ClusterError";
+    /** @type {string} */
+    this.code = code;
+  }
+}
+
+/**
+ * A client of the cluster that keeps itself connected. Events (`on(name, listener)`):
+ * - `frame`: every JSON frame the server sends (welcome, messages, acks, errors…);
+ * - `welcome`: each (re)connection, with the welcome frame (`connection_id`, `node_id`);
+ * - `reconnecting`: before each wait, with `{ delayMs, attempt, reason }` (`reason`:
+ *   `drain`, `lost`, `failed`, `unavailable`);
+ * - `close`: once, when the client gives up or is closed, with `{ code, reason }`.
+ */
+export class ClusterClient {
+  /** @type {Promise<void>} Resolves on the first welcome. */
+  ready;
+  /** @type {{type: "welcome", connection_id: string, node_id: string} | null} The latest welcome. */
+  welcome = null;
+
+  #home;
+  #options;
+  #WebSocket;
+  #fetch;
+  #listeners = new Map();
+  /** @type {Map<number, {resolve: Function, reject: Function}>} Requests awaiting their answer. */
+  #pending = new Map();
+  #nextId = 1;
+  /** @type {any} The socket of the current attempt. */
+  #socket = null;
+  #welcomed = false;
+  #closed = false;
+  /** @type {Function | null} Ends the current wait early (on close). */
+  #wake = null;
+  #settleReady;
+  /** @type {URL | null} The URL of the last node that welcomed the client. */
+  #lastNode = null;
+
+  /**
+   * @param {string} url
+   * @param {ConnectOptions} [options]
+   */
+  constructor(url, options = {}) {
+    this.#home = new URL(url);
+    this.#options = { ...DEFAULTS, ...options };
+    this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.#fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    if (typeof this.#WebSocket !== "function") {
+      throw new TypeError("no WebSocket constructor: pass options.WebSocket");
+    }
+    this.ready = new Promise((resolve, reject) => {
+      this.#settleReady = { resolve, reject };
+    });
+    // An application that never awaits `ready` must not see an unhandled rejection.
+    this.ready.catch(() => {});
+    this.#run();
+  }
+
+  /**
+   * Listens to an event; returns a function that stops listening.
+   *
+   * @param {"frame" | "welcome" | "reconnecting" | "close"} event
+   * @param {(value: any) => void} listener
+   * @returns {() => void}
+   */
+  on(event, listener) {
+    if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
+    this.#listeners.get(event).add(listener);
+    return () => this.off(event, listener);
+  }
+
+  /**
+   * Stops a listener.
+   *
+   * @param {string} event
+   * @param {Function} listener
+   */
+  off(event, listener) {
+    this.#listeners.get(event)?.delete(listener);
+  }
+
+  /** Whether the client is connected and welcomed now. */
+  get connected() {
+    return this.#welcomed && this.#socket?.readyState === OPEN;
+  }
+
+  /**
+   * Sends `data` (any JSON value) to the connection `to`, on any node.
+   *
+   * @param {string} to A connection id (another client's `welcome.connection_id`).
+   * @param {any} data
+   * @returns {Promise<void>} Settles on the server's ack or error.
+   */
+  send(to, data) {
+    return this.#request({ op: "send", to, data });
+  }
+
+  /**
+   * Sends `data` to every connection of the cluster, this one included.
+   *
+   * @param {any} data
+   * @returns {Promise<void>}
+   */
+  broadcast(data) {
+    return this.#request({ op: "broadcast", data });
+  }
+
+  /**
+   * Joins `group`. Membership belongs to a connection: after a reconnection, join again
+   * (on `welcome`) until sessions can be resumed.
+   *
+   * @param {string} group
+   * @returns {Promise<void>}
+   */
+  join(group) {
+    return this.#request({ op: "join", group });
+  }
+
+  /**
+   * Leaves `group`.
+   *
+   * @param {string} group
+   * @returns {Promise<void>}
+   */
+  leave(group) {
+    return this.#request({ op: "leave", group });
+  }
+
+  /**
+   * Sends `data` to every member of `group`, on any node.
+   *
+   * @param {string} group
+   * @param {any} data
+   * @returns {Promise<void>}
+   */
+  group(group, data) {
+    return this.#request({ op: "group", group, data });
+  }
+
+  /** Closes the client for good: no reconnection; pending requests reject with `closed`. */
+  close() {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#wake?.();
+    if (this.#socket) {
+      try {
+        this.#socket.close(1000, "closed by the application");
+      } catch {
+        // A socket still connecting may refuse a close code in some implementations: it is
+        // dropped all the same.
+      }
+    }
+    this.#finish(1000, "closed by the application", new ClusterError("closed", "the client was closed"));
+  }
+
+  /**
+   * Sends one request with a fresh correlation id; settles on its ack or error.
+   *
+   * @param {object} op
+   * @returns {Promise<void>}
+   */
+  #request(op) {
+    if (!this.connected) {
+      const why = this.#closed ? "closed" : "disconnected";
+      return Promise.reject(new ClusterError(why, `not connected: the request was not sent`));
+    }
+    const id = this.#nextId++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject });
+      try {
+        this.#socket.send(JSON.stringify({ ...op, id }));
+      } catch (error) {
+        this.#pending.delete(id);
+        reject(new ClusterError("disconnected", `the request could not be sent: ${error}`));
+      }
+    });
+  }
+
+  /** The connection loop: one attempt after another until welcomed, then again when lost. */
+  async #run() {
+    let failures = 0;
+    let hops = 0;
+    /** @type {URL | null} Where the last close told the client to go. */
+    let next = null;
+    while (!this.#closed) {
+      let target = next;
+      next = null;
+      if (!target) {
+        const placed = await this.#place(failures);
+        if (this.#closed) return;
+        if (placed.unavailableMs !== undefined) {
+          failures += 1;
+          if (!(await this.#pause(placed.unavailableMs + this.#jitter(this.#options.retryJitterMs), failures, "unavailable"))) return;
+          continue;
+        }
+        target = placed.url;
+      }
+      const outcome = await this.#attempt(target);
+      if (this.#closed) return;
+      if (outcome.welcomed) {
+        failures = 0;
+        hops = 0;
+      }
+      let delayMs;
+      let reason;
+      if (outcome.redirect && hops < this.#options.maxRedirects) {
+        hops += 1;
+        next = outcome.redirect;
+        continue;
+      } else if (outcome.drain) {
+        // The drained node chose where its clients go (spread over the other nodes): only
+        // the moment is left to chance.
+        next = outcome.drain.url;
+        delayMs = this.#jitter(this.#options.drainDelayMs);
+        reason = "drain";
+      } else if (outcome.unavailableMs !== undefined) {
+        failures += 1;
+        delayMs = outcome.unavailableMs + this.#jitter(this.#options.retryJitterMs);
+        reason = "unavailable";
+      } else {
+        failures += outcome.welcomed ? 0 : 1;
+        hops = 0;
+        delayMs = this.#backoff(failures);
+        reason = outcome.welcomed ? "lost" : "failed";
+      }
+      if (!(await this.#pause(delayMs, failures, reason))) return;
+    }
+  }
+
+  /**
+   * Waits `delayMs` before the next attempt, announced as `reconnecting`; false when the
+   * client gave up (too many failures) or was closed meanwhile.
+   *
+   * @param {number} delayMs
+   * @param {number} failures
+   * @param {string} reason
+   * @returns {Promise<boolean>}
+   */
+  async #pause(delayMs, failures, reason) {
+    if (failures >= this.#options.maxAttempts) {
+      this.#finish(4002, "gave up", new ClusterError("gave_up", `no node welcomed the client after ${failures} attempts`));
+      return false;
+    }
+    this.#emit("reconnecting", { delayMs, attempt: failures + 1, reason });
+    await new Promise((resolve) => {
+      const timer = setTimeout(resolve, delayMs);
+      this.#wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    this.#wake = null;
+    return !this.#closed;
+  }
+
+  /**
+   * Where to connect now: the node `/cluster/placement` names, or the home URL when the
+   * question cannot be asked (or `placement` is off); `unavailableMs` when no node has room.
+   *
+   * After failures the home URL alternates with the last node that welcomed the client, so
+   * that one dead node (the home one) does not keep the client away from the rest.
+   *
+   * @param {number} failures
+   * @returns {Promise<{url?: URL, unavailableMs?: number}>}
+   */
+  async #place(failures) {
+    const base = failures % 2 === 1 && this.#lastNode ? this.#lastNode : this.#home;
+    if (!this.#options.placement || !this.#fetch) return { url: base };
+    const http = new URL("/cluster/placement", base);
+    http.protocol = base.protocol === "wss:" ? "https:" : "http:";
+    try {
+      const response = await this.#fetch(http.href, { cache: "no-store" });
+      const body = await response.json();
+      if (response.status === 503) {
+        return { unavailableMs: retryAfter(body) };
+      }
+      if (response.ok && typeof body.url === "string") {
+        return { url: keepQuery(new URL(body.url), this.#home) };
+      }
+    } catch {
+      // No placement to ask (an older node, a network error, a page's CSP): the node itself
+      // answers in-band.
+    }
+    return { url: base };
+  }
+
+  /**
+   * One connection, from opening to close. Resolves, once closed, with what the server said
+   * to do next.
+   *
+   * @param {URL} target
+   * @returns {Promise<{welcomed: boolean, redirect?: URL, drain?: {url: URL | null}, unavailableMs?: number}>}
+   */
+  #attempt(target) {
+    return new Promise((resolve) => {
+      let socket;
+      try {
+        socket = new this.#WebSocket(target.href);
+      } catch {
+        resolve({ welcomed: false });
+        return;
+      }
+      this.#socket = socket;
+      let welcomed = false;
+      /** @type {any} An in-band redirect or unavailable frame, before the close. */
+      let placement = null;
+      const timer = setTimeout(() => {
+        if (!welcomed) socket.close();
+      }, this.#options.connectTimeoutMs);
+      socket.onmessage = (event) => {
+        if (typeof event.data !== "string") return;
+        let frame;
+        try {
+          frame = JSON.parse(event.data);
+        } catch {
+          return;
+        }
+        if (!welcomed && frame?.type === "welcome") {
+          welcomed = true;
+          clearTimeout(timer);
+          this.#lastNode = target;
+          this.#welcome(frame);
+        } else if (!welcomed && (frame?.type === "redirect" || frame?.type === "unavailable")) {
+          placement = frame;
+        } else {
+          this.#answer(frame);
+        }
+        this.#emit("frame", frame);
+      };
+      socket.onclose = (event) => {
+        clearTimeout(timer);
+        if (this.#socket === socket) this.#socket = null;
+        this.#welcomed = false;
+        this.#failPending(new ClusterError("disconnected", "the connection was lost before the answer"));
+        resolve({ welcomed, ...nextStep(event, placement, this.#home) });
+      };
+      // An error is always followed by a close, which decides.
+      socket.onerror = () => {};
+    });
+  }
+
+  /**
+   * A (re)connection is welcomed.
+   *
+   * @param {any} frame
+   */
+  #welcome(frame) {
+    // Session resumption (issue 12) goes here: once the server can resume a session, the
+    // client sends the previous welcome's resume token and the last sequence it saw, and
+    // waits for the server's answer before it calls the connection ready, so that the
+    // application sees no gap. Until then each connection is a new one (new connection id,
+    // no group memberships): applications re-join groups on `welcome`.
+    this.welcome = frame;
+    this.#welcomed = true;
+    this.#emit("welcome", frame);
+    this.#settleReady.resolve();
+  }
+
+  /**
+   * Settles the request an ack or an error answers (a later error for an acked send, the
+   * "not_found" of a connection that closed on another node, reaches only `frame`).
+   *
+   * @param {any} frame
+   */
+  #answer(frame) {
+    const waiting = frame && this.#pending.get(frame.id);
+    if (!waiting) return;
+    if (frame.type === "ack") {
+      this.#pending.delete(frame.id);
+      waiting.resolve();
+    } else if (frame.type === "error") {
+      this.#pending.delete(frame.id);
+      waiting.reject(new ClusterError(String(frame.code), String(frame.message)));
+    }
+  }
+
+  /** @param {ClusterError} error */
+  #failPending(error) {
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const { reject } of pending) reject(error);
+  }
+
+  /**
+   * The end: pending requests and `ready` reject with `error`, `close` is emitted once.
+   *
+   * @param {number} code
+   * @param {string} reason
+   * @param {ClusterError} error
+   */
+  #finish(code, reason, error) {
+    this.#closed = true;
+    this.#failPending(error);
+    this.#settleReady.reject(error);
+    this.#emit("close", { code, reason });
+    this.#listeners.clear();
+  }
+
+  /**
+   * @param {string} event
+   * @param {any} value
+   */
+  #emit(event, value) {
+    for (const listener of [...(this.#listeners.get(event) ?? [])]) {
+      try {
+        listener(value);
+      } catch (error) {
+        // A listener's bug must not stop the client: it is reported, not swallowed.
+        setTimeout(() => {
+          throw error;
+        });
+      }
+    }
+  }
+
+  /**
+   * Exponential backoff with full jitter: a random delay below `min(max, min * 2^failures)`.
+   *
+   * @param {number} failures
+   */
+  #backoff(failures) {
+    const { minDelayMs, maxDelayMs } = this.#options;
+    return this.#jitter(Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(failures, 30)));
+  }
+
+  /** @param {number} boundMs */
+  #jitter(boundMs) {
+    return Math.floor(Math.random() * boundMs);
+  }
+}
+
+/**
+ * What a close calls for: `redirect` (4000, with a URL), `unavailableMs` (4001), `drain`
+ * (1012), or nothing (a lost connection or a failed attempt).
+ *
+ * @param {{code: number, reason: string}} event
+ * @param {any} placement The in-band frame received before the close, if any.
+ * @param {URL} home The URL given to `connect`, whose query string is kept.
+ */
+function nextStep(event, placement, home) {
+  const reason = parseJson(event.reason);
+  if (event.code === CLOSE_REDIRECT || placement?.type === "redirect") {
+    const url = placement?.url ?? reason?.url;
+    const parsed = typeof url === "string" ? parseUrl(url) : null;
+    return parsed ? { redirect: parsed } : {};
+  }
+  if (event.code === CLOSE_UNAVAILABLE || placement?.type === "unavailable") {
+    return { unavailableMs: retryAfter(placement ?? reason) };
+  }
+  if (event.code === CLOSE_DRAIN) {
+    const url = typeof reason?.reconnect === "string" ? parseUrl(reason.reconnect) : null;
+    return { drain: { url: url && keepQuery(url, home) } };
+  }
+  return {};
+}
+
+/**
+ * The wait a server asked for, in ms (5 s when it did not say).
+ *
+ * @param {any} body
+ */
+function retryAfter(body) {
+  const ms = Number(body?.retry_after_ms);
+  return Number.isFinite(ms) && ms >= 0 ? ms : 5000;
+}
+
+/**
+ * `url`, with `home`'s query string when it has none of its own (the application's
+ * parameters, a token say, follow the client from node to node).
+ *
+ * @param {URL} url
+ * @param {URL} home
+ */
+function keepQuery(url, home) {
+  if (!url.search && home.search) url.search = home.search;
+  return url;
+}
+
+/** @param {string} text */
+function parseJson(text) {
+  try {
+    return text ? JSON.parse(text) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** @param {string} text */
+function parseUrl(text) {
+  try {
+    return new URL(text);
+  } catch {
+    return null;
+  }
+}
