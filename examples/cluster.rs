@@ -6,9 +6,9 @@
 //! ```
 //!
 //! Each node serves the demo protocol (see `hybrid_cluster::protocol`) on a loopback port.
-//! Clients connect to different nodes; the demo prints placement (a full node redirects), a
-//! message across nodes, a group, a broadcast, and a node leaving gracefully, its client
-//! reconnecting where the close frame says.
+//! Clients connect to different nodes; the demo prints placement (a full node redirects, in
+//! the WebSocket itself), a message across nodes, a group, a broadcast, and a node leaving
+//! gracefully, its client reconnecting where the close frame says.
 
 use std::error::Error;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use hybrid_cluster::{AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, N
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -44,43 +44,48 @@ struct Client {
 }
 
 impl Client {
-    /// Connects to `url`, following one redirect, and reads the welcome.
+    /// Connects to `url`, following one redirect (in-band, the default placement mode: the
+    /// node's first frame names another node, then it closes with 4000), and reads the
+    /// welcome.
     async fn connect(name: &'static str, url: &str, log: &Log) -> Result<Self, BoxError> {
-        let (socket, _) = match connect_async(url).await {
-            Ok(connected) => connected,
-            Err(tungstenite::Error::Http(response)) => {
-                let location = response
-                    .headers()
-                    .get("location")
-                    .and_then(|l| l.to_str().ok())
-                    .ok_or_else(|| format!("{name}: refused with {}", response.status()))?
-                    .to_owned();
-                log.say(format!(
-                    "{name} -> {url}: {} {}, redirected to {location}",
-                    response.status().as_u16(),
-                    response.status().canonical_reason().unwrap_or("")
-                ));
-                connect_async(location.as_str()).await?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let mut client = Self {
-            name,
-            socket,
-            id: String::new(),
-            node: String::new(),
-        };
-        let welcome = client.next().await?;
-        client.id = welcome["connection_id"]
+        let mut client = Self::open(name, url).await?;
+        let mut first = client.next().await?;
+        if first["type"] == "redirect" {
+            let location = first["url"]
+                .as_str()
+                .ok_or_else(|| format!("{name}: a redirect without a URL: {first}"))?
+                .to_owned();
+            let closed = client.next().await?;
+            log.say(format!(
+                "{name} -> {url}: {first}, then close {}; connecting there",
+                closed["code"]
+            ));
+            client = Self::open(name, &location).await?;
+            first = client.next().await?;
+        }
+        if first["type"] != "welcome" {
+            return Err(format!("{name}: expected a welcome, got {first}").into());
+        }
+        client.id = first["connection_id"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        client.node = welcome["node_id"].as_str().unwrap_or_default().to_owned();
+        client.node = first["node_id"].as_str().unwrap_or_default().to_owned();
         log.say(format!(
             "{name} is connection {} on {}",
             client.id, client.node
         ));
         Ok(client)
+    }
+
+    async fn open(name: &'static str, url: &str) -> Result<Self, BoxError> {
+        let (socket, _) = connect_async(url).await?;
+        Ok(Self {
+            name,
+            socket,
+            id: String::new(),
+            node: String::new(),
+        })
     }
 
     async fn send(&mut self, request: Value) -> Result<(), BoxError> {

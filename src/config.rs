@@ -40,6 +40,30 @@ impl Default for SlowClientPolicy {
     }
 }
 
+/// How the cluster layer tells a new WebSocket client it does not keep where to go: see the
+/// README's placement modes.
+///
+/// A browser's `WebSocket` cannot follow an HTTP redirect during the upgrade: any answer but
+/// `101` fails the connection with close code 1006, telling the page nothing. So the default
+/// is [`InBand`](PlacementMode::InBand), which every client can read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PlacementMode {
+    /// In HTTP, for native clients that follow redirects: `307 Temporary Redirect` with
+    /// `Location:` the other node's WebSocket URL (query string kept), or `503 Service
+    /// Unavailable` with `Retry-After: 5` when no node has room.
+    Redirect,
+    /// In the WebSocket, for every client browsers included: the upgrade is accepted, the
+    /// client gets one text frame, `{"type":"redirect","url":URL,"reason":"full"|"draining"|"balance"}`
+    /// then a close with code 4000 ([`CLOSE_REDIRECT`](crate::CLOSE_REDIRECT)), or
+    /// `{"type":"unavailable","retry_after_ms":5000}` then a close with code 4001
+    /// ([`CLOSE_UNAVAILABLE`](crate::CLOSE_UNAVAILABLE)); the close reason is the same JSON
+    /// (shortened to fit 123 bytes). The socket is never a cluster connection. A request
+    /// that cannot be upgraded here (served without hyper's upgrade support, or without a
+    /// valid `Sec-WebSocket-Key`) gets the [`Redirect`](PlacementMode::Redirect) answer.
+    #[default]
+    InBand,
+}
+
 /// Where the registry and the broker are.
 #[derive(Clone, Debug)]
 pub enum Backends {
@@ -108,6 +132,9 @@ pub struct ClusterConfig {
     /// When a client is kept here rather than sent to the best node. Default accept unless
     /// full.
     pub placement: PlacementPolicy,
+    /// How a client that is not kept here is told where to go. Default
+    /// [`PlacementMode::InBand`], the one browsers can follow.
+    pub placement_mode: PlacementMode,
     /// Heartbeat, lease and reconnection settings of discovery.
     pub discovery: DiscoveryConfig,
     /// Messages a connection's inbox holds at most. Default 1,024.
@@ -168,6 +195,7 @@ impl ClusterConfig {
             prefix: ClusterPrefix::default(),
             strategy: Strategy::default(),
             placement: PlacementPolicy::default(),
+            placement_mode: PlacementMode::default(),
             discovery: DiscoveryConfig::default(),
             inbox_capacity: 1024,
             inbox_bytes: 8 * 1024 * 1024,

@@ -23,14 +23,15 @@ pub use hybrid_cluster_memory as memory;
 pub use hybrid_cluster_routing as routing;
 
 // Everything else has one path: here.
-pub use cluster::Cluster;
-pub use config::{Backends, ClusterConfig, SlowClientPolicy};
+pub use cluster::{Cluster, PlacementAdvice};
+pub use config::{Backends, ClusterConfig, PlacementMode, SlowClientPolicy};
 pub use error::{ClusterError, SendError, error_chain};
 pub use handle::{
     ClusterConnection, ClusterHandle, Confirmation, ConnectionSlot, OrderedSender, Payload,
 };
 pub use hybrid::{
-    HybridCluster, HybridClusterLayer, RETRY_AFTER_SECS, ResponseFuture, is_websocket_upgrade,
+    CLOSE_REDIRECT, CLOSE_UNAVAILABLE, HybridCluster, HybridClusterLayer, RETRY_AFTER_MS,
+    RETRY_AFTER_SECS, RedirectReason, ResponseFuture, is_websocket_upgrade,
 };
 pub use hybrid_cluster_balance::{PlacementPolicy, Redirect, Strategy};
 pub use hybrid_cluster_core::node::check_public_url;

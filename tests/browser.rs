@@ -196,15 +196,16 @@ fn page(body_script: &str) -> String {
     )
 }
 
-/// A page that connects with `client.js` (imported from `module_from`'s node) to `url`, and
-/// reports each welcome, message and reconnection.
-fn client_page(module_from: &Node, url: &str) -> String {
+/// A page that connects with `client.js` (imported from `module_from`'s node) to `url`, with
+/// `options` (JavaScript object fields, added to short delays), and reports each welcome,
+/// message and reconnection.
+fn client_page(module_from: &Node, url: &str, options: &str) -> String {
     page(&format!(
         r#"<script type="module">
 import {{ connect }} from "http://127.0.0.1:{port}/cluster/client.js";
 try {{
   // Short delays: the test waits for what they delay.
-  const client = await connect({url:?}, {{ minDelayMs: 50, maxDelayMs: 1000, drainDelayMs: 200 }});
+  const client = await connect({url:?}, {{ minDelayMs: 50, maxDelayMs: 1000, drainDelayMs: 200, {options} }});
   client.on("welcome", (welcome) => report("welcome", welcome));
   client.on("reconnecting", (next) => report("reconnecting", next));
   client.on("frame", (frame) => {{ if (frame.type === "message") report("message", frame.data); }});
@@ -325,7 +326,7 @@ async fn a_page_whose_node_is_drained_reconnects_through_client_js_and_keeps_rec
     let b = tc.start("b", |_| {}).await;
     tc.wait_for(&[&a, &b]).await;
 
-    let mut tab = Tab::open(client_page(&a, &a.ws_url())).await;
+    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "")).await;
     let first = tab.until("welcome", 1).await;
     // Placement may put the page on either node: the one it is on is drained.
     let (drained, other) = if first["node_id"] == a.id() {
@@ -355,7 +356,6 @@ async fn a_page_whose_node_is_drained_reconnects_through_client_js_and_keeps_rec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs in-band placement (branch r18-placement)"]
 async fn a_page_using_client_js_against_a_full_node_is_welcomed_by_another() {
     let tc = TestCluster::new("full");
     let a = tc.start("a", |config| config.max_connections = 1).await;
@@ -363,7 +363,12 @@ async fn a_page_using_client_js_against_a_full_node_is_welcomed_by_another() {
     tc.wait_for(&[&a, &b]).await;
     let holder = hold_a_place(&a).await;
 
-    let mut tab = Tab::open(client_page(&a, &a.ws_url())).await;
+    // Sent on by `/cluster/placement`, before it connects.
+    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "")).await;
+    let welcome = tab.until("welcome", 1).await;
+    assert_eq!(welcome["node_id"], b.id(), "{welcome}");
+    // Without asking first: sent on by the full node's in-band redirect.
+    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "placement: false")).await;
     let welcome = tab.until("welcome", 1).await;
     assert_eq!(welcome["node_id"], b.id(), "{welcome}");
 
@@ -373,7 +378,6 @@ async fn a_page_using_client_js_against_a_full_node_is_welcomed_by_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs in-band placement (branch r18-placement)"]
 async fn a_plain_websocket_to_a_full_node_gets_an_in_band_redirect_not_a_bare_1006() {
     let tc = TestCluster::new("inband");
     let a = tc.start("a", |config| config.max_connections = 1).await;

@@ -20,7 +20,7 @@ use hybrid_cluster::routing::EnvelopeCodec;
 use hybrid_cluster::server::{self, ServerConfig};
 use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, ConnectionId, NodeId, NodeInfo,
-    NodeStatus, RedisUrl, SlowClientPolicy,
+    NodeStatus, PlacementMode, RedisUrl, SlowClientPolicy,
 };
 use hybrid_cluster_test_support::servers;
 use lapin::options::QueueDeclareOptions;
@@ -660,8 +660,13 @@ async fn a_group_reaches_only_its_members_on_several_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_the_limit_is_redirected_and_refused_when_all_are_full() {
     let tc = TestCluster::new("redirect");
-    let a = tc.start("a", |config| config.max_connections = 1).await;
-    let b = tc.start("b", |config| config.max_connections = 1).await;
+    // The HTTP answers of the redirect mode (the in-band one is tested below).
+    let redirect_mode = |config: &mut ClusterConfig| {
+        config.max_connections = 1;
+        config.placement_mode = PlacementMode::Redirect;
+    };
+    let a = tc.start("a", redirect_mode).await;
+    let b = tc.start("b", redirect_mode).await;
     a.wait_for_members(&[&a, &b]).await;
     b.wait_for_members(&[&a, &b]).await;
 
@@ -780,8 +785,13 @@ async fn graceful_shutdown_closes_clients_with_1012_naming_another_node() {
     let tc = TestCluster::new("shutdown");
     // A slow heartbeat (a lease of 6 s), so that leaving "at once" cannot be expiry.
     let slow = DiscoveryConfig::default().with_heartbeat(Duration::from_secs(2));
+    // A's new clients are redirected in HTTP (a draining node's in-band redirect is tested
+    // on its own).
     let a = tc
-        .start("a", |config| config.discovery = slow.clone())
+        .start("a", |config| {
+            config.discovery = slow.clone();
+            config.placement_mode = PlacementMode::Redirect;
+        })
         .await;
     let b = tc
         .start("b", |config| config.discovery = slow.clone())

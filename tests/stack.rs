@@ -22,7 +22,7 @@ use http_body_util::Full;
 use hybrid_cluster::server::{self, ServerConfig};
 use hybrid_cluster::{
     Backends, Cluster, ClusterConfig, ClusterConnection, ConnectionId, ConnectionSlot, GroupName,
-    InboxItem, NodeId, SendError, Target,
+    InboxItem, NodeId, PlacementMode, SendError, Target,
 };
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -50,9 +50,19 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 
 /// A node on `backends`, and the listener its server is to use.
 async fn start(backends: &Backends, name: &str) -> (Cluster, TcpListener) {
+    start_with(backends, name, |_| {}).await
+}
+
+/// A node on `backends` configured by `configure`, and the listener its server is to use.
+async fn start_with(
+    backends: &Backends,
+    name: &str,
+    configure: impl FnOnce(&mut ClusterConfig),
+) -> (Cluster, TcpListener) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let config = ClusterConfig::new(NodeId::new(name).unwrap(), "127.0.0.1", port);
+    let mut config = ClusterConfig::new(NodeId::new(name).unwrap(), "127.0.0.1", port);
+    configure(&mut config);
     let cluster = Cluster::start(config, backends.clone()).await.unwrap();
     (cluster, listener)
 }
@@ -505,7 +515,12 @@ async fn a_node_that_cannot_receive_is_degraded_until_it_can() {
         registry: std::sync::Arc::new(hybrid_cluster::MemoryRegistry::new()),
         broker: broker.clone(),
     };
-    let (cluster, listener) = start(&backends, "losing").await;
+    // Refused in HTTP, so that the refusal is an error of the upgrade (in-band refusals are
+    // tested on their own).
+    let (cluster, listener) = start_with(&backends, "losing", |config| {
+        config.placement_mode = PlacementMode::Redirect;
+    })
+    .await;
     let port = listener.local_addr().unwrap().port();
     let app = server::router(cluster.clone(), ServerConfig::default());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -565,6 +580,8 @@ async fn redirects_name_a_nodes_public_url() {
         let port = listener.local_addr().unwrap().port();
         let mut config = ClusterConfig::new(NodeId::new("full").unwrap(), "127.0.0.1", port);
         config.max_connections = 0;
+        // The 307's `Location:` (the in-band redirect's URL is tested on its own).
+        config.placement_mode = PlacementMode::Redirect;
         (
             Cluster::start(config, backends.clone()).await.unwrap(),
             listener,
@@ -600,4 +617,282 @@ async fn redirects_name_a_nodes_public_url() {
     let chain = hybrid_cluster::error_chain(&error);
     assert!(chain.contains("public_url"), "{chain}");
     drop(behind_tls);
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-band placement and the pre-flight route
+
+/// Serves the node server of `cluster` on `listener`; its WebSocket URL.
+fn serve_node(cluster: &Cluster, listener: TcpListener) -> String {
+    let url = ws_url(&listener);
+    let app = server::router(cluster.clone(), ServerConfig::default());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// Waits until each of `nodes` sees all of them.
+async fn wait_for_each_other(nodes: &[&Cluster]) {
+    for node in nodes {
+        within(
+            "the nodes see each other",
+            node.discovery()
+                .view()
+                .wait_until(|seen| seen.len() == nodes.len()),
+        )
+        .await;
+    }
+}
+
+/// What a client refused in-band gets: a `101`, its one text frame (as JSON), then a close
+/// frame, after which the connection ends.
+async fn refused_in_band(url: &str) -> (Value, CloseFrame) {
+    let (mut socket, response) = within("the upgrade", connect_async(url)).await.unwrap();
+    assert_eq!(response.status(), 101, "{url}");
+    let frame = serde_json::from_str(&next_text(&mut socket).await).unwrap();
+    let close = match within("the close frame", socket.next()).await {
+        Some(Ok(Message::Close(Some(close)))) => close,
+        other => panic!("expected a close frame, got {other:?}"),
+    };
+    assert!(
+        within("the connection ends", socket.next()).await.is_none(),
+        "the connection outlived its close"
+    );
+    (frame, close)
+}
+
+/// The value of `hybrid_cluster_upgrades_total` for `node` and `outcome` in a Prometheus
+/// text exposition (0 when absent).
+fn upgrades(exposition: &str, node: &str, outcome: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| line.starts_with("hybrid_cluster_upgrades_total{"))
+        .filter(|line| line.contains(&format!("node=\"{node}\"")))
+        .filter(|line| line.contains(&format!("outcome=\"{outcome}\"")))
+        .find_map(|line| line.rsplit_once(' ')?.1.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A plain HTTP/1.1 GET: the status, the head and the body.
+async fn http_get_with_head(port: u16, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    within("the HTTP response", stream.read_to_string(&mut response))
+        .await
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// A full node sends a new client to another in the WebSocket itself (the default mode): a
+/// `101`, the redirect frame naming the other node with the client's query string, then close
+/// 4000 with the same JSON; the socket was never a connection of the node, and the upgrade
+/// is counted as redirected.
+#[tokio::test]
+async fn a_full_node_redirects_in_band_keeping_the_query_string() {
+    // Records this test's nodes (a current-thread runtime: every task runs on this thread).
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let backends = Backends::embedded();
+    let (full, full_listener) = start_with(&backends, "inband-full", |config| {
+        config.max_connections = 1;
+    })
+    .await;
+    let (roomy, roomy_listener) = start(&backends, "inband-roomy").await;
+    wait_for_each_other(&[&full, &roomy]).await;
+    let full_url = serve_node(&full, full_listener);
+    let roomy_url = serve_node(&roomy, roomy_listener);
+
+    let (mut first, _) = within("the upgrade", connect_async(&full_url))
+        .await
+        .unwrap();
+    let welcome: Value = serde_json::from_str(&next_text(&mut first).await).unwrap();
+    assert_eq!(welcome["node_id"], "inband-full");
+
+    let (frame, close) = refused_in_band(&format!("{full_url}?room=lobby")).await;
+    let expected = json!({
+        "type": "redirect",
+        "url": format!("{roomy_url}?room=lobby"),
+        "reason": "full",
+    });
+    assert_eq!(frame, expected);
+    assert_eq!(u16::from(close.code), hybrid_cluster::CLOSE_REDIRECT);
+    assert_eq!(u16::from(close.code), 4000);
+    let reason: Value = serde_json::from_str(close.reason.as_str()).unwrap();
+    assert_eq!(reason, expected);
+    assert_eq!(full.local_connections(), 1);
+    let exposition = metrics.render();
+    assert_eq!(upgrades(&exposition, "inband-full", "accepted"), 1.0);
+    assert_eq!(upgrades(&exposition, "inband-full", "redirected"), 1.0);
+
+    // The client goes where it was told, and is welcomed there.
+    let (mut second, _) = within(
+        "the upgrade",
+        connect_async(expected["url"].as_str().unwrap()),
+    )
+    .await
+    .unwrap();
+    let welcome: Value = serde_json::from_str(&next_text(&mut second).await).unwrap();
+    assert_eq!(welcome["node_id"], "inband-roomy");
+    assert_eq!(full.local_connections(), 1);
+    assert_eq!(roomy.local_connections(), 1);
+
+    drop((first, second));
+    full.shutdown().await.unwrap();
+    roomy.shutdown().await.unwrap();
+}
+
+/// A draining node's new clients are redirected in-band with the reason "draining", and its
+/// pre-flight route names the other node.
+#[tokio::test]
+async fn a_draining_node_redirects_in_band_saying_so() {
+    let backends = Backends::embedded();
+    let (draining, draining_listener) = start(&backends, "inband-draining").await;
+    let (other, other_listener) = start(&backends, "inband-other").await;
+    wait_for_each_other(&[&draining, &other]).await;
+    let draining_port = draining_listener.local_addr().unwrap().port();
+    let draining_url = serve_node(&draining, draining_listener);
+    let other_url = serve_node(&other, other_listener);
+
+    draining.drain().await.unwrap();
+    let (frame, close) = refused_in_band(&draining_url).await;
+    let expected = json!({"type": "redirect", "url": other_url, "reason": "draining"});
+    assert_eq!(frame, expected);
+    assert_eq!(u16::from(close.code), 4000);
+    assert_eq!(
+        serde_json::from_str::<Value>(close.reason.as_str()).unwrap(),
+        expected
+    );
+    assert_eq!(draining.local_connections(), 0);
+
+    let (status, _, body) = http_get_with_head(draining_port, "/cluster/placement").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"url": other_url, "node_id": "inband-other"})
+    );
+
+    draining.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+}
+
+/// When no node has room, a client is told in-band to come back later (4001), by the layer
+/// around a plain hyper service as around the node server; the refusal is counted as such.
+#[tokio::test]
+async fn no_room_anywhere_is_said_in_band_on_a_plain_hyper_server() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let (cluster, listener) = start_with(&Backends::embedded(), "inband-none", |config| {
+        config.max_connections = 0;
+    })
+    .await;
+    let url = ws_url(&listener);
+    let service = ServiceBuilder::new()
+        .layer(cluster.layer())
+        .service(service_fn(upgrade));
+    let server = tokio::spawn(serve_hyper(listener, service));
+
+    let (frame, close) = refused_in_band(&url).await;
+    let expected = json!({"type": "unavailable", "retry_after_ms": 5000});
+    assert_eq!(frame, expected);
+    assert_eq!(u16::from(close.code), hybrid_cluster::CLOSE_UNAVAILABLE);
+    assert_eq!(u16::from(close.code), 4001);
+    assert_eq!(
+        serde_json::from_str::<Value>(close.reason.as_str()).unwrap(),
+        expected
+    );
+    assert_eq!(cluster.local_connections(), 0);
+    let exposition = metrics.render();
+    assert_eq!(upgrades(&exposition, "inband-none", "refused"), 1.0);
+    assert_eq!(upgrades(&exposition, "inband-none", "accepted"), 0.0);
+
+    cluster.shutdown().await.unwrap();
+    server.abort();
+}
+
+/// A request the layer cannot upgrade itself (here: a service called directly, with no
+/// connection behind it) gets the redirect mode's HTTP answer even in the in-band mode.
+#[tokio::test]
+async fn without_hyper_upgrade_support_the_in_band_mode_answers_in_http() {
+    let (cluster, _listener) = start_with(&Backends::embedded(), "inband-direct", |config| {
+        config.max_connections = 0;
+    })
+    .await;
+    assert_eq!(cluster.local_connections(), 0);
+    let inner = service_fn(|_: Request<String>| async {
+        Ok::<_, Infallible>(http::Response::new(String::new()))
+    });
+    let mut service = ServiceBuilder::new().layer(cluster.layer()).service(inner);
+    let upgrade = Request::get("/ws")
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "Upgrade")
+        .header(SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "13")
+        .body(String::new())
+        .unwrap();
+    let response = service.ready().await.unwrap().call(upgrade).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "5");
+    cluster.shutdown().await.unwrap();
+}
+
+/// `GET /cluster/placement` names the node a new client should connect to (this one while it
+/// has room, reserving nothing), another when this one is full, and answers 503 when none
+/// has room; any origin may ask. `Cluster::placement` says the same.
+#[tokio::test]
+async fn the_placement_route_names_a_node_or_answers_503() {
+    let backends = Backends::embedded();
+    let (a, a_listener) = start_with(&backends, "advice-a", |config| {
+        config.max_connections = 1;
+    })
+    .await;
+    let a_port = a_listener.local_addr().unwrap().port();
+    let a_url = serve_node(&a, a_listener);
+    let here = json!({"url": a_url, "node_id": "advice-a"});
+    // Asked twice: advice reserves nothing, so the one place is still free.
+    for _ in 0..2 {
+        let (status, head, body) = http_get_with_head(a_port, "/cluster/placement").await;
+        assert_eq!(status, 200);
+        assert!(head.contains("access-control-allow-origin: *"), "{head}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), here);
+    }
+    let advice = a.placement().unwrap();
+    assert_eq!(
+        (advice.url.as_str(), advice.node_id.as_str()),
+        (a_url.as_str(), "advice-a")
+    );
+    let (mut client, _) = within("the upgrade", connect_async(&a_url)).await.unwrap();
+    let welcome: Value = serde_json::from_str(&next_text(&mut client).await).unwrap();
+    assert_eq!(welcome["node_id"], "advice-a");
+
+    // Full, and alone: no node has room.
+    let (status, head, body) = http_get_with_head(a_port, "/cluster/placement").await;
+    assert_eq!(status, 503);
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    assert!(head.contains("retry-after: 5"), "{head}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"type": "unavailable", "retry_after_ms": 5000})
+    );
+    assert_eq!(a.placement(), None);
+
+    // Another node with room: it is named.
+    let (b, b_listener) = start(&backends, "advice-b").await;
+    wait_for_each_other(&[&a, &b]).await;
+    let b_url = serve_node(&b, b_listener);
+    let (status, _, body) = http_get_with_head(a_port, "/cluster/placement").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"url": b_url, "node_id": "advice-b"})
+    );
+
+    drop(client);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }

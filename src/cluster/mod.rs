@@ -11,8 +11,10 @@ mod tasks;
 use std::fmt;
 use std::sync::Arc;
 
-use hybrid_cluster_core::{Incarnation, NodeId, NodeInfo};
+use hybrid_cluster_balance::{Placement, PlacementPolicy};
+use hybrid_cluster_core::{Incarnation, NodeId, NodeInfo, NodeStatus};
 use hybrid_cluster_discovery::Discovery;
+use serde::Serialize;
 
 use crate::config::{Backends, ClusterConfig};
 use crate::error::ClusterError;
@@ -40,6 +42,22 @@ impl fmt::Debug for Cluster {
             .field("draining", &self.node.is_draining())
             .finish()
     }
+}
+
+/// The node a new client should connect to now: what [`Cluster::placement`] and the node
+/// server's `GET /cluster/placement` answer. Its JSON form is `{"url":URL,"node_id":ID}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlacementAdvice {
+    /// The node's WebSocket URL (its public URL when it has one).
+    pub url: String,
+    /// The node.
+    pub node_id: NodeId,
+}
+
+/// Whether `node` can take a client the balancer placed on it: it is not draining, and is
+/// below its connection limit. A node that cannot never names itself.
+pub(crate) fn accepts_here(node: &Node) -> bool {
+    !node.is_draining() && node.local.len() < node.config.max_connections as usize
 }
 
 impl Cluster {
@@ -93,6 +111,39 @@ impl Cluster {
         match self.node.not_receiving() {
             Some(reason) => Err(format!("not receiving from the broker: {reason}")),
             None => Ok(()),
+        }
+    }
+
+    /// The node a new client should connect to now, as the balancer places it (this node
+    /// when it would keep the client), or `None` when no node has room: the answer of the
+    /// node server's `GET /cluster/placement`, for clients that ask before they connect.
+    ///
+    /// It is advice, and reserves nothing here: the node named places the client again when
+    /// it connects. An answer naming another node counts in this node's view of it, as a
+    /// redirect does, until that node's next heartbeat, so that answers given meanwhile
+    /// spread out rather than all naming the node least loaded at the last one. A draining
+    /// node, or one at its connection limit, never names itself.
+    pub fn placement(&self) -> Option<PlacementAdvice> {
+        let node = &self.node;
+        let here = || PlacementAdvice {
+            url: node.local_info.get().ws_url(),
+            node_id: node.id.clone(),
+        };
+        // The placer would keep the client here: say so without counting it, as the client
+        // is counted when it connects.
+        if node.placer.policy() == PlacementPolicy::AcceptUnlessFull
+            && accepts_here(node)
+            && node.local_info.get().status == NodeStatus::Active
+        {
+            return Some(here());
+        }
+        match node.placer.place() {
+            Placement::Accept if accepts_here(node) => Some(here()),
+            Placement::Redirect(redirect) => Some(PlacementAdvice {
+                url: redirect.ws_url(),
+                node_id: redirect.node,
+            }),
+            Placement::Accept | Placement::Refuse(_) => None,
         }
     }
 

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use hybrid_cluster_balance::Placement;
 
+use super::in_band::RedirectReason;
+use crate::cluster::accepts_here;
 use crate::handle::{ClusterConnection, ClusterHandle};
 use crate::node::Node;
 
@@ -11,8 +13,13 @@ use crate::node::Node;
 pub(crate) enum Admission {
     /// Serve it here, as this connection.
     Accept(ClusterConnection),
-    /// Send the client to this URL.
-    Redirect(String),
+    /// Send the client to this URL, for this reason.
+    Redirect {
+        /// The other node's WebSocket URL.
+        url: String,
+        /// Why not this node.
+        reason: RedirectReason,
+    },
     /// No node has room.
     Unavailable,
 }
@@ -21,9 +28,7 @@ pub(crate) enum Admission {
 /// the node's own limits (a draining node, or one at its connection limit, never accepts).
 pub(crate) fn admit(node: &Arc<Node>) -> Admission {
     match node.placer.place() {
-        Placement::Accept
-            if !node.is_draining() && node.local.len() < node.config.max_connections as usize =>
-        {
+        Placement::Accept if accepts_here(node) => {
             let id = node.ids.next_id();
             let inbox = node.local.register(id.clone());
             node.metrics.upgrade("accepted");
@@ -36,11 +41,25 @@ pub(crate) fn admit(node: &Arc<Node>) -> Admission {
         Placement::Redirect(redirect) => {
             node.metrics.upgrade("redirected");
             tracing::debug!(to = %redirect.node, "redirecting a WebSocket client");
-            Admission::Redirect(redirect.ws_url())
+            Admission::Redirect {
+                url: redirect.ws_url(),
+                reason: redirect_reason(node),
+            }
         }
         Placement::Accept | Placement::Refuse(_) => {
             node.metrics.upgrade("refused");
             Admission::Unavailable
         }
+    }
+}
+
+/// Why a client placed on another node is not kept here.
+fn redirect_reason(node: &Node) -> RedirectReason {
+    if node.is_draining() {
+        RedirectReason::Draining
+    } else if node.local.len() >= node.config.max_connections as usize {
+        RedirectReason::Full
+    } else {
+        RedirectReason::Balance
     }
 }

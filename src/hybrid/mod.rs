@@ -3,6 +3,7 @@
 
 mod admission;
 mod future;
+mod in_band;
 mod layer;
 
 use std::task::{Context, Poll};
@@ -13,8 +14,11 @@ use tower_service::Service;
 
 pub(crate) use self::admission::{Admission, admit};
 pub use self::future::ResponseFuture;
+pub(crate) use self::in_band::Refusal;
+pub use self::in_band::{CLOSE_REDIRECT, CLOSE_UNAVAILABLE, RETRY_AFTER_MS, RedirectReason};
 pub use self::layer::HybridClusterLayer;
 use crate::cluster::Cluster;
+use crate::config::PlacementMode;
 use crate::handle::ConnectionSlot;
 
 /// Seconds a refused client is told to wait before it tries again.
@@ -26,10 +30,12 @@ pub const RETRY_AFTER_SECS: u32 = 5;
 /// all the cluster layer can see is the upgrade request; its work happens there:
 ///
 /// - **admission**: the balancer's [placement](hybrid_cluster_balance::Placer) decides whether
-///   the client stays on this node, goes to another (`307 Temporary Redirect`, `Location:` the
-///   other node's WebSocket URL, query string kept) or nowhere (`503 Service Unavailable`,
-///   `Retry-After: 5`, when no node has room). A node over its connection limit or draining
-///   never accepts;
+///   the client stays on this node, goes to another (its WebSocket URL, query string kept) or
+///   nowhere (no node has room). A node over its connection limit or draining never accepts.
+///   The [placement mode](crate::PlacementMode) says how the client learns it: by default in
+///   the WebSocket itself (a `101`, one JSON text frame, then a close with code 4000 or 4001:
+///   browsers can read it), or with `307 Temporary Redirect` (`Location:`) and `503 Service
+///   Unavailable` (`Retry-After: 5`) for native clients that follow redirects;
 /// - **registration**: an accepted client gets a connection id and an inbox, and the handler
 ///   finds its [`ClusterConnection`](crate::ClusterConnection) in the request's extensions.
 ///
@@ -94,6 +100,7 @@ where
         if !is_websocket_upgrade(&request) {
             return ResponseFuture::inner(self.inner.call(request));
         }
+        let mode = self.cluster.node.config.placement_mode;
         match admit(&self.cluster.node) {
             Admission::Accept(connection) => {
                 request
@@ -101,21 +108,41 @@ where
                     .insert(ConnectionSlot::new(connection));
                 ResponseFuture::inner(self.inner.call(request))
             }
-            Admission::Redirect(mut url) => {
+            Admission::Redirect { mut url, reason } => {
                 if let Some(query) = request.uri().query() {
                     url.push('?');
                     url.push_str(query);
                 }
-                match HeaderValue::try_from(url) {
-                    Ok(location) => ResponseFuture::ready(respond(
-                        StatusCode::TEMPORARY_REDIRECT,
-                        Some((LOCATION, location)),
-                    )),
-                    Err(_) => ResponseFuture::ready(unavailable()),
-                }
+                let refusal = Refusal::Redirect {
+                    url: &url,
+                    reason: Some(reason),
+                };
+                ResponseFuture::ready(refuse(&mut request, mode, refusal))
             }
-            Admission::Unavailable => ResponseFuture::ready(unavailable()),
+            Admission::Unavailable => {
+                ResponseFuture::ready(refuse(&mut request, mode, Refusal::UNAVAILABLE))
+            }
         }
+    }
+}
+
+/// The answer to an upgrade request the cluster does not keep here, in `mode`.
+fn refuse<ReqBody, ResBody: Default>(
+    request: &mut Request<ReqBody>,
+    mode: PlacementMode,
+    refusal: Refusal<'_>,
+) -> Response<ResBody> {
+    if mode == PlacementMode::InBand
+        && let Some(response) = in_band::answer(request, refusal)
+    {
+        return response;
+    }
+    match refusal {
+        Refusal::Redirect { url, .. } => match HeaderValue::try_from(url) {
+            Ok(location) => respond(StatusCode::TEMPORARY_REDIRECT, Some((LOCATION, location))),
+            Err(_) => unavailable(),
+        },
+        Refusal::Unavailable { .. } => unavailable(),
     }
 }
 

@@ -1,6 +1,8 @@
 //! A ready-made node server on axum: `/ws` speaking the [demo protocol](crate::protocol),
 //! `GET /cluster` (a status page), `GET /cluster/nodes` (every node's info as JSON),
-//! `GET /cluster/client.js` (the [client for browsers](CLIENT_JS)) and `GET /healthz`. The node program, the demo and the end-to-end
+//! `GET /cluster/placement` (where a new client should connect, see
+//! [`Cluster::placement`]), `GET /cluster/client.js` (the [client for browsers](CLIENT_JS))
+//! and `GET /healthz`. The node program, the demo and the end-to-end
 //! tests run it; it is also a worked example of serving a [`ClusterConnection`].
 //!
 //! ```no_run
@@ -35,6 +37,7 @@ use axum::extract::ws::{
 };
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
+use axum::http::header::{ACCESS_CONTROL_ALLOW_ORIGIN, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use axum::http::request::Parts;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -46,6 +49,7 @@ use serde_json::value::RawValue;
 use self::requests::{Requests, error_reply};
 use crate::cluster::Cluster;
 use crate::handle::ClusterConnection;
+use crate::hybrid::{RETRY_AFTER_SECS, Refusal};
 use crate::local::{Inbox, InboxItem};
 use crate::protocol::ServerMessage;
 
@@ -87,7 +91,7 @@ struct AppState {
 }
 
 /// The node's routes: `/ws` (behind the cluster layer), `/cluster`, `/cluster/nodes`,
-/// `/cluster/client.js`, `/healthz`.
+/// `/cluster/placement`, `/cluster/client.js`, `/healthz`.
 pub fn router(cluster: Cluster, config: ServerConfig) -> Router {
     let ws = Router::new()
         .route(&cluster.node.config.endpoint, get(upgrade))
@@ -96,6 +100,7 @@ pub fn router(cluster: Cluster, config: ServerConfig) -> Router {
         .merge(ws)
         .route("/cluster", get(status_page))
         .route("/cluster/nodes", get(nodes))
+        .route("/cluster/placement", get(placement))
         .route("/cluster/client.js", get(client_js))
         .route("/healthz", get(health))
         .with_state(AppState { cluster, config })
@@ -153,17 +158,9 @@ async fn status_page() -> Html<&'static str> {
 pub const CLIENT_JS: &str = include_str!("client.js");
 
 async fn client_js() -> impl IntoResponse {
-    (
-        [
-            (
-                axum::http::header::CONTENT_TYPE,
-                "text/javascript; charset=utf-8",
-            ),
-            // Pages served from another origin import it as a module, which takes CORS.
-            (axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
-        ],
-        CLIENT_JS,
-    )
+    // Pages served from another origin import it as a module, which takes CORS.
+    let headers = [ANY_ORIGIN, (CONTENT_TYPE, "text/javascript; charset=utf-8")];
+    (headers, CLIENT_JS)
 }
 
 async fn nodes(State(state): State<AppState>) -> Json<Vec<NodeInfo>> {
@@ -175,6 +172,26 @@ async fn nodes(State(state): State<AppState>) -> Json<Vec<NodeInfo>> {
             .map(|n| (**n).clone())
             .collect(),
     )
+}
+
+/// Answers whatever origin asks: pages served elsewhere call these routes.
+const ANY_ORIGIN: (axum::http::HeaderName, &str) = (ACCESS_CONTROL_ALLOW_ORIGIN, "*");
+
+/// 200 with `{"url":URL,"node_id":ID}`, the node a new client should connect to now; 503
+/// with `Retry-After: 5` and `{"type":"unavailable","retry_after_ms":5000}` when no node has
+/// room. Any origin may ask.
+async fn placement(State(state): State<AppState>) -> Response {
+    match state.cluster.placement() {
+        Some(advice) => ([ANY_ORIGIN], Json(advice)).into_response(),
+        None => {
+            let headers = [ANY_ORIGIN, (CONTENT_TYPE, "application/json")];
+            let body = Refusal::UNAVAILABLE.to_json();
+            let mut response = (StatusCode::SERVICE_UNAVAILABLE, headers, body).into_response();
+            let retry_after = HeaderValue::from(RETRY_AFTER_SECS);
+            response.headers_mut().insert(RETRY_AFTER, retry_after);
+            response
+        }
+    }
 }
 
 /// 200 (no body) while the node serves as it should; 503, saying why, while it drains or
