@@ -210,6 +210,7 @@ try {{
   client.on("reconnecting", (next) => report("reconnecting", next));
   client.on("frame", (frame) => {{ if (frame.type === "message") report("message", frame.data); }});
   client.on("close", (close) => report("close", close));
+  window.client = client;
   report("welcome", client.welcome);
 }} catch (error) {{
   report("failed", {{ code: error.code, message: String(error.message) }});
@@ -399,4 +400,51 @@ async fn a_plain_websocket_to_a_full_node_gets_an_in_band_redirect_not_a_bare_10
     drop(holder);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_js_requests_settle_on_the_ack_or_the_error_and_close_stops_it() {
+    let tc = TestCluster::new("requests");
+    let a = tc.start("a", |_| {}).await;
+    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "")).await;
+    let welcome = tab.until("welcome", 1).await;
+    assert_eq!(welcome["node_id"], a.id(), "{welcome}");
+
+    let missing = format!("{}:00000000000000aa:9", a.id());
+    let script = format!(
+        r#"(async () => {{
+  const settled = (promise) => promise.then(() => "ack", (error) => error.code);
+  const me = client.welcome.connection_id;
+  return {{
+    join: await settled(client.join("room")),
+    group: await settled(client.group("room", {{ to: "room" }})),
+    send: await settled(client.send(me, {{ to: "me" }})),
+    broadcast: await settled(client.broadcast("all")),
+    leave: await settled(client.leave("room")),
+    missing: await settled(client.send({missing:?}, 1)),
+    bad: await settled(client.send(me)),
+  }};
+}})()"#
+    );
+    let outcomes = within("the requests settle", tab.browser.eval(&tab.page, &script))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        json!({"join": "ack", "group": "ack", "send": "ack", "broadcast": "ack", "leave": "ack",
+               "missing": "not_found", "bad": "bad_request"})
+    );
+    assert_eq!(tab.until("message", 1).await, json!({"to": "me"}));
+
+    let after_close =
+        "client.close(); client.broadcast(1).then(() => 'sent', (error) => error.code)";
+    let refused = within(
+        "the request is refused",
+        tab.browser.eval(&tab.page, after_close),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, "closed");
+    assert_eq!(tab.until("close", 1).await["code"], 1000);
+    a.shutdown().await;
 }
