@@ -19,13 +19,19 @@
 //! transient|durable|replicated` (what survives a broker restart, default durable: see the
 //! README's delivery contract), `--public-url URL` (the `ws://` or `wss://` URL clients reach
 //! this node at, when it is behind TLS or a proxy: redirects and close reasons name it),
-//! `--bind ADDR` (the address to listen on, default `0.0.0.0`). `RUST_LOG` sets the log level (default `info`);
+//! `--bind ADDR` (the address to listen on, default `0.0.0.0`), `--placement in-band|redirect`
+//! (how a client the node does not keep learns where to go: `in-band`, the default, accepts
+//! the WebSocket, sends `{"type":"redirect","url":URL,"reason":…}` or
+//! `{"type":"unavailable","retry_after_ms":5000}` and closes with 4000 or 4001, which
+//! browsers can read; `redirect` answers `307` with `Location:` or `503` with `Retry-After`,
+//! for native clients that follow redirects). `RUST_LOG` sets the log level (default `info`);
 //! `HYBRID_CLUSTER_SECRET` (at least 16 bytes, the same on every node) signs node-to-node
 //! traffic.
 //!
 //! Serves `ws://HOST:P/ws` (the protocol of `hybrid_cluster::protocol`), `GET /cluster` (a
-//! status page), `GET /cluster/nodes`, `GET /healthz` and `GET /metrics` (Prometheus text
-//! form; see `hybrid_cluster::metrics` for what is there). Ctrl-C (or SIGTERM) shuts the node
+//! status page), `GET /cluster/nodes`, `GET /cluster/placement` (the node a new client should
+//! connect to now, for clients that ask first), `GET /healthz` and `GET /metrics` (Prometheus
+//! text form; see `hybrid_cluster::metrics` for what is there). Ctrl-C (or SIGTERM) shuts the node
 //! down gracefully: clients are closed with code 1012 and a reason naming another node to
 //! reconnect to, and the process ends within the shutdown grace period whatever state its
 //! connections are in (the log names what was cut short); a second signal ends it at once.
@@ -43,8 +49,8 @@ use axum::serve::ListenerExt;
 use clap::Parser;
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{
-    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, NodeId, RedisUrl,
-    Strategy,
+    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, NodeId, PlacementMode,
+    RedisUrl, Strategy,
 };
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::sync::Notify;
@@ -118,6 +124,30 @@ struct Args {
     /// The address to listen on.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
     bind: IpAddr,
+    /// How a client this node does not keep (it is full or draining, or the balancer places
+    /// it elsewhere) learns where to go.
+    #[arg(long, value_enum, default_value_t = Placement::InBand)]
+    placement: Placement,
+}
+
+/// `--placement`: the node's [`PlacementMode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Placement {
+    /// Accept the WebSocket, send one frame naming the node to connect to (or saying that
+    /// none has room), then close with 4000 (or 4001): browsers can read it.
+    InBand,
+    /// Answer 307 with Location: the other node (or 503 with Retry-After), for native
+    /// clients that follow redirects; a browser sees only a failed connection.
+    Redirect,
+}
+
+impl From<Placement> for PlacementMode {
+    fn from(placement: Placement) -> Self {
+        match placement {
+            Placement::InBand => Self::InBand,
+            Placement::Redirect => Self::Redirect,
+        }
+    }
 }
 
 impl Args {
@@ -139,6 +169,7 @@ impl Args {
             tracing::info!("HYBRID_CLUSTER_SECRET is set: node-to-node traffic is signed");
         }
         config.strategy = self.strategy;
+        config.placement_mode = self.placement.into();
         if let Some(prefix) = self.prefix {
             config.prefix = prefix;
         }

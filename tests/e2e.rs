@@ -22,6 +22,7 @@ use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, ConnectionId, NodeId, NodeInfo,
     NodeStatus, PlacementMode, RedisUrl, SlowClientPolicy,
 };
+use hybrid_cluster_test_support::placement::refused_in_band;
 use hybrid_cluster_test_support::servers;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -697,6 +698,59 @@ async fn a_client_over_the_limit_is_redirected_and_refused_when_all_are_full() {
         let response = refused_upgrade(&node.ws_url()).await;
         assert_eq!(response.status(), 503, "{}", node.id());
         assert_eq!(response.headers()["retry-after"], "5");
+    }
+    assert_eq!(a.cluster.local_connections(), 1);
+    assert_eq!(b.cluster.local_connections(), 1);
+
+    drop((first, second));
+    a.shutdown().await;
+    b.shutdown().await;
+    tc.assert_left_nothing(&[]).await;
+}
+
+/// The default, in-band placement: a full node's new client is accepted only to be told, in a
+/// frame and a close 4000, to go to the other node (query string kept); once both are full,
+/// a client is told (close 4001) to come back later, and the pre-flight route says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_the_limit_is_redirected_in_band_and_told_to_wait_when_all_are_full() {
+    let tc = TestCluster::new("in-band");
+    let a = tc.start("a", |config| config.max_connections = 1).await;
+    let b = tc.start("b", |config| config.max_connections = 1).await;
+    a.wait_for_members(&[&a, &b]).await;
+    b.wait_for_members(&[&a, &b]).await;
+
+    let first = Client::connect(&a).await;
+    assert_eq!(first.node, a.id().as_str());
+    let to_b = format!("{}?room=lobby", b.ws_url());
+    let refusal = refused_in_band(&format!("{}?room=lobby", a.ws_url()))
+        .await
+        .unwrap();
+    let expected = json!({"type": "redirect", "url": to_b, "reason": "full"});
+    assert_eq!(refusal.frame, expected);
+    assert_eq!((refusal.code, &refusal.reason), (4000, &expected));
+    assert_eq!(a.cluster.local_connections(), 1);
+    let second = Client::connect_url(&to_b).await;
+    assert_eq!(second.node, b.id().as_str());
+
+    for (node, other) in [(&a, &b), (&b, &a)] {
+        within(
+            "the other node's count is published",
+            node.cluster.discovery().view().wait_until(|nodes| {
+                nodes
+                    .iter()
+                    .any(|n| &n.node_id == other.id() && n.connection_count == 1)
+            }),
+        )
+        .await;
+    }
+    let unavailable = json!({"type": "unavailable", "retry_after_ms": 5000});
+    for node in [&a, &b] {
+        let refusal = refused_in_band(&node.ws_url()).await.unwrap();
+        assert_eq!(refusal.frame, unavailable, "{}", node.id());
+        assert_eq!((refusal.code, &refusal.reason), (4001, &unavailable));
+        let (status, body) = http_get(node.port, "/cluster/placement").await;
+        assert_eq!(status, 503, "{}", node.id());
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), unavailable);
     }
     assert_eq!(a.cluster.local_connections(), 1);
     assert_eq!(b.cluster.local_connections(), 1);

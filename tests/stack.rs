@@ -24,6 +24,7 @@ use hybrid_cluster::{
     Backends, Cluster, ClusterConfig, ClusterConnection, ConnectionId, ConnectionSlot, GroupName,
     InboxItem, NodeId, PlacementMode, SendError, Target,
 };
+use hybrid_cluster_test_support::placement::refused_in_band;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -643,23 +644,6 @@ async fn wait_for_each_other(nodes: &[&Cluster]) {
     }
 }
 
-/// What a client refused in-band gets: a `101`, its one text frame (as JSON), then a close
-/// frame, after which the connection ends.
-async fn refused_in_band(url: &str) -> (Value, CloseFrame) {
-    let (mut socket, response) = within("the upgrade", connect_async(url)).await.unwrap();
-    assert_eq!(response.status(), 101, "{url}");
-    let frame = serde_json::from_str(&next_text(&mut socket).await).unwrap();
-    let close = match within("the close frame", socket.next()).await {
-        Some(Ok(Message::Close(Some(close)))) => close,
-        other => panic!("expected a close frame, got {other:?}"),
-    };
-    assert!(
-        within("the connection ends", socket.next()).await.is_none(),
-        "the connection outlived its close"
-    );
-    (frame, close)
-}
-
 /// The value of `hybrid_cluster_upgrades_total` for `node` and `outcome` in a Prometheus
 /// text exposition (0 when absent).
 fn upgrades(exposition: &str, node: &str, outcome: &str) -> f64 {
@@ -712,17 +696,18 @@ async fn a_full_node_redirects_in_band_keeping_the_query_string() {
     let welcome: Value = serde_json::from_str(&next_text(&mut first).await).unwrap();
     assert_eq!(welcome["node_id"], "inband-full");
 
-    let (frame, close) = refused_in_band(&format!("{full_url}?room=lobby")).await;
+    let refusal = refused_in_band(&format!("{full_url}?room=lobby"))
+        .await
+        .unwrap();
     let expected = json!({
         "type": "redirect",
         "url": format!("{roomy_url}?room=lobby"),
         "reason": "full",
     });
-    assert_eq!(frame, expected);
-    assert_eq!(u16::from(close.code), hybrid_cluster::CLOSE_REDIRECT);
-    assert_eq!(u16::from(close.code), 4000);
-    let reason: Value = serde_json::from_str(close.reason.as_str()).unwrap();
-    assert_eq!(reason, expected);
+    assert_eq!(refusal.frame, expected);
+    assert_eq!(refusal.code, hybrid_cluster::CLOSE_REDIRECT);
+    assert_eq!(refusal.code, 4000);
+    assert_eq!(refusal.reason, expected);
     assert_eq!(full.local_connections(), 1);
     let exposition = metrics.render();
     assert_eq!(upgrades(&exposition, "inband-full", "accepted"), 1.0);
@@ -758,14 +743,11 @@ async fn a_draining_node_redirects_in_band_saying_so() {
     let other_url = serve_node(&other, other_listener);
 
     draining.drain().await.unwrap();
-    let (frame, close) = refused_in_band(&draining_url).await;
+    let refusal = refused_in_band(&draining_url).await.unwrap();
     let expected = json!({"type": "redirect", "url": other_url, "reason": "draining"});
-    assert_eq!(frame, expected);
-    assert_eq!(u16::from(close.code), 4000);
-    assert_eq!(
-        serde_json::from_str::<Value>(close.reason.as_str()).unwrap(),
-        expected
-    );
+    assert_eq!(refusal.frame, expected);
+    assert_eq!(refusal.code, 4000);
+    assert_eq!(refusal.reason, expected);
     assert_eq!(draining.local_connections(), 0);
 
     let (status, _, body) = http_get_with_head(draining_port, "/cluster/placement").await;
@@ -796,15 +778,12 @@ async fn no_room_anywhere_is_said_in_band_on_a_plain_hyper_server() {
         .service(service_fn(upgrade));
     let server = tokio::spawn(serve_hyper(listener, service));
 
-    let (frame, close) = refused_in_band(&url).await;
+    let refusal = refused_in_band(&url).await.unwrap();
     let expected = json!({"type": "unavailable", "retry_after_ms": 5000});
-    assert_eq!(frame, expected);
-    assert_eq!(u16::from(close.code), hybrid_cluster::CLOSE_UNAVAILABLE);
-    assert_eq!(u16::from(close.code), 4001);
-    assert_eq!(
-        serde_json::from_str::<Value>(close.reason.as_str()).unwrap(),
-        expected
-    );
+    assert_eq!(refusal.frame, expected);
+    assert_eq!(refusal.code, hybrid_cluster::CLOSE_UNAVAILABLE);
+    assert_eq!(refusal.code, 4001);
+    assert_eq!(refusal.reason, expected);
     assert_eq!(cluster.local_connections(), 0);
     let exposition = metrics.render();
     assert_eq!(upgrades(&exposition, "inband-none", "refused"), 1.0);

@@ -21,6 +21,7 @@ pub mod client;
 pub mod conformance;
 pub mod limits;
 pub mod node;
+pub mod placement;
 pub mod process;
 pub mod proxy;
 pub mod rabbitmq;
