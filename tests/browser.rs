@@ -198,20 +198,23 @@ fn page(body_script: &str) -> String {
 
 /// A page that connects with `client.js` (imported from `module_from`'s node) to `url`, with
 /// `options` (JavaScript object fields, added to short delays), and reports each welcome,
-/// message and reconnection.
+/// message, reconnection and close, then `ready` once `connect` resolved (the client is then
+/// `window.client`) or `failed`.
 fn client_page(module_from: &Node, url: &str, options: &str) -> String {
     page(&format!(
         r#"<script type="module">
 import {{ connect }} from "http://127.0.0.1:{port}/cluster/client.js";
 try {{
+  const on = {{
+    welcome: (welcome) => report("welcome", welcome),
+    reconnecting: (next) => report("reconnecting", next),
+    frame: (frame) => {{ if (frame.type === "message") report("message", frame.data); }},
+    close: (close) => report("close", close),
+  }};
   // Short delays: the test waits for what they delay.
-  const client = await connect({url:?}, {{ minDelayMs: 50, maxDelayMs: 1000, drainDelayMs: 200, {options} }});
-  client.on("welcome", (welcome) => report("welcome", welcome));
-  client.on("reconnecting", (next) => report("reconnecting", next));
-  client.on("frame", (frame) => {{ if (frame.type === "message") report("message", frame.data); }});
-  client.on("close", (close) => report("close", close));
+  const client = await connect({url:?}, {{ minDelayMs: 50, maxDelayMs: 1000, drainDelayMs: 200, on, {options} }});
   window.client = client;
-  report("welcome", client.welcome);
+  report("ready", client.welcome);
 }} catch (error) {{
   report("failed", {{ code: error.code, message: String(error.message) }});
 }}
@@ -407,8 +410,10 @@ async fn client_js_requests_settle_on_the_ack_or_the_error_and_close_stops_it() 
     let tc = TestCluster::new("requests");
     let a = tc.start("a", |_| {}).await;
     let mut tab = Tab::open(client_page(&a, &a.ws_url(), "")).await;
-    let welcome = tab.until("welcome", 1).await;
+    // `connect` resolved with the client it welcomed.
+    let welcome = tab.until("ready", 1).await;
     assert_eq!(welcome["node_id"], a.id(), "{welcome}");
+    assert_eq!(tab.until("welcome", 1).await, welcome);
 
     let missing = format!("{}:00000000000000aa:9", a.id());
     let script = format!(
@@ -447,4 +452,42 @@ async fn client_js_requests_settle_on_the_ack_or_the_error_and_close_stops_it() 
     assert_eq!(refused, "closed");
     assert_eq!(tab.until("close", 1).await["code"], 1000);
     a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_js_told_no_node_has_room_gives_up_after_max_attempts() {
+    let tc = TestCluster::new("nospace");
+    let a = tc.start("a", |config| config.max_connections = 1).await;
+    let b = tc.start("b", |config| config.max_connections = 1).await;
+    tc.wait_for(&[&a, &b]).await;
+    let holders = (hold_a_place(&a).await, hold_a_place(&b).await);
+    // Each node learns that the other is full from its heartbeat.
+    for (node, other) in [(&a, &b), (&b, &a)] {
+        within(
+            "the other node's count is published",
+            node.cluster.discovery().view().wait_until(|nodes| {
+                nodes
+                    .iter()
+                    .any(|n| n.node_id.as_str() == other.id() && n.connection_count == 1)
+            }),
+        )
+        .await;
+    }
+
+    // Told by `/cluster/placement` (503), then by the node itself (close 4001): it waits the
+    // 5 s it was told, plus jitter.
+    for options in ["maxAttempts: 2", "maxAttempts: 2, placement: false"] {
+        let mut tab = Tab::open(client_page(&a, &a.ws_url(), options)).await;
+        let next = tab.until("reconnecting", 1).await;
+        assert_eq!(next["reason"], "unavailable", "{options}: {next}");
+        let delay = next["delayMs"].as_u64().unwrap();
+        assert!((5000..6000).contains(&delay), "{options}: {next}");
+    }
+    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "maxAttempts: 1")).await;
+    let failed = tab.until("failed", 1).await;
+    assert_eq!(failed["code"], "gave_up", "{failed}");
+
+    drop(holders);
+    a.shutdown().await;
+    b.shutdown().await;
 }

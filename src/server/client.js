@@ -49,9 +49,12 @@ const OPEN = 1;
  * @property {Function} [WebSocket] The WebSocket constructor (default: the global one; in
  *   Node.js without one, pass `ws`'s `WebSocket`).
  * @property {Function} [fetch] The fetch function (default: the global one).
+ * @property {Object<string, Function>} [on] Listeners attached before the first attempt, by
+ *   event name (`connect` resolves only once welcomed: this is how to see `reconnecting`
+ *   before that, or the first `welcome` as an event).
  */
 
-/** @type {Required<Omit<ConnectOptions, "WebSocket" | "fetch">>} */
+/** @type {Required<Omit<ConnectOptions, "WebSocket" | "fetch" | "on">>} */
 const DEFAULTS = {
   placement: true,
   minDelayMs: 250,
@@ -139,6 +142,7 @@ export class ClusterClient {
     if (typeof this.#WebSocket !== "function") {
       throw new TypeError("no WebSocket constructor: pass options.WebSocket");
     }
+    for (const [event, listener] of Object.entries(options.on ?? {})) this.on(event, listener);
     this.ready = new Promise((resolve, reject) => {
       this.#settleReady = { resolve, reject };
     });
