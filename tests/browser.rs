@@ -450,7 +450,7 @@ async fn client_js_requests_settle_on_the_ack_or_the_error_and_close_stops_it() 
     .await
     .unwrap();
     assert_eq!(refused, "closed");
-    assert_eq!(tab.until("close", 1).await["code"], 1000);
+    assert_eq!(tab.until("close", 1).await["code"], "closed");
     a.shutdown().await;
 }
 
@@ -486,6 +486,7 @@ async fn client_js_told_no_node_has_room_gives_up_after_max_attempts() {
     let mut tab = Tab::open(client_page(&a, &a.ws_url(), "maxAttempts: 1")).await;
     let failed = tab.until("failed", 1).await;
     assert_eq!(failed["code"], "gave_up", "{failed}");
+    assert_eq!(tab.until("close", 1).await["code"], "gave_up");
 
     drop(holders);
     a.shutdown().await;

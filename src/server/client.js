@@ -104,7 +104,8 @@ export class ClusterError extends Error {
  * - `welcome`: each (re)connection, with the welcome frame (`connection_id`, `node_id`);
  * - `reconnecting`: before each wait, with `{ delayMs, attempt, reason }` (`reason`:
  *   `drain`, `lost`, `failed`, `unavailable`);
- * - `close`: once, when the client gives up or is closed, with `{ code, reason }`.
+ * - `close`: once, when the client gives up or is closed, with `{ code, message }` (`code`
+ *   `gave_up` or `closed`, as the errors of the requests it rejects).
  */
 export class ClusterClient {
   /** @type {Promise<void>} Resolves on the first welcome. */
@@ -245,7 +246,7 @@ export class ClusterClient {
         // dropped all the same.
       }
     }
-    this.#finish(1000, "closed by the application", new ClusterError("closed", "the client was closed"));
+    this.#finish(new ClusterError("closed", "the client was closed by the application"));
   }
 
   /**
@@ -333,7 +334,8 @@ export class ClusterClient {
    */
   async #pause(delayMs, failures, reason) {
     if (failures >= this.#options.maxAttempts) {
-      this.#finish(4002, "gave up", new ClusterError("gave_up", `no node welcomed the client after ${failures} attempts`));
+      const message = `no node welcomed the client after ${failures} failed attempts`;
+      this.#finish(new ClusterError("gave_up", message));
       return false;
     }
     this.#emit("reconnecting", { delayMs, attempt: failures + 1, reason });
@@ -479,15 +481,13 @@ export class ClusterClient {
   /**
    * The end: pending requests and `ready` reject with `error`, `close` is emitted once.
    *
-   * @param {number} code
-   * @param {string} reason
    * @param {ClusterError} error
    */
-  #finish(code, reason, error) {
+  #finish(error) {
     this.#closed = true;
     this.#failPending(error);
     this.#settleReady.reject(error);
-    this.#emit("close", { code, reason });
+    this.#emit("close", { code: error.code, message: error.message });
     this.#listeners.clear();
   }
 
