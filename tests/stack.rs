@@ -34,6 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
@@ -827,9 +828,18 @@ async fn no_room_anywhere_is_said_in_band_on_a_plain_hyper_server() {
     assert_eq!(refusal.code, hybrid_cluster::CLOSE_UNAVAILABLE);
     assert_eq!(refusal.code, 4001);
     assert_eq!(refusal.reason, expected);
+    // A client that offers subprotocols (as a page may) gets the first selected: a browser
+    // fails a handshake that selects none.
+    let mut offering = url.as_str().into_client_request().unwrap();
+    offering.headers_mut().insert(
+        "sec-websocket-protocol",
+        "chat.v2, chat.v1".parse().unwrap(),
+    );
+    let refusal = refused_in_band(offering).await.unwrap();
+    assert_eq!(refusal.frame, expected);
     assert_eq!(cluster.local_connections(), 0);
     let exposition = metrics.render();
-    assert_eq!(upgrades(&exposition, "inband-none", "refused"), 1.0);
+    assert_eq!(upgrades(&exposition, "inband-none", "refused"), 2.0);
     assert_eq!(upgrades(&exposition, "inband-none", "accepted"), 0.0);
 
     cluster.shutdown().await.unwrap();
