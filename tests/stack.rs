@@ -22,7 +22,7 @@ use http_body_util::Full;
 use hybrid_cluster::server::{self, ServerConfig};
 use hybrid_cluster::{
     Backends, Cluster, ClusterConfig, ClusterConnection, ConnectionId, ConnectionSlot, GroupName,
-    InboxItem, NodeId, PlacementMode, SendError, Target,
+    InboxItem, NodeId, PlacementMode, PlacementPolicy, SendError, Target,
 };
 use hybrid_cluster_test_support::placement::refused_in_band;
 use hyper::body::Incoming;
@@ -34,6 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
@@ -761,6 +762,49 @@ async fn a_draining_node_redirects_in_band_saying_so() {
     other.shutdown().await.unwrap();
 }
 
+/// A node with room whose balancer places a client on another node (the always-optimal
+/// policy) redirects it in-band with the reason "balance".
+#[tokio::test]
+async fn a_node_with_room_redirects_in_band_for_balance() {
+    let backends = Backends::embedded();
+    let (small, small_listener) = start_with(&backends, "inband-small", |config| {
+        config.max_connections = 10;
+        config.placement = PlacementPolicy::AlwaysOptimal;
+    })
+    .await;
+    let (big, big_listener) = start_with(&backends, "inband-big", |config| {
+        config.max_connections = 1000;
+    })
+    .await;
+    wait_for_each_other(&[&small, &big]).await;
+    let small_url = serve_node(&small, small_listener);
+    let big_url = serve_node(&big, big_listener);
+
+    // Both empty: a tie, which the balancer may break either way; until one client is here.
+    let mut kept = None;
+    for _ in 0..3 {
+        let (mut socket, _) = within("the upgrade", connect_async(&small_url))
+            .await
+            .unwrap();
+        let first: Value = serde_json::from_str(&next_text(&mut socket).await).unwrap();
+        if first["type"] == "welcome" {
+            kept = Some(socket);
+            break;
+        }
+    }
+    let kept = kept.expect("the small node kept none of three clients");
+    // One client of 10 here, none of 1000 there: the balancer picks the big node.
+    let refusal = refused_in_band(&small_url).await.unwrap();
+    let expected = json!({"type": "redirect", "url": big_url, "reason": "balance"});
+    assert_eq!(refusal.frame, expected);
+    assert_eq!((refusal.code, &refusal.reason), (4000, &expected));
+    assert_eq!(small.local_connections(), 1);
+
+    drop(kept);
+    small.shutdown().await.unwrap();
+    big.shutdown().await.unwrap();
+}
+
 /// When no node has room, a client is told in-band to come back later (4001), by the layer
 /// around a plain hyper service as around the node server; the refusal is counted as such.
 #[tokio::test]
@@ -784,9 +828,18 @@ async fn no_room_anywhere_is_said_in_band_on_a_plain_hyper_server() {
     assert_eq!(refusal.code, hybrid_cluster::CLOSE_UNAVAILABLE);
     assert_eq!(refusal.code, 4001);
     assert_eq!(refusal.reason, expected);
+    // A client that offers subprotocols (as a page may) gets the first selected: a browser
+    // fails a handshake that selects none.
+    let mut offering = url.as_str().into_client_request().unwrap();
+    offering.headers_mut().insert(
+        "sec-websocket-protocol",
+        "chat.v2, chat.v1".parse().unwrap(),
+    );
+    let refusal = refused_in_band(offering).await.unwrap();
+    assert_eq!(refusal.frame, expected);
     assert_eq!(cluster.local_connections(), 0);
     let exposition = metrics.render();
-    assert_eq!(upgrades(&exposition, "inband-none", "refused"), 1.0);
+    assert_eq!(upgrades(&exposition, "inband-none", "refused"), 2.0);
     assert_eq!(upgrades(&exposition, "inband-none", "accepted"), 0.0);
 
     cluster.shutdown().await.unwrap();

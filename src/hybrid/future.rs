@@ -7,7 +7,8 @@ use std::task::{Context, Poll};
 use http::Response;
 use pin_project::pin_project;
 
-/// The inner service's response, or the cluster layer's own (a redirect or a refusal).
+/// The inner service's response, or the cluster layer's own: a redirect or a refusal, in HTTP
+/// or (in-band) the `101` of a socket that only says where to go.
 #[pin_project(project = Projection)]
 #[derive(Debug)]
 pub struct ResponseFuture<F, B> {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::header::{
-    CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
-    UPGRADE,
+    CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use http::{Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
@@ -127,6 +127,7 @@ pub(crate) fn answer<ReqBody, ResBody: Default>(
         return None;
     }
     let accept = HeaderValue::try_from(derive_accept_key(key.as_bytes())).ok()?;
+    let protocol = first_protocol(request);
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let on_upgrade = request.extensions_mut().remove::<OnUpgrade>()?;
     let frame = refusal.to_json();
@@ -141,7 +142,22 @@ pub(crate) fn answer<ReqBody, ResBody: Default>(
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(protocol) = protocol {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
     Some(response)
+}
+
+/// The first subprotocol the client offers, if any: a browser that offered some fails a
+/// handshake that selects none, and this socket speaks no protocol anyway but its one frame.
+fn first_protocol<B>(request: &Request<B>) -> Option<HeaderValue> {
+    let offered = request
+        .headers()
+        .get(SEC_WEBSOCKET_PROTOCOL)?
+        .to_str()
+        .ok()?;
+    let first = offered.split(',').map(str::trim).find(|p| !p.is_empty())?;
+    HeaderValue::from_str(first).ok()
 }
 
 /// Sends `frame` then `close` on the upgraded connection, and waits a moment for the client's
@@ -203,6 +219,21 @@ mod tests {
             Refusal::UNAVAILABLE.to_json()
         );
         assert_eq!(Refusal::UNAVAILABLE.close_code(), 4001);
+    }
+
+    #[test]
+    fn the_first_offered_subprotocol_is_selected() {
+        let offering = |protocols: Option<&str>| {
+            let mut request = Request::get("/ws");
+            if let Some(protocols) = protocols {
+                request = request.header(SEC_WEBSOCKET_PROTOCOL, protocols);
+            }
+            first_protocol(&request.body(()).unwrap())
+        };
+        assert_eq!(offering(Some(" chat.v2 , chat.v1")).unwrap(), "chat.v2");
+        assert_eq!(offering(Some("chat")).unwrap(), "chat");
+        assert!(offering(Some(" , ")).is_none());
+        assert!(offering(None).is_none());
     }
 
     #[test]

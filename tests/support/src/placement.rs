@@ -7,6 +7,7 @@ use serde_json::Value;
 use tokio::time::timeout;
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::BoxError;
 
@@ -21,12 +22,14 @@ pub struct InBandRefusal {
     pub reason: Value,
 }
 
-/// Connects to `url` and reads what a client refused in-band gets: a `101`, one text frame,
-/// a close frame, then the end of the connection (each within 10 s). An error says what
-/// came instead.
-pub async fn refused_in_band(url: &str) -> Result<InBandRefusal, BoxError> {
+/// Connects with `request` (a URL, or a request with headers of its own) and reads what a
+/// client refused in-band gets: a `101`, one text frame, a close frame, then the end of the
+/// connection (each within 10 s). An error says what came instead.
+pub async fn refused_in_band(request: impl IntoClientRequest) -> Result<InBandRefusal, BoxError> {
     let bound = Duration::from_secs(10);
-    let (mut socket, response) = timeout(bound, connect_async(url)).await??;
+    let request = request.into_client_request()?;
+    let url = request.uri().to_string();
+    let (mut socket, response) = timeout(bound, connect_async(request)).await??;
     if response.status() != 101 {
         return Err(format!("{url}: answered {}", response.status()).into());
     }
