@@ -236,11 +236,15 @@ socket.onclose = (event) => report("close", {{ code: event.code, reason: event.r
 }
 
 /// Serves `html` at `/` on a loopback port of its own: the page's origin is none of the
-/// nodes', so what it takes from them must allow other origins.
+/// nodes', so what it takes from them must allow other origins. (`/client.js` is served too,
+/// for pages that test the client without a node.)
 async fn serve_page(html: String) -> (String, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new().route("/", get(move || std::future::ready(Html(html))));
+    let module = ([("content-type", "text/javascript")], server::CLIENT_JS);
+    let app = axum::Router::new()
+        .route("/", get(move || std::future::ready(Html(html))))
+        .route("/client.js", get(move || std::future::ready(module)));
     let server = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
@@ -491,4 +495,128 @@ async fn client_js_told_no_node_has_room_gives_up_after_max_attempts() {
     drop(holders);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// The client's decisions, driven in the page through a fake `WebSocket` and a fake `fetch`
+/// (no node): what it connects to after each kind of close, how requests settle, when it
+/// waits and why.
+const SCRIPTED: &str = r#"<script type="module">
+import { ClusterClient } from "/client.js";
+const sockets = [];
+const socketWaiters = [];
+class FakeSocket {
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    sockets.push(this);
+    for (const wake of socketWaiters.splice(0)) wake();
+  }
+  send(text) { this.sent.push(JSON.parse(text)); }
+  close(code, reason) { this.end(code ?? 1005, reason ?? ""); }
+  open() { this.readyState = 1; }
+  frame(value) { this.onmessage({ data: JSON.stringify(value) }); }
+  end(code, reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    setTimeout(() => this.onclose({ code, reason }));
+  }
+}
+function socket(nth) {
+  return new Promise((resolve) => {
+    const check = () => sockets.length >= nth ? resolve(sockets[nth - 1]) : socketWaiters.push(check);
+    check();
+  });
+}
+const placements = [];
+const fetched = [];
+async function fakeFetch(url) {
+  fetched.push(url);
+  const [status, body] = placements.shift() ?? [404, null];
+  return { status, ok: status === 200, json: async () => body ?? JSON.parse("<html>") };
+}
+try {
+  const waits = [];
+  const client = new ClusterClient("ws://home.test/ws?token=t", {
+    WebSocket: FakeSocket, fetch: fakeFetch, minDelayMs: 1, maxDelayMs: 4, drainDelayMs: 1,
+    retryJitterMs: 1, maxRedirects: 2,
+    on: { reconnecting: (next) => waits.push(next.reason) },
+  });
+  const seen = {};
+  // No placement to ask (404): the given URL.
+  let s = await socket(1);
+  seen.first = s.url;
+  // The redirect frame, then a close whose reason was cut short.
+  s.open(); s.frame({ type: "redirect", url: "ws://b.test/ws?token=t", reason: "full" }); s.end(4000, '{"type":"redirect"}');
+  s = await socket(2);
+  seen.byFrame = s.url;
+  // Only the close's reason.
+  s.open(); s.end(4000, JSON.stringify({ type: "redirect", url: "ws://c.test/ws?token=t" }));
+  s = await socket(3);
+  seen.byReason = s.url;
+  // A third hop in a row is one too many: a failed attempt, back to the start.
+  s.open(); s.end(4000, JSON.stringify({ type: "redirect", url: "ws://d.test/ws" }));
+  s = await socket(4);
+  seen.afterHopLimit = s.url;
+  s.open(); s.frame({ type: "welcome", connection_id: "h:1:1", node_id: "h" });
+  await client.ready;
+  seen.welcome = client.welcome.node_id;
+  const pending = client.send("x:1:1", { a: 1 }).catch((error) => error.code);
+  const acked = client.broadcast(2).then(() => "ack");
+  const refused = client.join("g").catch((error) => [error.code, error.message]);
+  seen.sent = s.sent;
+  s.frame({ type: "ack", id: 2 });
+  s.frame({ type: "error", id: 3, code: "bad_request", message: "no" });
+  seen.acked = await acked;
+  seen.refused = await refused;
+  // Lost: the pending send rejects; placement is asked again, says wait, then names a node.
+  placements.push([503, { type: "unavailable", retry_after_ms: 5 }]);
+  placements.push([200, { url: "ws://p.test/ws", node_id: "p" }]);
+  s.end(1006, "");
+  seen.pending = await pending;
+  s = await socket(5);
+  seen.placed = s.url;
+  s.open(); s.frame({ type: "welcome", connection_id: "p:1:1", node_id: "p" });
+  // Drained: straight to the node the reason names, the query string kept.
+  s.end(1012, JSON.stringify({ reconnect: "ws://e.test/ws", node: "e" }));
+  s = await socket(6);
+  seen.drainedTo = s.url;
+  seen.fetched = fetched;
+  seen.waits = waits;
+  client.close();
+  seen.afterClose = await client.send("x:1:1", 1).catch((error) => error.code);
+  report("done", seen);
+} catch (error) {
+  report("failed", String(error.stack));
+}
+</script>"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_js_follows_redirects_placement_and_drains_and_settles_requests() {
+    let mut tab = Tab::open(page(SCRIPTED)).await;
+    let seen = tab.until("done", 1).await;
+    let placement = "http://home.test/cluster/placement";
+    assert_eq!(
+        seen,
+        json!({
+            "first": "ws://home.test/ws?token=t",
+            "byFrame": "ws://b.test/ws?token=t",
+            "byReason": "ws://c.test/ws?token=t",
+            "afterHopLimit": "ws://home.test/ws?token=t",
+            "welcome": "h",
+            "sent": [
+                {"op": "send", "to": "x:1:1", "data": {"a": 1}, "id": 1},
+                {"op": "broadcast", "data": 2, "id": 2},
+                {"op": "join", "group": "g", "id": 3},
+            ],
+            "acked": "ack",
+            "refused": ["bad_request", "no"],
+            "pending": "disconnected",
+            "placed": "ws://p.test/ws?token=t",
+            "drainedTo": "ws://e.test/ws?token=t",
+            "fetched": [placement, placement, placement, placement],
+            "waits": ["failed", "lost", "unavailable", "drain"],
+            "afterClose": "closed",
+        })
+    );
 }
