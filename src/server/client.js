@@ -28,6 +28,9 @@ export const CLOSE_UNAVAILABLE = 4001;
 /** Close code of a node that drains (service restart): the reason (JSON) names a node. */
 export const CLOSE_DRAIN = 1012;
 
+/** A connection that lasted this long resets the backoff when lost. */
+const STABLE_AFTER_MS = 5000;
+
 /** The WebSocket `readyState` of an open socket (the same in browsers, `ws` and undici). */
 const OPEN = 1;
 
@@ -52,6 +55,19 @@ const OPEN = 1;
  * @property {Object<string, Function>} [on] Listeners attached before the first attempt, by
  *   event name (`connect` resolves only once welcomed: this is how to see `reconnecting`
  *   before that, or the first `welcome` as an event).
+ */
+
+/**
+ * How an attempt ended: whether it was welcomed (and lasted, `stable`), and what the close
+ * asked for: a `redirect`, a `drain` (to the URL its reason names, if any), or a wait
+ * (`unavailableMs`); none of them for a lost connection or a failed attempt.
+ *
+ * @typedef {object} Outcome
+ * @property {boolean} welcomed
+ * @property {boolean} [stable]
+ * @property {URL} [redirect]
+ * @property {{url: URL | null}} [drain]
+ * @property {number} [unavailableMs]
  */
 
 /** @type {Required<Omit<ConnectOptions, "WebSocket" | "fetch" | "on">>} */
@@ -110,7 +126,11 @@ export class ClusterError extends Error {
 export class ClusterClient {
   /** @type {Promise<void>} Resolves on the first welcome. */
   ready;
-  /** @type {{type: "welcome", connection_id: string, node_id: string} | null} The latest welcome. */
+  /**
+   * The latest welcome frame.
+   *
+   * @type {{type: "welcome", connection_id: string, node_id: string} | null}
+   */
   welcome = null;
 
   #home;
@@ -276,6 +296,10 @@ export class ClusterClient {
   async #run() {
     let failures = 0;
     let hops = 0;
+    // The backoff's exponent: it grows with each lost or failed attempt, and goes back to 0
+    // only after a connection that lasted, so that a node that welcomes and drops its clients
+    // at once is not hammered.
+    let step = 0;
     /** @type {URL | null} Where the last close told the client to go. */
     let next = null;
     while (!this.#closed) {
@@ -286,7 +310,8 @@ export class ClusterClient {
         if (this.#closed) return;
         if (placed.unavailableMs !== undefined) {
           failures += 1;
-          if (!(await this.#pause(placed.unavailableMs + this.#jitter(this.#options.retryJitterMs), failures, "unavailable"))) return;
+          const delayMs = placed.unavailableMs + this.#jitter(this.#options.retryJitterMs);
+          if (!(await this.#pause(delayMs, failures, "unavailable"))) return;
           continue;
         }
         target = placed.url;
@@ -296,6 +321,7 @@ export class ClusterClient {
       if (outcome.welcomed) {
         failures = 0;
         hops = 0;
+        if (outcome.stable) step = 0;
       }
       let delayMs;
       let reason;
@@ -316,7 +342,8 @@ export class ClusterClient {
       } else {
         failures += outcome.welcomed ? 0 : 1;
         hops = 0;
-        delayMs = this.#backoff(failures);
+        delayMs = this.#backoff(step);
+        step += 1;
         reason = outcome.welcomed ? "lost" : "failed";
       }
       if (!(await this.#pause(delayMs, failures, reason))) return;
@@ -386,7 +413,7 @@ export class ClusterClient {
    * to do next.
    *
    * @param {URL} target
-   * @returns {Promise<{welcomed: boolean, redirect?: URL, drain?: {url: URL | null}, unavailableMs?: number}>}
+   * @returns {Promise<Outcome>}
    */
   #attempt(target) {
     return new Promise((resolve) => {
@@ -399,6 +426,7 @@ export class ClusterClient {
       }
       this.#socket = socket;
       let welcomed = false;
+      let welcomedAt = 0;
       /** @type {any} An in-band redirect or unavailable frame, before the close. */
       let placement = null;
       const timer = setTimeout(() => {
@@ -414,6 +442,7 @@ export class ClusterClient {
         }
         if (!welcomed && frame?.type === "welcome") {
           welcomed = true;
+          welcomedAt = Date.now();
           clearTimeout(timer);
           this.#lastNode = target;
           this.#welcome(frame);
@@ -428,8 +457,10 @@ export class ClusterClient {
         clearTimeout(timer);
         if (this.#socket === socket) this.#socket = null;
         this.#welcomed = false;
-        this.#failPending(new ClusterError("disconnected", "the connection was lost before the answer"));
-        resolve({ welcomed, ...nextStep(event, placement, this.#home) });
+        const lost = "the connection was lost before the answer";
+        this.#failPending(new ClusterError("disconnected", lost));
+        const stable = welcomed && Date.now() - welcomedAt >= STABLE_AFTER_MS;
+        resolve({ welcomed, stable, ...nextStep(event, placement, this.#home) });
       };
       // An error is always followed by a close, which decides.
       socket.onerror = () => {};
@@ -509,13 +540,13 @@ export class ClusterClient {
   }
 
   /**
-   * Exponential backoff with full jitter: a random delay below `min(max, min * 2^failures)`.
+   * Exponential backoff with full jitter: a random delay below `min(max, min * 2^step)`.
    *
-   * @param {number} failures
+   * @param {number} step
    */
-  #backoff(failures) {
+  #backoff(step) {
     const { minDelayMs, maxDelayMs } = this.#options;
-    return this.#jitter(Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(failures, 30)));
+    return this.#jitter(Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(step, 30)));
   }
 
   /** @param {number} boundMs */
