@@ -462,10 +462,16 @@ async fn a_drained_nodes_clients_spread_over_the_others_by_free_places() {
     let stopping = Instant::now();
     drained.signal("TERM").unwrap();
     let moves = clients.drain(..).map(|client| async move {
-        tokio::time::sleep(Duration::from_millis(rand::random_range(0..JITTER_MS))).await;
-        reconnect_as_told(client).await
+        let jitter = Duration::from_millis(rand::random_range(0..JITTER_MS));
+        let (node, client) = reconnect_as_told(client, jitter).await?;
+        let after = stopping.elapsed();
+        Ok::<_, String>(Moved {
+            node,
+            after,
+            _client: client,
+        })
     });
-    let moves: Vec<Result<(String, Client), String>> = join_all(moves).await;
+    let moves: Vec<Result<Moved, String>> = join_all(moves).await;
     let took = stopping.elapsed();
     let failed: Vec<&String> = moves.iter().filter_map(|m| m.as_ref().err()).collect();
     assert!(
@@ -476,9 +482,13 @@ async fn a_drained_nodes_clients_spread_over_the_others_by_free_places() {
         cluster.logs(15)
     );
     let mut got: HashMap<String, usize> = HashMap::new();
-    for (named, _) in moves.iter().flatten() {
-        *got.entry(named.clone()).or_default() += 1;
+    let mut welcomed_after = Vec::new();
+    for moved in moves.iter().flatten() {
+        *got.entry(moved.node.clone()).or_default() += 1;
+        welcomed_after.push(moved.after);
     }
+    welcomed_after.sort();
+    let percentile = |p: usize| welcomed_after[(welcomed_after.len() - 1) * p / 100];
 
     let free: Vec<usize> = PEERS
         .iter()
@@ -510,7 +520,11 @@ async fn a_drained_nodes_clients_spread_over_the_others_by_free_places() {
             "{id} holds {connections} connections, over its limit of {max}"
         );
     }
-    eprintln!("  all {CLIENTS} welcomed again within {took:?} of the SIGTERM");
+    eprintln!(
+        "  all {CLIENTS} welcomed again within {took:?} of the SIGTERM (p50 {:?}, p99 {:?})",
+        percentile(50),
+        percentile(99)
+    );
     assert_eq!(got.values().sum::<usize>(), CLIENTS);
     let mut drained = cluster.nodes.remove(0);
     assert!(
@@ -522,6 +536,16 @@ async fn a_drained_nodes_clients_spread_over_the_others_by_free_places() {
         drained.log_tail(20)
     );
     drop(own);
+}
+
+/// A client of a drained node, welcomed again.
+struct Moved {
+    /// The node its close reason named, which welcomed it.
+    node: String,
+    /// When it was welcomed, from the SIGTERM.
+    after: Duration,
+    /// Kept open until the test has counted every node's clients.
+    _client: Client,
 }
 
 /// Connects `count` clients to `node`, each welcomed there.
@@ -572,9 +596,12 @@ fn connections_of(body: &str, id: &str) -> u64 {
         .unwrap_or_else(|| panic!("no connection count for {id} in {body}"))
 }
 
-/// Reads `client`'s close (1012, a reason naming a node), reconnects to that node and is
-/// welcomed there: returns the node named and the new client.
-async fn reconnect_as_told(mut client: Client) -> Result<(String, Client), String> {
+/// Reads `client`'s close (1012, a reason naming a node), waits `jitter`, reconnects to that
+/// node and is welcomed there: returns the node named and the new client.
+async fn reconnect_as_told(
+    mut client: Client,
+    jitter: Duration,
+) -> Result<(String, Client), String> {
     let frame = loop {
         match client.next_json(PHASE).await {
             Ok(Ok(_)) => continue,
@@ -591,6 +618,7 @@ async fn reconnect_as_told(mut client: Client) -> Result<(String, Client), Strin
     let (Some(url), Some(named)) = (reason["reconnect"].as_str(), reason["node"].as_str()) else {
         return Err(format!("{}: no node named: {reason}", client.id));
     };
+    tokio::time::sleep(jitter).await;
     let again = Client::connect(url)
         .await
         .map_err(|e| format!("reconnecting to {named} at {url}: {e}"))?;
