@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use hybrid_cluster_balance::{Placement, Placer};
+use hybrid_cluster_balance::Placer;
 use hybrid_cluster_core::{
     Broker, ConnectionIds, ConsumerState, Envelope, Incarnation, LiveNodeInfo, NodeId, NodeStatus,
     Target,
@@ -227,15 +227,7 @@ impl Node {
                 tracing::warn!("publishing the drain took too long: cut short, leaving anyway")
             }
         }
-        let redirect = match self.placer.place() {
-            Placement::Redirect(redirect) => Some(redirect),
-            Placement::Accept | Placement::Refuse(_) => None,
-        };
-        let frame = CloseFrame {
-            code: CLOSE_SERVICE_RESTART,
-            reason: close_reason(redirect.as_ref()),
-        };
-        self.local.close_all(&frame);
+        self.close_all_spread();
         if tokio::time::timeout_at(deadline, self.local.wait_empty())
             .await
             .is_err()
@@ -247,6 +239,26 @@ impl Node {
                 "shutdown grace period ran out: cutting short the connections still open (their clients were sent the close) and the messages still awaiting the broker's confirmation (their senders get no answer)"
             );
         }
+    }
+
+    /// Closes every client with 1012 and a reason naming the node it should reconnect to,
+    /// the clients spread over the other nodes in proportion to their free places (see
+    /// [`Placer::spread`]) so that they do not all land on one. Clients beyond the places
+    /// free (or that connected since the count, none while draining) get `{}`.
+    fn close_all_spread(&self) {
+        let clients = self.local.len();
+        let spread = self.placer.spread(clients);
+        let named = spread.iter().flatten().count();
+        tracing::info!(
+            clients,
+            named,
+            "closing the clients, each told a node to reconnect to"
+        );
+        let mut redirects = spread.into_iter();
+        self.local.close_all(|| CloseFrame {
+            code: CLOSE_SERVICE_RESTART,
+            reason: close_reason(redirects.next().flatten().as_ref()),
+        });
     }
 
     /// This node's status in its own cell of the view, which placement reads at once.

@@ -923,6 +923,56 @@ async fn graceful_shutdown_closes_clients_with_1012_naming_another_node() {
     tc.assert_left_nothing(&[]).await;
 }
 
+/// A node that shuts down spreads its clients over the others in proportion to their free
+/// places rather than naming one node for all: peers with 10 and 30 free places are named
+/// for 5 and 15 of 20 clients, each reason with the URL of the node it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_spreads_its_clients_over_the_others_by_free_places() {
+    let tc = TestCluster::new("spread");
+    let a = tc.start("a", |_| {}).await;
+    let b = tc.start("b", |config| config.max_connections = 10).await;
+    let c = tc.start("c", |config| config.max_connections = 30).await;
+    for node in [&a, &b, &c] {
+        node.wait_for_members(&[&a, &b, &c]).await;
+    }
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(Client::connect(&a).await);
+    }
+
+    let shutting_down = {
+        let cluster = a.cluster.clone();
+        tokio::spawn(async move { cluster.shutdown().await })
+    };
+    let mut named = std::collections::HashMap::new();
+    for client in &mut clients {
+        let (before, close) = client.until_close().await;
+        assert!(before.is_empty(), "{before:?}");
+        let close = close.expect("a close frame with a code");
+        assert_eq!(u16::from(close.code), 1012);
+        let reason: Value = serde_json::from_str(close.reason.as_str()).unwrap();
+        let node = reason["node"].as_str().expect("a node named").to_owned();
+        let peer = [&b, &c]
+            .into_iter()
+            .find(|peer| peer.id().as_str() == node)
+            .unwrap_or_else(|| panic!("{node} is not a peer"));
+        assert_eq!(reason["reconnect"], peer.ws_url());
+        *named.entry(node).or_insert(0) += 1;
+    }
+    assert_eq!(
+        named,
+        std::collections::HashMap::from([(b.id().to_string(), 5), (c.id().to_string(), 15)])
+    );
+    within("the shutdown", shutting_down)
+        .await
+        .unwrap()
+        .unwrap();
+    a.server.abort();
+    b.shutdown().await;
+    c.shutdown().await;
+    tc.assert_left_nothing(&[]).await;
+}
+
 /// Sends `count` messages of `size` bytes to `slow`, which never reads, from node `from`,
 /// each followed by a small one to `fast`, which reads them as they come; returns when the
 /// fast client got them all.

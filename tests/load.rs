@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use futures_util::{StreamExt, stream};
-use hybrid_cluster_test_support::client::Client;
+use hybrid_cluster_test_support::client::{Client, Ended};
 use hybrid_cluster_test_support::limits::raise_open_files;
-use hybrid_cluster_test_support::node::NodeCluster;
+use hybrid_cluster_test_support::node::{NodeCluster, NodeProgram};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -419,4 +419,211 @@ async fn sigterm_ends_a_busy_node_within_its_grace_period() {
         .unwrap();
     cluster.nodes.push(busy);
     drop(stalled);
+}
+
+/// A drained node's 1,000 clients are spread over the other nodes in proportion to their free
+/// places, not sent all to one: three peers with 300, 500 and 1,200 free places (the last
+/// holding 200 clients of its own) are named for about 150, 250 and 600 of them. Every client
+/// reads its 1012 close, waits a little (jitter), reconnects to the node its reason names and
+/// is welcomed there; no node goes past its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_nodes_clients_spread_over_the_others_by_free_places() {
+    const CLIENTS: usize = 1_000;
+    const JITTER_MS: u64 = 500;
+    // Each peer: its limit and the clients it already holds.
+    const PEERS: [(u32, usize); 3] = [(300, 0), (500, 0), (1_400, 200)];
+    let _alone = ALONE.lock().await;
+    raise_open_files(6 * CLIENTS as u64 + 1024);
+    let mut cluster = NodeCluster::new("load-spread");
+    let mut options = cluster.options();
+    // A fast heartbeat, so that the drained node soon sees the peers' own clients.
+    options.heartbeat_ms = 500;
+    cluster
+        .start(
+            "spread-0",
+            &options.clone().arg("--max-connections", 10_000),
+        )
+        .await;
+    for (i, (max, _)) in PEERS.iter().enumerate() {
+        let options = options.clone().arg("--max-connections", max);
+        cluster.start(&format!("spread-{}", i + 1), &options).await;
+    }
+    cluster.wait_for_nodes(4, Duration::from_secs(30)).await;
+
+    let mut own = Vec::new();
+    for (i, (_, holding)) in PEERS.iter().enumerate() {
+        own.extend(connect_to(&cluster.nodes[i + 1], *holding).await);
+    }
+    let drained = &cluster.nodes[0];
+    let mut clients = connect_to(drained, CLIENTS).await;
+    // The drained node must see what the peers hold before it spreads its clients.
+    seen_by(drained, &cluster, &PEERS).await;
+
+    let stopping = Instant::now();
+    drained.signal("TERM").unwrap();
+    let moves = clients.drain(..).map(|client| async move {
+        let jitter = Duration::from_millis(rand::random_range(0..JITTER_MS));
+        let (node, client) = reconnect_as_told(client, jitter).await?;
+        let after = stopping.elapsed();
+        Ok::<_, String>(Moved {
+            node,
+            after,
+            _client: client,
+        })
+    });
+    let moves: Vec<Result<Moved, String>> = join_all(moves).await;
+    let took = stopping.elapsed();
+    let failed: Vec<&String> = moves.iter().filter_map(|m| m.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} clients did not move, e.g. {:?}\n{}",
+        failed.len(),
+        &failed[..failed.len().min(3)],
+        cluster.logs(15)
+    );
+    let mut got: HashMap<String, usize> = HashMap::new();
+    let mut welcomed_after = Vec::new();
+    for moved in moves.iter().flatten() {
+        *got.entry(moved.node.clone()).or_default() += 1;
+        welcomed_after.push(moved.after);
+    }
+    welcomed_after.sort();
+    let percentile = |p: usize| welcomed_after[(welcomed_after.len() - 1) * p / 100];
+
+    let free: Vec<usize> = PEERS
+        .iter()
+        .map(|&(max, held)| max as usize - held)
+        .collect();
+    let total_free: usize = free.iter().sum();
+    eprintln!(
+        "{CLIENTS} clients of a drained node, reconnecting with up to {JITTER_MS} ms of jitter:"
+    );
+    for (i, (&(max, held), places)) in PEERS.iter().zip(&free).enumerate() {
+        let id = &cluster.nodes[i + 1].id;
+        let expected = (CLIENTS * places) as f64 / total_free as f64;
+        let landed = got.get(id).copied().unwrap_or(0);
+        eprintln!(
+            "  {id}: limit {max}, {held} clients before, {places} free: expected {expected:.0}, got {landed}"
+        );
+        assert!(
+            (landed as f64 - expected).abs() <= expected * 0.1,
+            "{id} got {landed} of the clients, expected {expected:.0} ± 10%: {got:?}"
+        );
+        assert!(
+            held + landed <= max as usize,
+            "{id} welcomed {held} + {landed} clients, over its limit of {max}"
+        );
+        let (_, body) = cluster.nodes[i + 1].get("/cluster/nodes").await.unwrap();
+        let connections = connections_of(&body, id);
+        assert!(
+            connections <= u64::from(max),
+            "{id} holds {connections} connections, over its limit of {max}"
+        );
+    }
+    eprintln!(
+        "  all {CLIENTS} welcomed again within {took:?} of the SIGTERM (p50 {:?}, p99 {:?})",
+        percentile(50),
+        percentile(99)
+    );
+    assert_eq!(got.values().sum::<usize>(), CLIENTS);
+    let mut drained = cluster.nodes.remove(0);
+    assert!(
+        drained
+            .wait_exit(Duration::from_secs(15))
+            .await
+            .is_some_and(|status| status.success()),
+        "{}",
+        drained.log_tail(20)
+    );
+    drop(own);
+}
+
+/// A client of a drained node, welcomed again.
+struct Moved {
+    /// The node its close reason named, which welcomed it.
+    node: String,
+    /// When it was welcomed, from the SIGTERM.
+    after: Duration,
+    /// Kept open until the test has counted every node's clients.
+    _client: Client,
+}
+
+/// Connects `count` clients to `node`, each welcomed there.
+async fn connect_to(node: &NodeProgram, count: usize) -> Vec<Client> {
+    let url = node.ws_url();
+    let clients: Vec<Client> = stream::iter(0..count)
+        .map(|_| Client::connect(&url))
+        .buffered(CONNECTING)
+        .map(|client| client.unwrap_or_else(|e| panic!("connecting to {url}: {e}")))
+        .collect()
+        .await;
+    for client in &clients {
+        assert_eq!(client.node, node.id, "the client was placed on its node");
+    }
+    clients
+}
+
+/// Waits until `node` sees each peer (`cluster.nodes[1..]`) holding the clients `peers` says.
+async fn seen_by(node: &NodeProgram, cluster: &NodeCluster, peers: &[(u32, usize)]) {
+    let deadline = Instant::now() + PHASE;
+    loop {
+        let (_, body) = node.get("/cluster/nodes").await.unwrap();
+        let seen = peers
+            .iter()
+            .enumerate()
+            .all(|(i, &(_, held))| connections_of(&body, &cluster.nodes[i + 1].id) == held as u64);
+        if seen {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never saw the peers' clients: {body}",
+            node.id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The connections node `id` reports in a `/cluster/nodes` body.
+fn connections_of(body: &str, id: &str) -> u64 {
+    let nodes: Value = serde_json::from_str(body).unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|node| node["node_id"] == id)
+        .and_then(|node| node["connection_count"].as_u64())
+        .unwrap_or_else(|| panic!("no connection count for {id} in {body}"))
+}
+
+/// Reads `client`'s close (1012, a reason naming a node), waits `jitter`, reconnects to that
+/// node and is welcomed there: returns the node named and the new client.
+async fn reconnect_as_told(
+    mut client: Client,
+    jitter: Duration,
+) -> Result<(String, Client), String> {
+    let frame = loop {
+        match client.next_json(PHASE).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(Ended::Closed(Some(frame)))) => break frame,
+            Ok(Err(ended)) => return Err(format!("{}: ended with {ended:?}", client.id)),
+            Err(error) => return Err(error.to_string()),
+        }
+    };
+    if u16::from(frame.code) != 1012 {
+        return Err(format!("{}: closed with {}", client.id, frame.code));
+    }
+    let reason: Value = serde_json::from_str(frame.reason.as_str())
+        .map_err(|e| format!("{}: the reason is not JSON ({e})", client.id))?;
+    let (Some(url), Some(named)) = (reason["reconnect"].as_str(), reason["node"].as_str()) else {
+        return Err(format!("{}: no node named: {reason}", client.id));
+    };
+    tokio::time::sleep(jitter).await;
+    let again = Client::connect(url)
+        .await
+        .map_err(|e| format!("reconnecting to {named} at {url}: {e}"))?;
+    if again.node != named {
+        return Err(format!("welcomed by {} instead of {named}", again.node));
+    }
+    Ok((named.to_owned(), again))
 }

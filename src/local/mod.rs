@@ -241,10 +241,12 @@ impl LocalConnections {
         self.table.read().groups.get(group).map_or(0, HashSet::len)
     }
 
-    /// Closes every inbox with `frame` once its queued messages are out.
-    pub(crate) fn close_all(&self, frame: &CloseFrame) {
+    /// Closes every inbox once its queued messages are out, each with the frame `frame`
+    /// makes for it (one call per connection), so that different clients can be told
+    /// different things (the nodes to reconnect to, when this one drains).
+    pub(crate) fn close_all(&self, mut frame: impl FnMut() -> CloseFrame) {
         for slot in self.all_slots() {
-            slot.close(frame.clone());
+            slot.close(frame());
         }
     }
 

@@ -196,7 +196,7 @@ fn shutdown_close_comes_after_the_queued_messages() {
     ));
     let mut inbox = table.register(id(1));
     table.deliver_all(&message("last words"));
-    table.close_all(&CloseFrame {
+    table.close_all(|| CloseFrame {
         code: 1012,
         reason: "{}".to_owned(),
     });

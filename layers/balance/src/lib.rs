@@ -19,7 +19,8 @@
 //!   discovery; it is not `Clone`, so share it behind a [`Buffer`](tower::buffer::Buffer)
 //!   ([`Balance::buffered`]).
 //! - [`Placer`] ([`placement`]) answers, per WebSocket upgrade, whether to accept the client
-//!   here, redirect it to another node, or refuse it.
+//!   here, redirect it to another node, or refuse it; [`Placer::spread`] tells the clients
+//!   of a draining node where to reconnect, spread over the nodes with room ([`spread`]).
 //! - [`ConnectionLoad`] ([`load`]) gives tower's own balancers our live-connection load.
 //!
 //! # Example
@@ -84,6 +85,7 @@ pub mod error;
 pub mod load;
 pub mod nodes;
 pub mod placement;
+pub mod spread;
 pub mod strategy;
 #[cfg(test)]
 mod test_nodes;
@@ -93,4 +95,5 @@ pub use error::{BoxError, DiscoverError, NoAvailableNode, NotReady};
 pub use load::ConnectionLoad;
 pub use nodes::{Candidate, NodeSet};
 pub use placement::{Placement, PlacementPolicy, Placer, Redirect};
+pub use spread::apportion;
 pub use strategy::{Selector, Strategy, UnknownStrategy};

@@ -10,6 +10,9 @@
 //!   to give it ([`Redirect::ws_url`] builds the URL);
 //! - [`Placement::Refuse`]: no node has room ([`NoAvailableNode`] says why).
 //!
+//! For many clients at once (those of a draining node), [`Placer::spread`] names a node for
+//! each, in proportion to the nodes' free places ([`spread`](crate::spread)).
+//!
 //! # Policies
 //! - [`PlacementPolicy::AcceptUnlessFull`] (default): keep the client when this node is
 //!   Active and below its limit; otherwise redirect it to the node the strategy picks;
@@ -56,10 +59,12 @@ use std::sync::Arc;
 use futures_util::future::poll_fn;
 use hybrid_cluster_core::{Epoch, HasNodeInfo, LiveNodeInfo, NodeId};
 use parking_lot::Mutex;
+use rand::seq::SliceRandom;
 use tower::discover::{Change, Discover};
 
 use crate::error::{BoxError, NoAvailableNode};
-use crate::nodes::NodeSet;
+use crate::nodes::{Candidate, NodeSet};
+use crate::spread::apportion;
 use crate::strategy::Selector;
 
 /// Where a new client should go.
@@ -89,6 +94,17 @@ pub struct Redirect {
 }
 
 impl Redirect {
+    /// The redirect to `candidate`.
+    fn to(candidate: &Candidate<'_, NodeId>) -> Self {
+        Self {
+            node: candidate.key.clone(),
+            address: candidate.info.address.clone(),
+            port: candidate.info.port,
+            endpoint: candidate.info.endpoint.clone(),
+            public_url: candidate.info.public_url.clone(),
+        }
+    }
+
     /// The URL of the node's endpoint: its public URL, or e.g. `ws://10.0.0.5:5001/ws` (IPv6
     /// in brackets).
     pub fn ws_url(&self) -> String {
@@ -232,13 +248,7 @@ impl Placer {
         let placement = match selector.pick(nodes) {
             Err(none) => return Placement::Refuse(none),
             Ok(candidate) if *candidate.key == self.local => Placement::Accept,
-            Ok(candidate) => Placement::Redirect(Redirect {
-                node: candidate.key.clone(),
-                address: candidate.info.address.clone(),
-                port: candidate.info.port,
-                endpoint: candidate.info.endpoint.clone(),
-                public_url: candidate.info.public_url.clone(),
-            }),
+            Ok(candidate) => Placement::Redirect(Redirect::to(&candidate)),
         };
         let chosen = match &placement {
             Placement::Redirect(redirect) => &redirect.node,
@@ -246,6 +256,39 @@ impl Placer {
         };
         nodes.charge(chosen);
         placement
+    }
+
+    /// Where each of `clients` clients should go when they all move at once, e.g. the
+    /// clients of this node when it drains: the other nodes with room, each named for a
+    /// share of the clients in proportion to its free places (`max_connections` less its
+    /// connections; see [`apportion`]), never for more than its free places, in random
+    /// order. Nodes that are draining, degraded, offline or full get none. `None` for the
+    /// clients beyond the free places of all of them (or all, when no node has room).
+    ///
+    /// The result has `clients` entries; each node named is [charged](NodeSet::charge_many)
+    /// its share, so that placements until its next update see the clients sent there.
+    pub fn spread(&self, clients: usize) -> Vec<Option<Redirect>> {
+        let mut spread = {
+            let mut view = self.view.lock();
+            let nodes = &mut view.nodes;
+            nodes.refresh();
+            let (targets, free): (Vec<Redirect>, Vec<u64>) = nodes
+                .with_room()
+                .filter(|(candidate, _)| *candidate.key != self.local)
+                .map(|(candidate, free)| (Redirect::to(&candidate), free))
+                .unzip();
+            let shares = apportion(u64::try_from(clients).unwrap_or(u64::MAX), &free);
+            let mut spread = Vec::with_capacity(clients);
+            for (target, share) in targets.into_iter().zip(shares) {
+                nodes.charge_many(&target.node, u32::try_from(share).unwrap_or(u32::MAX));
+                let share = usize::try_from(share).unwrap_or(clients);
+                spread.extend(std::iter::repeat_n(Some(target), share));
+            }
+            spread
+        };
+        spread.resize(clients, None);
+        spread.shuffle(&mut rand::rng());
+        spread
     }
 }
 
@@ -358,6 +401,76 @@ mod tests {
         assert!(!placer.remove(&NodeId::new("a").unwrap()));
         assert_eq!(placer.len(), 1);
         assert_eq!(placer.place(), Placement::Accept);
+    }
+
+    /// How many of `spread` name each node (`"none"` for those without).
+    fn counts(spread: &[Option<Redirect>]) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for redirect in spread {
+            let node = redirect.as_ref().map_or("none", |r| r.node.as_str());
+            *counts.entry(node.to_owned()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn spread_follows_free_places_and_leaves_out_nodes_without_room() {
+        let local = cell("a", 1_000, 10_000);
+        set_status(&local, NodeStatus::Draining);
+        let placer = Placer::new(local);
+        placer.insert(cell("b", 100, 500)); // 400 free
+        placer.insert(cell("c", 0, 600)); // 600 free
+        placer.insert(cell("d", 1_000, 2_000)); // 1,000 free
+        placer.insert(cell("full", 50, 50));
+        let degraded = cell("degraded", 0, 1_000);
+        set_status(&degraded, NodeStatus::Degraded);
+        placer.insert(degraded);
+        let draining = cell("draining", 0, 1_000);
+        set_status(&draining, NodeStatus::Draining);
+        placer.insert(draining);
+
+        let spread = placer.spread(1_000);
+        assert_eq!(spread.len(), 1_000);
+        assert_eq!(
+            counts(&spread),
+            HashMap::from([("b".into(), 200), ("c".into(), 300), ("d".into(), 500)])
+        );
+        assert_eq!(spread[0].as_ref().unwrap().ws_url().split(':').count(), 3);
+        // The shares were charged: the 1,000 places left go the same way.
+        assert_eq!(
+            counts(&placer.spread(1_000)),
+            HashMap::from([("b".into(), 200), ("c".into(), 300), ("d".into(), 500)])
+        );
+        // Now every node is full.
+        assert_eq!(
+            counts(&placer.spread(3)),
+            HashMap::from([("none".into(), 3)])
+        );
+    }
+
+    #[test]
+    fn spread_never_names_a_node_for_more_than_its_free_places() {
+        let local = cell("a", 0, 10_000);
+        let placer = Placer::new(local);
+        placer.insert(cell("b", 90, 100));
+        placer.insert(cell("c", 70, 100));
+        let spread = placer.spread(50);
+        assert_eq!(
+            counts(&spread),
+            HashMap::from([("b".into(), 10), ("c".into(), 30), ("none".into(), 10)])
+        );
+    }
+
+    #[test]
+    fn spread_is_random_in_order() {
+        let placer = Placer::new(cell("a", 0, 10));
+        placer.insert(cell("b", 0, 1_000));
+        placer.insert(cell("c", 0, 1_000));
+        let spread = placer.spread(200);
+        let first: Vec<_> = spread[..100].iter().flatten().map(|r| &r.node).collect();
+        // Not all of one node first: the chance a shuffle does that is 2 in C(200, 100).
+        assert!(first.iter().any(|n| n.as_str() == "b"));
+        assert!(first.iter().any(|n| n.as_str() == "c"));
     }
 
     #[test]

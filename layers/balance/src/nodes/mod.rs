@@ -183,6 +183,23 @@ impl<K> NodeSet<K> {
         })
     }
 
+    /// Every available node with its free places: its `max_connections` less its connections
+    /// (those [charged](Self::charge) since its last update included), in no particular
+    /// order. Nodes that are draining, degraded, offline, full or not ready are left out.
+    pub fn with_room(&self) -> impl Iterator<Item = (Candidate<'_, K>, u64)> {
+        self.available
+            .iter()
+            .filter_map(|&idx| self.slots.get(idx)?.as_ref())
+            .map(|slot| {
+                let free = u64::from(slot.info.max_connections).saturating_sub(slot.connections());
+                let candidate = Candidate {
+                    key: &slot.key,
+                    info: &slot.info,
+                };
+                (candidate, free)
+            })
+    }
+
     /// Why no node can be chosen: the counts of nodes known and of each exclusion.
     pub fn unavailable(&self) -> NoAvailableNode {
         NoAvailableNode {
@@ -405,10 +422,18 @@ impl<K: Clone + Eq + Hash> NodeSet<K> {
     /// made between two heartbeats see the clients already sent there (and stop at
     /// `max_connections`). Returns whether the node is known.
     pub fn charge(&mut self, key: &K) -> bool {
+        self.charge_many(key, 1)
+    }
+
+    /// Counts `connections` more on the node, as [`charge`](Self::charge) does one: for
+    /// clients sent there all at once. Returns whether the node is known.
+    pub fn charge_many(&mut self, key: &K, connections: u32) -> bool {
         let Some(&idx) = self.by_key.get(key) else {
             return false;
         };
-        self.reindex(idx, |slot| slot.charged = slot.charged.saturating_add(1));
+        self.reindex(idx, |slot| {
+            slot.charged = slot.charged.saturating_add(connections)
+        });
         true
     }
 
