@@ -20,7 +20,8 @@ use hybrid_cluster::discovery::DiscoveryConfig;
 use hybrid_cluster::server::{self, ServerConfig};
 use hybrid_cluster::{Backends, Cluster, ClusterConfig, ClusterPrefix, ConnectionId, NodeId};
 use hybrid_cluster_test_support::browser::{Browser, Page};
-use hybrid_cluster_test_support::node::http_get;
+use hybrid_cluster_test_support::client::Client;
+use hybrid_cluster_test_support::node::{NodeCluster, http_get};
 use hybrid_cluster_test_support::servers;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -196,11 +197,11 @@ fn page(body_script: &str) -> String {
     )
 }
 
-/// A page that connects with `client.js` (imported from `module_from`'s node) to `url`, with
+/// A page that connects with `client.js` (imported from the node on `module_port`) to `url`, with
 /// `options` (JavaScript object fields, added to short delays), and reports each welcome,
 /// message, reconnection and close, then `ready` once `connect` resolved (the client is then
 /// `window.client`) or `failed`.
-fn client_page(module_from: &Node, url: &str, options: &str) -> String {
+fn client_page(module_port: u16, url: &str, options: &str) -> String {
     page(&format!(
         r#"<script type="module">
 import {{ connect }} from "http://127.0.0.1:{port}/cluster/client.js";
@@ -219,7 +220,7 @@ try {{
   report("failed", {{ code: error.code, message: String(error.message) }});
 }}
 </script>"#,
-        port = module_from.port,
+        port = module_port,
     ))
 }
 
@@ -334,7 +335,7 @@ async fn a_page_whose_node_is_drained_reconnects_through_client_js_and_keeps_rec
     let b = tc.start("b", |_| {}).await;
     tc.wait_for(&[&a, &b]).await;
 
-    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "")).await;
+    let mut tab = Tab::open(client_page(a.port, &a.ws_url(), "")).await;
     let first = tab.until("welcome", 1).await;
     // Placement may put the page on either node: the one it is on is drained.
     let (drained, other) = if first["node_id"] == a.id() {
@@ -363,6 +364,53 @@ async fn a_page_whose_node_is_drained_reconnects_through_client_js_and_keeps_rec
     other.shutdown().await;
 }
 
+/// The same with node programs (`examples/node.rs`, built by `cargo build --example node`),
+/// drained as an orchestrator does it: SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_whose_node_program_gets_sigterm_reconnects_and_keeps_receiving() {
+    let mut cluster = NodeCluster::new("browser-sigterm");
+    let options = cluster.options();
+    cluster.start("sigterm-1", &options).await;
+    cluster.start("sigterm-2", &options).await;
+    cluster.wait_for_nodes(2, WAIT).await;
+    let (port, url) = (cluster.nodes[0].port, cluster.nodes[0].ws_url());
+
+    let mut tab = Tab::open(client_page(port, &url, "")).await;
+    let first = tab.until("welcome", 1).await;
+    let drained = cluster
+        .nodes
+        .iter()
+        .position(|node| first["node_id"] == node.id.as_str())
+        .unwrap_or_else(|| panic!("welcomed by no node of the cluster: {first}"));
+    let other = 1 - drained;
+    cluster.nodes[drained].signal("TERM").unwrap();
+    let exited = cluster.nodes[drained].wait_exit(WAIT).await;
+    assert!(
+        exited.is_some_and(|status| status.success()),
+        "{exited:?}\n{}",
+        cluster.logs(20)
+    );
+
+    let reconnecting = tab.until("reconnecting", 1).await;
+    assert_eq!(reconnecting["reason"], "drain", "{reconnecting}");
+    let second = tab.until("welcome", 2).await;
+    assert_eq!(
+        second["node_id"],
+        cluster.nodes[other].id.as_str(),
+        "{second}"
+    );
+    let mut sender = Client::connect(&cluster.nodes[other].ws_url())
+        .await
+        .unwrap();
+    let to = second["connection_id"].as_str().unwrap();
+    sender
+        .send(&json!({"op": "send", "to": to, "data": {"after": "sigterm"}}))
+        .await
+        .unwrap();
+    assert_eq!(tab.until("message", 1).await, json!({"after": "sigterm"}));
+    sender.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_using_client_js_against_a_full_node_is_welcomed_by_another() {
     let tc = TestCluster::new("full");
@@ -372,11 +420,11 @@ async fn a_page_using_client_js_against_a_full_node_is_welcomed_by_another() {
     let holder = hold_a_place(&a).await;
 
     // Sent on by `/cluster/placement`, before it connects.
-    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "")).await;
+    let mut tab = Tab::open(client_page(a.port, &a.ws_url(), "")).await;
     let welcome = tab.until("welcome", 1).await;
     assert_eq!(welcome["node_id"], b.id(), "{welcome}");
     // Without asking first: sent on by the full node's in-band redirect.
-    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "placement: false")).await;
+    let mut tab = Tab::open(client_page(a.port, &a.ws_url(), "placement: false")).await;
     let welcome = tab.until("welcome", 1).await;
     assert_eq!(welcome["node_id"], b.id(), "{welcome}");
 
@@ -413,7 +461,7 @@ async fn a_plain_websocket_to_a_full_node_gets_an_in_band_redirect_not_a_bare_10
 async fn client_js_requests_settle_on_the_ack_or_the_error_and_close_stops_it() {
     let tc = TestCluster::new("requests");
     let a = tc.start("a", |_| {}).await;
-    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "")).await;
+    let mut tab = Tab::open(client_page(a.port, &a.ws_url(), "")).await;
     // `connect` resolved with the client it welcomed.
     let welcome = tab.until("ready", 1).await;
     assert_eq!(welcome["node_id"], a.id(), "{welcome}");
@@ -481,13 +529,13 @@ async fn client_js_told_no_node_has_room_gives_up_after_max_attempts() {
     // Told by `/cluster/placement` (503), then by the node itself (close 4001): it waits the
     // 5 s it was told, plus jitter.
     for options in ["maxAttempts: 2", "maxAttempts: 2, placement: false"] {
-        let mut tab = Tab::open(client_page(&a, &a.ws_url(), options)).await;
+        let mut tab = Tab::open(client_page(a.port, &a.ws_url(), options)).await;
         let next = tab.until("reconnecting", 1).await;
         assert_eq!(next["reason"], "unavailable", "{options}: {next}");
         let delay = next["delayMs"].as_u64().unwrap();
         assert!((5000..6000).contains(&delay), "{options}: {next}");
     }
-    let mut tab = Tab::open(client_page(&a, &a.ws_url(), "maxAttempts: 1")).await;
+    let mut tab = Tab::open(client_page(a.port, &a.ws_url(), "maxAttempts: 1")).await;
     let failed = tab.until("failed", 1).await;
     assert_eq!(failed["code"], "gave_up", "{failed}");
     assert_eq!(tab.until("close", 1).await["code"], "gave_up");
