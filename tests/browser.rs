@@ -1,7 +1,9 @@
 //! Browser clients in a real headless Chromium (`CHROMIUM`, or `chromium` on the path, which
 //! `./scripts/test.sh` installs): pages served from an origin of their own use the node
 //! server's `/cluster/client.js`, or a plain `WebSocket`, against nodes started in this
-//! process on the real Redis and RabbitMQ (`REDIS_URL`, `AMQP_URL`, loopback defaults).
+//! process on the real Redis and RabbitMQ (`REDIS_URL`, `AMQP_URL`, loopback defaults), and
+//! against node programs for the SIGTERM test (`cargo build --example node` first, as for the
+//! load and fault tests: a stale build serves a stale `client.js`).
 //!
 //! A page reports what happens as list items of its DOM (`<li data-kind=… data-value=…>`,
 //! the latest kind also as its title); the test awaits, through the DevTools protocol, the
