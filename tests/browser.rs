@@ -324,7 +324,7 @@ async fn every_node_serves_the_client_as_a_module_to_any_origin() {
         "{head}"
     );
     assert!(head.contains("access-control-allow-origin: *"), "{head}");
-    assert!(body.contains("export function connect(url, options = {})"));
+    assert!(body.contains("export async function connect(url, options = {})"));
     assert_eq!(body, server::CLIENT_JS);
     assert_eq!(http_get(node.port, "/healthz").await.unwrap().0, 200);
     node.shutdown().await;

@@ -48,7 +48,8 @@ const OPEN = 1;
  * @property {number} [drainDelayMs=1000] After a drain close, the client waits a random delay
  *   below this before it reconnects.
  * @property {number} [retryJitterMs=1000] Added at random to a server's `retry_after_ms`.
- * @property {number} [connectTimeoutMs=10000] How long an attempt may take until welcomed.
+ * @property {number} [connectTimeoutMs=10000] How long an attempt may take until welcomed
+ *   (and the question to `/cluster/placement` until answered).
  * @property {Function} [WebSocket] The WebSocket constructor (default: the global one; in
  *   Node.js without one, pass `ws`'s `WebSocket`).
  * @property {Function} [fetch] The fetch function (default: the global one).
@@ -91,9 +92,11 @@ const DEFAULTS = {
  * @param {ConnectOptions} [options]
  * @returns {Promise<ClusterClient>}
  */
-export function connect(url, options = {}) {
+export async function connect(url, options = {}) {
+  // Inside the async function, a bad URL or a missing WebSocket rejects rather than throws.
   const client = new ClusterClient(url, options);
-  return client.ready.then(() => client);
+  await client.ready;
+  return client;
 }
 
 /**
@@ -393,7 +396,9 @@ export class ClusterClient {
     const http = new URL("/cluster/placement", base);
     http.protocol = base.protocol === "wss:" ? "https:" : "http:";
     try {
-      const response = await this.#fetch(http.href, { cache: "no-store" });
+      // A node that takes the request and never answers must not hold the client.
+      const signal = AbortSignal.timeout?.(this.#options.connectTimeoutMs);
+      const response = await this.#fetch(http.href, { cache: "no-store", signal });
       const body = await response.json();
       if (response.status === 503) {
         return { unavailableMs: retryAfter(body) };
