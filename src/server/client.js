@@ -1,10 +1,6 @@
 // hybrid-cluster's client for browsers (and Node.js): an ES module, no dependency, no build
-// step. Every node serves it at `GET /cluster/client.js`.
-//
-//   import { connect } from "https://node.example/cluster/client.js";
-//   const client = await connect("wss://node.example/ws");
-//   client.on("frame", (frame) => console.log(frame));
-//   await client.send(otherConnectionId, { hello: "world" });
+// step. Every node serves it at `GET /cluster/client.js`; the README's protocol section has
+// an example.
 //
 // It speaks the demo protocol of the node server (`hybrid_cluster::protocol`): JSON text
 // frames, `{"op":…,"id":…}` requests answered by `{"type":"ack","id":…}` or
@@ -188,12 +184,7 @@ export class ClusterClient {
     return () => this.off(event, listener);
   }
 
-  /**
-   * Stops a listener.
-   *
-   * @param {string} event
-   * @param {Function} listener
-   */
+  /** Stops a listener. @param {string} event @param {Function} listener */
   off(event, listener) {
     this.#listeners.get(event)?.delete(listener);
   }
@@ -618,9 +609,5 @@ function parseJson(text) {
 
 /** @param {string} text */
 function parseUrl(text) {
-  try {
-    return new URL(text);
-  } catch {
-    return null;
-  }
+  return URL.canParse(text) ? new URL(text) : null;
 }
