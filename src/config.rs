@@ -58,8 +58,9 @@ pub enum PlacementMode {
     /// `{"type":"unavailable","retry_after_ms":5000}` then a close with code 4001
     /// ([`CLOSE_UNAVAILABLE`](crate::CLOSE_UNAVAILABLE)); the close reason is the same JSON
     /// (shortened to fit 123 bytes). The socket is never a cluster connection. A request
-    /// that cannot be upgraded here (served without hyper's upgrade support, or without a
-    /// valid `Sec-WebSocket-Key`) gets the [`Redirect`](PlacementMode::Redirect) answer.
+    /// that cannot be upgraded here (no valid `Sec-WebSocket-Key`, no hyper upgrade handle)
+    /// gets the [`Redirect`](PlacementMode::Redirect) answer. The server must serve its
+    /// connections with upgrades enabled (axum's `serve` does), as for any WebSocket.
     #[default]
     InBand,
 }

@@ -11,7 +11,7 @@ mod tasks;
 use std::fmt;
 use std::sync::Arc;
 
-use hybrid_cluster_balance::{Placement, PlacementPolicy};
+use hybrid_cluster_balance::{Placement, PlacementPolicy, Redirect};
 use hybrid_cluster_core::{Incarnation, NodeId, NodeInfo, NodeStatus};
 use hybrid_cluster_discovery::Discovery;
 use serde::Serialize;
@@ -118,11 +118,10 @@ impl Cluster {
     /// when it would keep the client), or `None` when no node has room: the answer of the
     /// node server's `GET /cluster/placement`, for clients that ask before they connect.
     ///
-    /// It is advice, and reserves nothing here: the node named places the client again when
-    /// it connects. An answer naming another node counts in this node's view of it, as a
-    /// redirect does, until that node's next heartbeat, so that answers given meanwhile
-    /// spread out rather than all naming the node least loaded at the last one. A draining
-    /// node, or one at its connection limit, never names itself.
+    /// It is advice, and reserves nothing: the node named places the client again when it
+    /// connects, and no answer counts against any node, so that asking (an anonymous route
+    /// of the node server) cannot make nodes look full. A draining node, or one at its
+    /// connection limit, never names itself.
     pub fn placement(&self) -> Option<PlacementAdvice> {
         let node = &self.node;
         let here = || PlacementAdvice {
@@ -137,13 +136,15 @@ impl Cluster {
         {
             return Some(here());
         }
-        match node.placer.place() {
+        let elsewhere = |redirect: Redirect| PlacementAdvice {
+            url: redirect.ws_url(),
+            node_id: redirect.node,
+        };
+        match node.placer.advise() {
             Placement::Accept if accepts_here(node) => Some(here()),
-            Placement::Redirect(redirect) => Some(PlacementAdvice {
-                url: redirect.ws_url(),
-                node_id: redirect.node,
-            }),
-            Placement::Accept | Placement::Refuse(_) => None,
+            Placement::Redirect(redirect) => Some(elsewhere(redirect)),
+            Placement::Accept => node.placer.roomiest_peer().map(elsewhere),
+            Placement::Refuse(_) => None,
         }
     }
 

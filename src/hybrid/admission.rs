@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use hybrid_cluster_balance::Placement;
+use hybrid_cluster_balance::{Placement, Redirect};
 
 use super::in_band::RedirectReason;
 use crate::cluster::accepts_here;
@@ -38,19 +38,29 @@ pub(crate) fn admit(node: &Arc<Node>) -> Admission {
                 inbox,
             ))
         }
-        Placement::Redirect(redirect) => {
-            node.metrics.upgrade("redirected");
-            tracing::debug!(to = %redirect.node, "redirecting a WebSocket client");
-            Admission::Redirect {
-                url: redirect.ws_url(),
-                reason: redirect_reason(node),
-            }
-        }
-        Placement::Accept | Placement::Refuse(_) => {
-            node.metrics.upgrade("refused");
-            Admission::Unavailable
-        }
+        Placement::Redirect(redirect) => redirect_to(node, &redirect),
+        // The balancer would keep the client, but this node cannot (draining, or full with
+        // clients its view has not counted yet): another node with room takes it.
+        Placement::Accept => match node.placer.spread(1).pop().flatten() {
+            Some(redirect) => redirect_to(node, &redirect),
+            None => refuse(node),
+        },
+        Placement::Refuse(_) => refuse(node),
     }
+}
+
+fn redirect_to(node: &Node, redirect: &Redirect) -> Admission {
+    node.metrics.upgrade("redirected");
+    tracing::debug!(to = %redirect.node, "redirecting a WebSocket client");
+    Admission::Redirect {
+        url: redirect.ws_url(),
+        reason: redirect_reason(node),
+    }
+}
+
+fn refuse(node: &Node) -> Admission {
+    node.metrics.upgrade("refused");
+    Admission::Unavailable
 }
 
 /// Why a client placed on another node is not kept here.

@@ -91,7 +91,9 @@ impl Refusal<'_> {
     }
 
     /// The close frame's reason: the frame's JSON when it fits the 123 bytes of a close
-    /// frame; else without the reason; else without the URL. Always valid JSON.
+    /// frame; else without the reason; else without the URL's query string (a token in it
+    /// must not cost the client the node's address: it keeps its own query); else without
+    /// the URL. Always valid JSON.
     pub(crate) fn close_reason(self) -> String {
         let full = self.to_json();
         if full.len() <= MAX_CLOSE_REASON {
@@ -100,11 +102,12 @@ impl Refusal<'_> {
         let Self::Redirect { url, .. } = self else {
             return full;
         };
-        let without_reason = Self::Redirect { url, reason: None }.to_json();
-        if without_reason.len() <= MAX_CLOSE_REASON {
-            return without_reason;
-        }
-        r#"{"type":"redirect"}"#.to_owned()
+        let without_query = url.split_once('?').map_or(url, |(address, _)| address);
+        [url, without_query]
+            .into_iter()
+            .map(|url| Self::Redirect { url, reason: None }.to_json())
+            .find(|reason| reason.len() <= MAX_CLOSE_REASON)
+            .unwrap_or_else(|| r#"{"type":"redirect"}"#.to_owned())
     }
 }
 
@@ -242,7 +245,12 @@ mod tests {
         let fits = format!("wss://{}/ws", "a".repeat(65));
         let without_reason = format!("wss://{}/ws", "a".repeat(80));
         let long = format!("wss://{}/ws", "a".repeat(1000));
+        let with_token = format!("wss://node-2.example/ws?token={}", "t".repeat(200));
         for (url, expected) in [
+            (
+                with_token.as_str(),
+                serde_json::json!({"type": "redirect", "url": "wss://node-2.example/ws"}),
+            ),
             (
                 fits.as_str(),
                 serde_json::json!({"type": "redirect", "url": fits, "reason": "draining"}),

@@ -27,6 +27,12 @@ export const CLOSE_DRAIN = 1012;
 /** A connection that lasted this long resets the backoff when lost. */
 const STABLE_AFTER_MS = 5000;
 
+/** The longest wait a timer can take (a longer one would fire at once). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** Node URLs remembered to try when the usual ones fail, at most. */
+const MAX_KNOWN_NODES = 16;
+
 /** The WebSocket `readyState` of an open socket (the same in browsers, `ws` and undici). */
 const OPEN = 1;
 
@@ -46,6 +52,9 @@ const OPEN = 1;
  * @property {number} [retryJitterMs=1000] Added at random to a server's `retry_after_ms`.
  * @property {number} [connectTimeoutMs=10000] How long an attempt may take until welcomed
  *   (and the question to `/cluster/placement` until answered).
+ * @property {number} [requestTimeoutMs=30000] How long a request may wait for its ack or
+ *   error: past it, it rejects with `timeout` (its outcome unknown) and the connection,
+ *   presumed dead without a close, is closed and made again.
  * @property {Function} [WebSocket] The WebSocket constructor (default: the global one; in
  *   Node.js without one, pass `ws`'s `WebSocket`).
  * @property {Function} [fetch] The fetch function (default: the global one).
@@ -77,7 +86,26 @@ const DEFAULTS = {
   drainDelayMs: 1000,
   retryJitterMs: 1000,
   connectTimeoutMs: 10000,
+  requestTimeoutMs: 30000,
 };
+
+/**
+ * `options` over the defaults: an option given as `undefined` keeps its default, and a
+ * number must be one (finite or `Infinity`, not negative).
+ *
+ * @param {ConnectOptions} options
+ */
+function withDefaults(options) {
+  const settled = { ...DEFAULTS };
+  for (const [name, value] of Object.entries(options)) {
+    if (value === undefined) continue;
+    if (typeof DEFAULTS[name] === "number" && !(typeof value === "number" && value >= 0)) {
+      throw new TypeError(`option ${name} must be a number of at least 0, not ${value}`);
+    }
+    settled[name] = value;
+  }
+  return settled;
+}
 
 /**
  * Connects to the cluster through the node at `url` (`ws://` or `wss://`), and resolves once
@@ -98,7 +126,8 @@ export async function connect(url, options = {}) {
 /**
  * An error of a request (`code` is the server's: `bad_request`, `not_found`, `unreachable`,
  * `internal`), or of the client itself: `disconnected` (the connection was lost before the
- * answer, or there was none), `closed` (the client was closed), `gave_up`.
+ * answer, or there was none), `timeout` (no answer within `requestTimeoutMs`), `closed` (the
+ * client was closed), `gave_up`.
  */
 export class ClusterError extends Error {
   /**
@@ -147,8 +176,8 @@ export class ClusterClient {
   /** @type {Function | null} Ends the current wait early (on close). */
   #wake = null;
   #settleReady;
-  /** @type {URL | null} The URL of the last node that welcomed the client. */
-  #lastNode = null;
+  /** @type {URL[]} Nodes learned of (welcomes, placements, redirects, drains), newest last. */
+  #known = [];
 
   /**
    * @param {string} url
@@ -156,7 +185,7 @@ export class ClusterClient {
    */
   constructor(url, options = {}) {
     this.#home = new URL(url);
-    this.#options = { ...DEFAULTS, ...options };
+    this.#options = withDefaults(options);
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.#fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
     if (typeof this.#WebSocket !== "function") {
@@ -275,12 +304,26 @@ export class ClusterClient {
       return Promise.reject(new ClusterError(why, `not connected: the request was not sent`));
     }
     const id = this.#nextId++;
+    const socket = this.#socket;
     return new Promise((resolve, reject) => {
-      this.#pending.set(id, { resolve, reject });
+      // An answer this late means the connection is gone without a close (a network that
+      // dropped it silently): the request fails, and the socket is closed to reconnect.
+      const timer = setTimeout(() => {
+        if (!this.#pending.delete(id)) return;
+        const late = "no answer in time: the request may or may not have been carried out";
+        reject(new ClusterError("timeout", late));
+        if (this.#socket === socket) socket.close();
+      }, Math.min(this.#options.requestTimeoutMs, MAX_TIMER_MS));
+      const settled = (settle) => (value) => {
+        clearTimeout(timer);
+        settle(value);
+      };
+      this.#pending.set(id, { resolve: settled(resolve), reject: settled(reject) });
       try {
-        this.#socket.send(JSON.stringify({ ...op, id }));
+        socket.send(JSON.stringify({ ...op, id }));
       } catch (error) {
         this.#pending.delete(id);
+        clearTimeout(timer);
         reject(new ClusterError("disconnected", `the request could not be sent: ${error}`));
       }
     });
@@ -322,11 +365,13 @@ export class ClusterClient {
       if (outcome.redirect && hops < this.#options.maxRedirects) {
         hops += 1;
         next = outcome.redirect;
+        this.#learn(next);
         continue;
-      } else if (outcome.drain) {
+      } else if (outcome.drain && outcome.welcomed) {
         // The drained node chose where its clients go (spread over the other nodes): only
         // the moment is left to chance.
         next = outcome.drain.url;
+        if (next) this.#learn(next);
         delayMs = this.#jitter(this.#options.drainDelayMs);
         reason = "drain";
       } else if (outcome.unavailableMs !== undefined) {
@@ -359,6 +404,7 @@ export class ClusterClient {
       this.#finish(new ClusterError("gave_up", message));
       return false;
     }
+    delayMs = Math.min(Math.max(0, Number(delayMs) || 0), MAX_TIMER_MS);
     this.#emit("reconnecting", { delayMs, attempt: failures + 1, reason });
     await new Promise((resolve) => {
       const timer = setTimeout(resolve, delayMs);
@@ -375,17 +421,24 @@ export class ClusterClient {
    * Where to connect now: the node `/cluster/placement` names, or the home URL when the
    * question cannot be asked (or `placement` is off); `unavailableMs` when no node has room.
    *
-   * After failures the home URL alternates with the last node that welcomed the client, so
-   * that one dead node (the home one) does not keep the client away from the rest.
+   * After two failures in a row the home URL takes turns with every node the client learned
+   * of (from welcomes, placement answers, redirects and drains), so that one dead node (the
+   * home one, or the one it was on) does not keep the client away from the rest.
    *
    * @param {number} failures
    * @returns {Promise<{url?: URL, unavailableMs?: number}>}
    */
   async #place(failures) {
-    const base = failures % 2 === 1 && this.#lastNode ? this.#lastNode : this.#home;
-    if (!this.#options.placement || !this.#fetch) return { url: base };
+    // The home URL first, and again after one failure (it may name a load balancer); then
+    // each node learned of in turn.
+    const home = new URL(this.#home.href);
+    home.search = "";
+    const candidates = [this.#home, ...this.#known.filter((url) => url.href !== home.href)];
+    const base = failures < 2 ? this.#home : candidates[(failures - 1) % candidates.length];
+    const fallback = { url: keepQuery(new URL(base.href), this.#home) };
+    if (!this.#options.placement || !this.#fetch) return fallback;
     const http = new URL("/cluster/placement", base);
-    http.protocol = base.protocol === "wss:" ? "https:" : "http:";
+    http.protocol = base.protocol === "wss:" || base.protocol === "https:" ? "https:" : "http:";
     try {
       // A node that takes the request and never answers must not hold the client.
       const signal = AbortSignal.timeout?.(this.#options.connectTimeoutMs);
@@ -394,14 +447,16 @@ export class ClusterClient {
       if (response.status === 503) {
         return { unavailableMs: retryAfter(body) };
       }
-      if (response.ok && typeof body.url === "string") {
-        return { url: keepQuery(new URL(body.url), this.#home) };
+      const placed = response.ok && typeof body?.url === "string" ? parseUrl(body.url) : null;
+      if (placed) {
+        this.#learn(placed);
+        return { url: keepQuery(placed, this.#home) };
       }
     } catch {
       // No placement to ask (an older node, a network error, a page's CSP): the node itself
       // answers in-band.
     }
-    return { url: base };
+    return fallback;
   }
 
   /**
@@ -440,7 +495,7 @@ export class ClusterClient {
           welcomed = true;
           welcomedAt = Date.now();
           clearTimeout(timer);
-          this.#lastNode = target;
+          this.#learn(target);
           this.#welcome(frame);
         } else if (!welcomed && (frame?.type === "redirect" || frame?.type === "unavailable")) {
           placement = frame;
@@ -456,11 +511,30 @@ export class ClusterClient {
         const lost = "the connection was lost before the answer";
         this.#failPending(new ClusterError("disconnected", lost));
         const stable = welcomed && Date.now() - welcomedAt >= STABLE_AFTER_MS;
-        resolve({ welcomed, stable, ...nextStep(event, placement, this.#home) });
+        let next = {};
+        try {
+          next = nextStep(event, placement, this.#home);
+        } catch {
+          // Whatever the close said, the loop must go on: as after a lost connection.
+        }
+        resolve({ welcomed, stable, ...next });
       };
       // An error is always followed by a close, which decides.
       socket.onerror = () => {};
     });
+  }
+
+  /**
+   * Remembers a node to try when the usual ones fail (its URL without the query string).
+   *
+   * @param {URL} url
+   */
+  #learn(url) {
+    const node = new URL(url.href);
+    node.search = "";
+    this.#known = this.#known.filter((known) => known.href !== node.href);
+    this.#known.push(node);
+    if (this.#known.length > MAX_KNOWN_NODES) this.#known.shift();
   }
 
   /**
@@ -527,10 +601,9 @@ export class ClusterClient {
       try {
         listener(value);
       } catch (error) {
-        // A listener's bug must not stop the client: it is reported, not swallowed.
-        setTimeout(() => {
-          throw error;
-        });
+        // A listener's bug must not stop the client (nor a Node.js process): it is
+        // reported, not swallowed.
+        (globalThis.reportError ?? console.error)(error);
       }
     }
   }
@@ -564,7 +637,8 @@ function nextStep(event, placement, home) {
   if (event.code === CLOSE_REDIRECT || placement?.type === "redirect") {
     const url = placement?.url ?? reason?.url;
     const parsed = typeof url === "string" ? parseUrl(url) : null;
-    return parsed ? { redirect: parsed } : {};
+    // A close reason may have lost the query string to its 123 bytes: the client's own goes.
+    return parsed ? { redirect: keepQuery(parsed, home) } : {};
   }
   if (event.code === CLOSE_UNAVAILABLE || placement?.type === "unavailable") {
     return { unavailableMs: retryAfter(placement ?? reason) };
@@ -583,7 +657,7 @@ function nextStep(event, placement, home) {
  */
 function retryAfter(body) {
   const ms = Number(body?.retry_after_ms);
-  return Number.isFinite(ms) && ms >= 0 ? ms : 5000;
+  return Number.isFinite(ms) && ms >= 0 ? Math.min(ms, MAX_TIMER_MS) : 5000;
 }
 
 /**
@@ -609,5 +683,9 @@ function parseJson(text) {
 
 /** @param {string} text */
 function parseUrl(text) {
-  return URL.canParse(text) ? new URL(text) : null;
+  try {
+    return new URL(text);
+  } catch {
+    return null;
+  }
 }

@@ -237,12 +237,26 @@ impl Placer {
     }
 
     /// Where a new client should go, by the policy and the strategy, from the current view.
+    /// The node chosen is [charged](NodeSet::charge) the client until its next update.
     pub fn place(&self) -> Placement {
+        self.decide(true)
+    }
+
+    /// Where a new client should go, as [`place`](Self::place) would say, without charging
+    /// any node: advice to a client that has not connected yet (it is placed, and charged,
+    /// when it does), which asking any number of times cannot make a node look full.
+    pub fn advise(&self) -> Placement {
+        self.decide(false)
+    }
+
+    fn decide(&self, charge: bool) -> Placement {
         let mut view = self.view.lock();
         let View { nodes, selector } = &mut *view;
         nodes.refresh();
         if self.policy == PlacementPolicy::AcceptUnlessFull && nodes.is_available(&self.local) {
-            nodes.charge(&self.local);
+            if charge {
+                nodes.charge(&self.local);
+            }
             return Placement::Accept;
         }
         let placement = match selector.pick(nodes) {
@@ -250,12 +264,27 @@ impl Placer {
             Ok(candidate) if *candidate.key == self.local => Placement::Accept,
             Ok(candidate) => Placement::Redirect(Redirect::to(&candidate)),
         };
-        let chosen = match &placement {
-            Placement::Redirect(redirect) => &redirect.node,
-            _ => &self.local,
-        };
-        nodes.charge(chosen);
+        if charge {
+            let chosen = match &placement {
+                Placement::Redirect(redirect) => &redirect.node,
+                _ => &self.local,
+            };
+            nodes.charge(chosen);
+        }
         placement
+    }
+
+    /// The other node with the most free places, if one has room, charged nothing: where to
+    /// send a client this node cannot take although the balancer would keep it here (its
+    /// view of its own count lags behind the clients it admitted since its last update).
+    pub fn roomiest_peer(&self) -> Option<Redirect> {
+        let mut view = self.view.lock();
+        view.nodes.refresh();
+        view.nodes
+            .with_room()
+            .filter(|(candidate, _)| *candidate.key != self.local)
+            .max_by_key(|(_, free)| *free)
+            .map(|(candidate, _)| Redirect::to(&candidate))
     }
 
     /// Where each of `clients` clients should go when they all move at once, e.g. the
@@ -411,6 +440,37 @@ mod tests {
             *counts.entry(node.to_owned()).or_insert(0) += 1;
         }
         counts
+    }
+
+    #[test]
+    fn advice_charges_no_node_and_the_roomiest_peer_is_named_without_charge() {
+        let local = cell("a", 10, 10); // full
+        let placer = Placer::new(local);
+        placer.insert(cell("b", 0, 1)); // one place
+        placer.insert(cell("c", 5, 6)); // one place
+        placer.insert(cell("d", 0, 3)); // three places
+        for _ in 0..10 {
+            match placer.advise() {
+                Placement::Redirect(redirect) => assert_ne!(redirect.node.as_str(), "a"),
+                other => panic!("advice names a peer with room: {other:?}"),
+            }
+        }
+        for _ in 0..10 {
+            let roomiest = placer.roomiest_peer().unwrap();
+            assert_eq!(
+                roomiest.node.as_str(),
+                "d",
+                "three free places, never charged"
+            );
+        }
+        // Placing does charge: five placements take the five places, and none is left.
+        let placed: Vec<Placement> = (0..5).map(|_| placer.place()).collect();
+        assert!(
+            placed.iter().all(|p| matches!(p, Placement::Redirect(_))),
+            "{placed:?}"
+        );
+        assert!(matches!(placer.place(), Placement::Refuse(_)));
+        assert!(placer.roomiest_peer().is_none());
     }
 
     #[test]
