@@ -225,3 +225,51 @@ fn read_push(keys: &KeyLayout, push: PushInfo) -> Pushed {
         _ => Pushed::Nothing,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(kind: PushKind, data: Vec<Value>) -> PushInfo {
+        PushInfo { kind, data }
+    }
+
+    #[test]
+    fn pushes_read_to_events_or_the_end_of_the_subscription() {
+        let keys = KeyLayout::new(&ClusterPrefix::default());
+        let channel = Value::BulkString(keys.events_channel().as_bytes().to_vec());
+        let message = push(
+            PushKind::SMessage,
+            vec![channel.clone(), Value::BulkString(b"left n1".to_vec())],
+        );
+        assert!(matches!(
+            read_push(&keys, message),
+            Pushed::Event(RegistryEvent::Removed { .. })
+        ));
+        for ignored in [
+            push(PushKind::SMessage, vec![channel.clone()]),
+            push(
+                PushKind::SMessage,
+                vec![channel.clone(), Value::BulkString(b"joined n1".to_vec())],
+            ),
+            push(PushKind::SSubscribe, vec![channel.clone(), Value::Int(1)]),
+        ] {
+            assert!(matches!(read_push(&keys, ignored), Pushed::Nothing));
+        }
+        for ending in [
+            push(PushKind::SUnsubscribe, vec![channel, Value::Int(0)]),
+            push(PushKind::Disconnection, vec![]),
+        ] {
+            assert!(matches!(read_push(&keys, ending), Pushed::End(_)));
+        }
+    }
+
+    #[tokio::test]
+    async fn no_seed_is_refused_before_any_connection() {
+        let error =
+            RedisRegistry::connect_cluster(&[], &ClusterPrefix::default(), RedisOptions::default())
+                .await
+                .unwrap_err();
+        assert!(matches!(error, RegistryError::InvalidArgument { .. }));
+    }
+}

@@ -29,7 +29,8 @@ pub struct RedisOptions {
     /// How long connecting may take before it fails. Default 2 s.
     pub connection_timeout: Duration,
     /// The library name the connections report (`CLIENT SETINFO LIB-NAME`), shown as `lib-name`
-    /// by `CLIENT LIST`, so a cluster's connections can be told apart. Default `hybrid-cluster`.
+    /// by `CLIENT LIST`, so a cluster's connections can be told apart (on a single Redis: the
+    /// cluster client of redis-rs does not pass it on). Default `hybrid-cluster`.
     pub client_name: String,
 }
 
