@@ -1,18 +1,23 @@
 //! Two nodes on a Redis Cluster (the loopback one `scripts/redis-cluster.sh start` runs, or the
 //! seeds in `REDIS_CLUSTER_URLS`) and the real RabbitMQ (`AMQP_URL`): they see each other and
-//! route a message between WebSocket clients. The failover itself is tested at the discovery
+//! route a message between WebSocket clients; the registry's contract (the conformance suite
+//! the single Redis passes) holds on the cluster. The failover itself is tested at the discovery
 //! layer (`layers/discovery/tests/redis_cluster.rs`); `.config/nextest.toml` runs this binary
 //! alone too, so that failover never meets it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use hybrid_cluster::discovery::DiscoveryConfig;
+use hybrid_cluster::discovery::{DiscoveryConfig, RedisClusterRegistry, RedisOptions};
 use hybrid_cluster::server::{self, ServerConfig};
-use hybrid_cluster::{AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl};
-use hybrid_cluster_test_support::servers;
+use hybrid_cluster::{
+    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl, Registry,
+};
+use hybrid_cluster_test_support::conformance::Cleanup;
+use hybrid_cluster_test_support::{registry_conformance, servers};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -125,3 +130,34 @@ async fn two_nodes_on_a_redis_cluster_see_each_other_and_route() {
     b_server.abort();
     servers::remove_cluster(prefix.as_str(), &["rc-a".to_owned(), "rc-b".to_owned()]).await;
 }
+
+/// A registry on the Redis Cluster under a prefix of the case's own; the cleanup deletes the
+/// prefix's keys (all in one slot).
+async fn redis_cluster(case: &str) -> (Arc<dyn Registry>, Cleanup) {
+    let prefix =
+        ClusterPrefix::new(servers::unique_prefix(&format!("conformance-{case}"))).unwrap();
+    let registry =
+        RedisClusterRegistry::connect_cluster(&seeds(), &prefix, RedisOptions::default())
+            .await
+            .unwrap();
+    let mut connection = registry.connection();
+    let pattern = format!("{{{prefix}}}*");
+    (
+        Arc::new(registry),
+        Box::pin(async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut connection)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL")
+                    .arg(keys)
+                    .query_async(&mut connection)
+                    .await;
+            }
+        }),
+    )
+}
+
+registry_conformance!(redis_cluster);
