@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --example cluster                                  # embedded backends, no servers
 //! cargo run --example cluster -- --redis redis://127.0.0.1:6379 --amqp amqp://guest:guest@127.0.0.1:5672/%2f
+//! cargo run --example cluster -- --redis-cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001 --amqp amqp://guest:guest@127.0.0.1:5672/%2f
 //! ```
 //!
 //! Each node serves the demo protocol (see `hybrid_cluster::protocol`) on a loopback port.
@@ -132,6 +133,14 @@ struct Cli {
     /// Redis, for discovery (give --amqp too, or neither for the embedded backends).
     #[arg(long, value_name = "URL")]
     redis: Option<RedisUrl>,
+    /// A Redis Cluster, for discovery, instead of --redis: seed URLs, comma-separated.
+    #[arg(
+        long,
+        value_name = "URLS",
+        value_delimiter = ',',
+        conflicts_with = "redis"
+    )]
+    redis_cluster: Vec<RedisUrl>,
     /// RabbitMQ, for routing (give --redis too, or neither).
     #[arg(long, value_name = "URL")]
     amqp: Option<AmqpUrl>,
@@ -144,22 +153,31 @@ struct Args {
 }
 
 fn args() -> Result<Args, BoxError> {
-    let Cli { redis, amqp } = Cli::parse();
+    let Cli {
+        redis,
+        redis_cluster,
+        amqp,
+    } = Cli::parse();
     // One fixed prefix: every run reuses the same exchange and dead-letter queue in RabbitMQ
     // rather than leaving new ones behind (nodes remove their own queues and keys on leaving).
     let prefix = ClusterPrefix::new("hybrid-cluster-demo")?;
     Ok(match (redis, amqp) {
+        (None, Some(amqp)) if !redis_cluster.is_empty() => Args {
+            backends: Backends::redis_cluster(redis_cluster, amqp),
+            prefix,
+            servers: true,
+        },
         (Some(redis), Some(amqp)) => Args {
             backends: Backends::servers(redis, amqp),
             prefix,
             servers: true,
         },
-        (None, None) => Args {
+        (None, None) if redis_cluster.is_empty() => Args {
             backends: Backends::embedded(),
             prefix,
             servers: false,
         },
-        _ => return Err("give both --redis and --amqp, or neither".into()),
+        _ => return Err("give --redis (or --redis-cluster) and --amqp, or neither".into()),
     })
 }
 

@@ -9,7 +9,8 @@
 //!
 //! Options: `--node-id ID` (required), `--port P` (required), `--address HOST` (what clients
 //! and redirects use, default 127.0.0.1), `--redis URL` and `--amqp URL` (both, or neither for
-//! a lone node on the embedded backends), `--strategy
+//! a lone node on the embedded backends; `--redis-cluster URL,URL,…` instead of `--redis` for
+//! a Redis Cluster, e.g. the one `scripts/redis-cluster.sh start` runs), `--strategy
 //! least-connections|round-robin|least-resource-usage|random|p2c`, `--max-connections N`,
 //! `--prefix P`, `--heartbeat-ms MS`, `--shutdown-grace-ms MS` (default 5000),
 //! `--max-in-flight N` (the node's bound on messages awaiting the broker, default 256),
@@ -85,6 +86,15 @@ struct Args {
     /// backends).
     #[arg(long, value_name = "URL")]
     redis: Option<RedisUrl>,
+    /// A Redis Cluster, for discovery, instead of --redis: seed URLs, comma-separated
+    /// (redis://h1:7000,redis://h2:7001,...); one that answers is enough.
+    #[arg(
+        long,
+        value_name = "URLS",
+        value_delimiter = ',',
+        conflicts_with = "redis"
+    )]
+    redis_cluster: Vec<RedisUrl>,
     /// RabbitMQ, for routing (give --redis too, or neither).
     #[arg(long, value_name = "URL")]
     amqp: Option<AmqpUrl>,
@@ -154,12 +164,15 @@ impl Args {
     /// The cluster's and the server's configuration, and the backends, from the flags.
     fn into_config(self) -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
         let backends = match (self.redis, self.amqp) {
+            (None, Some(amqp)) if !self.redis_cluster.is_empty() => {
+                Backends::redis_cluster(self.redis_cluster, amqp)
+            }
             (Some(redis), Some(amqp)) => Backends::servers(redis, amqp),
-            (None, None) => {
+            (None, None) if self.redis_cluster.is_empty() => {
                 tracing::warn!("no --redis/--amqp: a lone node on the embedded backends");
                 Backends::embedded()
             }
-            _ => return Err("give both --redis and --amqp, or neither".into()),
+            _ => return Err("give --redis (or --redis-cluster) and --amqp, or neither".into()),
         };
         // The cluster secret, when HYBRID_CLUSTER_SECRET is set: never on the command line,
         // where other users of the machine could read it.

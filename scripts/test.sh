@@ -7,12 +7,15 @@
 #   ./scripts/test.sh -E 'test(lease)'   # extra arguments go to cargo-nextest (or cargo test)
 #
 # REDIS_URL and AMQP_URL point the tests at other servers; the defaults are the loopback ones
-# this script starts.
+# this script starts. REDIS_CLUSTER_URLS (comma-separated seeds) does the same for the Redis
+# Cluster tests; by default the script starts scripts/redis-cluster.sh's loopback cluster when
+# it is not running, and stops it at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+export REDIS_CLUSTER_URLS="${REDIS_CLUSTER_URLS:-redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002}"
 
 say() { printf '==> %s\n' "$*" >&2; }
 fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -70,6 +73,20 @@ ensure_rabbitmq() {
   wait_for_port 5672 120 RabbitMQ
 }
 
+redis_cluster_started=""
+ensure_redis_cluster() {
+  is_loopback "$REDIS_CLUSTER_URLS" || { say "using the Redis Cluster at REDIS_CLUSTER_URLS (not loopback): not starting one"; return; }
+  ./scripts/redis-cluster.sh status 2>/dev/null && return
+  install_package redis-server redis-server
+  ./scripts/redis-cluster.sh start
+  redis_cluster_started=1
+}
+
+# Only what this run started is stopped.
+stop_redis_cluster() {
+  if [[ -n $redis_cluster_started ]]; then ./scripts/redis-cluster.sh stop || true; fi
+}
+
 ensure_chromium() {
   # The status page is tested in a real headless browser.
   if [[ -n ${CHROMIUM:-} ]]; then say "using Chromium at CHROMIUM=$CHROMIUM"; return; fi
@@ -79,6 +96,8 @@ ensure_chromium() {
 
 ensure_redis
 ensure_rabbitmq
+trap stop_redis_cluster EXIT
+ensure_redis_cluster
 ensure_chromium
 
 if cargo nextest --version >/dev/null 2>&1; then

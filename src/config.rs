@@ -83,6 +83,13 @@ pub enum Backends {
         /// RabbitMQ.
         amqp: AmqpUrl,
     },
+    /// A Redis Cluster for discovery and RabbitMQ for routing.
+    RedisCluster {
+        /// Seed nodes of the Redis Cluster (one that answers is enough: it names the others).
+        seeds: Vec<RedisUrl>,
+        /// RabbitMQ.
+        amqp: AmqpUrl,
+    },
     /// Any registry and broker: other client libraries or servers behind the two traits, or
     /// test doubles. Every node of a cluster needs ones that reach the same state.
     Custom {
@@ -105,6 +112,13 @@ impl Backends {
     /// Redis and RabbitMQ at these URLs.
     pub fn servers(redis: RedisUrl, amqp: AmqpUrl) -> Self {
         Self::Servers { redis, amqp }
+    }
+
+    /// The Redis Cluster that `seeds` belong to, and RabbitMQ at `amqp`. Discovery runs on the
+    /// slot of the cluster's hash tag, with sharded pub/sub for its events (see
+    /// [`RedisRegistry::connect_cluster`](hybrid_cluster_discovery::RedisRegistry::connect_cluster)).
+    pub fn redis_cluster(seeds: Vec<RedisUrl>, amqp: AmqpUrl) -> Self {
+        Self::RedisCluster { seeds, amqp }
     }
 }
 

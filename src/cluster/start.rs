@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use hybrid_cluster_balance::{Placer, Selector};
 use hybrid_cluster_core::{
-    Broker, BrokerError, ConnectionIds, ConsumeOptions, Deliveries, Incarnation, LiveNodeInfo,
-    NodeInfo, Registry,
+    AmqpUrl, Broker, BrokerError, ConnectionIds, ConsumeOptions, Deliveries, Incarnation,
+    LiveNodeInfo, NodeInfo, Registry,
 };
 use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
 use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker};
@@ -98,14 +98,29 @@ async fn connect_backends(
             warn_if_lapin_logs_payloads();
             let registry =
                 RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
-            let mut rabbit = config.rabbitmq.clone();
-            rabbit
-                .connection_name
-                .get_or_insert_with(|| format!("hybrid-cluster {}", config.node_id));
-            let broker = RabbitBroker::connect(&amqp, &config.prefix, rabbit).await?;
-            (Arc::new(registry), Arc::new(broker))
+            (Arc::new(registry), connect_rabbitmq(config, &amqp).await?)
+        }
+        Backends::RedisCluster { seeds, amqp } => {
+            warn_if_lapin_logs_payloads();
+            let registry =
+                RedisRegistry::connect_cluster(&seeds, &config.prefix, RedisOptions::default())
+                    .await?;
+            (Arc::new(registry), connect_rabbitmq(config, &amqp).await?)
         }
     })
+}
+
+/// The node's RabbitMQ connection, named after the node.
+async fn connect_rabbitmq(
+    config: &ClusterConfig,
+    amqp: &AmqpUrl,
+) -> Result<Arc<dyn Broker>, ClusterError> {
+    let mut rabbit = config.rabbitmq.clone();
+    rabbit
+        .connection_name
+        .get_or_insert_with(|| format!("hybrid-cluster {}", config.node_id));
+    let broker = RabbitBroker::connect(amqp, &config.prefix, rabbit).await?;
+    Ok(Arc::new(broker))
 }
 
 /// lapin logs a returned message whole: a library cannot turn that off for its user's

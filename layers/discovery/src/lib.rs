@@ -30,7 +30,8 @@
 //!   one's info, or make peers drop one with a forged `left` event (see [`ClusterView`]).
 //!
 //! The registry is any [`Registry`](hybrid_cluster_core::Registry): [`RedisRegistry`] in
-//! production, `hybrid_cluster_memory::MemoryRegistry` in tests and demos.
+//! production (on one Redis, or on a Redis Cluster as a [`RedisClusterRegistry`] from seed
+//! URLs), `hybrid_cluster_memory::MemoryRegistry` in tests and demos.
 //!
 //! # Keys in Redis
 //! With the default prefix `websocket:cluster` (every key carries the hash tag `{prefix}`, so a
@@ -40,7 +41,7 @@
 //! |---|---|---|
 //! | `{websocket:cluster}:nodes:{node_id}` | string, with a TTL (the lease) | the node's record, the JSON form documented on `NodeInfo` (with a `signature` field when the cluster has a secret) |
 //! | `{websocket:cluster}:nodes` | set, with a TTL | the ids of registered nodes (an index; ids whose record expired are pruned on listing; the set expires a lease after the last heartbeat of any node) |
-//! | `{websocket:cluster}:events` | pub/sub channel | `updated {node_id} {lease_ms}` + newline + record, or `left {node_id}` |
+//! | `{websocket:cluster}:events` | pub/sub channel (sharded, `SPUBLISH`, on a Redis Cluster) | `updated {node_id} {lease_ms}` + newline + record, or `left {node_id}` |
 //! | `{websocket:cluster}:routes:{name}` | string, with a TTL | a route's connection id |
 //!
 //! To look at a cluster with `redis-cli`:
@@ -50,7 +51,13 @@
 //! redis-cli GET '{websocket:cluster}:nodes:node-1'
 //! redis-cli PTTL '{websocket:cluster}:nodes:node-1'     # lease left, in ms
 //! redis-cli SUBSCRIBE '{websocket:cluster}:events'       # joins, heartbeats, leaves
+//! redis-cli -c -p 7000 SSUBSCRIBE '{websocket:cluster}:events'   # the same, on a Redis Cluster
 //! ```
+//!
+//! On a Redis Cluster the one hash tag puts every key in one slot, so the listing script and
+//! the transactions run on that slot's master. When the master fails over to its replica,
+//! commands follow the redirection and the view subscribes and lists again (see
+//! [`RedisRegistry::connect_cluster`]).
 //!
 //! # When Redis goes away
 //! Nothing stops. The registrar logs the failed heartbeat and retries with backoff (never later
@@ -117,7 +124,7 @@ pub use discover::{NodeDiscover, NodeService};
 pub use discovery::Discovery;
 pub use error::DiscoveryError;
 pub use membership::{MemberChange, Membership};
-pub use redis_registry::{KeyLayout, RedisOptions, RedisRegistry};
+pub use redis_registry::{KeyLayout, RedisClusterRegistry, RedisOptions, RedisRegistry};
 pub use registrar::Registrar;
 pub use stats::{ConnectionCounter, ConnectionGuard, ResourceSampler, ResourceUsage};
 pub use view::ClusterView;

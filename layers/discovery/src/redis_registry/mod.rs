@@ -1,4 +1,4 @@
-//! The [`Registry`] kept in Redis.
+//! The [`Registry`] kept in Redis: a single server, or a Redis Cluster.
 
 use std::fmt;
 use std::time::Duration;
@@ -9,10 +9,16 @@ use futures_util::StreamExt;
 use hybrid_cluster_core::registry::{RegistryEvents, check_route_name};
 use hybrid_cluster_core::{
     ClusterPrefix, ConnectionId, NodeId, NodeRecord, RedisUrl, Registry, RegistryError,
-    RegistryEvent, RemovalCause,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, RedisError};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind};
+
+mod cluster;
+mod keys;
+
+pub use cluster::RedisClusterRegistry;
+pub use keys::KeyLayout;
+use keys::{LIST_SCRIPT, parse_event};
 
 /// How a [`RedisRegistry`] talks to Redis.
 #[derive(Clone, Debug)]
@@ -23,7 +29,8 @@ pub struct RedisOptions {
     /// How long connecting may take before it fails. Default 2 s.
     pub connection_timeout: Duration,
     /// The library name the connections report (`CLIENT SETINFO LIB-NAME`), shown as `lib-name`
-    /// by `CLIENT LIST`, so a cluster's connections can be told apart. Default `hybrid-cluster`.
+    /// by `CLIENT LIST`, so a cluster's connections can be told apart (on a single Redis: the
+    /// cluster client of redis-rs does not pass it on). Default `hybrid-cluster`.
     pub client_name: String,
 }
 
@@ -37,98 +44,68 @@ impl Default for RedisOptions {
     }
 }
 
-/// The names a cluster uses in Redis. Every key carries the hash tag `{prefix}`, so all of one
-/// cluster's keys live in one slot of a Redis Cluster and listing them is complete.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyLayout {
-    node_prefix: String,
-    index: String,
-    events: String,
-    route_prefix: String,
-}
-
-impl KeyLayout {
-    /// The layout of the cluster with this prefix.
-    pub fn new(prefix: &ClusterPrefix) -> Self {
-        let tag = format!("{{{prefix}}}");
-        Self {
-            node_prefix: format!("{tag}:nodes:"),
-            index: format!("{tag}:nodes"),
-            events: format!("{tag}:events"),
-            route_prefix: format!("{tag}:routes:"),
-        }
-    }
-
-    /// The key holding `node`'s record, e.g. `{websocket:cluster}:nodes:node-1`.
-    pub fn node_key(&self, node: &NodeId) -> String {
-        format!("{}{node}", self.node_prefix)
-    }
-
-    /// The set of registered node ids, e.g. `{websocket:cluster}:nodes`; it expires one lease
-    /// after the last write to it.
-    pub fn index_key(&self) -> &str {
-        &self.index
-    }
-
-    /// The pub/sub channel of node changes, e.g. `{websocket:cluster}:events`.
-    pub fn events_channel(&self) -> &str {
-        &self.events
-    }
-
-    /// The key of the route `name`, e.g. `{websocket:cluster}:routes:user:42`.
-    pub fn route_key(&self, name: &str) -> String {
-        format!("{}{name}", self.route_prefix)
-    }
-}
-
-/// Lists every live record in one round trip, and drops from the index the ids whose record
-/// expired. Returns `id, record, pttl` triples, flattened.
-const LIST_SCRIPT: &str = r#"
-local ids = redis.call('SMEMBERS', KEYS[1])
-local out = {}
-for _, id in ipairs(ids) do
-  local key = ARGV[1] .. id
-  local value = redis.call('GET', key)
-  if value then
-    table.insert(out, id)
-    table.insert(out, value)
-    table.insert(out, redis.call('PTTL', key))
-  else
-    redis.call('SREM', KEYS[1], id)
-  end
-end
-return out
-"#;
-
-/// A [`Registry`] in Redis (a single server; the key layout also suits Redis Cluster).
+/// A [`Registry`] in Redis: a single server ([`connect`](RedisRegistry::connect)), or a Redis
+/// Cluster ([`RedisClusterRegistry`], from
+/// [`connect_cluster`](RedisRegistry::connect_cluster)).
 ///
-/// See the crate docs for the key layout. Commands go through redis-rs's
+/// See the crate docs for the key layout. On a single server, commands go through redis-rs's
 /// [`ConnectionManager`], which reconnects by itself after a connection is lost (the command
 /// that met the loss fails with [`RegistryError::Unavailable`]); each watcher holds a pub/sub
-/// connection of its own, and its stream ends when that connection is lost.
+/// connection of its own, and its stream ends when that connection is lost. `C` is the
+/// command connection: [`ConnectionManager`] for a single server, redis-rs's
+/// [`ClusterConnection`](redis::cluster_async::ClusterConnection) for a Redis Cluster.
 #[derive(Clone)]
-pub struct RedisRegistry {
-    client: Client,
-    connection: ConnectionManager,
+pub struct RedisRegistry<C = ConnectionManager> {
+    connection: C,
+    subscriber: Subscriber,
     keys: KeyLayout,
-    url: RedisUrl,
+    servers: Vec<RedisUrl>,
     options: RedisOptions,
 }
 
-impl fmt::Debug for RedisRegistry {
+/// Where change events are published and how a watcher subscribes to them.
+#[derive(Clone)]
+enum Subscriber {
+    /// `PUBLISH`/`SUBSCRIBE`, on a pub/sub connection of each watcher's own.
+    Single(Client),
+    /// `SPUBLISH`/`SSUBSCRIBE` in the keys' slot, through a cluster client of each watcher's
+    /// own: a plain channel would be copied to every node of the cluster.
+    Sharded(cluster::Seeds),
+}
+
+impl Subscriber {
+    fn publish_command(&self) -> &'static str {
+        match self {
+            Self::Single(_) => "PUBLISH",
+            Self::Sharded(_) => "SPUBLISH",
+        }
+    }
+}
+
+impl<C> fmt::Debug for RedisRegistry<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisRegistry")
-            .field("url", &self.url)
-            .field("keys", &self.keys)
-            .finish()
+        let debug = &mut f.debug_struct("RedisRegistry");
+        match &self.servers[..] {
+            [url] if matches!(self.subscriber, Subscriber::Single(_)) => debug.field("url", url),
+            seeds => debug.field("cluster_seeds", &seeds),
+        };
+        debug.field("keys", &self.keys).finish()
     }
 }
 
 fn classify(error: RedisError) -> RegistryError {
+    // A Redis Cluster in the middle of a failover answers CLUSTERDOWN, TRYAGAIN or MASTERDOWN,
+    // or has no connection to the slot's new master yet: all pass.
+    let failing_over = error.is_cluster_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(ServerErrorKind::MasterDown) | ErrorKind::ClusterConnectionNotFound
+        );
     if error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
+        || failing_over
     {
         RegistryError::Unavailable {
             source: Box::new(error),
@@ -151,7 +128,7 @@ fn remaining(pttl: i64) -> Option<Duration> {
     u64::try_from(pttl).ok().map(Duration::from_millis)
 }
 
-impl RedisRegistry {
+impl RedisRegistry<ConnectionManager> {
     /// Connects to Redis at `url` for the cluster `prefix`.
     ///
     /// Fails with [`RegistryError::Unavailable`] when Redis cannot be reached within the
@@ -187,58 +164,31 @@ impl RedisRegistry {
         })?
         .map_err(classify)?;
         Ok(Self {
-            client,
             connection,
+            subscriber: Subscriber::Single(client),
             keys: KeyLayout::new(prefix),
-            url: url.clone(),
+            servers: vec![url.clone()],
             options,
         })
     }
+}
 
+impl<C: Clone> RedisRegistry<C> {
     /// The names this registry uses in Redis.
     pub fn keys(&self) -> &KeyLayout {
         &self.keys
     }
 
     /// A clone of the command connection, for tools and tests that inspect Redis directly.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> C {
         self.connection.clone()
     }
 }
 
-/// Reads one message of the events channel: `updated {node} {lease_ms}\n{record}` or
-/// `left {node}`.
-fn parse_event(keys: &KeyLayout, payload: &[u8]) -> Result<RegistryEvent, &'static str> {
-    let (head, record) = match payload.iter().position(|&b| b == b'\n') {
-        Some(newline) => (&payload[..newline], Some(&payload[newline + 1..])),
-        None => (payload, None),
-    };
-    let head = std::str::from_utf8(head).map_err(|_| "the event header is not UTF-8")?;
-    let words: Vec<&str> = head.split(' ').collect();
-    let parse_node = |node: &str| NodeId::new(node).map_err(|_| "the event's node id is invalid");
-    match (words.as_slice(), record) {
-        (["updated", node, lease_ms], Some(record)) => {
-            let node = parse_node(node)?;
-            let lease = lease_ms
-                .parse()
-                .map(Duration::from_millis)
-                .map_err(|_| "the update's lease is not a number of milliseconds")?;
-            Ok(RegistryEvent::Updated(NodeRecord {
-                key: keys.node_key(&node),
-                node,
-                value: Bytes::copy_from_slice(record),
-                expires_in: Some(lease),
-            }))
-        }
-        (["left", node], None) => Ok(RegistryEvent::Removed {
-            node: parse_node(node)?,
-            cause: RemovalCause::Left,
-        }),
-        _ => Err("not an `updated` or `left` event of the documented form"),
-    }
-}
-
-impl Registry for RedisRegistry {
+impl<C> Registry for RedisRegistry<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     fn put_node(
         &self,
         node: &NodeId,
@@ -275,7 +225,7 @@ impl Registry for RedisRegistry {
             .arg(lease_ms)
             .arg("GT")
             .ignore()
-            .cmd("PUBLISH")
+            .cmd(self.subscriber.publish_command())
             .arg(self.keys.events_channel())
             .arg(event)
             .ignore();
@@ -297,7 +247,7 @@ impl Registry for RedisRegistry {
             .arg(self.keys.index_key())
             .arg(node.as_str())
             .ignore()
-            .cmd("PUBLISH")
+            .cmd(self.subscriber.publish_command())
             .arg(self.keys.events_channel())
             .arg(format!("left {node}"))
             .ignore();
@@ -343,7 +293,7 @@ impl Registry for RedisRegistry {
                 .arg(LIST_SCRIPT)
                 .arg(1)
                 .arg(keys.index_key())
-                .arg(&keys.node_prefix)
+                .arg(keys.node_prefix())
                 .query_async(&mut connection)
                 .await
                 .map_err(classify)?;
@@ -387,40 +337,16 @@ impl Registry for RedisRegistry {
     }
 
     fn watch(&self) -> BoxFuture<'static, Result<RegistryEvents, RegistryError>> {
-        let client = self.client.clone();
         let keys = self.keys.clone();
         let limit = self.options.connection_timeout + self.options.response_timeout;
-        Box::pin(async move {
-            let subscribe = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(keys.events_channel()).await?;
-                Ok::<_, RedisError>(pubsub)
-            };
-            let pubsub = tokio::time::timeout(limit, subscribe)
-                .await
-                .map_err(|elapsed| RegistryError::Unavailable {
-                    source: Box::new(elapsed),
-                })?
-                .map_err(classify)?;
-            let (sink, stream) = pubsub.split();
-            let events = stream.filter_map(move |message| {
-                // The sink keeps the subscription's connection open as long as the stream.
-                let _subscription = &sink;
-                let event = match parse_event(&keys, message.get_payload_bytes()) {
-                    Ok(event) => Some(Ok(event)),
-                    Err(reason) => {
-                        tracing::warn!(
-                            channel = %keys.events_channel(),
-                            reason,
-                            "ignoring a malformed discovery event"
-                        );
-                        None
-                    }
-                };
-                std::future::ready(event)
-            });
-            Ok(Box::pin(events) as RegistryEvents)
-        })
+        match &self.subscriber {
+            Subscriber::Single(client) => Box::pin(watch_single(client.clone(), keys, limit)),
+            Subscriber::Sharded(seeds) => Box::pin(cluster::watch_sharded(
+                seeds.clone(),
+                keys,
+                self.options.clone(),
+            )),
+        }
     }
 
     fn put_route(
@@ -487,76 +413,39 @@ impl Registry for RedisRegistry {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_share_one_hash_tag() {
-        let keys = KeyLayout::new(&ClusterPrefix::default());
-        let node = NodeId::new("node-1").unwrap();
-        assert_eq!(keys.node_key(&node), "{websocket:cluster}:nodes:node-1");
-        assert_eq!(keys.index_key(), "{websocket:cluster}:nodes");
-        assert_eq!(keys.events_channel(), "{websocket:cluster}:events");
-        assert_eq!(
-            keys.route_key("user:42"),
-            "{websocket:cluster}:routes:user:42"
-        );
-    }
-
-    #[test]
-    fn events_are_parsed_defensively() {
-        let keys = KeyLayout::new(&ClusterPrefix::default());
-        let RegistryEvent::Updated(record) =
-            parse_event(&keys, b"updated n1 15000\n{\"x\":1}").unwrap()
-        else {
-            panic!("expected an update");
+/// Subscribes to the events channel of a single Redis, on a pub/sub connection of its own.
+async fn watch_single(
+    client: Client,
+    keys: KeyLayout,
+    limit: Duration,
+) -> Result<RegistryEvents, RegistryError> {
+    let subscribe = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(keys.events_channel()).await?;
+        Ok::<_, RedisError>(pubsub)
+    };
+    let pubsub = tokio::time::timeout(limit, subscribe)
+        .await
+        .map_err(|elapsed| RegistryError::Unavailable {
+            source: Box::new(elapsed),
+        })?
+        .map_err(classify)?;
+    let (sink, stream) = pubsub.split();
+    let events = stream.filter_map(move |message| {
+        // The sink keeps the subscription's connection open as long as the stream.
+        let _subscription = &sink;
+        let event = match parse_event(&keys, message.get_payload_bytes()) {
+            Ok(event) => Some(Ok(event)),
+            Err(reason) => {
+                tracing::warn!(
+                    channel = %keys.events_channel(),
+                    reason,
+                    "ignoring a malformed discovery event"
+                );
+                None
+            }
         };
-        assert_eq!(record.node.as_str(), "n1");
-        assert_eq!(&record.value[..], b"{\"x\":1}");
-        assert_eq!(record.expires_in, Some(Duration::from_secs(15)));
-        assert_eq!(
-            parse_event(&keys, b"left n1").unwrap(),
-            RegistryEvent::Removed {
-                node: NodeId::new("n1").unwrap(),
-                cause: RemovalCause::Left
-            }
-        );
-        for bad in [
-            &b""[..],
-            b"left",
-            b"left bad id",
-            b"updated n1\n{}",
-            b"updated n1 soon\n{}",
-            b"joined n1",
-            b"\xff\xfe n1",
-            b"left n1\nextra",
-        ] {
-            assert!(
-                parse_event(&keys, bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
-
-    mod properties {
-        use proptest::prelude::*;
-
-        use super::*;
-
-        proptest! {
-            /// Any payload on the events channel reads to an event or an error.
-            #[test]
-            fn any_event_reads_to_an_event_or_an_error(
-                payload in prop_oneof![
-                    proptest::collection::vec(any::<u8>(), 0..128),
-                    "(updated|left) [a-z0-9]{1,8}( [0-9]{1,25})?\n?.{0,40}".prop_map(String::into_bytes),
-                ],
-            ) {
-                let keys = KeyLayout::new(&ClusterPrefix::default());
-                let _ = parse_event(&keys, &payload);
-            }
-        }
-    }
+        std::future::ready(event)
+    });
+    Ok(Box::pin(events) as RegistryEvents)
 }
