@@ -67,7 +67,7 @@ pub struct RedisRegistry<C = ConnectionManager> {
 #[derive(Clone)]
 enum Subscriber {
     /// `PUBLISH`/`SUBSCRIBE`, on a pub/sub connection of each watcher's own.
-    Single(Client),
+    Single(Box<Client>),
     /// `SPUBLISH`/`SSUBSCRIBE` in the keys' slot, through a cluster client of each watcher's
     /// own: a plain channel would be copied to every node of the cluster.
     Sharded(cluster::Seeds),
@@ -165,7 +165,7 @@ impl RedisRegistry<ConnectionManager> {
         .map_err(classify)?;
         Ok(Self {
             connection,
-            subscriber: Subscriber::Single(client),
+            subscriber: Subscriber::Single(Box::new(client)),
             keys: KeyLayout::new(prefix),
             servers: vec![url.clone()],
             options,
@@ -340,7 +340,9 @@ where
         let keys = self.keys.clone();
         let limit = self.options.connection_timeout + self.options.response_timeout;
         match &self.subscriber {
-            Subscriber::Single(client) => Box::pin(watch_single(client.clone(), keys, limit)),
+            Subscriber::Single(client) => {
+                Box::pin(watch_single(Client::clone(client), keys, limit))
+            }
             Subscriber::Sharded(seeds) => Box::pin(cluster::watch_sharded(
                 seeds.clone(),
                 keys,
