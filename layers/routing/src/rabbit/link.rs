@@ -53,8 +53,13 @@ async fn connect(
     Ok((connection, events))
 }
 
-/// Declares the cluster's exchange and its dead-letter exchange and queue.
-async fn declare_cluster(shared: &Shared, channel: &Channel) -> lapin::Result<()> {
+/// Declares the cluster's exchange and its dead-letter exchange, then the dead-letter queue
+/// (see [`declare_dead_letter_queue`]).
+async fn declare_cluster(
+    shared: &Shared,
+    connection: &Connection,
+    channel: &Channel,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -76,6 +81,28 @@ async fn declare_cluster(shared: &Shared, channel: &Channel) -> lapin::Result<()
             FieldTable::default(),
         )
         .await?;
+    // On a channel of its own: a refusal closes it.
+    let dead_letter_channel = connection.create_channel().await?;
+    match declare_dead_letter_queue(shared, &dead_letter_channel).await {
+        Ok(()) => {
+            let _ = dead_letter_channel.close(200, "OK".into()).await;
+            Ok(())
+        }
+        Err(error) if wire::is_connection_error(&error) && !connection.status().connected() => {
+            Err(error)
+        }
+        Err(error) => {
+            // On a RabbitMQ cluster, a classic queue is unavailable while its node is down:
+            // dead letters are for inspection, so routing goes on without them meanwhile.
+            warn!(%error, "the dead-letter queue is unavailable; dead letters are dropped until it is back");
+            Ok(())
+        }
+    }
+}
+
+/// Declares the dead-letter queue and binds it to the dead-letter exchange.
+async fn declare_dead_letter_queue(shared: &Shared, channel: &Channel) -> lapin::Result<()> {
+    let names = &shared.names;
     let arguments = wire::dead_letter_arguments(
         shared.config.dead_letter_max_length,
         shared.config.dead_letter_expires,
@@ -201,7 +228,7 @@ async fn establish_at(
         .create_channel()
         .await
         .map_err(RabbitError::Amqp)?;
-    declare_cluster(shared, &channel)
+    declare_cluster(shared, &connection, &channel)
         .await
         .map_err(RabbitError::Amqp)?;
     // From here on, an operation done on an older connection is done again on this one.
