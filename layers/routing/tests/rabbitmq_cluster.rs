@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -117,12 +118,13 @@ fn receive(mut deliveries: hybrid_cluster_core::Deliveries) -> mpsc::UnboundedRe
     received
 }
 
-/// Publishes numbered messages to `b`, 32 at a time, until `stopped` turns true and `after`
+/// Publishes numbered messages to `b`, 8 at a time, until `stopped` turns true and `after`
 /// more were confirmed (or [`WAIT`] passes): the numbers confirmed, and how many failed.
 async fn stream(
     broker: Arc<RabbitBroker>,
     mut stopped: watch::Receiver<bool>,
     after: usize,
+    progress: Arc<AtomicUsize>,
 ) -> (BTreeSet<u64>, usize) {
     let b = node("b");
     let key = RoutingKey::Node(b.clone());
@@ -137,7 +139,7 @@ async fn stream(
         if stop_seen && confirmed_after_stop >= after || started.elapsed() > WAIT {
             break;
         }
-        while in_flight.len() < 32 {
+        while in_flight.len() < 8 {
             let message = Envelope::text(node("a"), Target::Node(b.clone()), next.to_string())
                 .to_message()
                 .unwrap();
@@ -149,6 +151,7 @@ async fn stream(
             match result {
                 Ok(()) => {
                     confirmed.insert(number);
+                    progress.fetch_add(1, Ordering::Relaxed);
                     confirmed_after_stop += usize::from(stop_seen);
                 }
                 Err(_) => {
@@ -168,9 +171,8 @@ async fn stream(
     (confirmed, failed)
 }
 
-/// Deletes what the test declared, through any node.
-async fn clean_up(broker: &RabbitBroker, prefix: &ClusterPrefix) {
-    let _ = broker.delete_queue_if_empty(&node("b")).await;
+/// Deletes what the test declared.
+async fn clean_up(prefix: &ClusterPrefix) {
     let connection = lapin::Connection::connect(
         &urls()[0].to_connection_string(),
         lapin::ConnectionProperties::default(),
@@ -179,9 +181,9 @@ async fn clean_up(broker: &RabbitBroker, prefix: &ClusterPrefix) {
     .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let dead_letter = format!("{prefix}:dead-letter");
-    let _ = channel
-        .queue_delete(dead_letter.clone().into(), Default::default())
-        .await;
+    for queue in [format!("{prefix}:node:b"), dead_letter.clone()] {
+        let _ = channel.queue_delete(queue.into(), Default::default()).await;
+    }
     for exchange in [prefix.to_string(), dead_letter] {
         let _ = channel
             .exchange_delete(exchange.into(), Default::default())
@@ -227,30 +229,42 @@ async fn a_broker_node_stopped_mid_stream_loses_nothing_confirmed() {
     let stopped_node = node_behind(&urls, &stopped_url);
 
     let (stop, stopped) = watch::channel(false);
-    let streaming = tokio::spawn(stream(Arc::clone(&sender), stopped, 500));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let streaming = tokio::spawn(stream(
+        Arc::clone(&sender),
+        stopped,
+        500,
+        Arc::clone(&progress),
+    ));
     // Mid-stream: once messages flow, stop the node the sender is connected to.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let flowing = Instant::now() + WAIT;
+    while progress.load(Ordering::Relaxed) < 300 && Instant::now() < flowing {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let began = Instant::now();
     cluster_script(&["ctl", stopped_node, "stop_app"])
         .await
         .unwrap();
+    eprintln!("{stopped_node} stopped in {:?}", began.elapsed());
     stop.send_replace(true);
     let (confirmed, failed) = streaming.await.unwrap();
+    eprintln!("streaming ended {:?} after the stop", began.elapsed());
 
     // Every confirmed message arrives; duplicates are counted.
     let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut missing = confirmed.clone();
     let deadline = Instant::now() + WAIT;
-    while confirmed.iter().any(|number| !counts.contains_key(number)) {
+    while !missing.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, received.recv()).await {
-            Ok(Some(number)) => *counts.entry(number).or_default() += 1,
+            Ok(Some(number)) => {
+                missing.remove(&number);
+                *counts.entry(number).or_default() += 1;
+            }
             _ => break,
         }
     }
-    let missing: Vec<u64> = confirmed
-        .iter()
-        .filter(|number| !counts.contains_key(number))
-        .copied()
-        .collect();
+    eprintln!("received {:?} after the stop", began.elapsed());
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
     eprintln!(
         "{} confirmed, {failed} failed, {} received, {duplicates} duplicates; \
@@ -261,15 +275,17 @@ async fn a_broker_node_stopped_mid_stream_loses_nothing_confirmed() {
     );
 
     // Leave the cluster as found before asserting.
+    let began = Instant::now();
     cluster_script(&["ctl", stopped_node, "start_app"])
         .await
         .unwrap();
     cluster_script(&["ctl", stopped_node, "await_startup", "--timeout", "120"])
         .await
         .unwrap();
-    clean_up(&receiver, &prefix).await;
+    eprintln!("{stopped_node} back in {:?}", began.elapsed());
     sender.close().await;
     receiver.close().await;
+    clean_up(&prefix).await;
     if started_cluster {
         cluster_script(&["stop"]).await.unwrap();
     }
