@@ -707,6 +707,46 @@ async fn a_wrong_url_is_a_clear_error() {
     assert!(!message.contains("not-the-password"), "{message}");
 }
 
+/// `connect_any` connects to the first address that answers, skipping those that do not;
+/// an empty list is an error of its own, and when none answers the error is the last one's.
+#[tokio::test]
+async fn connect_any_takes_the_first_address_that_answers() {
+    let cluster = Cluster::new("any");
+    let unreachable: AmqpUrl = "amqp://guest:s3cret@127.0.0.1:1/%2f".parse().unwrap();
+    let broker = RabbitBroker::connect_any(
+        &[unreachable.clone(), url()],
+        &cluster.prefix,
+        RabbitConfig::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(broker.connected_url(), url().to_string());
+    assert!(broker.is_connected());
+    broker.close().await;
+
+    let err = RabbitBroker::connect_any(&[], &cluster.prefix, RabbitConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        std::error::Error::source(&err).and_then(|s| s.downcast_ref::<RabbitError>()),
+        Some(RabbitError::NoAddress)
+    ));
+
+    let other: AmqpUrl = "amqp://guest:s3cret@127.0.0.1:2/%2f".parse().unwrap();
+    let err = RabbitBroker::connect_any(
+        &[unreachable, other],
+        &cluster.prefix,
+        RabbitConfig::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable { .. }));
+    let message = std::error::Error::source(&err).unwrap().to_string();
+    assert!(message.contains("127.0.0.1:2"), "{message}");
+    assert!(!message.contains("s3cret"), "{message}");
+    cluster.clean_up().await;
+}
+
 #[tokio::test]
 async fn a_busy_destination_gets_batches_in_order_and_exactly_once() {
     let cluster = Cluster::new("batch");
