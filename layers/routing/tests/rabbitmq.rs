@@ -707,7 +707,8 @@ async fn a_wrong_url_is_a_clear_error() {
     assert!(!message.contains("not-the-password"), "{message}");
 }
 
-/// `connect_any` connects to the first address that answers, skipping those that do not;
+/// `connect_any` (and `connect` with fallback addresses) connects to the first address that
+/// answers, skipping those that do not;
 /// an empty list is an error of its own, and when none answers the error is the last one's.
 #[tokio::test]
 async fn connect_any_takes_the_first_address_that_answers() {
@@ -722,6 +723,17 @@ async fn connect_any_takes_the_first_address_that_answers() {
     .unwrap();
     assert_eq!(broker.connected_url(), url().to_string());
     assert!(broker.is_connected());
+    broker.close().await;
+
+    // The configuration's fallback addresses come after the one given to `connect`.
+    let config = RabbitConfig {
+        fallback_urls: vec![url()],
+        ..RabbitConfig::default()
+    };
+    let broker = RabbitBroker::connect(&unreachable, &cluster.prefix, config)
+        .await
+        .unwrap();
+    assert_eq!(broker.connected_url(), url().to_string());
     broker.close().await;
 
     let err = RabbitBroker::connect_any(&[], &cluster.prefix, RabbitConfig::default())

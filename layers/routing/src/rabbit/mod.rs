@@ -117,7 +117,9 @@ pub struct RabbitBroker {
 
 impl RabbitBroker {
     /// Connects to `url`, declares the cluster's exchanges (named from `prefix`), and starts
-    /// the tasks that publish and keep the connection.
+    /// the tasks that publish and keep the connection. With
+    /// [`fallback_urls`](RabbitConfig::fallback_urls), it is
+    /// [`connect_any`](Self::connect_any) with `url` first.
     ///
     /// A server that cannot be reached, or that refuses the credentials or the virtual host,
     /// is an error naming the URL (with its password hidden): [`BrokerError::Unavailable`]
@@ -141,14 +143,15 @@ impl RabbitBroker {
     /// ([`Durability::Replicated`](hybrid_cluster_core::Durability::Replicated)), so that
     /// they and their messages outlive the loss of one broker node.
     ///
-    /// When no address can be reached, the error is the last one's. An empty list is
+    /// The [`fallback_urls`](RabbitConfig::fallback_urls) of `config` come after `urls`.
+    /// When no address can be reached, the error is the last one's. No address at all is
     /// [`BrokerError::Backend`] with [`RabbitError::NoAddress`].
     pub async fn connect_any(
         urls: &[AmqpUrl],
         prefix: &ClusterPrefix,
         config: RabbitConfig,
     ) -> Result<Self, BrokerError> {
-        if urls.is_empty() {
+        if urls.is_empty() && config.fallback_urls.is_empty() {
             return Err(BrokerError::Backend {
                 source: Box::new(RabbitError::NoAddress),
             });
@@ -158,6 +161,7 @@ impl RabbitBroker {
         })?;
         let addresses = urls
             .iter()
+            .chain(&config.fallback_urls)
             .map(|url| Address {
                 uri: url.to_connection_string(),
                 url: url.to_string(),
