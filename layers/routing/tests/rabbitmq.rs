@@ -1167,6 +1167,49 @@ async fn every_durability_mode_declares_its_queue_and_carries_messages() {
     }
 }
 
+/// The same for a quorum queue (`replicated`), which RabbitMQ before 3.13 refuses to delete
+/// with `if-empty` (closing the connection): it is kept while a message waits, deleted once
+/// empty, and the connection stays up.
+#[tokio::test]
+async fn a_quorum_queue_is_deleted_only_once_empty() {
+    let cluster = Cluster::new("if-empty-quorum");
+    let broker = cluster.broker("a").await;
+    let b = node_id("b");
+    let options = QueueOptions {
+        durability: hybrid_cluster_core::Durability::Replicated,
+        ..queue_options()
+    };
+    broker.declare_queue(&b, &options).await.unwrap();
+    broker.bind(&b, &RoutingKey::Node(b.clone())).await.unwrap();
+    let message = text("a", Target::Node(b.clone()), "waiting");
+    broker
+        .publish(&RoutingKey::Node(b.clone()), message.to_message().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !broker.delete_queue_if_empty(&b).await.unwrap(),
+        "a message waits"
+    );
+    assert_eq!(queue_depth(&cluster, "b").await, 1, "still there");
+
+    let mut deliveries = broker
+        .consume(&b, &ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(WAIT, deliveries.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery.acker.ack().await.unwrap();
+    drop(deliveries);
+    // The broker knows a queue is a quorum queue from its declaration (as a node's own).
+    broker.declare_queue(&b, &options).await.unwrap();
+    assert!(broker.delete_queue_if_empty(&b).await.unwrap(), "empty now");
+    assert_eq!(broker.reconnections(), 0, "the connection stayed up");
+    cluster.clean_up().await;
+}
+
 /// A queue holding messages is not deleted by `delete_queue_if_empty` (a node leaving lets a
 /// peer take over what it holds); once empty, it is.
 #[tokio::test]
