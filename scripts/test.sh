@@ -7,7 +7,8 @@
 #   ./scripts/test.sh -E 'test(lease)'   # extra arguments go to cargo-nextest (or cargo test)
 #
 # REDIS_URL and AMQP_URL point the tests at other servers; the defaults are the loopback ones
-# this script starts.
+# this script starts. RABBITMQ_CLUSTER_URLS (comma-separated) points the RabbitMQ-cluster test
+# at a cluster run by scripts/rabbitmq-cluster.sh elsewhere; by default this script starts it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +71,16 @@ ensure_rabbitmq() {
   wait_for_port 5672 120 RabbitMQ
 }
 
+# The RabbitMQ-cluster test (layers/routing/tests/rabbitmq_cluster.rs) runs on a 3-node cluster
+# on loopback: started here when absent, and stopped at the end only if this run started it.
+ensure_rabbitmq_cluster() {
+  if [[ -n ${RABBITMQ_CLUSTER_URLS:-} ]]; then say "using the RabbitMQ cluster at RABBITMQ_CLUSTER_URLS"; return; fi
+  install_package rabbitmq-server rabbitmq-server
+  if ./scripts/rabbitmq-cluster.sh status >/dev/null 2>&1; then say "the RabbitMQ cluster is running"; return; fi
+  trap './scripts/rabbitmq-cluster.sh stop || true' EXIT
+  ./scripts/rabbitmq-cluster.sh start
+}
+
 ensure_chromium() {
   # The status page is tested in a real headless browser.
   if [[ -n ${CHROMIUM:-} ]]; then say "using Chromium at CHROMIUM=$CHROMIUM"; return; fi
@@ -79,6 +90,7 @@ ensure_chromium() {
 
 ensure_redis
 ensure_rabbitmq
+ensure_rabbitmq_cluster
 ensure_chromium
 
 if cargo nextest --version >/dev/null 2>&1; then
