@@ -99,6 +99,7 @@ join() { # index
 
 start() {
   local began=$SECONDS i
+  if [[ -d $BASE ]] && status >/dev/null; then say "RabbitMQ cluster already running: $(urls)"; return 0; fi
   prepare
   for i in "${!NODES[@]}"; do start_node "$i"; done
   for i in "${!NODES[@]}"; do await_node "$i"; done
@@ -107,10 +108,11 @@ start() {
   say "RabbitMQ cluster up in $((SECONDS - began))s: $(urls)"
 }
 
-status() {
-  local i ok=0
+status() { # one rabbitmqctl call: the nodes hc1 sees running in its cluster
+  local i ok=0 running_nodes
+  running_nodes=$(ctl 0 cluster_status --formatter json 2>/dev/null | grep -o '"running_nodes":\[[^]]*\]' || true)
   for i in "${!NODES[@]}"; do
-    if running "$i" && member "$i"; then echo "${NODES[$i]}@localhost running (127.0.0.1:${AMQP_PORTS[$i]})"
+    if [[ $running_nodes == *"\"${NODES[$i]}@localhost\""* ]]; then echo "${NODES[$i]}@localhost running (127.0.0.1:${AMQP_PORTS[$i]})"
     else echo "${NODES[$i]}@localhost not running in the cluster"; ok=1
     fi
   done
