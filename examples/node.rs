@@ -10,7 +10,9 @@
 //! Options: `--node-id ID` (required), `--port P` (required), `--address HOST` (what clients
 //! and redirects use, default 127.0.0.1), `--redis URL` and `--amqp URL` (both, or neither for
 //! a lone node on the embedded backends; `--redis-cluster URL,URL,…` instead of `--redis` for
-//! a Redis Cluster, e.g. the one `scripts/redis-cluster.sh start` runs), `--strategy
+//! a Redis Cluster, e.g. the one `scripts/redis-cluster.sh start` runs; `--amqp` takes the
+//! nodes of a RabbitMQ cluster comma-separated, `amqp://…@h1:5672/%2f,amqp://…@h2:5673/%2f`,
+//! with `--durability replicated`), `--strategy
 //! least-connections|round-robin|least-resource-usage|random|p2c`, `--max-connections N`,
 //! `--prefix P`, `--heartbeat-ms MS`, `--shutdown-grace-ms MS` (default 5000),
 //! `--max-in-flight N` (the node's bound on messages awaiting the broker, default 256),
@@ -95,9 +97,10 @@ struct Args {
         conflicts_with = "redis"
     )]
     redis_cluster: Vec<RedisUrl>,
-    /// RabbitMQ, for routing (give --redis too, or neither).
-    #[arg(long, value_name = "URL")]
-    amqp: Option<AmqpUrl>,
+    /// RabbitMQ, for routing (give --redis or --redis-cluster too, or neither); the nodes of a
+    /// RabbitMQ cluster comma-separated, tried in turn on each (re)connection.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    amqp: Vec<AmqpUrl>,
     /// How the node chooses where a client goes when it does not keep it.
     #[arg(long, value_enum, default_value_t = Strategy::default())]
     strategy: Strategy,
@@ -163,11 +166,12 @@ impl From<Placement> for PlacementMode {
 impl Args {
     /// The cluster's and the server's configuration, and the backends, from the flags.
     fn into_config(self) -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
-        let backends = match (self.redis, self.amqp) {
-            (None, Some(amqp)) if !self.redis_cluster.is_empty() => {
-                Backends::redis_cluster(self.redis_cluster, amqp)
+        let mut amqp = self.amqp.into_iter();
+        let backends = match (self.redis, amqp.next()) {
+            (None, Some(first)) if !self.redis_cluster.is_empty() => {
+                Backends::redis_cluster(self.redis_cluster, first)
             }
-            (Some(redis), Some(amqp)) => Backends::servers(redis, amqp),
+            (Some(redis), Some(first)) => Backends::servers(redis, first),
             (None, None) if self.redis_cluster.is_empty() => {
                 tracing::warn!("no --redis/--amqp: a lone node on the embedded backends");
                 Backends::embedded()
@@ -181,6 +185,8 @@ impl Args {
         if config.secret.is_some() {
             tracing::info!("HYBRID_CLUSTER_SECRET is set: node-to-node traffic is signed");
         }
+        // The other nodes of a RabbitMQ cluster, tried after the first.
+        config.rabbitmq.fallback_urls = amqp.collect();
         config.strategy = self.strategy;
         config.placement_mode = self.placement.into();
         if let Some(prefix) = self.prefix {

@@ -9,7 +9,9 @@
 # REDIS_URL and AMQP_URL point the tests at other servers; the defaults are the loopback ones
 # this script starts. REDIS_CLUSTER_URLS (comma-separated seeds) does the same for the Redis
 # Cluster tests; by default the script starts scripts/redis-cluster.sh's loopback cluster when
-# it is not running, and stops it at the end.
+# it is not running, and stops it at the end. RABBITMQ_CLUSTER_URLS (comma-separated) points
+# the RabbitMQ-cluster test at a cluster run by scripts/rabbitmq-cluster.sh elsewhere; by
+# default this script starts it when it is not running, and stops it at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,6 +89,23 @@ stop_redis_cluster() {
   if [[ -n $redis_cluster_started ]]; then ./scripts/redis-cluster.sh stop || true; fi
 }
 
+# The RabbitMQ-cluster test (layers/routing/tests/rabbitmq_cluster.rs) runs on a 3-node cluster
+# on loopback: started here when absent, and stopped at the end only if this run started it.
+rabbitmq_cluster_started=""
+ensure_rabbitmq_cluster() {
+  if [[ -n ${RABBITMQ_CLUSTER_URLS:-} ]]; then say "using the RabbitMQ cluster at RABBITMQ_CLUSTER_URLS"; return; fi
+  install_package rabbitmq-server rabbitmq-server
+  if ./scripts/rabbitmq-cluster.sh status >/dev/null 2>&1; then say "the RabbitMQ cluster is running"; return; fi
+  ./scripts/rabbitmq-cluster.sh start
+  rabbitmq_cluster_started=1
+}
+
+# Only what this run started is stopped.
+stop_clusters() {
+  stop_redis_cluster
+  if [[ -n $rabbitmq_cluster_started ]]; then ./scripts/rabbitmq-cluster.sh stop || true; fi
+}
+
 ensure_chromium() {
   # The status page is tested in a real headless browser.
   if [[ -n ${CHROMIUM:-} ]]; then say "using Chromium at CHROMIUM=$CHROMIUM"; return; fi
@@ -96,8 +115,9 @@ ensure_chromium() {
 
 ensure_redis
 ensure_rabbitmq
-trap stop_redis_cluster EXIT
+trap stop_clusters EXIT
 ensure_redis_cluster
+ensure_rabbitmq_cluster
 ensure_chromium
 
 if cargo nextest --version >/dev/null 2>&1; then

@@ -707,6 +707,58 @@ async fn a_wrong_url_is_a_clear_error() {
     assert!(!message.contains("not-the-password"), "{message}");
 }
 
+/// `connect_any` (and `connect` with fallback addresses) connects to the first address that
+/// answers, skipping those that do not;
+/// an empty list is an error of its own, and when none answers the error is the last one's.
+#[tokio::test]
+async fn connect_any_takes_the_first_address_that_answers() {
+    let cluster = Cluster::new("any");
+    let unreachable: AmqpUrl = "amqp://guest:s3cret@127.0.0.1:1/%2f".parse().unwrap();
+    let broker = RabbitBroker::connect_any(
+        &[unreachable.clone(), url()],
+        &cluster.prefix,
+        RabbitConfig::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(broker.connected_url(), url().to_string());
+    assert!(broker.is_connected());
+    broker.close().await;
+
+    // The configuration's fallback addresses come after the one given to `connect`.
+    let config = RabbitConfig {
+        fallback_urls: vec![url()],
+        ..RabbitConfig::default()
+    };
+    let broker = RabbitBroker::connect(&unreachable, &cluster.prefix, config)
+        .await
+        .unwrap();
+    assert_eq!(broker.connected_url(), url().to_string());
+    broker.close().await;
+
+    let err = RabbitBroker::connect_any(&[], &cluster.prefix, RabbitConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        std::error::Error::source(&err).and_then(|s| s.downcast_ref::<RabbitError>()),
+        Some(RabbitError::NoAddress)
+    ));
+
+    let other: AmqpUrl = "amqp://guest:s3cret@127.0.0.1:2/%2f".parse().unwrap();
+    let err = RabbitBroker::connect_any(
+        &[unreachable, other],
+        &cluster.prefix,
+        RabbitConfig::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable { .. }));
+    let message = std::error::Error::source(&err).unwrap().to_string();
+    assert!(message.contains("127.0.0.1:2"), "{message}");
+    assert!(!message.contains("s3cret"), "{message}");
+    cluster.clean_up().await;
+}
+
 #[tokio::test]
 async fn a_busy_destination_gets_batches_in_order_and_exactly_once() {
     let cluster = Cluster::new("batch");
@@ -1113,6 +1165,49 @@ async fn every_durability_mode_declares_its_queue_and_carries_messages() {
         topology.leave().await.unwrap();
         cluster.clean_up().await;
     }
+}
+
+/// The same for a quorum queue (`replicated`), which RabbitMQ before 3.13 refuses to delete
+/// with `if-empty` (closing the connection): it is kept while a message waits, deleted once
+/// empty, and the connection stays up.
+#[tokio::test]
+async fn a_quorum_queue_is_deleted_only_once_empty() {
+    let cluster = Cluster::new("if-empty-quorum");
+    let broker = cluster.broker("a").await;
+    let b = node_id("b");
+    let options = QueueOptions {
+        durability: hybrid_cluster_core::Durability::Replicated,
+        ..queue_options()
+    };
+    broker.declare_queue(&b, &options).await.unwrap();
+    broker.bind(&b, &RoutingKey::Node(b.clone())).await.unwrap();
+    let message = text("a", Target::Node(b.clone()), "waiting");
+    broker
+        .publish(&RoutingKey::Node(b.clone()), message.to_message().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !broker.delete_queue_if_empty(&b).await.unwrap(),
+        "a message waits"
+    );
+    assert_eq!(queue_depth(&cluster, "b").await, 1, "still there");
+
+    let mut deliveries = broker
+        .consume(&b, &ConsumeOptions { prefetch: 1 })
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(WAIT, deliveries.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery.acker.ack().await.unwrap();
+    drop(deliveries);
+    // The broker knows a queue is a quorum queue from its declaration (as a node's own).
+    broker.declare_queue(&b, &options).await.unwrap();
+    assert!(broker.delete_queue_if_empty(&b).await.unwrap(), "empty now");
+    assert_eq!(broker.reconnections(), 0, "the connection stayed up");
+    cluster.clean_up().await;
 }
 
 /// A queue holding messages is not deleted by `delete_queue_if_empty` (a node leaving lets a

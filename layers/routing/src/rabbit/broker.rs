@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    Broker, BrokerError, BrokerMessage, ConsumeOptions, ConsumerState, Deliveries, NodeId,
-    PublishError, QueueOptions, RoutingKey,
+    Broker, BrokerError, BrokerMessage, ConsumeOptions, ConsumerState, Deliveries, Durability,
+    NodeId, PublishError, QueueOptions, RoutingKey,
 };
 use lapin::Channel;
 use lapin::options::QueueDeleteOptions;
@@ -133,7 +133,14 @@ impl Broker for RabbitBroker {
             Err(e) => return done(Err(invalid(e))),
         };
         let record_node = node.clone();
-        self.shared.state.lock().consumers.remove(node);
+        let quorum = {
+            let mut state = self.shared.state.lock();
+            state.consumers.remove(node);
+            state
+                .queues
+                .get(node)
+                .is_some_and(|options| options.durability == Durability::Replicated)
+        };
         let emptied = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let outcome = Arc::clone(&emptied);
         let deleting = self.topology(
@@ -142,6 +149,9 @@ impl Broker for RabbitBroker {
                 let queue = queue.clone();
                 let emptied = Arc::clone(&emptied);
                 async move {
+                    if quorum {
+                        return delete_quorum_queue_if_empty(&channel, queue, &emptied).await;
+                    }
                     let options = QueueDeleteOptions {
                         if_empty: true,
                         ..QueueDeleteOptions::default()
@@ -374,4 +384,37 @@ fn register_consumer(
         state.consumers.insert(node.clone(), entry);
         true
     })
+}
+
+/// Deletes a quorum queue only if it holds no message (used for a queue this broker declared
+/// `replicated`, as a node's own is). RabbitMQ before 3.13 refuses `if-empty`
+/// on quorum queues (and closes the connection for it), so the queue's depth is read first: a
+/// message published between the two steps (one round trip) is lost with the queue.
+async fn delete_quorum_queue_if_empty(
+    channel: &Channel,
+    queue: ShortString,
+    emptied: &std::sync::atomic::AtomicBool,
+) -> lapin::Result<()> {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    let declared = match channel
+        .queue_declare(queue.clone(), passive, FieldTable::default())
+        .await
+    {
+        Err(error) if wire::is_queue_not_found(&error) => return Ok(()),
+        other => other?,
+    };
+    if declared.message_count() > 0 {
+        emptied.store(false, Ordering::Relaxed);
+        return Ok(());
+    }
+    match channel
+        .queue_delete(queue, QueueDeleteOptions::default())
+        .await
+    {
+        Err(error) if wire::is_queue_not_found(&error) => Ok(()),
+        other => other.map(drop),
+    }
 }

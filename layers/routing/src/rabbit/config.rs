@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use hybrid_cluster_core::AmqpUrl;
+
 use tower::retry::backoff::{ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use tower::util::rng::HasherRng;
 
@@ -44,12 +46,18 @@ pub struct RabbitConfig {
     /// confirms them once they are on disk and they survive a restart in a durable or
     /// quorum queue. A cluster sets it from its [`Durability`](hybrid_cluster_core::Durability).
     pub persistent: bool,
+    /// Other addresses of the same RabbitMQ cluster, tried after the ones given to
+    /// [`connect`](super::RabbitBroker::connect) or
+    /// [`connect_any`](super::RabbitBroker::connect_any), on the first connection and on every
+    /// reconnection (see `connect_any`). Empty by default. A facade that takes one AMQP URL
+    /// takes the rest of a cluster's addresses here.
+    pub fallback_urls: Vec<AmqpUrl>,
 }
 
 impl Default for RabbitConfig {
     /// 256 in flight, 4,096 pending, a 10 s outage bound, 10 s to connect, reconnection
     /// delays from 100 ms to 5 s, bodies up to 16 MiB, 3 attempts per message, 10,000 dead
-    /// letters kept, persistent messages.
+    /// letters kept, persistent messages, no fallback addresses.
     fn default() -> Self {
         Self {
             connection_name: None,
@@ -64,6 +72,7 @@ impl Default for RabbitConfig {
             dead_letter_max_length: Some(10_000),
             dead_letter_expires: None,
             persistent: true,
+            fallback_urls: Vec::new(),
         }
     }
 }

@@ -61,6 +61,9 @@ pub enum RabbitError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The broker was given no address to connect to.
+    #[error("no RabbitMQ address was given")]
+    NoAddress,
     /// An AMQP operation failed.
     #[error("an AMQP operation failed")]
     Amqp(#[source] lapin::Error),

@@ -18,28 +18,32 @@ use tracing::{debug, info, warn};
 
 use super::consumer;
 use super::error::RabbitError;
-use super::shared::{Link, Shared, shut_down};
+use super::shared::{Address, Link, Shared, shut_down};
 use super::wire;
 
 pub(crate) type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
 
-/// Connects, within the configured time; `role` ends the connection's name.
-async fn connect(shared: &Shared, role: &str) -> Result<(Connection, Events), RabbitError> {
+/// Connects to `address`, within the configured time; `role` ends the connection's name.
+async fn connect(
+    shared: &Shared,
+    address: &Address,
+    role: &str,
+) -> Result<(Connection, Events), RabbitError> {
     let mut properties = ConnectionProperties::default();
     if let Some(name) = &shared.config.connection_name {
         properties = properties.with_connection_name(format!("{name} ({role})").into());
     }
-    let connecting = Connection::connect(&shared.uri, properties);
+    let connecting = Connection::connect(&address.uri, properties);
     let connection = match tokio::time::timeout(shared.config.connect_timeout, connecting).await {
         Err(_) => {
             return Err(RabbitError::ConnectTimeout {
-                url: shared.url.clone(),
+                url: address.url.clone(),
                 after: shared.config.connect_timeout,
             });
         }
         Ok(Err(source)) => {
             return Err(RabbitError::Connect {
-                url: shared.url.clone(),
+                url: address.url.clone(),
                 source,
             });
         }
@@ -49,8 +53,13 @@ async fn connect(shared: &Shared, role: &str) -> Result<(Connection, Events), Ra
     Ok((connection, events))
 }
 
-/// Declares the cluster's exchange and its dead-letter exchange and queue.
-async fn declare_cluster(shared: &Shared, channel: &Channel) -> lapin::Result<()> {
+/// Declares the cluster's exchange and its dead-letter exchange, then the dead-letter queue
+/// (see [`declare_dead_letter_queue`]).
+async fn declare_cluster(
+    shared: &Shared,
+    connection: &Connection,
+    channel: &Channel,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -72,6 +81,28 @@ async fn declare_cluster(shared: &Shared, channel: &Channel) -> lapin::Result<()
             FieldTable::default(),
         )
         .await?;
+    // On a channel of its own: a refusal closes it.
+    let dead_letter_channel = connection.create_channel().await?;
+    match declare_dead_letter_queue(shared, &dead_letter_channel).await {
+        Ok(()) => {
+            let _ = dead_letter_channel.close(200, "OK".into()).await;
+            Ok(())
+        }
+        Err(error) if wire::is_connection_error(&error) && !connection.status().connected() => {
+            Err(error)
+        }
+        Err(error) => {
+            // On a RabbitMQ cluster, a classic queue is unavailable while its node is down:
+            // dead letters are for inspection, so routing goes on without them meanwhile.
+            warn!(%error, "the dead-letter queue is unavailable; dead letters are dropped until it is back");
+            Ok(())
+        }
+    }
+}
+
+/// Declares the dead-letter queue and binds it to the dead-letter exchange.
+async fn declare_dead_letter_queue(shared: &Shared, channel: &Channel) -> lapin::Result<()> {
+    let names = &shared.names;
     let arguments = wire::dead_letter_arguments(
         shared.config.dead_letter_max_length,
         shared.config.dead_letter_expires,
@@ -148,21 +179,56 @@ pub(crate) type Healing = Vec<(
     mpsc::Sender<Result<hybrid_cluster_core::Delivery, hybrid_cluster_core::BrokerError>>,
 )>;
 
-/// Connects and declares everything this broker declared before, then starts its consumers
-/// again. Returns the new connection, not yet published, and the consumers that could not be
-/// started on it (to heal once it is).
+/// Establishes the connection on one of the broker's addresses, trying each once in turn
+/// from the one at `first` (see [`establish_at`]). When all fail, the error is the last
+/// address's; with several addresses, each failure is logged.
 pub(crate) async fn establish(
     shared: &Arc<Shared>,
+    first: usize,
 ) -> Result<(Link, Events, Healing), RabbitError> {
-    let (connection, events) = connect(shared, "consuming").await?;
-    let (publishing, publishing_events) = connect(shared, "publishing").await?;
+    let count = shared.addresses.len();
+    let mut last_error = RabbitError::NoAddress;
+    for offset in 0..count {
+        let index = (first + offset) % count;
+        let Some(address) = shared.addresses.get(index) else {
+            continue;
+        };
+        match establish_at(shared, address).await {
+            Ok(established) => {
+                shared.current.store(index, Ordering::Relaxed);
+                return Ok(established);
+            }
+            Err(error) => {
+                if count > 1 {
+                    warn!(
+                        url = %address.url,
+                        error = %hybrid_cluster_core::error::error_chain(&error),
+                        "connecting to a RabbitMQ address failed; trying the next"
+                    );
+                }
+                last_error = error;
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// Connects to `address` and declares everything this broker declared before, then starts
+/// its consumers again. Returns the new connection, not yet published, and the consumers that
+/// could not be started on it (to heal once it is).
+async fn establish_at(
+    shared: &Arc<Shared>,
+    address: &Address,
+) -> Result<(Link, Events, Healing), RabbitError> {
+    let (connection, events) = connect(shared, address, "consuming").await?;
+    let (publishing, publishing_events) = connect(shared, address, "publishing").await?;
     let events: Events = Box::pin(futures_util::stream::select(events, publishing_events));
     let connection = Arc::new(connection);
     let channel = connection
         .create_channel()
         .await
         .map_err(RabbitError::Amqp)?;
-    declare_cluster(shared, &channel)
+    declare_cluster(shared, &connection, &channel)
         .await
         .map_err(RabbitError::Amqp)?;
     // From here on, an operation done on an older connection is done again on this one.
@@ -329,8 +395,8 @@ pub(crate) async fn close(link: &Link) {
 }
 
 /// Keeps the broker connected: watches the connection, and when it is lost connects again
-/// with exponential backoff and jitter (the first attempt at once), declaring the topology
-/// again and resuming consumers.
+/// (through the other addresses first) with exponential backoff and jitter between rounds
+/// (the first round at once), declaring the topology again and resuming consumers.
 pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: Events) {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
@@ -340,7 +406,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: E
                 return;
             }
             Watched::Lost(reason) => {
-                warn!(url = %shared.url, %reason, "lost the connection to RabbitMQ; reconnecting");
+                warn!(url = %shared.url(), %reason, "lost the connection to RabbitMQ; reconnecting");
             }
         }
         shared.set_down();
@@ -355,21 +421,23 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Link, mut events: E
 
 /// Connects again, each outage with a backoff of its own, until it works (the new connection
 /// is published and its consumers that could not be resumed are healed) or the broker shuts
-/// down (`None`).
+/// down (`None`). Each round tries every address, the one after the lost connection's first
+/// (the lost one is likely down) and the lost one last; the backoff is between rounds.
 async fn reconnect(
     shared: &Arc<Shared>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<(Link, Events)> {
     let mut backoff = shared.config.reconnect_backoff();
+    let next = shared.current.load(Ordering::Relaxed) + 1;
     loop {
         let attempt = tokio::select! {
             () = shut_down(shutdown) => return None,
-            attempt = establish(shared) => attempt,
+            attempt = establish(shared, next) => attempt,
         };
         match attempt {
             Ok((link, events, healing)) => {
                 shared.set_up(link.clone());
-                info!(url = %shared.url, generation = link.generation, "reconnected to RabbitMQ");
+                info!(url = %shared.url(), generation = link.generation, "reconnected to RabbitMQ");
                 for (node, id, deliveries) in healing {
                     tokio::spawn(consumer::heal(
                         Arc::clone(shared),

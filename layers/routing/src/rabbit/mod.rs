@@ -93,7 +93,7 @@ use hybrid_cluster_core::{AmqpUrl, BrokerError, ClusterPrefix, NodeId};
 
 pub use self::config::RabbitConfig;
 pub use self::error::RabbitError;
-use self::shared::Shared;
+use self::shared::{Address, Shared};
 
 /// Shuts the broker's tasks down when the last handle is dropped.
 struct Handle(Arc<Shared>);
@@ -117,7 +117,9 @@ pub struct RabbitBroker {
 
 impl RabbitBroker {
     /// Connects to `url`, declares the cluster's exchanges (named from `prefix`), and starts
-    /// the tasks that publish and keep the connection.
+    /// the tasks that publish and keep the connection. With
+    /// [`fallback_urls`](RabbitConfig::fallback_urls), it is
+    /// [`connect_any`](Self::connect_any) with `url` first.
     ///
     /// A server that cannot be reached, or that refuses the credentials or the virtual host,
     /// is an error naming the URL (with its password hidden): [`BrokerError::Unavailable`]
@@ -127,18 +129,48 @@ impl RabbitBroker {
         prefix: &ClusterPrefix,
         config: RabbitConfig,
     ) -> Result<Self, BrokerError> {
+        Self::connect_any(std::slice::from_ref(url), prefix, config).await
+    }
+
+    /// Connects to the first of `urls` that can be reached (the nodes of one RabbitMQ
+    /// cluster), as [`connect`](Self::connect) does to one.
+    ///
+    /// When the connection is lost, the broker reconnects through the list, starting with
+    /// the address after the lost one and ending with it, then waits (the
+    /// [`reconnect_delay`](RabbitConfig::reconnect_delay) backoff) before the next round; as
+    /// after any reconnection, it declares its topology again and resumes its consumers.
+    /// Node queues should then be quorum queues
+    /// ([`Durability::Replicated`](hybrid_cluster_core::Durability::Replicated)), so that
+    /// they and their messages outlive the loss of one broker node.
+    ///
+    /// The [`fallback_urls`](RabbitConfig::fallback_urls) of `config` come after `urls`.
+    /// When no address can be reached, the error is the last one's. No address at all is
+    /// [`BrokerError::Backend`] with [`RabbitError::NoAddress`].
+    pub async fn connect_any(
+        urls: &[AmqpUrl],
+        prefix: &ClusterPrefix,
+        config: RabbitConfig,
+    ) -> Result<Self, BrokerError> {
+        if urls.is_empty() && config.fallback_urls.is_empty() {
+            return Err(BrokerError::Backend {
+                source: Box::new(RabbitError::NoAddress),
+            });
+        }
         let names = wire::Names::new(prefix).map_err(|e| BrokerError::Backend {
             source: Box::new(e),
         })?;
-        let shared = Arc::new(Shared::new(
-            names,
-            config,
-            url.to_connection_string(),
-            url.to_string(),
-        ));
+        let addresses = urls
+            .iter()
+            .chain(&config.fallback_urls)
+            .map(|url| Address {
+                uri: url.to_connection_string(),
+                url: url.to_string(),
+            })
+            .collect();
+        let shared = Arc::new(Shared::new(names, config, addresses));
         // A new broker has no consumers yet: none to heal.
         let (link, events, _) =
-            link::establish(&shared)
+            link::establish(&shared, 0)
                 .await
                 .map_err(|e| BrokerError::Unavailable {
                     source: Box::new(e),
@@ -150,6 +182,12 @@ impl RabbitBroker {
             _handle: Arc::new(Handle(Arc::clone(&shared))),
             shared,
         })
+    }
+
+    /// The URL (password hidden) of the address the broker is connected to now, or was
+    /// last, during an outage.
+    pub fn connected_url(&self) -> &str {
+        self.shared.url()
     }
 
     /// The cluster's exchange.
@@ -204,7 +242,7 @@ impl fmt::Debug for RabbitBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.shared.state.lock();
         f.debug_struct("RabbitBroker")
-            .field("url", &self.shared.url)
+            .field("url", &self.shared.url())
             .field("exchange", &self.shared.names.exchange.as_str())
             .field("connected", &state.connected)
             .field("blocked", &state.blocked)

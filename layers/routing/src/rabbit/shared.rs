@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Waker;
 
 use hybrid_cluster_core::{
@@ -91,13 +91,21 @@ pub(crate) struct State {
     pub(crate) consumers: BTreeMap<NodeId, ConsumerEntry>,
 }
 
-pub(crate) struct Shared {
-    pub(crate) names: Names,
-    pub(crate) config: RabbitConfig,
+/// One address of the broker.
+pub(crate) struct Address {
     /// The connection string, password included: never logged.
     pub(crate) uri: String,
     /// The URL with its password hidden.
     pub(crate) url: String,
+}
+
+pub(crate) struct Shared {
+    pub(crate) names: Names,
+    pub(crate) config: RabbitConfig,
+    /// The broker's addresses, tried in turn (never empty).
+    pub(crate) addresses: Vec<Address>,
+    /// The address of the current connection (or of the last one, during an outage).
+    pub(crate) current: AtomicUsize,
     pub(crate) state: Mutex<State>,
     /// The current connection, `None` during an outage.
     pub(crate) link: watch::Sender<Option<Link>>,
@@ -119,12 +127,12 @@ fn wake_all(wakers: Vec<Waker>) {
 }
 
 impl Shared {
-    pub(crate) fn new(names: Names, config: RabbitConfig, uri: String, url: String) -> Self {
+    pub(crate) fn new(names: Names, config: RabbitConfig, addresses: Vec<Address>) -> Self {
         Self {
             names,
             config,
-            uri,
-            url,
+            addresses,
+            current: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
             link: watch::Sender::new(None),
             shutdown: watch::Sender::new(false),
@@ -134,6 +142,14 @@ impl Shared {
             next_consumer: AtomicU64::new(1),
             batched: AtomicU64::new(0),
         }
+    }
+
+    /// The URL of the current (or last) connection, password hidden.
+    pub(crate) fn url(&self) -> &str {
+        let current = self.current.load(Ordering::Relaxed);
+        self.addresses
+            .get(current)
+            .map_or("", |address| address.url.as_str())
     }
 
     fn flow_of(&self, state: &State, now: Instant) -> Flow {
