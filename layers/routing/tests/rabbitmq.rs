@@ -981,12 +981,23 @@ async fn resends_after_a_long_cut_are_dropped_at_full_rate() {
         .map(|i| text("a", Target::Node(node_id("b")), format!("a-{i}")))
         .collect();
     let first_ids: Vec<MessageId> = envelopes.iter().take(RESENT).map(|e| e.id).collect();
+    // The cut comes when a quarter of the stream is sent, whatever the machine's speed: the
+    // sender waits for it there, with its messages still in flight, then sends the rest.
+    let (at_cut, reached_cut) = tokio::sync::oneshot::channel::<()>();
+    let (cut_made, mut wait_for_cut) = tokio::sync::oneshot::channel::<()>();
     let cutting = {
         let mut forward = cut_off.clone();
         tokio::spawn(async move {
             let mut in_flight = FuturesUnordered::new();
             let mut failed = 0;
-            for envelope in envelopes {
+            let mut at_cut = Some(at_cut);
+            for (n, envelope) in envelopes.into_iter().enumerate() {
+                if n == CUT_OFF / 4
+                    && let Some(at_cut) = at_cut.take()
+                {
+                    let _ = at_cut.send(());
+                    let _ = (&mut wait_for_cut).await;
+                }
                 // Confirmations are taken while waiting for a place: they give places back.
                 loop {
                     tokio::select! {
@@ -1032,10 +1043,9 @@ async fn resends_after_a_long_cut_are_dropped_at_full_rate() {
         .collect();
     // Cut once the stream is well on its way.
     let mut received: Vec<String> = Vec::new();
-    while received.iter().filter(|t| t.starts_with("a-")).count() < CUT_OFF / 4 {
-        received.push(b.recv().await.payload_text().unwrap().to_owned());
-    }
+    reached_cut.await.unwrap();
     proxy.cut(Duration::from_secs(2));
+    cut_made.send(()).unwrap();
     let failed = cutting.await.unwrap();
     assert_eq!(
         failed, 0,
