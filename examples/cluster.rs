@@ -4,6 +4,7 @@
 //! cargo run --example cluster                                  # embedded backends, no servers
 //! cargo run --example cluster -- --redis redis://127.0.0.1:6379 --amqp amqp://guest:guest@127.0.0.1:5672/%2f
 //! cargo run --example cluster -- --redis-cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001 --amqp amqp://guest:guest@127.0.0.1:5672/%2f
+//! cargo run --example cluster -- --redis redis://127.0.0.1:6379 --amqp amqp://guest:guest@127.0.0.1:5681/%2f,amqp://guest:guest@127.0.0.1:5682/%2f
 //! ```
 //!
 //! Each node serves the demo protocol (see `hybrid_cluster::protocol`) on a loopback port.
@@ -141,13 +142,16 @@ struct Cli {
         conflicts_with = "redis"
     )]
     redis_cluster: Vec<RedisUrl>,
-    /// RabbitMQ, for routing (give --redis too, or neither).
-    #[arg(long, value_name = "URL")]
-    amqp: Option<AmqpUrl>,
+    /// RabbitMQ, for routing (give --redis or --redis-cluster too, or neither); the nodes of a
+    /// RabbitMQ cluster comma-separated, tried in turn on each (re)connection.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    amqp: Vec<AmqpUrl>,
 }
 
 struct Args {
     backends: Backends,
+    /// The other nodes of a RabbitMQ cluster, after the first `--amqp`.
+    amqp_fallbacks: Vec<AmqpUrl>,
     prefix: ClusterPrefix,
     servers: bool,
 }
@@ -161,23 +165,21 @@ fn args() -> Result<Args, BoxError> {
     // One fixed prefix: every run reuses the same exchange and dead-letter queue in RabbitMQ
     // rather than leaving new ones behind (nodes remove their own queues and keys on leaving).
     let prefix = ClusterPrefix::new("hybrid-cluster-demo")?;
-    Ok(match (redis, amqp) {
-        (None, Some(amqp)) if !redis_cluster.is_empty() => Args {
-            backends: Backends::redis_cluster(redis_cluster, amqp),
-            prefix,
-            servers: true,
-        },
-        (Some(redis), Some(amqp)) => Args {
-            backends: Backends::servers(redis, amqp),
-            prefix,
-            servers: true,
-        },
-        (None, None) if redis_cluster.is_empty() => Args {
-            backends: Backends::embedded(),
-            prefix,
-            servers: false,
-        },
+    let mut amqp = amqp.into_iter();
+    let first = amqp.next();
+    let (backends, servers) = match (redis, first) {
+        (None, Some(first)) if !redis_cluster.is_empty() => {
+            (Backends::redis_cluster(redis_cluster, first), true)
+        }
+        (Some(redis), Some(first)) => (Backends::servers(redis, first), true),
+        (None, None) if redis_cluster.is_empty() => (Backends::embedded(), false),
         _ => return Err("give --redis (or --redis-cluster) and --amqp, or neither".into()),
+    };
+    Ok(Args {
+        backends,
+        amqp_fallbacks: amqp.collect(),
+        prefix,
+        servers,
     })
 }
 
@@ -191,6 +193,7 @@ async fn start_node(
     let mut config = ClusterConfig::new(NodeId::new(name)?, "127.0.0.1", port);
     config.max_connections = max_connections;
     config.prefix = args.prefix.clone();
+    config.rabbitmq.fallback_urls = args.amqp_fallbacks.clone();
     config.discovery = config.discovery.with_heartbeat(Duration::from_millis(500));
     config.shutdown_grace = Duration::from_secs(2);
     let cluster = Cluster::start(config, args.backends.clone()).await?;
