@@ -11,8 +11,8 @@ mod tasks;
 use std::fmt;
 use std::sync::Arc;
 
-use hybrid_cluster_balance::{Placement, PlacementPolicy, Redirect};
-use hybrid_cluster_core::{Incarnation, NodeId, NodeInfo, NodeStatus};
+use hybrid_cluster_balance::{Placement, Redirect};
+use hybrid_cluster_core::{Incarnation, NodeId, NodeInfo};
 use hybrid_cluster_discovery::Discovery;
 use serde::Serialize;
 
@@ -128,14 +128,6 @@ impl Cluster {
             url: node.local_info.get().ws_url(),
             node_id: node.id.clone(),
         };
-        // The placer would keep the client here: say so without counting it, as the client
-        // is counted when it connects.
-        if node.placer.policy() == PlacementPolicy::AcceptUnlessFull
-            && accepts_here(node)
-            && node.local_info.get().status == NodeStatus::Active
-        {
-            return Some(here());
-        }
         let elsewhere = |redirect: Redirect| PlacementAdvice {
             url: redirect.ws_url(),
             node_id: redirect.node,
