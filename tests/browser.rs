@@ -552,6 +552,8 @@ async fn client_js_told_no_node_has_room_gives_up_after_max_attempts() {
 /// waits and why.
 const SCRIPTED: &str = r#"<script type="module">
 import { ClusterClient } from "/client.js";
+// Browsers before 2023 have no `URL.canParse`: the client must not need it.
+delete URL.canParse;
 const sockets = [];
 const socketWaiters = [];
 class FakeSocket {
@@ -631,10 +633,34 @@ try {
   s.end(1012, JSON.stringify({ reconnect: "ws://e.test/ws", node: "e" }));
   s = await socket(6);
   seen.drainedTo = s.url;
-  seen.fetched = fetched;
+  seen.fetched = [...fetched];
   seen.waits = waits;
   client.close();
   seen.afterClose = await client.send("x:1:1", 1).catch((error) => error.code);
+  // Another client: a request with no answer in time, then the nodes it learned of taking
+  // turns with its own URL once that fails too.
+  const before = sockets.length;
+  const other = new ClusterClient("ws://home2.test/ws", {
+    WebSocket: FakeSocket, fetch: fakeFetch, minDelayMs: 1, maxDelayMs: 4, drainDelayMs: 1,
+    requestTimeoutMs: 100,
+  });
+  s = await socket(before + 1);
+  s.open(); s.frame({ type: "welcome", connection_id: "k:1:1", node_id: "k" });
+  await other.ready;
+  seen.unanswered = await other.broadcast(1).catch((error) => error.code);
+  // Presumed dead, the connection is closed and made again.
+  s = await socket(before + 2);
+  seen.afterTimeout = s.url;
+  s.open(); s.frame({ type: "welcome", connection_id: "k:1:2", node_id: "k" });
+  s.end(1012, JSON.stringify({ reconnect: "ws://f.test/ws", node: "f" }));
+  const tried = [];
+  for (let n = 3; n <= 5; n++) {
+    s = await socket(before + n);
+    tried.push(s.url);
+    s.end(1006, "");
+  }
+  seen.turns = tried;
+  other.close();
   report("done", seen);
 } catch (error) {
   report("failed", String(error.stack));
@@ -667,6 +693,10 @@ async fn client_js_follows_redirects_placement_and_drains_and_settles_requests()
             "fetched": [placement, placement, placement, placement],
             "waits": ["failed", "lost", "unavailable", "drain"],
             "afterClose": "closed",
+            "unanswered": "timeout",
+            "afterTimeout": "ws://home2.test/ws",
+            // Drained to f; f fails, then its own URL, then the node it learned of again.
+            "turns": ["ws://f.test/ws", "ws://home2.test/ws", "ws://f.test/ws"],
         })
     );
 }
