@@ -1200,6 +1200,13 @@ async fn a_quorum_queue_is_deleted_only_once_empty() {
         !broker.delete_queue_if_empty(&b).await.unwrap(),
         "a message waits"
     );
+    // It was unbound before its depth was read, so nothing can slip in between the count and
+    // a deletion: a message sent to it now is refused to its sender, not lost.
+    let late = text("a", Target::Node(b.clone()), "late");
+    let refused = broker
+        .publish(&RoutingKey::Node(b.clone()), late.to_message().unwrap())
+        .await;
+    assert!(refused.is_err(), "unroutable once unbound: {refused:?}");
     assert_eq!(queue_depth(&cluster, "b").await, 1, "still there");
 
     let mut deliveries = broker

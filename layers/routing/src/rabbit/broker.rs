@@ -133,24 +133,36 @@ impl Broker for RabbitBroker {
             Err(e) => return done(Err(invalid(e))),
         };
         let record_node = node.clone();
-        let quorum = {
+        let (quorum, bound) = {
             let mut state = self.shared.state.lock();
             state.consumers.remove(node);
-            state
+            let quorum = state
                 .queues
                 .get(node)
-                .is_some_and(|options| options.durability == Durability::Replicated)
+                .is_some_and(|options| options.durability == Durability::Replicated);
+            let bound: Vec<ShortString> = state
+                .bindings
+                .iter()
+                .filter(|(bound_node, _)| bound_node == node)
+                .filter_map(|(_, key)| wire::short(key.to_string()).ok())
+                .collect();
+            (quorum, bound)
         };
         let emptied = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let outcome = Arc::clone(&emptied);
         let deleting = self.topology(
             node,
-            move |_, channel| {
+            move |shared, channel| {
                 let queue = queue.clone();
                 let emptied = Arc::clone(&emptied);
+                let bound = bound.clone();
                 async move {
                     if quorum {
-                        return delete_quorum_queue_if_empty(&channel, queue, &emptied).await;
+                        let exchange = shared.names.exchange.clone();
+                        return delete_quorum_queue_if_empty(
+                            &channel, queue, exchange, bound, &emptied,
+                        )
+                        .await;
                     }
                     let options = QueueDeleteOptions {
                         if_empty: true,
@@ -388,13 +400,27 @@ fn register_consumer(
 
 /// Deletes a quorum queue only if it holds no message (used for a queue this broker declared
 /// `replicated`, as a node's own is). RabbitMQ before 3.13 refuses `if-empty`
-/// on quorum queues (and closes the connection for it), so the queue's depth is read first: a
-/// message published between the two steps (one round trip) is lost with the queue.
+/// on quorum queues (and closes the connection for it), so the queue is unbound from every
+/// key it was bound to, then its depth read, then it is deleted if that was 0: nothing can
+/// enter between the count and the deletion. A queue left with messages stays, unbound, for
+/// a peer to take over.
 async fn delete_quorum_queue_if_empty(
     channel: &Channel,
     queue: ShortString,
+    exchange: ShortString,
+    bound: Vec<ShortString>,
     emptied: &std::sync::atomic::AtomicBool,
 ) -> lapin::Result<()> {
+    // Unbound first, so that no message can enter between the count and the deletion: a
+    // publish from then on is unroutable, and its sender told so, never lost unheard.
+    for key in bound {
+        let unbinding =
+            channel.queue_unbind(queue.clone(), exchange.clone(), key, FieldTable::default());
+        match unbinding.await {
+            Err(error) if wire::is_queue_not_found(&error) => return Ok(()),
+            other => other?,
+        }
+    }
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
         ..lapin::options::QueueDeclareOptions::default()
