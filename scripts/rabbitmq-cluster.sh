@@ -80,6 +80,13 @@ start_node() { # index
 }
 
 await_node() { # index
+  # `rabbitmq-server -detached` returns before the node registers with epmd, and
+  # await_startup gives up at once on a node not registered yet: first wait for it to answer.
+  local tries
+  for ((tries = 0; tries < 600; tries++)); do
+    ctl "$1" ping >/dev/null 2>&1 && break
+    sleep 0.2
+  done
   ctl "$1" await_startup --timeout 120 >/dev/null ||
     fail "${NODES[$1]}@localhost did not finish starting; see $BASE/${NODES[$1]}/log"
 }
@@ -125,6 +132,10 @@ stop() {
   for i in "${!NODES[@]}"; do
     if running "$i"; then say "stopping ${NODES[$i]}@localhost"; ctl "$i" stop >/dev/null || true; fi
   done
+  # A node that never finished starting does not answer rabbitmqctl: its Erlang VM, started
+  # with this directory in its environment, goes too, or it would keep its ports (and an old
+  # cookie) from the next start.
+  pkill -f -- "$BASE" 2>/dev/null || true
   rm -rf "$BASE"
 }
 
