@@ -332,6 +332,41 @@ async fn a_group_reaches_only_the_nodes_with_members() {
     cluster.clean_up().await;
 }
 
+/// A burst of joins past the connection's channel limit (2,047): each bind needs a channel,
+/// so they take turns rather than fail, and every one is made.
+#[tokio::test]
+async fn a_burst_of_joins_past_the_channel_limit_binds_every_group() {
+    const GROUPS: usize = 2_500;
+    let cluster = Cluster::new("join-burst");
+    let b = start_node(cluster.broker("b").await, "b").await;
+    let topology = &b.topology;
+    let groups: Vec<GroupName> = (0..GROUPS)
+        .map(|i| GroupName::new(format!("burst-{i}")).unwrap())
+        .collect();
+    let joined =
+        futures_util::future::join_all(groups.iter().map(|g| topology.add_member(g))).await;
+    let failed: Vec<_> = joined.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {GROUPS} joins failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let bound = bindings(&cluster)
+        .await
+        .into_iter()
+        .filter(|(_, key)| key.starts_with("group.burst-"))
+        .count();
+    assert_eq!(bound, GROUPS);
+    let left =
+        futures_util::future::join_all(groups.iter().map(|g| topology.remove_member(g))).await;
+    assert!(left.iter().all(Result::is_ok));
+    let all = bindings(&cluster).await;
+    assert!(!all.iter().any(|(_, k)| k.starts_with("group.")), "{all:?}");
+    b.leave().await;
+    cluster.clean_up().await;
+}
+
 #[tokio::test]
 async fn a_send_to_a_node_that_is_gone_fails_with_unroutable() {
     let cluster = Cluster::new("unroutable");

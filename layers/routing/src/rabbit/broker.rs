@@ -37,6 +37,8 @@ impl RabbitBroker {
         let shared = Arc::clone(&self.shared);
         let node = node.clone();
         Box::pin(async move {
+            // Never closed: a place always comes, in the order asked.
+            let _slot = shared.topology_slots.acquire().await;
             let mut attempt = Attempt::new(&shared);
             loop {
                 let link = attempt.link().await?;

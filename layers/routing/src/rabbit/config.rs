@@ -52,12 +52,18 @@ pub struct RabbitConfig {
     /// reconnection (see `connect_any`). Empty by default. A facade that takes one AMQP URL
     /// takes the rest of a cluster's addresses here.
     pub fallback_urls: Vec<AmqpUrl>,
+    /// Declarations, bindings and deletions in progress at once, at most; more wait their
+    /// turn, in order. Each runs on a channel of its own, and a connection has at most 2,047:
+    /// a burst of joins (every client of a restarted node joining its groups again) would
+    /// otherwise run out of channels and fail. At least 1.
+    pub max_topology_operations: usize,
 }
 
 impl Default for RabbitConfig {
     /// 256 in flight, 4,096 pending, a 10 s outage bound, 10 s to connect, reconnection
     /// delays from 100 ms to 5 s, bodies up to 16 MiB, 3 attempts per message, 10,000 dead
-    /// letters kept, persistent messages, no fallback addresses.
+    /// letters kept, persistent messages, no fallback addresses, 64 topology operations at
+    /// once.
     fn default() -> Self {
         Self {
             connection_name: None,
@@ -73,6 +79,7 @@ impl Default for RabbitConfig {
             dead_letter_expires: None,
             persistent: true,
             fallback_urls: Vec::new(),
+            max_topology_operations: 64,
         }
     }
 }

@@ -118,6 +118,8 @@ pub(crate) struct Shared {
     pub(crate) next_consumer: AtomicU64,
     /// Messages sent inside batches (several messages in one AMQP message).
     pub(crate) batched: AtomicU64,
+    /// Places for topology operations (declarations, bindings, deletions) in progress.
+    pub(crate) topology_slots: tokio::sync::Semaphore,
 }
 
 fn wake_all(wakers: Vec<Waker>) {
@@ -128,6 +130,7 @@ fn wake_all(wakers: Vec<Waker>) {
 
 impl Shared {
     pub(crate) fn new(names: Names, config: RabbitConfig, addresses: Vec<Address>) -> Self {
+        let topology_slots = tokio::sync::Semaphore::new(config.max_topology_operations.max(1));
         Self {
             names,
             config,
@@ -141,6 +144,7 @@ impl Shared {
             broken_generation: AtomicU64::new(0),
             next_consumer: AtomicU64::new(1),
             batched: AtomicU64::new(0),
+            topology_slots,
         }
     }
 
