@@ -20,7 +20,9 @@
 //! reading it, default 128), `--write-timeout-ms MS` (how long a write may wait for a client
 //! that does not read before it is dropped, default 5000), `--durability
 //! transient|durable|replicated` (what survives a broker restart, default durable: see the
-//! README's delivery contract), `--public-url URL` (the `ws://` or `wss://` URL clients reach
+//! README's delivery contract), `--group-buckets N` (group messages keyed by N buckets of
+//! groups instead of one key per group, for heavy group churn: every node of a cluster needs
+//! the same; see the README's Scale section), `--public-url URL` (the `ws://` or `wss://` URL clients reach
 //! this node at, when it is behind TLS or a proxy: redirects and close reasons name it),
 //! `--bind ADDR` (the address to listen on, default `0.0.0.0`), `--placement in-band|redirect`
 //! (how a client the node does not keep learns where to go: `in-band`, the default, accepts
@@ -130,6 +132,11 @@ struct Args {
     /// What survives a broker restart (see the README's delivery contract) [default: durable].
     #[arg(long, value_parser = ["transient", "durable", "replicated"])]
     durability: Option<String>,
+    /// Key group messages by this many buckets of groups rather than one key per group: a
+    /// join or a leave then rarely changes a binding (see the README's Scale section). Every
+    /// node of a cluster needs the same.
+    #[arg(long, value_name = "N")]
+    group_buckets: Option<std::num::NonZeroU32>,
     /// The ws:// or wss:// URL clients reach this node at, behind TLS or a proxy: redirects
     /// and close reasons name it.
     #[arg(long, value_name = "URL")]
@@ -203,6 +210,9 @@ impl Args {
         }
         if let Some(durability) = self.durability {
             config.durability = durability.parse::<Durability>()?;
+        }
+        if let Some(buckets) = self.group_buckets {
+            config.group_keys = hybrid_cluster::GroupKeys::Buckets(buckets);
         }
         if let Some(max) = self.max_in_flight {
             config.forward.max_in_flight = max.max(1);

@@ -6,7 +6,8 @@ use hybrid_cluster_balance::{PlacementPolicy, Strategy};
 use hybrid_cluster_core::node::DEFAULT_ENDPOINT;
 use hybrid_cluster_core::{
     AmqpUrl, Broker, ClusterPrefix, ClusterSecret, ConfigError, ConsumeOptions,
-    DEFAULT_REPLAY_WINDOW, Durability, NodeId, QueueOptions, RedisUrl, Registry, SECRET_ENV,
+    DEFAULT_REPLAY_WINDOW, Durability, GroupKeys, NodeId, QueueOptions, RedisUrl, Registry,
+    SECRET_ENV,
 };
 use hybrid_cluster_discovery::DiscoveryConfig;
 use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
@@ -164,6 +165,12 @@ pub struct ClusterConfig {
     /// `queue.durability`) and whether messages are published persistent (over
     /// `rabbitmq.persistent`). Every node of a cluster needs the same.
     pub durability: Durability,
+    /// How group messages are keyed in the broker, and so what a join or a leave costs it:
+    /// one binding per group a node has members of ([`GroupKeys::PerGroup`], the default), or
+    /// one per bucket of groups ([`GroupKeys::Buckets`], for clusters whose group churn would
+    /// outrun the broker's binding changes: see the README's Scale section). It sets
+    /// `forward.group_keys`. Every node of a cluster needs the same.
+    pub group_keys: GroupKeys,
     /// The node's queue in the broker (its durability comes from
     /// [`durability`](ClusterConfig::durability)).
     pub queue: QueueOptions,
@@ -216,6 +223,7 @@ impl ClusterConfig {
             inbox_bytes: 8 * 1024 * 1024,
             slow_client: SlowClientPolicy::default(),
             durability: Durability::default(),
+            group_keys: GroupKeys::default(),
             queue: QueueOptions::default(),
             forward: ForwardConfig::default(),
             rabbitmq: RabbitConfig::default(),

@@ -6,6 +6,7 @@ mod error;
 mod handle;
 mod hybrid;
 mod local;
+mod metered;
 pub mod metrics;
 mod node;
 mod notice;
@@ -39,11 +40,12 @@ pub use hybrid_cluster_core::{
     Acker, Acknowledge, AmqpUrl, AuthError, BoxError, Broker, BrokerError, BrokerMessage,
     ClusterPrefix, ClusterSecret, ConfigError, ConnectionId, ConnectionIdError, ConnectionIds,
     ConsumeOptions, ConsumerState, DEFAULT_REPLAY_WINDOW, Deliveries, Delivery, Durability,
-    Envelope, EnvelopeError, Epoch, GroupName, HasNodeInfo, Incarnation, InvalidGroupName,
-    InvalidIncarnation, InvalidMessageId, InvalidNodeId, InvalidTarget, LiveNodeInfo, MessageId,
-    NodeId, NodeInfo, NodeRecord, NodeRecordError, NodeStatus, PayloadKind, PublishError,
-    QueueOptions, RedisUrl, Registry, RegistryError, RegistryEvent, RegistryEvents, RemovalCause,
-    RoutingKey, SECRET_ENV, Settlement, Signature, Target, UnknownDurability,
+    Envelope, EnvelopeError, Epoch, GroupKeys, GroupName, HasNodeInfo, Incarnation,
+    InvalidGroupName, InvalidIncarnation, InvalidMessageId, InvalidNodeId, InvalidTarget,
+    LiveNodeInfo, MessageId, NodeId, NodeInfo, NodeRecord, NodeRecordError, NodeStatus,
+    PayloadKind, PublishError, QueueOptions, RedisUrl, Registry, RegistryError, RegistryEvent,
+    RegistryEvents, RemovalCause, RoutingKey, SECRET_ENV, Settlement, Signature, Target,
+    UnknownDurability,
 };
 pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
 pub use local::{CloseFrame, Inbox, InboxItem, Undeliverable};

@@ -19,6 +19,11 @@
 //! | `hybrid_cluster_notices_dropped_total` | counter | | undeliverable notices not sent because too many were waiting (their senders are not told) |
 //! | `hybrid_cluster_receiving` | gauge | | 1 while the node's consumer takes deliveries from the broker, 0 while it is being restored |
 //! | `hybrid_cluster_discovery_changes_total` | counter | `change`: `join`, `leave` | nodes joining and leaving this node's view |
+//! | `hybrid_cluster_broker_publishes_total` | counter | `route`: `node`, `group`, `broadcast` | messages this node published to the broker, by routing key (a unicast goes to one node's key) |
+//! | `hybrid_cluster_broker_binding_changes_total` | counter | `change`: `bind`, `unbind` | binding changes this node asked of the broker: its queue's own keys at start, a group's key when its first local member joins and its last one leaves |
+//! | `hybrid_cluster_broker_group_bindings` | gauge | | group keys this node's queue is bound to now: groups with a local member, or with `GroupKeys::Buckets` buckets of groups with one |
+//! | `hybrid_cluster_registry_operations_total` | counter | `op`: `put_node`, `remove_node`, `node`, `nodes`, `watch`, `put_route`, `route`, `remove_route` | round trips to the registry (Redis): `put_node` is the heartbeat, one `MULTI` of five commands |
+//! | `hybrid_cluster_registry_events_total` | counter | | discovery events this node received (one per heartbeat of every node, and per join and leave) |
 //! | `hybrid_cluster_broker_deliveries_total` | counter | `outcome`: `handled`, `duplicate`, `dead_lettered`, `rejected` | what the receiver did with the broker's deliveries (`rejected`: failed authentication; they are dead-lettered too) |
 
 use std::sync::Arc;
@@ -47,6 +52,16 @@ pub const BROKER_IN_FLIGHT: &str = "hybrid_cluster_broker_in_flight";
 pub const DISCOVERY_CHANGES: &str = "hybrid_cluster_discovery_changes_total";
 /// The receiver's outcomes.
 pub const BROKER_DELIVERIES: &str = hybrid_cluster_routing::receive::DELIVERIES_METRIC;
+/// Broker publishes by routing key.
+pub const BROKER_PUBLISHES: &str = "hybrid_cluster_broker_publishes_total";
+/// Binding changes asked of the broker.
+pub const BROKER_BINDING_CHANGES: &str = "hybrid_cluster_broker_binding_changes_total";
+/// Groups the node's queue is bound to.
+pub const BROKER_GROUP_BINDINGS: &str = "hybrid_cluster_broker_group_bindings";
+/// Registry round trips by operation.
+pub const REGISTRY_OPERATIONS: &str = "hybrid_cluster_registry_operations_total";
+/// Discovery events received.
+pub const REGISTRY_EVENTS: &str = "hybrid_cluster_registry_events_total";
 /// Whether the node's consumer takes deliveries.
 pub const RECEIVING: &str = "hybrid_cluster_receiving";
 /// Notices not sent: too many waiting.

@@ -19,8 +19,8 @@ use hybrid_cluster::discovery::{DiscoveryConfig, RedisOptions, RedisRegistry};
 use hybrid_cluster::routing::EnvelopeCodec;
 use hybrid_cluster::server::{self, ServerConfig};
 use hybrid_cluster::{
-    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, ConnectionId, NodeId, NodeInfo,
-    NodeStatus, PlacementMode, RedisUrl, SlowClientPolicy,
+    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, ConnectionId, GroupKeys, NodeId,
+    NodeInfo, NodeStatus, PlacementMode, RedisUrl, SlowClientPolicy,
 };
 use hybrid_cluster_test_support::placement::refused_in_band;
 use hybrid_cluster_test_support::servers;
@@ -649,6 +649,68 @@ async fn a_group_reaches_only_its_members_on_several_nodes() {
     assert_eq!(b1.next_json().await, group(&c1, "after a1 left"));
     let expected = broadcast(&c1, 3);
     for client in [&mut a1, &mut a2, &mut b1, &mut c1] {
+        assert_eq!(client.next_json().await, expected, "{}", client.id);
+    }
+
+    for node in [a, b, c] {
+        node.shutdown().await;
+    }
+    tc.assert_left_nothing(&[]).await;
+}
+
+/// With every group in one bucket, a node bound for one group receives the messages of
+/// another: it must hand them to nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_group_buckets_a_group_still_reaches_only_its_members() {
+    let tc = TestCluster::new("buckets");
+    let one_bucket = |config: &mut ClusterConfig| {
+        config.group_keys = GroupKeys::Buckets(std::num::NonZeroU32::MIN);
+    };
+    let a = tc.start("a", one_bucket).await;
+    let b = tc.start("b", one_bucket).await;
+    let c = tc.start("c", one_bucket).await;
+    for node in [&a, &b, &c] {
+        node.wait_for_members(&[&a, &b, &c]).await;
+    }
+    let mut a1 = Client::connect(&a).await; // in g
+    let mut b1 = Client::connect(&b).await; // in h: b is bound to the bucket g shares
+    let mut b2 = Client::connect(&b).await; // in g too
+    let mut c1 = Client::connect(&c).await; // in nothing
+    for (member, group) in [(&mut a1, "g"), (&mut b1, "h"), (&mut b2, "g")] {
+        member
+            .send(json!({"op": "join", "group": group, "id": 1}))
+            .await;
+        assert_eq!(
+            member.next_json().await,
+            json!({"type": "joined", "group": group})
+        );
+        assert_eq!(member.next_json().await, json!({"type": "ack", "id": 1}));
+    }
+    let to_g = |from: &Client, data: &str| json!({"type": "group", "group": "g", "from": from.id, "data": data});
+    let marker = |from: &Client, n: u32| json!({"type": "broadcast", "from": from.id, "data": {"marker": n}});
+
+    c1.send(json!({"op": "group", "group": "g", "data": "for g", "id": 2}))
+        .await;
+    assert_eq!(c1.next_json().await, json!({"type": "ack", "id": 2}));
+    c1.send(json!({"op": "broadcast", "data": {"marker": 1}}))
+        .await;
+    assert_eq!(a1.next_json().await, to_g(&c1, "for g"));
+    assert_eq!(b2.next_json().await, to_g(&c1, "for g"));
+    let expected = marker(&c1, 1);
+    for client in [&mut a1, &mut b1, &mut b2, &mut c1] {
+        assert_eq!(client.next_json().await, expected, "{}", client.id);
+    }
+
+    // g's only member on a leaves: a is no longer bound, g still reaches b2.
+    a1.send(json!({"op": "leave", "group": "g"})).await;
+    assert_eq!(a1.next_json().await, json!({"type": "left", "group": "g"}));
+    c1.send(json!({"op": "group", "group": "g", "data": "after a1 left"}))
+        .await;
+    c1.send(json!({"op": "broadcast", "data": {"marker": 2}}))
+        .await;
+    assert_eq!(b2.next_json().await, to_g(&c1, "after a1 left"));
+    let expected = marker(&c1, 2);
+    for client in [&mut a1, &mut b1, &mut b2, &mut c1] {
         assert_eq!(client.next_json().await, expected, "{}", client.id);
     }
 

@@ -166,6 +166,22 @@ async fn the_metrics_endpoint_counts_what_was_done() {
     )
     .await;
     assert_eq!(next_json(&mut alice).await["code"], "not_found");
+    // A group bound, used and unbound: each request answers with two frames.
+    for (op, id, expected) in [
+        ("join", "j", ["ack", "joined"]),
+        ("group", "g", ["ack", "group"]),
+        ("leave", "l", ["ack", "left"]),
+    ] {
+        send(
+            &mut alice,
+            json!({"op": op, "group": "room", "data": 0, "id": id}),
+        )
+        .await;
+        let mut types = [next_json(&mut alice).await, next_json(&mut alice).await]
+            .map(|frame| frame["type"].as_str().unwrap().to_owned());
+        types.sort();
+        assert_eq!(types, expected, "{op}");
+    }
 
     let exposition = http_get(a_port, "/metrics").await;
     let a_labels = |more: &[(&'static str, &'static str)]| {
@@ -213,6 +229,41 @@ async fn the_metrics_endpoint_counts_what_was_done() {
             &a_labels(&[("change", "join")])
         ) >= 2.0
     );
+    // The node's own load on the broker and the registry.
+    let publishes = |route| {
+        value(
+            "hybrid_cluster_broker_publishes_total",
+            &a_labels(&[("route", route)]),
+        )
+    };
+    assert_eq!(
+        publishes("node"),
+        3.0,
+        "the refused send never reached the broker"
+    );
+    assert_eq!(publishes("broadcast"), 1.0);
+    assert_eq!(publishes("group"), 1.0);
+    let bindings = |change| {
+        value(
+            "hybrid_cluster_broker_binding_changes_total",
+            &a_labels(&[("change", change)]),
+        )
+    };
+    assert_eq!(bindings("bind"), 3.0, "its own key, broadcast, the group");
+    assert_eq!(bindings("unbind"), 1.0);
+    assert_eq!(
+        value("hybrid_cluster_broker_group_bindings", &a_labels(&[])),
+        0.0
+    );
+    let registry = |op| {
+        value(
+            "hybrid_cluster_registry_operations_total",
+            &a_labels(&[("op", op)]),
+        )
+    };
+    assert!(registry("put_node") >= 1.0);
+    assert!(registry("watch") >= 1.0);
+    assert!(value("hybrid_cluster_registry_events_total", &a_labels(&[])) >= 1.0);
     let b_labels = |more: &[(&'static str, &'static str)]| {
         let mut labels = vec![("node", "metrics-b")];
         labels.extend_from_slice(more);

@@ -16,6 +16,7 @@ use super::tasks;
 use crate::config::{Backends, ClusterConfig};
 use crate::error::ClusterError;
 use crate::local::LocalConnections;
+use crate::metered::{MeteredBroker, MeteredRegistry};
 use crate::metrics::Metrics;
 use crate::node::{Node, RunState};
 
@@ -27,8 +28,16 @@ pub(super) async fn start(
     let config = settled(config);
     let (registry, broker) = connect_backends(&config, backends).await?;
     let id = config.node_id.clone();
+    let registry: Arc<dyn Registry> = Arc::new(MeteredRegistry::new(registry, &id));
+    let broker: Arc<dyn Broker> = Arc::new(MeteredBroker::new(broker, &id));
     let incarnation = Incarnation::random();
-    let topology = NodeTopology::declare(Arc::clone(&broker), id.clone(), &config.queue).await?;
+    let topology = NodeTopology::declare_with(
+        Arc::clone(&broker),
+        id.clone(),
+        &config.queue,
+        config.group_keys,
+    )
+    .await?;
     let deliveries = consume_own_queue(&topology, &config.consume).await?;
 
     let counter = ConnectionCounter::new();
@@ -75,10 +84,11 @@ pub(super) async fn start(
 }
 
 /// `config` with what its top-level settings imply for the layers' own: the durability of
-/// the queue and the messages, the secret of routing and discovery.
+/// the queue and the messages, the group keys, the secret of routing and discovery.
 fn settled(mut config: ClusterConfig) -> ClusterConfig {
     config.queue.durability = config.durability;
     config.rabbitmq.persistent = config.durability.is_persistent();
+    config.forward.group_keys = config.group_keys;
     if let Some(secret) = &config.secret {
         config.forward.secret = Some(secret.clone());
         config.discovery = config.discovery.clone().with_secret(secret.clone());

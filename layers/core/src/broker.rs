@@ -39,18 +39,68 @@ pub enum RoutingKey {
     Broadcast,
     /// The queues of the nodes that have members of the group.
     Group(GroupName),
+    /// The queues of the nodes that have members of any group of this bucket (see
+    /// [`GroupKeys::Buckets`]).
+    GroupBucket(u32),
 }
 
 impl fmt::Display for RoutingKey {
-    /// The key's text form, used as the AMQP routing key: `node.{id}`, `broadcast` or
-    /// `group.{name}`.
+    /// The key's text form, used as the AMQP routing key: `node.{id}`, `broadcast`,
+    /// `group.{name}` or `group-bucket.{n}`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Node(node) => write!(f, "node.{node}"),
             Self::Broadcast => f.write_str("broadcast"),
             Self::Group(group) => write!(f, "group.{group}"),
+            Self::GroupBucket(bucket) => write!(f, "group-bucket.{bucket}"),
         }
     }
+}
+
+/// The keys group messages travel by, and so the bindings a node's queue has for its groups.
+///
+/// - [`PerGroup`](GroupKeys::PerGroup) (the default): one key per group. A group message
+///   reaches exactly the nodes with members, but the first member of a group to join on a
+///   node, and the last to leave, each change a binding: the broker's binding changes a
+///   second (about a thousand on one RabbitMQ) bound the cluster's group churn.
+/// - [`Buckets(n)`](GroupKeys::Buckets): groups are hashed into `n` buckets and a node's queue
+///   is bound to a bucket while it has a member of any group of it. Once a node has members
+///   in most buckets its bindings stop changing, whatever the churn, and it has at most `n`
+///   of them; the price is that a group message also reaches nodes with members of other
+///   groups of its bucket, which drop it.
+///
+/// Every node of a cluster must key groups the same way: a node binding per group does not
+/// receive what another publishes per bucket. Change it with the whole cluster stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GroupKeys {
+    /// One key per group.
+    #[default]
+    PerGroup,
+    /// Groups hashed into this many buckets, one key each.
+    Buckets(std::num::NonZeroU32),
+}
+
+impl GroupKeys {
+    /// The key messages to `group` are published with, and that a node with members of it
+    /// binds.
+    pub fn key(&self, group: &GroupName) -> RoutingKey {
+        match self {
+            Self::PerGroup => RoutingKey::Group(group.clone()),
+            Self::Buckets(buckets) => RoutingKey::GroupBucket(bucket(group, buckets.get())),
+        }
+    }
+}
+
+/// The bucket of `group` among `buckets`: FNV-1a of its name, so that every node, on every
+/// platform and version, agrees.
+fn bucket(group: &GroupName, buckets: u32) -> u32 {
+    let hash = group
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    u32::try_from(hash % u64::from(buckets)).unwrap_or(0)
 }
 
 /// A message as the broker carries it: an id, string headers, and the body as bytes.

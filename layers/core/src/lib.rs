@@ -54,7 +54,7 @@ pub mod target;
 pub use auth::{AuthError, ClusterSecret, DEFAULT_REPLAY_WINDOW, SECRET_ENV, Signature};
 pub use broker::{
     Acker, Acknowledge, Broker, BrokerMessage, ConsumeOptions, ConsumerState, Deliveries, Delivery,
-    Durability, PublishError, QueueOptions, RoutingKey, Settlement, UnknownDurability,
+    Durability, GroupKeys, PublishError, QueueOptions, RoutingKey, Settlement, UnknownDurability,
 };
 pub use config::{AmqpUrl, ClusterPrefix, ConfigError, RedisUrl};
 pub use envelope::{Envelope, EnvelopeError, PayloadKind};

@@ -5,7 +5,10 @@
 //! [`add_member`](NodeTopology::add_member) binds the queue to the group's key when the
 //! node's first local member joins, and [`remove_member`](NodeTopology::remove_member)
 //! unbinds it when the last one leaves, so a group message reaches exactly the nodes that
-//! have members of it, and a group with no member anywhere is unroutable.
+//! have members of it, and a group with no member anywhere is unroutable. With
+//! [`GroupKeys::Buckets`] (see [`declare_with`](NodeTopology::declare_with)) the count is kept
+//! per bucket of groups instead: the queue is bound to a bucket while the node has a member
+//! of any group of it.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -36,7 +39,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use hybrid_cluster_core::{
-    Broker, BrokerError, ConsumeOptions, Deliveries, GroupName, NodeId, QueueOptions, RoutingKey,
+    Broker, BrokerError, ConsumeOptions, Deliveries, GroupKeys, GroupName, NodeId, QueueOptions,
+    RoutingKey,
 };
 use parking_lot::Mutex;
 
@@ -44,29 +48,33 @@ use parking_lot::Mutex;
 pub struct NodeTopology<B: ?Sized> {
     broker: Arc<B>,
     node: NodeId,
+    /// How groups map to keys.
+    group_keys: GroupKeys,
     /// Local members per group, readable at any time.
     members: Mutex<BTreeMap<GroupName, usize>>,
-    /// One lock per group being changed: it serialises that group's count changes and its
+    /// Local members per group key (the same as per group, unless groups share bucket keys).
+    keyed: Mutex<HashMap<RoutingKey, usize>>,
+    /// One lock per group key being changed: it serialises that key's count changes and its
     /// bind or unbind, so that a first join and a last leave racing each other reach the
     /// broker in the order the counts changed. Held across the broker call, hence tokio's
-    /// lock; per group, so that joining a group never waits for another group's bind. An
+    /// lock; per key, so that joining a group never waits for another key's bind. An
     /// entry lives while someone holds or waits for it.
-    changes: Mutex<HashMap<GroupName, Arc<tokio::sync::Mutex<()>>>>,
+    changes: Mutex<HashMap<RoutingKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// The right to change one group's membership, released (and its lock forgotten when nobody
-/// else waits for it) when dropped.
+/// The right to change the membership of one group key, released (and its lock forgotten
+/// when nobody else waits for it) when dropped.
 struct GroupChange<'a> {
-    changes: &'a Mutex<HashMap<GroupName, Arc<tokio::sync::Mutex<()>>>>,
-    group: &'a GroupName,
+    changes: &'a Mutex<HashMap<RoutingKey, Arc<tokio::sync::Mutex<()>>>>,
+    group: &'a RoutingKey,
     lock: Arc<tokio::sync::Mutex<()>>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl<'a> GroupChange<'a> {
     async fn begin(
-        changes: &'a Mutex<HashMap<GroupName, Arc<tokio::sync::Mutex<()>>>>,
-        group: &'a GroupName,
+        changes: &'a Mutex<HashMap<RoutingKey, Arc<tokio::sync::Mutex<()>>>>,
+        group: &'a RoutingKey,
     ) -> Self {
         let lock = Arc::clone(changes.lock().entry(group.clone()).or_default());
         // Built before the wait, so that a caller giving up while it waits still forgets the
@@ -102,15 +110,33 @@ impl<B: Broker + ?Sized> NodeTopology<B> {
         node: NodeId,
         options: &QueueOptions,
     ) -> Result<Self, BrokerError> {
+        Self::declare_with(broker, node, options, GroupKeys::PerGroup).await
+    }
+
+    /// [`declare`](Self::declare), binding groups by `group_keys` (the same as every
+    /// node's [`Forward`](crate::Forward) publishes with: see [`GroupKeys`]).
+    pub async fn declare_with(
+        broker: Arc<B>,
+        node: NodeId,
+        options: &QueueOptions,
+        group_keys: GroupKeys,
+    ) -> Result<Self, BrokerError> {
         broker.declare_queue(&node, options).await?;
         broker.bind(&node, &RoutingKey::Node(node.clone())).await?;
         broker.bind(&node, &RoutingKey::Broadcast).await?;
         Ok(Self {
             broker,
             node,
+            group_keys,
             members: Mutex::new(BTreeMap::new()),
+            keyed: Mutex::new(HashMap::new()),
             changes: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// How groups map to keys.
+    pub fn group_keys(&self) -> GroupKeys {
+        self.group_keys
     }
 
     /// The node.
@@ -129,18 +155,18 @@ impl<B: Broker + ?Sized> NodeTopology<B> {
     }
 
     /// Counts one more local member of `group`, binding the node's queue to the group's key
-    /// when it is the first. Returns the number of local members now.
+    /// when it is the first (of any group of the key's bucket, with buckets). Returns the
+    /// number of local members of `group` now.
     ///
     /// When the bind fails the count is unchanged and the error is returned: the member was
     /// not added.
     pub async fn add_member(&self, group: &GroupName) -> Result<usize, BrokerError> {
-        let _changing = GroupChange::begin(&self.changes, group).await;
-        let count = self.members(group);
-        if count == 0 {
-            self.broker
-                .bind(&self.node, &RoutingKey::Group(group.clone()))
-                .await?;
+        let key = self.group_keys.key(group);
+        let _changing = GroupChange::begin(&self.changes, &key).await;
+        if self.keyed.lock().get(&key).copied().unwrap_or(0) == 0 {
+            self.broker.bind(&self.node, &key).await?;
         }
+        *self.keyed.lock().entry(key.clone()).or_insert(0) += 1;
         let mut members = self.members.lock();
         let entry = members.entry(group.clone()).or_insert(0);
         *entry += 1;
@@ -148,21 +174,30 @@ impl<B: Broker + ?Sized> NodeTopology<B> {
     }
 
     /// Counts one local member of `group` less, unbinding the node's queue from the group's
-    /// key when it was the last. Returns the number of local members now; removing from a
-    /// group with no local member does nothing and returns 0.
+    /// key when it was the last (of any group of the key's bucket, with buckets). Returns the
+    /// number of local members of `group` now; removing from a group with no local member
+    /// does nothing and returns 0.
     ///
     /// When the unbind fails the count is unchanged (the member is still counted) and the
     /// error is returned, so the call can be made again.
     pub async fn remove_member(&self, group: &GroupName) -> Result<usize, BrokerError> {
-        let _changing = GroupChange::begin(&self.changes, group).await;
-        match self.members(group) {
-            0 => return Ok(0),
-            1 => {
-                self.broker
-                    .unbind(&self.node, &RoutingKey::Group(group.clone()))
-                    .await?;
+        let key = self.group_keys.key(group);
+        let _changing = GroupChange::begin(&self.changes, &key).await;
+        if self.members(group) == 0 {
+            return Ok(0);
+        }
+        // Every member of `group` is counted under its key too: at least 1 here.
+        if self.keyed.lock().get(&key).copied().unwrap_or(0) <= 1 {
+            self.broker.unbind(&self.node, &key).await?;
+        }
+        {
+            let mut keyed = self.keyed.lock();
+            match keyed.get_mut(&key) {
+                Some(count) if *count > 1 => *count -= 1,
+                _ => {
+                    keyed.remove(&key);
+                }
             }
-            _ => {}
         }
         let mut members = self.members.lock();
         let left = match members.get_mut(group) {
@@ -218,6 +253,70 @@ mod tests {
 
     fn group(name: &str) -> GroupName {
         GroupName::new(name).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_buckets_a_bucket_is_bound_while_any_of_its_groups_has_local_members() {
+        let broker = Arc::new(MemoryBroker::new());
+        let a = NodeId::new("a").unwrap();
+        let one_bucket = GroupKeys::Buckets(std::num::NonZeroU32::MIN);
+        let node_a = NodeTopology::declare_with(
+            broker.clone(),
+            a.clone(),
+            &QueueOptions::default(),
+            one_bucket,
+        )
+        .await
+        .unwrap();
+        let (red, blue) = (group("red"), group("blue"));
+        let bucket = RoutingKey::GroupBucket(0);
+        assert_eq!(one_bucket.key(&red), bucket);
+
+        assert_eq!(node_a.add_member(&red).await.unwrap(), 1);
+        assert_eq!(node_a.add_member(&blue).await.unwrap(), 1);
+        assert_eq!(node_a.add_member(&blue).await.unwrap(), 2);
+        assert_eq!(
+            broker.bindings(&a),
+            [
+                RoutingKey::Node(a.clone()),
+                RoutingKey::Broadcast,
+                bucket.clone()
+            ]
+        );
+        assert_eq!(node_a.remove_member(&red).await.unwrap(), 0);
+        assert_eq!(
+            node_a.remove_member(&red).await.unwrap(),
+            0,
+            "not a member any more"
+        );
+        assert_eq!(node_a.remove_member(&blue).await.unwrap(), 1);
+        assert!(
+            broker.bindings(&a).contains(&bucket),
+            "blue has a member left"
+        );
+        assert_eq!(node_a.remove_member(&blue).await.unwrap(), 0);
+        assert!(!broker.bindings(&a).contains(&bucket));
+        assert!(node_a.groups().is_empty());
+    }
+
+    #[test]
+    fn buckets_spread_groups_and_every_node_agrees_on_them() {
+        let keys = GroupKeys::Buckets(std::num::NonZeroU32::new(64).unwrap());
+        let mut used = std::collections::BTreeSet::new();
+        for i in 0..1_000 {
+            let RoutingKey::GroupBucket(bucket) = keys.key(&group(&format!("g-{i}"))) else {
+                panic!("a bucket key");
+            };
+            assert!(bucket < 64);
+            used.insert(bucket);
+        }
+        assert_eq!(used.len(), 64, "1,000 groups reach every one of 64 buckets");
+        // Fixed by the name alone (FNV-1a), the same on every node and version.
+        assert_eq!(keys.key(&group("lobby")), RoutingKey::GroupBucket(51));
+        assert_eq!(
+            GroupKeys::PerGroup.key(&group("lobby")),
+            RoutingKey::Group(group("lobby"))
+        );
     }
 
     #[tokio::test]

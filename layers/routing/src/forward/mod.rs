@@ -61,7 +61,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use hybrid_cluster_core::{Broker, ClusterSecret, Envelope};
+use hybrid_cluster_core::{Broker, ClusterSecret, Envelope, GroupKeys, Target};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
@@ -83,15 +83,19 @@ pub struct ForwardConfig {
     /// one. An envelope that arrives already signed is signed again: the service signs what it
     /// sends.
     pub secret: Option<ClusterSecret>,
+    /// The keys group messages are published with: the same as every node's
+    /// [`NodeTopology`](crate::NodeTopology) binds (see [`GroupKeys`]).
+    pub group_keys: GroupKeys,
 }
 
 impl Default for ForwardConfig {
-    /// 256 messages in flight, payloads up to 1 MiB, no signing.
+    /// 256 messages in flight, payloads up to 1 MiB, no signing, one key per group.
     fn default() -> Self {
         Self {
             max_in_flight: 256,
             max_payload: 1024 * 1024,
             secret: None,
+            group_keys: GroupKeys::PerGroup,
         }
     }
 }
@@ -119,6 +123,7 @@ pub struct Forward<B: ?Sized> {
     permit: Option<OwnedSemaphorePermit>,
     max_payload: usize,
     secret: Option<ClusterSecret>,
+    group_keys: GroupKeys,
 }
 
 impl<B: Broker + ?Sized> Forward<B> {
@@ -136,6 +141,7 @@ impl<B: Broker + ?Sized> Forward<B> {
             permit: None,
             max_payload: config.max_payload,
             secret: config.secret,
+            group_keys: config.group_keys,
         }
     }
 
@@ -176,6 +182,7 @@ impl<B: ?Sized> Clone for Forward<B> {
             permit: None,
             max_payload: self.max_payload,
             secret: self.secret.clone(),
+            group_keys: self.group_keys,
         }
     }
 }
@@ -248,7 +255,11 @@ impl<B: Broker + ?Sized> Service<Envelope> for Forward<B> {
             Err(e) => return ResponseFuture::failed(ForwardError::Encode(e)),
         };
         // `publish` orders the message now, at the call.
-        let publish = self.broker.publish(&envelope.routing_key(), message);
+        let key = match &envelope.target {
+            Target::Group(group) => self.group_keys.key(group),
+            target => target.routing_key(),
+        };
+        let publish = self.broker.publish(&key, message);
         ResponseFuture::publishing(publish, envelope.target, permit)
     }
 }
