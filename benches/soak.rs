@@ -38,7 +38,7 @@ use hdrhistogram::Histogram;
 use hybrid_cluster_test_support::BoxError;
 use hybrid_cluster_test_support::client::Client;
 use hybrid_cluster_test_support::limits::raise_open_files;
-use hybrid_cluster_test_support::node::{NodeOptions, NodeProgram};
+use hybrid_cluster_test_support::node::{NodeOptions, NodeProgram, build_release_node_program};
 use hybrid_cluster_test_support::servers::{remove_cluster, unique_prefix};
 use parking_lot::{Mutex, RwLock};
 use rand::distr::{Distribution, Uniform};
@@ -443,24 +443,9 @@ async fn sample_node(node: &NodeProgram) -> NodeSample {
     }
 }
 
-fn build_node_program() -> Result<(), BoxError> {
-    if std::env::var_os("HC_NODE_BINARY").is_some() {
-        return Ok(());
-    }
-    eprintln!("building the node program (cargo build --release --example node)");
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "--example", "node", "--quiet"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()?;
-    if !status.success() {
-        return Err(format!("building the node program failed: {status}").into());
-    }
-    Ok(())
-}
-
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    build_node_program()?;
+    build_release_node_program(env!("CARGO"), env!("CARGO_MANIFEST_DIR"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

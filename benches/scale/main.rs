@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hybrid_cluster_test_support::BoxError;
-use hybrid_cluster_test_support::node::{NodeOptions, NodeProgram};
+use hybrid_cluster_test_support::node::{NodeOptions, NodeProgram, build_release_node_program};
 use hybrid_cluster_test_support::servers::{amqp_url, redis_url, remove_cluster, unique_prefix};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
@@ -129,7 +129,7 @@ pub(crate) const WAIT: Duration = Duration::from_secs(180);
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     if !args.child {
-        build_node_program()?;
+        build_release_node_program(env!("CARGO"), env!("CARGO_MANIFEST_DIR"))?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -139,21 +139,6 @@ fn main() -> Result<(), BoxError> {
     } else {
         runtime.block_on(run(args))
     }
-}
-
-fn build_node_program() -> Result<(), BoxError> {
-    if std::env::var_os("HC_NODE_BINARY").is_some() {
-        return Ok(());
-    }
-    eprintln!("building the node program (cargo build --release --example node)");
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "--example", "node", "--quiet"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()?;
-    if !status.success() {
-        return Err(format!("building the node program failed: {status}").into());
-    }
-    Ok(())
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {

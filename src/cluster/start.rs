@@ -28,8 +28,6 @@ pub(super) async fn start(
     let config = settled(config);
     let (registry, broker) = connect_backends(&config, backends).await?;
     let id = config.node_id.clone();
-    let registry: Arc<dyn Registry> = Arc::new(MeteredRegistry::new(registry, &id));
-    let broker: Arc<dyn Broker> = Arc::new(MeteredBroker::new(broker, &id));
     let incarnation = Incarnation::random();
     let topology = NodeTopology::declare_with(
         Arc::clone(&broker),
@@ -96,12 +94,13 @@ fn settled(mut config: ClusterConfig) -> ClusterConfig {
     config
 }
 
-/// The registry and broker of `backends`, connected.
+/// The registry and broker of `backends`, connected, and counting what the node asks of them
+/// (see [`metered`](crate::metered)).
 async fn connect_backends(
     config: &ClusterConfig,
     backends: Backends,
 ) -> Result<(Arc<dyn Registry>, Arc<dyn Broker>), ClusterError> {
-    Ok(match backends {
+    let (registry, broker): (Arc<dyn Registry>, Arc<dyn Broker>) = match backends {
         Backends::Embedded { registry, broker } => (Arc::new(registry), Arc::new(broker)),
         Backends::Custom { registry, broker } => (registry, broker),
         Backends::Servers { redis, amqp } => {
@@ -117,7 +116,12 @@ async fn connect_backends(
                     .await?;
             (Arc::new(registry), connect_rabbitmq(config, &amqp).await?)
         }
-    })
+    };
+    let node = &config.node_id;
+    Ok((
+        Arc::new(MeteredRegistry::new(registry, node)),
+        Arc::new(MeteredBroker::new(broker, node)),
+    ))
 }
 
 /// The node's RabbitMQ connection, named after the node.

@@ -86,6 +86,23 @@ pub fn node_binary() -> Result<PathBuf, BoxError> {
     Ok(node)
 }
 
+/// Builds the node program in release (`cargo build --release --example node` in
+/// `workspace`, with `cargo`), for benchmarks; nothing when `HC_NODE_BINARY` names one.
+pub fn build_release_node_program(cargo: &str, workspace: &str) -> Result<(), BoxError> {
+    if std::env::var_os("HC_NODE_BINARY").is_some() {
+        return Ok(());
+    }
+    eprintln!("building the node program (cargo build --release --example node)");
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "--example", "node", "--quiet"])
+        .current_dir(workspace)
+        .status()?;
+    if !status.success() {
+        return Err(format!("building the node program failed: {status}").into());
+    }
+    Ok(())
+}
+
 impl NodeProgram {
     /// Starts a node `id` and waits until it answers `/healthz` (at most 30 s).
     pub async fn start(id: &str, options: &NodeOptions) -> Result<Self, BoxError> {

@@ -166,18 +166,7 @@ impl Broker for RabbitBroker {
                         )
                         .await;
                     }
-                    let options = QueueDeleteOptions {
-                        if_empty: true,
-                        ..QueueDeleteOptions::default()
-                    };
-                    match channel.queue_delete(queue, options).await {
-                        Err(error) if wire::is_queue_not_found(&error) => Ok(()),
-                        Err(error) if wire::is_precondition_failed(&error) => {
-                            emptied.store(false, Ordering::Relaxed);
-                            Ok(())
-                        }
-                        other => other.map(drop),
-                    }
+                    delete_classic_queue_if_empty(&channel, queue, &emptied).await
                 }
             },
             move |state| {
@@ -398,6 +387,27 @@ fn register_consumer(
         state.consumers.insert(node.clone(), entry);
         true
     })
+}
+
+/// Deletes a classic queue only if it holds no message (RabbitMQ's `if-empty`); `emptied`
+/// is cleared when it held some.
+async fn delete_classic_queue_if_empty(
+    channel: &Channel,
+    queue: ShortString,
+    emptied: &std::sync::atomic::AtomicBool,
+) -> lapin::Result<()> {
+    let options = QueueDeleteOptions {
+        if_empty: true,
+        ..QueueDeleteOptions::default()
+    };
+    match channel.queue_delete(queue, options).await {
+        Err(error) if wire::is_queue_not_found(&error) => Ok(()),
+        Err(error) if wire::is_precondition_failed(&error) => {
+            emptied.store(false, Ordering::Relaxed);
+            Ok(())
+        }
+        other => other.map(drop),
+    }
 }
 
 /// Deletes a quorum queue only if it holds no message (used for a queue this broker declared
