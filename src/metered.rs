@@ -204,15 +204,38 @@ impl Broker for MeteredBroker {
         self.inner.declare_queue(node, options)
     }
 
+    /// The queue goes with its bindings: the node's own, and so its gauge, drop to none.
     fn delete_queue(&self, node: &NodeId) -> BoxFuture<'static, Result<(), BrokerError>> {
-        self.inner.delete_queue(node)
+        let deleting = self.inner.delete_queue(node);
+        if *node != self.node {
+            return deleting;
+        }
+        let bound = self.group_bindings.clone();
+        deleting
+            .inspect(move |result| {
+                if result.is_ok() {
+                    bound.set(0.0);
+                }
+            })
+            .boxed()
     }
 
     fn delete_queue_if_empty(
         &self,
         node: &NodeId,
     ) -> BoxFuture<'static, Result<bool, BrokerError>> {
-        self.inner.delete_queue_if_empty(node)
+        let deleting = self.inner.delete_queue_if_empty(node);
+        if *node != self.node {
+            return deleting;
+        }
+        let bound = self.group_bindings.clone();
+        deleting
+            .inspect(move |result| {
+                if matches!(result, Ok(true)) {
+                    bound.set(0.0);
+                }
+            })
+            .boxed()
     }
 
     fn bind(&self, node: &NodeId, key: &RoutingKey) -> BoxFuture<'static, Result<(), BrokerError>> {

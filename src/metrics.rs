@@ -13,14 +13,14 @@
 //! | `hybrid_cluster_messages_sent_total` | counter | `kind`: `unicast`, `broadcast`, `group`; `outcome`: `ok`, `error` | sends through a `ClusterHandle` |
 //! | `hybrid_cluster_send_duration_seconds` | histogram | `kind` | from a send to the broker's confirmation (or local delivery) |
 //! | `hybrid_cluster_messages_received_total` | counter | `kind` | messages that came through the broker for this node |
-//! | `hybrid_cluster_messages_dropped_total` | counter | `reason`: `slow_client`, `connection_gone` | messages not handed to a client |
+//! | `hybrid_cluster_messages_dropped_total` | counter | `reason`: `slow_client`, `connection_gone`, `no_member` | messages not handed to a client (`no_member`: a group message that reached this node with no member of the group here, as with group keys in buckets) |
 //! | `hybrid_cluster_slow_client_actions_total` | counter | `action`: `drop_oldest`, `close` | slow-client policy at work |
 //! | `hybrid_cluster_broker_in_flight` | gauge | | messages sent to the broker and not yet confirmed |
 //! | `hybrid_cluster_notices_dropped_total` | counter | | undeliverable notices not sent because too many were waiting (their senders are not told) |
 //! | `hybrid_cluster_receiving` | gauge | | 1 while the node's consumer takes deliveries from the broker, 0 while it is being restored |
 //! | `hybrid_cluster_discovery_changes_total` | counter | `change`: `join`, `leave` | nodes joining and leaving this node's view |
 //! | `hybrid_cluster_broker_publishes_total` | counter | `route`: `node`, `group`, `broadcast` | messages this node published to the broker, by routing key (a unicast goes to one node's key) |
-//! | `hybrid_cluster_broker_binding_changes_total` | counter | `change`: `bind`, `unbind` | binding changes this node asked of the broker: its queue's own keys at start, a group's key when its first local member joins and its last one leaves |
+//! | `hybrid_cluster_broker_binding_changes_total` | counter | `change`: `bind`, `unbind` | binding changes this node asked of the broker: its queue's own keys at start, a group's key (or its bucket's, with `GroupKeys::Buckets`) when its first local member joins and its last one leaves |
 //! | `hybrid_cluster_broker_group_bindings` | gauge | | group keys this node's queue is bound to now: groups with a local member, or with `GroupKeys::Buckets` buckets of groups with one |
 //! | `hybrid_cluster_registry_operations_total` | counter | `op`: `put_node`, `remove_node`, `node`, `nodes`, `watch`, `put_route`, `route`, `remove_route` | round trips to the registry (Redis): `put_node` is the heartbeat, one `MULTI` of five commands |
 //! | `hybrid_cluster_registry_events_total` | counter | | discovery events this node received (one per heartbeat of every node, and per join and leave) |
@@ -72,7 +72,7 @@ const KINDS: [&str; 3] = ["unicast", "broadcast", "group"];
 /// Upgrade outcomes, in order.
 const UPGRADE_OUTCOMES: [&str; 3] = ["accepted", "redirected", "refused"];
 /// Reasons for dropping a message, in order.
-const DROP_REASONS: [&str; 2] = ["slow_client", "connection_gone"];
+const DROP_REASONS: [&str; 3] = ["slow_client", "connection_gone", "no_member"];
 /// Slow-client actions, in order.
 const SLOW_ACTIONS: [&str; 2] = ["drop_oldest", "close"];
 /// Discovery changes, in order.
@@ -97,7 +97,7 @@ struct Handles {
     sent_error: [Counter; 3],
     duration: [Histogram; 3],
     received: [Counter; 3],
-    dropped: [Counter; 2],
+    dropped: [Counter; 3],
     slow: [Counter; 2],
     changes: [Counter; 2],
 }

@@ -149,7 +149,11 @@ impl Node {
             }
             Target::Group(group) if envelope.origin != self.id => {
                 self.metrics.received("group");
-                self.local.deliver_group(group, &envelope);
+                // A node bound for a group's key may have no member of it: a member that just
+                // left, or with group keys in buckets, another group of the bucket.
+                if self.local.deliver_group(group, &envelope) == 0 {
+                    self.metrics.dropped("no_member");
+                }
             }
             Target::Broadcast | Target::Group(_) => {}
             Target::Node(_) => {

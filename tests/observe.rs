@@ -261,6 +261,13 @@ async fn the_metrics_endpoint_counts_what_was_done() {
             &a_labels(&[("op", op)]),
         )
     };
+    assert_eq!(
+        value(
+            "hybrid_cluster_messages_dropped_total",
+            &a_labels(&[("reason", "no_member")])
+        ),
+        0.0
+    );
     assert!(registry("put_node") >= 1.0);
     assert!(registry("watch") >= 1.0);
     assert!(value("hybrid_cluster_registry_events_total", &a_labels(&[])) >= 1.0);

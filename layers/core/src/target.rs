@@ -37,7 +37,9 @@ impl InvalidTarget {
 }
 
 impl Target {
-    /// The routing key that takes an envelope for this target to the right node queues.
+    /// The routing key that takes an envelope for this target to the right node queues, with
+    /// one key per group ([`GroupKeys::PerGroup`](crate::GroupKeys::PerGroup)); a group's
+    /// key under buckets is [`GroupKeys::key`](crate::GroupKeys::key).
     pub fn routing_key(&self) -> RoutingKey {
         match self {
             Self::Connection(id) => RoutingKey::Node(id.node().clone()),

@@ -130,7 +130,11 @@ fn wake_all(wakers: Vec<Waker>) {
 
 impl Shared {
     pub(crate) fn new(names: Names, config: RabbitConfig, addresses: Vec<Address>) -> Self {
-        let topology_slots = tokio::sync::Semaphore::new(config.max_topology_operations.max(1));
+        let topology_slots = tokio::sync::Semaphore::new(
+            config
+                .max_topology_operations
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        );
         Self {
             names,
             config,
