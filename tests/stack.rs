@@ -934,3 +934,142 @@ async fn the_placement_route_names_a_node_or_answers_503() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Custom backends: a broker whose group binds wait for the test
+
+/// The memory broker, whose group binds wait until the test lets them through.
+#[derive(Debug)]
+struct GatedBroker {
+    inner: hybrid_cluster::MemoryBroker,
+    /// Told when a group bind starts waiting.
+    binding: std::sync::Arc<tokio::sync::Notify>,
+    /// A permit lets one group bind through.
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Group binds and unbinds done.
+    group_changes: std::sync::Arc<parking_lot::Mutex<(usize, usize)>>,
+}
+
+impl hybrid_cluster::Broker for GatedBroker {
+    fn declare_queue(
+        &self,
+        node: &NodeId,
+        options: &hybrid_cluster::QueueOptions,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
+        self.inner.declare_queue(node, options)
+    }
+    fn delete_queue(
+        &self,
+        node: &NodeId,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
+        self.inner.delete_queue(node)
+    }
+    fn bind(
+        &self,
+        node: &NodeId,
+        key: &hybrid_cluster::RoutingKey,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
+        let binding = self.inner.bind(node, key);
+        if !matches!(key, hybrid_cluster::RoutingKey::Group(_)) {
+            return binding;
+        }
+        let (told, gate) = (self.binding.clone(), self.gate.clone());
+        let changes = self.group_changes.clone();
+        Box::pin(async move {
+            told.notify_one();
+            gate.acquire().await.unwrap().forget();
+            let bound = binding.await;
+            changes.lock().0 += 1;
+            bound
+        })
+    }
+    fn unbind(
+        &self,
+        node: &NodeId,
+        key: &hybrid_cluster::RoutingKey,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
+        let unbinding = self.inner.unbind(node, key);
+        if !matches!(key, hybrid_cluster::RoutingKey::Group(_)) {
+            return unbinding;
+        }
+        let changes = self.group_changes.clone();
+        Box::pin(async move {
+            let unbound = unbinding.await;
+            changes.lock().1 += 1;
+            unbound
+        })
+    }
+    fn publish(
+        &self,
+        key: &hybrid_cluster::RoutingKey,
+        message: hybrid_cluster::BrokerMessage,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::PublishError>> {
+        self.inner.publish(key, message)
+    }
+    fn consume(
+        &self,
+        node: &NodeId,
+        options: &hybrid_cluster::ConsumeOptions,
+    ) -> futures_util::future::BoxFuture<
+        'static,
+        Result<hybrid_cluster::Deliveries, hybrid_cluster::BrokerError>,
+    > {
+        self.inner.consume(node, options)
+    }
+}
+
+/// A client that closes while its join is still binding leaves no binding behind: the node
+/// takes back the count its join got (before, the departure found nothing counted to take
+/// off, and the late bind kept the group bound for good).
+#[tokio::test]
+async fn a_client_gone_while_its_join_binds_leaves_no_binding() {
+    let broker = std::sync::Arc::new(GatedBroker {
+        inner: hybrid_cluster::MemoryBroker::new(),
+        binding: std::sync::Arc::new(tokio::sync::Notify::new()),
+        gate: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+        group_changes: std::sync::Arc::default(),
+    });
+    let backends = Backends::Custom {
+        registry: std::sync::Arc::new(hybrid_cluster::MemoryRegistry::new()),
+        broker: broker.clone(),
+    };
+    let (cluster, listener) = start(&backends, "gated").await;
+    let url = ws_url(&listener);
+    let app = server::router(cluster.clone(), ServerConfig::default());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (mut client, _) = connect_async(url.as_str()).await.unwrap();
+    assert!(next_text(&mut client).await.contains("welcome"));
+    let binding = broker.binding.notified();
+    client
+        .send(Message::text(
+            json!({"op": "join", "group": "g"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    within("the join's bind starts", binding).await;
+    drop(client);
+    within("the client is gone", async {
+        while cluster.local_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    broker.gate.add_permits(1);
+    let group = hybrid_cluster::RoutingKey::Group(GroupName::new("g").unwrap());
+    let node = cluster.node_id().clone();
+    within("the late bind is made, then taken back", async {
+        while *broker.group_changes.lock() != (1, 1) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(!broker.inner.bindings(&node).contains(&group));
+    assert_eq!(
+        cluster
+            .handle()
+            .local_members(&GroupName::new("g").unwrap()),
+        0
+    );
+    cluster.shutdown().await.unwrap();
+}

@@ -175,21 +175,33 @@ impl ClusterHandle {
         if !self.node.local.join(id, group).map_err(not_registered)? {
             return Ok(());
         }
-        if let Err(error) = self.change_membership(group, true).await {
+        if let Err(error) = self.change_membership(group, Some(id)).await {
             let _ = self.node.local.leave(id, group);
             return Err(error);
         }
         Ok(())
     }
 
-    /// Binds or unbinds the node's queue for `group` in a task of its own, so that a caller
-    /// that gives up (a client closing mid-join) cannot leave a binding without its count.
-    async fn change_membership(&self, group: &GroupName, join: bool) -> Result<(), SendError> {
+    /// Counts one member more (`joining`, once its bind is done) or one less (`None`) in
+    /// `group` on the node's topology, in a task of its own, so that a caller that gives up
+    /// (a client closing mid-join) cannot leave a binding without its count. A member that
+    /// went or left while its join was binding has the count it just got taken back: the
+    /// leave or the departure did not take it, not knowing of it yet.
+    async fn change_membership(
+        &self,
+        group: &GroupName,
+        joining: Option<&ConnectionId>,
+    ) -> Result<(), SendError> {
         let node = Arc::clone(&self.node);
         let group = group.clone();
+        let joining = joining.cloned();
         let change = tokio::spawn(async move {
-            if join {
-                node.topology.add_member(&group).await
+            let Some(member) = joining else {
+                return node.topology.remove_member(&group).await;
+            };
+            let count = node.topology.add_member(&group).await?;
+            if node.local.counted(&member, &group) {
+                Ok(count)
             } else {
                 node.topology.remove_member(&group).await
             }
@@ -210,7 +222,7 @@ impl ClusterHandle {
         if !self.node.local.leave(id, group).map_err(not_registered)? {
             return Ok(());
         }
-        self.change_membership(group, false).await
+        self.change_membership(group, None).await
     }
 }
 

@@ -35,7 +35,12 @@ impl Drop for Registration {
 
 struct Entry {
     slot: Arc<InboxSlot>,
+    /// The groups it is a member of (group messages reach it).
     groups: BTreeSet<GroupName>,
+    /// Those of them its node's broker topology counts it in (the join's bind is done): what
+    /// has to be taken off the count when it leaves or goes. A join still binding is in
+    /// `groups` only.
+    counted: BTreeSet<GroupName>,
 }
 
 #[derive(Default)]
@@ -106,6 +111,7 @@ impl LocalConnections {
                 Entry {
                     slot: Arc::clone(&slot),
                     groups: BTreeSet::new(),
+                    counted: BTreeSet::new(),
                 },
             );
             table.entries.len()
@@ -142,7 +148,7 @@ impl LocalConnections {
             self.metrics.dropped("connection_gone");
             bounce(&self.bounced, item);
         }
-        let left = left.groups;
+        let left = left.counted;
         self.counter.decrement();
         self.metrics.connections(count);
         if !left.is_empty() {
@@ -220,12 +226,27 @@ impl LocalConnections {
         Ok(true)
     }
 
-    /// Removes a connection from a group; returns whether it was a member.
+    /// Marks a member of `group` as counted by the node's topology, once its join's bind is
+    /// done. Returns false when the count just added is not its to keep, and must be taken
+    /// back: the connection went or left the group while the bind was under way, or a join
+    /// before counted it already.
+    pub(crate) fn counted(&self, id: &ConnectionId, group: &GroupName) -> bool {
+        let mut table = self.table.write();
+        let Some(entry) = table.entries.get_mut(id) else {
+            return false;
+        };
+        entry.groups.contains(group) && entry.counted.insert(group.clone())
+    }
+
+    /// Removes a connection from a group; returns whether the node's topology counted it in
+    /// the group (the count to take off). A member whose join is still binding is not counted
+    /// yet: that join takes its own count back when it finds the member gone.
     pub(crate) fn leave(&self, id: &ConnectionId, group: &GroupName) -> Result<bool, Refused> {
         let mut table = self.table.write();
         let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
+        let counted = entry.counted.remove(group);
         if !entry.groups.remove(group) {
-            return Ok(false);
+            return Ok(counted);
         }
         if let Some(members) = table.groups.get_mut(group) {
             members.remove(id);
@@ -233,7 +254,7 @@ impl LocalConnections {
                 table.groups.remove(group);
             }
         }
-        Ok(true)
+        Ok(counted)
     }
 
     /// Local members of a group.

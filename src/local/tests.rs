@@ -38,6 +38,7 @@ fn registration_counts_and_dropping_the_inbox_deregisters() {
     let group = GroupName::new("g").unwrap();
     assert_eq!(table.join(&id(1), &group), Ok(true));
     assert_eq!(table.join(&id(1), &group), Ok(false));
+    assert!(table.counted(&id(1), &group), "its bind is done");
     drop(inbox);
     assert_eq!((table.len(), counter.get()), (1, 1));
     assert_eq!(table.members(&group), 0);
@@ -219,6 +220,47 @@ fn groups_reach_only_their_members() {
     assert_eq!(table.deliver_group(&group, &message("members")), 1);
     assert_eq!(next_text(&mut a), None);
     assert_eq!(next_text(&mut b).as_deref(), Some("members"));
+    assert!(table.counted(&id(2), &group));
     assert_eq!(table.leave(&id(2), &group), Ok(true));
     assert_eq!(table.deliver_group(&group, &message("nobody")), 0);
+}
+
+/// A join's count is the connection's once its bind is done; a leave or a departure takes
+/// back only counts the connection has, and a join whose member left or went meanwhile is
+/// told to take its own back.
+#[tokio::test]
+async fn only_counted_memberships_are_taken_back() {
+    let table = Arc::new(LocalConnections::new(
+        ConnectionCounter::new(),
+        8,
+        SlowClientPolicy::DropOldest,
+        Metrics::new("a"),
+    ));
+    let (red, blue, green) = (
+        GroupName::new("red").unwrap(),
+        GroupName::new("blue").unwrap(),
+        GroupName::new("green").unwrap(),
+    );
+    let a = table.register(id(1));
+
+    // Left while binding: the leave takes nothing, the join takes its count back.
+    assert_eq!(table.join(&id(1), &red), Ok(true));
+    assert_eq!(table.leave(&id(1), &red), Ok(false));
+    assert!(!table.counted(&id(1), &red));
+
+    // Left and joined again while the first join was binding: one count is kept.
+    assert_eq!(table.join(&id(1), &blue), Ok(true));
+    assert_eq!(table.leave(&id(1), &blue), Ok(false));
+    assert_eq!(table.join(&id(1), &blue), Ok(true));
+    assert!(
+        table.counted(&id(1), &blue),
+        "the first join's count is kept"
+    );
+    assert!(!table.counted(&id(1), &blue), "the second join's goes back");
+
+    // Gone while binding: the departure reports only what was counted.
+    assert_eq!(table.join(&id(1), &green), Ok(true));
+    drop(a);
+    assert!(!table.counted(&id(1), &green));
+    assert_eq!(table.departed_groups().await, vec![blue]);
 }
