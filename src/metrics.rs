@@ -23,6 +23,7 @@
 //! | `hybrid_cluster_broker_binding_changes_total` | counter | `change`: `bind`, `unbind` | binding changes this node asked of the broker: its queue's own keys at start, a group's key (or its bucket's, with `GroupKeys::Buckets`) when its first local member joins and its last one leaves |
 //! | `hybrid_cluster_broker_group_bindings` | gauge | | group keys this node's queue is bound to now: groups with a local member, or with `GroupKeys::Buckets` buckets of groups with one |
 //! | `hybrid_cluster_registry_operations_total` | counter | `op`: `put_node`, `remove_node`, `node`, `nodes`, `watch`, `put_route`, `route`, `remove_route` | round trips to the registry (Redis): `put_node` is the heartbeat, one `MULTI` of five commands |
+//! | `hybrid_cluster_peers_with_other_group_keys` | gauge | | peers in view that key group messages otherwise than this node (`ClusterConfig::group_keys`): group messages between them are lost; 0 in a cluster set up right |
 //! | `hybrid_cluster_registry_events_total` | counter | | discovery events this node received (one per heartbeat of every node, and per join and leave) |
 //! | `hybrid_cluster_broker_deliveries_total` | counter | `outcome`: `handled`, `duplicate`, `dead_lettered`, `rejected` | what the receiver did with the broker's deliveries (`rejected`: failed authentication; they are dead-lettered too) |
 
@@ -62,6 +63,8 @@ pub const BROKER_GROUP_BINDINGS: &str = "hybrid_cluster_broker_group_bindings";
 pub const REGISTRY_OPERATIONS: &str = "hybrid_cluster_registry_operations_total";
 /// Discovery events received.
 pub const REGISTRY_EVENTS: &str = "hybrid_cluster_registry_events_total";
+/// Peers keying group messages otherwise.
+pub const PEERS_WITH_OTHER_GROUP_KEYS: &str = "hybrid_cluster_peers_with_other_group_keys";
 /// Whether the node's consumer takes deliveries.
 pub const RECEIVING: &str = "hybrid_cluster_receiving";
 /// Notices not sent: too many waiting.
@@ -91,6 +94,7 @@ struct Handles {
     nodes: Gauge,
     in_flight: Gauge,
     receiving: Gauge,
+    other_group_keys: Gauge,
     notices_dropped: Counter,
     upgrades: [Counter; 3],
     sent_ok: [Counter; 3],
@@ -127,6 +131,7 @@ impl Metrics {
             nodes: gauge!(NODES, labels(&[])),
             in_flight: gauge!(BROKER_IN_FLIGHT, labels(&[])),
             receiving: gauge!(RECEIVING, labels(&[])),
+            other_group_keys: gauge!(PEERS_WITH_OTHER_GROUP_KEYS, labels(&[])),
             notices_dropped: counter!(NOTICES_DROPPED, labels(&[])),
             upgrades: UPGRADE_OUTCOMES.map(|o| counter!(UPGRADES, labels(&[("outcome", o)]))),
             sent_ok: sent("ok"),
@@ -180,6 +185,10 @@ impl Metrics {
 
     pub(crate) fn receiving(&self, receiving: bool) {
         self.0.receiving.set(if receiving { 1.0 } else { 0.0 });
+    }
+
+    pub(crate) fn peers_with_other_group_keys(&self, count: usize) {
+        self.0.other_group_keys.set(count as f64);
     }
 
     pub(crate) fn in_flight(&self, count: usize) {

@@ -98,6 +98,19 @@ impl Node {
             .saturating_sub(self.forward.available_permits())
     }
 
+    /// The peers in view that key group messages otherwise than this node: between them and
+    /// this node group messages are lost (see [`GroupKeys`](crate::GroupKeys)).
+    pub(crate) fn peers_keying_groups_otherwise(&self) -> Vec<NodeId> {
+        let own = self.config.group_keys.buckets();
+        self.discovery
+            .view()
+            .members()
+            .iter()
+            .filter(|(id, info)| **id != self.id && info.get().group_buckets != own)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub(crate) fn is_draining(&self) -> bool {
         self.state.draining.load(Ordering::Acquire)
     }

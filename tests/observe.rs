@@ -268,6 +268,10 @@ async fn the_metrics_endpoint_counts_what_was_done() {
         ),
         0.0
     );
+    assert_eq!(
+        value("hybrid_cluster_peers_with_other_group_keys", &a_labels(&[])),
+        0.0
+    );
     assert!(registry("put_node") >= 1.0);
     assert!(registry("watch") >= 1.0);
     assert!(value("hybrid_cluster_registry_events_total", &a_labels(&[])) >= 1.0);

@@ -1073,3 +1073,38 @@ async fn a_client_gone_while_its_join_binds_leaves_no_binding() {
     );
     cluster.shutdown().await.unwrap();
 }
+
+/// Nodes that key group messages otherwise lose each other's group messages: each names the
+/// others (and logs them as errors).
+#[tokio::test]
+async fn a_peer_keying_groups_otherwise_is_named() {
+    let backends = Backends::embedded();
+    let (a, _a) = start(&backends, "keys-a").await;
+    let (b, _b) = start_with(&backends, "keys-b", |config| {
+        config.group_keys = hybrid_cluster::GroupKeys::Buckets(8.try_into().unwrap());
+    })
+    .await;
+    let (c, _c) = start(&backends, "keys-c").await;
+    for node in [&a, &b, &c] {
+        within(
+            "every node sees the others",
+            node.discovery().view().wait_until(|n| n.len() == 3),
+        )
+        .await;
+    }
+    let named = |node: &Cluster| {
+        let mut peers: Vec<String> = node
+            .peers_keying_groups_otherwise()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        peers.sort();
+        peers
+    };
+    assert_eq!(named(&a), ["keys-b"]);
+    assert_eq!(named(&b), ["keys-a", "keys-c"]);
+    assert_eq!(named(&c), ["keys-b"]);
+    for node in [a, b, c] {
+        node.shutdown().await.unwrap();
+    }
+}

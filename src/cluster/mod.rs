@@ -97,6 +97,14 @@ impl Cluster {
         self.node.local.len()
     }
 
+    /// The peers that key group messages otherwise than this node
+    /// ([`ClusterConfig::group_keys`](crate::ClusterConfig::group_keys)): none in a cluster set
+    /// up right. Group messages between this node and those are lost; each is logged as an
+    /// error when it is seen, and counted in `hybrid_cluster_peers_with_other_group_keys`.
+    pub fn peers_keying_groups_otherwise(&self) -> Vec<NodeId> {
+        self.node.peers_keying_groups_otherwise()
+    }
+
     /// Whether this node is draining or stopped.
     pub fn is_draining(&self) -> bool {
         self.node.is_draining()

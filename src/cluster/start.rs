@@ -188,6 +188,7 @@ async fn register(
     info.endpoint = config.endpoint.clone();
     info.public_url = config.public_url.clone();
     info.max_connections = config.max_connections;
+    info.group_buckets = config.group_keys.buckets();
     let discovery_config = config.discovery.clone().with_connections(connections);
     Ok(Discovery::start(registry, info, discovery_config).await?)
 }

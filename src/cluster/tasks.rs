@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::sync::{Arc, Weak};
 
-use hybrid_cluster_core::{ConsumerState, Deliveries, Envelope, NodeInfo};
+use hybrid_cluster_core::{ConsumerState, Deliveries, Envelope, NodeId, NodeInfo};
 use hybrid_cluster_discovery::{MemberChange, Membership};
 use hybrid_cluster_routing::{ReceiveConfig, Receiver};
 use tokio::time::Duration;
@@ -98,6 +98,7 @@ fn watching(node: &Arc<Node>) -> impl Task + use<> {
     let weak = Arc::downgrade(node);
     async move {
         let mut known = Arc::new(Membership::default());
+        let mut disagreeing = Vec::new();
         loop {
             let now = Arc::clone(&members.borrow_and_update());
             for change in now.changes_since(&known) {
@@ -114,12 +115,31 @@ fn watching(node: &Arc<Node>) -> impl Task + use<> {
                 }
             }
             metrics.nodes(now.len());
+            if let Some(node) = weak.upgrade() {
+                disagreeing = warn_of_other_group_keys(&node, &disagreeing);
+            }
             known = now;
             if members.changed().await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// Logs each peer newly seen to key group messages otherwise (of those not in `known`), sets
+/// the gauge, and returns them all.
+fn warn_of_other_group_keys(node: &Node, known: &[NodeId]) -> Vec<NodeId> {
+    let disagreeing = node.peers_keying_groups_otherwise();
+    for peer in disagreeing.iter().filter(|peer| !known.contains(peer)) {
+        tracing::error!(
+            %peer,
+            ours = ?node.config.group_keys,
+            "a peer keys group messages otherwise than this node: group messages between the \
+             two are lost; every node of a cluster needs the same group keys"
+        );
+    }
+    node.metrics.peers_with_other_group_keys(disagreeing.len());
+    disagreeing
 }
 
 /// Answers the senders of unicasts that did not reach their connection (see

@@ -81,6 +81,14 @@ pub enum GroupKeys {
 }
 
 impl GroupKeys {
+    /// The number of buckets, or none for one key per group (as a node's record says it).
+    pub fn buckets(&self) -> Option<std::num::NonZeroU32> {
+        match self {
+            Self::PerGroup => None,
+            Self::Buckets(buckets) => Some(*buckets),
+        }
+    }
+
     /// The key messages to `group` are published with, and that a node with members of it
     /// binds.
     pub fn key(&self, group: &GroupName) -> RoutingKey {

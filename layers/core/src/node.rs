@@ -151,6 +151,12 @@ pub struct NodeInfo {
     /// `ws://` or `wss://` URL, used in redirects and close reasons.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// How the node keys group messages ([`GroupKeys`](crate::GroupKeys)): the number of
+    /// buckets, or none for one key per group (what a record without it, from an older
+    /// writer, means too). Every node of a cluster must agree; a peer that does not is told
+    /// of in its logs and metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_buckets: Option<std::num::NonZeroU32>,
 }
 
 /// The longest `public_url` a record may carry, in bytes.
@@ -189,6 +195,7 @@ impl NodeInfo {
             metadata: BTreeMap::new(),
             lease_ms: None,
             public_url: None,
+            group_buckets: None,
         }
     }
 
