@@ -172,11 +172,11 @@ impl ClusterHandle {
         let not_registered = |_| SendError::NotRegistered {
             connection: id.clone(),
         };
-        if !self.node.local.join(id, group).map_err(not_registered)? {
+        let Some(join) = self.node.local.join(id, group).map_err(not_registered)? else {
             return Ok(());
-        }
-        if let Err(error) = self.change_membership(group, Some(id)).await {
-            let _ = self.node.local.leave(id, group);
+        };
+        if let Err(error) = self.change_membership(group, Some((id, join))).await {
+            self.node.local.abandon(id, group, join);
             return Err(error);
         }
         Ok(())
@@ -190,21 +190,30 @@ impl ClusterHandle {
     async fn change_membership(
         &self,
         group: &GroupName,
-        joining: Option<&ConnectionId>,
+        joining: Option<(&ConnectionId, u64)>,
     ) -> Result<(), SendError> {
         let node = Arc::clone(&self.node);
         let group = group.clone();
-        let joining = joining.cloned();
+        let joining = joining.map(|(id, join)| (id.clone(), join));
         let change = tokio::spawn(async move {
-            let Some(member) = joining else {
-                return node.topology.remove_member(&group).await;
+            let Some((member, join)) = joining else {
+                let removed = node.topology.remove_member(&group).await;
+                if removed.is_err() {
+                    node.local.retry_removal(group);
+                }
+                return removed;
             };
             let count = node.topology.add_member(&group).await?;
-            if node.local.counted(&member, &group) {
-                Ok(count)
-            } else {
-                node.topology.remove_member(&group).await
+            if node.local.counted(&member, &group, join) {
+                return Ok(count);
             }
+            // Not this join's to keep: its outcome stands, the count goes back (now or by
+            // the unbinding task).
+            if let Err(error) = node.topology.remove_member(&group).await {
+                tracing::warn!(%group, %error, "could not take back a join's count; retrying");
+                node.local.retry_removal(group);
+            }
+            Ok(count)
         });
         match change.await {
             Ok(result) => result.map(|_| ()).map_err(SendError::Group),

@@ -5,7 +5,7 @@ mod inbox;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -35,8 +35,11 @@ impl Drop for Registration {
 
 struct Entry {
     slot: Arc<InboxSlot>,
-    /// The groups it is a member of (group messages reach it).
-    groups: BTreeSet<GroupName>,
+    /// The groups it is a member of (group messages reach it), each with the number of the
+    /// join that made it one.
+    groups: BTreeMap<GroupName, u64>,
+    /// Joins so far, to number them.
+    joins: u64,
     /// Those of them its node's broker topology counts it in (the join's bind is done): what
     /// has to be taken off the count when it leaves or goes. A join still binding is in
     /// `groups` only.
@@ -110,7 +113,8 @@ impl LocalConnections {
                 id.clone(),
                 Entry {
                     slot: Arc::clone(&slot),
-                    groups: BTreeSet::new(),
+                    groups: BTreeMap::new(),
+                    joins: 0,
                     counted: BTreeSet::new(),
                 },
             );
@@ -133,7 +137,7 @@ impl LocalConnections {
             let Some(entry) = table.entries.remove(id) else {
                 return;
             };
-            for group in &entry.groups {
+            for group in entry.groups.keys() {
                 if let Some(members) = table.groups.get_mut(group) {
                     members.remove(id);
                     if members.is_empty() {
@@ -211,31 +215,66 @@ impl LocalConnections {
         fan_out(&slots, envelope)
     }
 
-    /// Adds a connection to a group; returns whether it was not a member yet.
-    pub(crate) fn join(&self, id: &ConnectionId, group: &GroupName) -> Result<bool, Refused> {
+    /// Adds a connection to a group; returns the number of this join, or `None` when it was a
+    /// member already.
+    pub(crate) fn join(
+        &self,
+        id: &ConnectionId,
+        group: &GroupName,
+    ) -> Result<Option<u64>, Refused> {
         let mut table = self.table.write();
         let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
-        if !entry.groups.insert(group.clone()) {
-            return Ok(false);
+        if entry.groups.contains_key(group) {
+            return Ok(None);
         }
+        entry.joins += 1;
+        let join = entry.joins;
+        entry.groups.insert(group.clone(), join);
         table
             .groups
             .entry(group.clone())
             .or_default()
             .insert(id.clone());
-        Ok(true)
+        Ok(Some(join))
     }
 
-    /// Marks a member of `group` as counted by the node's topology, once its join's bind is
-    /// done. Returns false when the count just added is not its to keep, and must be taken
-    /// back: the connection went or left the group while the bind was under way, or a join
-    /// before counted it already.
-    pub(crate) fn counted(&self, id: &ConnectionId, group: &GroupName) -> bool {
+    /// Marks the member of `group` that join number `join` made as counted by the node's
+    /// topology, once that join's bind is done. Returns false when the count just added is not
+    /// its to keep and must be taken back: the connection went or left the group while the
+    /// bind was under way, or joined again and a later join's count is kept instead.
+    pub(crate) fn counted(&self, id: &ConnectionId, group: &GroupName, join: u64) -> bool {
         let mut table = self.table.write();
         let Some(entry) = table.entries.get_mut(id) else {
             return false;
         };
-        entry.groups.contains(group) && entry.counted.insert(group.clone())
+        entry.groups.get(group) == Some(&join) && entry.counted.insert(group.clone())
+    }
+
+    /// Undoes join number `join` of `group`, whose bind failed: the membership goes, unless
+    /// it is another join's by now (the connection left and joined again meanwhile) or
+    /// counted.
+    pub(crate) fn abandon(&self, id: &ConnectionId, group: &GroupName, join: u64) {
+        let mut table = self.table.write();
+        let Some(entry) = table.entries.get_mut(id) else {
+            return;
+        };
+        if entry.groups.get(group) != Some(&join) || entry.counted.contains(group) {
+            return;
+        }
+        entry.groups.remove(group);
+        if let Some(members) = table.groups.get_mut(group) {
+            members.remove(id);
+            if members.is_empty() {
+                table.groups.remove(group);
+            }
+        }
+    }
+
+    /// Hands a count of `group` that could not be taken off (its unbind failed) to the node's
+    /// unbinding task, to be tried again.
+    pub(crate) fn retry_removal(&self, group: GroupName) {
+        self.departed.lock().push(group);
+        self.departures.notify_one();
     }
 
     /// Removes a connection from a group; returns whether the node's topology counted it in
@@ -245,7 +284,7 @@ impl LocalConnections {
         let mut table = self.table.write();
         let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
         let counted = entry.counted.remove(group);
-        if !entry.groups.remove(group) {
+        if entry.groups.remove(group).is_none() {
             return Ok(counted);
         }
         if let Some(members) = table.groups.get_mut(group) {

@@ -36,9 +36,9 @@ fn registration_counts_and_dropping_the_inbox_deregisters() {
     let _other = table.register(id(2));
     assert_eq!((table.len(), counter.get()), (2, 2));
     let group = GroupName::new("g").unwrap();
-    assert_eq!(table.join(&id(1), &group), Ok(true));
-    assert_eq!(table.join(&id(1), &group), Ok(false));
-    assert!(table.counted(&id(1), &group), "its bind is done");
+    assert_eq!(table.join(&id(1), &group), Ok(Some(1)));
+    assert_eq!(table.join(&id(1), &group), Ok(None));
+    assert!(table.counted(&id(1), &group, 1), "its bind is done");
     drop(inbox);
     assert_eq!((table.len(), counter.get()), (1, 1));
     assert_eq!(table.members(&group), 0);
@@ -216,18 +216,18 @@ fn groups_reach_only_their_members() {
     let mut a = table.register(id(1));
     let mut b = table.register(id(2));
     let group = GroupName::new("g").unwrap();
-    table.join(&id(2), &group).unwrap();
+    let join = table.join(&id(2), &group).unwrap().unwrap();
     assert_eq!(table.deliver_group(&group, &message("members")), 1);
     assert_eq!(next_text(&mut a), None);
     assert_eq!(next_text(&mut b).as_deref(), Some("members"));
-    assert!(table.counted(&id(2), &group));
+    assert!(table.counted(&id(2), &group, join));
     assert_eq!(table.leave(&id(2), &group), Ok(true));
     assert_eq!(table.deliver_group(&group, &message("nobody")), 0);
 }
 
 /// A join's count is the connection's once its bind is done; a leave or a departure takes
-/// back only counts the connection has, and a join whose member left or went meanwhile is
-/// told to take its own back.
+/// back only counts the connection has, a join whose member left or went meanwhile is told to
+/// take its own back, and a failed join undoes only its own membership.
 #[tokio::test]
 async fn only_counted_memberships_are_taken_back() {
     let table = Arc::new(LocalConnections::new(
@@ -236,31 +236,35 @@ async fn only_counted_memberships_are_taken_back() {
         SlowClientPolicy::DropOldest,
         Metrics::new("a"),
     ));
-    let (red, blue, green) = (
-        GroupName::new("red").unwrap(),
-        GroupName::new("blue").unwrap(),
-        GroupName::new("green").unwrap(),
-    );
+    let group = |name: &str| GroupName::new(name).unwrap();
+    let (red, blue, green, gold) = (group("red"), group("blue"), group("green"), group("gold"));
     let a = table.register(id(1));
 
     // Left while binding: the leave takes nothing, the join takes its count back.
-    assert_eq!(table.join(&id(1), &red), Ok(true));
+    assert_eq!(table.join(&id(1), &red), Ok(Some(1)));
     assert_eq!(table.leave(&id(1), &red), Ok(false));
-    assert!(!table.counted(&id(1), &red));
+    assert!(!table.counted(&id(1), &red, 1));
 
-    // Left and joined again while the first join was binding: one count is kept.
-    assert_eq!(table.join(&id(1), &blue), Ok(true));
+    // Left and joined again while the first join was binding: the membership is the second
+    // join's, which keeps its count; the first gives its own back.
+    assert_eq!(table.join(&id(1), &blue), Ok(Some(2)));
     assert_eq!(table.leave(&id(1), &blue), Ok(false));
-    assert_eq!(table.join(&id(1), &blue), Ok(true));
-    assert!(
-        table.counted(&id(1), &blue),
-        "the first join's count is kept"
-    );
-    assert!(!table.counted(&id(1), &blue), "the second join's goes back");
+    assert_eq!(table.join(&id(1), &blue), Ok(Some(3)));
+    assert!(!table.counted(&id(1), &blue, 2));
+    assert!(table.counted(&id(1), &blue, 3));
+
+    // A failed join undoes its own membership only, never a later join's.
+    assert_eq!(table.join(&id(1), &gold), Ok(Some(4)));
+    assert_eq!(table.leave(&id(1), &gold), Ok(false));
+    assert_eq!(table.join(&id(1), &gold), Ok(Some(5)));
+    table.abandon(&id(1), &gold, 4);
+    assert_eq!(table.members(&gold), 1, "join 5's membership stays");
+    table.abandon(&id(1), &gold, 5);
+    assert_eq!(table.members(&gold), 0);
 
     // Gone while binding: the departure reports only what was counted.
-    assert_eq!(table.join(&id(1), &green), Ok(true));
+    assert_eq!(table.join(&id(1), &green), Ok(Some(6)));
     drop(a);
-    assert!(!table.counted(&id(1), &green));
+    assert!(!table.counted(&id(1), &green, 6));
     assert_eq!(table.departed_groups().await, vec![blue]);
 }
