@@ -10,6 +10,8 @@ pub(crate) struct NodeSample {
     pub(crate) id: String,
     pub(crate) connections: f64,
     pub(crate) registry_ops: f64,
+    /// The Redis commands those round trips cost (see [`REDIS_COMMANDS`]).
+    pub(crate) redis_commands: f64,
     pub(crate) registry_events: f64,
     pub(crate) publishes: [f64; 3],
     pub(crate) binds: f64,
@@ -19,6 +21,20 @@ pub(crate) struct NodeSample {
     pub(crate) cpu_ticks: u64,
     pub(crate) rss_mib: f64,
 }
+
+/// The Redis commands each registry operation of `RedisRegistry` sends: `put_node` (the
+/// heartbeat) is `MULTI`, `SET`, `SADD`, two `PEXPIRE`, `PUBLISH`, `EXEC`; `remove_node`
+/// `MULTI`, `DEL`, `SREM`, `PUBLISH`, `EXEC`; `node` `GET` and `PTTL`; the rest one each.
+pub(crate) const REDIS_COMMANDS: [(&str, f64); 8] = [
+    ("put_node", 7.0),
+    ("remove_node", 5.0),
+    ("node", 2.0),
+    ("nodes", 1.0),
+    ("watch", 1.0),
+    ("put_route", 1.0),
+    ("route", 1.0),
+    ("remove_route", 1.0),
+];
 
 /// Every node's counters at one moment.
 pub(crate) struct Snapshot {
@@ -39,6 +55,13 @@ impl Snapshot {
                 id: node.id.clone(),
                 connections: m("hybrid_cluster_connections", None),
                 registry_ops: m("hybrid_cluster_registry_operations_total", None),
+                redis_commands: REDIS_COMMANDS
+                    .iter()
+                    .map(|(op, commands)| {
+                        let label = format!("op=\"{op}\"");
+                        commands * m("hybrid_cluster_registry_operations_total", Some(&label))
+                    })
+                    .sum(),
                 registry_events: m("hybrid_cluster_registry_events_total", None),
                 publishes: [
                     m(

@@ -15,7 +15,7 @@ pub(crate) fn write_nodes(
 ) -> std::fmt::Result {
     writeln!(
         report,
-        "## Per node, over {seconds:.0} s of traffic\n\n| node | connections | registry round trips/s | discovery events/s | publishes/s (unicast / group / broadcast) | binds/s | unbinds/s | group bindings | deliveries from the broker/s | CPU % of a core | RSS MiB | KiB per connection |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "## Per node, over {seconds:.0} s of traffic\n\n| node | connections | registry round trips/s | Redis commands/s | discovery events/s | publishes/s (unicast / group / broadcast) | binds/s | unbinds/s | group bindings | deliveries from the broker/s | CPU % of a core | RSS MiB | KiB per connection |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     let mut total = NodeSample::default();
     let mut cpu_total = 0.0;
@@ -27,6 +27,7 @@ pub(crate) fn write_nodes(
             id: b.id.clone(),
             connections: b.connections,
             registry_ops: rate(a.registry_ops, b.registry_ops),
+            redis_commands: rate(a.redis_commands, b.redis_commands),
             registry_events: rate(a.registry_events, b.registry_events),
             publishes: [0, 1, 2].map(|i| rate(a.publishes[i], b.publishes[i])),
             binds: rate(a.binds, b.binds),
@@ -41,6 +42,7 @@ pub(crate) fn write_nodes(
         grown_total += grown;
         total.connections += row.connections;
         total.registry_ops += row.registry_ops;
+        total.redis_commands += row.redis_commands;
         total.registry_events += row.registry_events;
         for i in 0..3 {
             total.publishes[i] += row.publishes[i];
@@ -56,7 +58,7 @@ pub(crate) fn write_nodes(
     write_node_row(report, &total, cpu_total, grown_total)?;
     writeln!(
         report,
-        "\nKiB per connection: the node's resident memory grown since it had no connection, per connection (memberships, inbox and socket buffers included)."
+        "\nRedis commands/s: the node's registry round trips by operation, times the commands each sends (`REDIS_COMMANDS` in `measure.rs`); Redis's own count for the whole cluster is below. KiB per connection: the node's resident memory grown since it had no connection, per connection (memberships, inbox and socket buffers included)."
     )
 }
 
@@ -68,10 +70,11 @@ pub(crate) fn write_node_row(
 ) -> std::fmt::Result {
     writeln!(
         report,
-        "| {} | {:.0} | {:.1} | {:.1} | {:.0} / {:.0} / {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
+        "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} / {:.0} / {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
         row.id,
         row.connections,
         row.registry_ops,
+        row.redis_commands,
         row.registry_events,
         row.publishes[0],
         row.publishes[1],
