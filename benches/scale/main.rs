@@ -55,7 +55,10 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::clients::{CLIENTS_PER_PROCESS, Tally};
-use crate::measure::{RedisInfo, Snapshot, count_bindings, cpu_ticks, rabbit_pid, rss_mib};
+use hybrid_cluster_test_support::process::cpu_ticks;
+use hybrid_cluster_test_support::rabbitmq::broker_pid;
+
+use crate::measure::{RedisInfo, Snapshot, count_bindings, rss_mib};
 use crate::raw::raw_bindings;
 use crate::report::{write_nodes, write_requests};
 
@@ -351,7 +354,7 @@ async fn simulate(
     children.command("go").await?;
     sleep(Duration::from_secs(args.warmup)).await;
     let redis_before = RedisInfo::take().await?;
-    let rabbit_pid = rabbit_pid();
+    let rabbit_pid = broker_pid().await;
     let rabbit_before = rabbit_pid.and_then(cpu_ticks);
     let clients_before = children.cpu_ticks();
     children.command("reset").await?;

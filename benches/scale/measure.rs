@@ -2,6 +2,7 @@
 
 use hybrid_cluster_test_support::BoxError;
 use hybrid_cluster_test_support::node::NodeProgram;
+use hybrid_cluster_test_support::process::cpu_ticks;
 use hybrid_cluster_test_support::servers::redis_url;
 
 /// One node's counters at one moment.
@@ -120,30 +121,10 @@ pub(crate) fn metric(body: &str, name: &str, label: Option<&str>) -> f64 {
         .sum()
 }
 
-/// A process's user + system CPU time, in clock ticks (1/100 s).
-pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
 pub(crate) fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
-
-/// The pid of the RabbitMQ node the tests use.
-pub(crate) fn rabbit_pid() -> Option<u32> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["eval", "os:getpid()."])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .trim_matches('"')
-        .parse()
-        .ok()
 }
 
 /// The bindings of the cluster's exchanges, as RabbitMQ counts them.

@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo bench --bench suite                    # every section (about 3 to 5 minutes)
 //! cargo bench --bench suite -- --quick         # fewer messages, samples and connections
-//! cargo bench --bench suite -- latency memory  # some sections only (names or numbers 1-6)
+//! cargo bench --bench suite -- latency memory  # some sections only (names or numbers 1-7)
 //! ```
 //!
 //! `REDIS_URL` (default `redis://127.0.0.1:6379`) and `AMQP_URL` (default
@@ -29,6 +29,10 @@
 //! 6. `balance`: the balancer's pick cost at 10/100/1000 nodes and discovery timings (join,
 //!    graceful leave, crash), as `cargo bench -p hybrid-cluster-balance --bench pick` and
 //!    `cargo bench -p hybrid-cluster-discovery --bench timings` measure them in more detail.
+//! 7. `cpu`: CPU per delivered message at full rate, of the nodes (in a child process) and
+//!    RabbitMQ together, for unicast, a group of 20 members on two nodes, and a broadcast to
+//!    the first broadcast audience over 3 nodes; next to raw lapin's per message (its process
+//!    and RabbitMQ; durable queue, persistent messages, confirms and acks).
 //!
 //! Every run uses cluster prefixes of its own (`hc-suite:<run>:<section>`), shuts its nodes
 //! down and deletes what they leave (exchanges, the dead-letter queue, Redis keys). Every loop
@@ -46,6 +50,7 @@ mod balance;
 mod broadcast;
 mod child;
 mod clients;
+mod cpu;
 mod latency;
 mod local;
 mod machine;
@@ -83,13 +88,14 @@ pub(crate) const SECTION_LIMIT: Duration = Duration::from_secs(900);
 /// Where the table is written.
 pub(crate) const RESULTS: &str = "bench-results/suite.md";
 
-pub(crate) const SECTIONS: [&str; 6] = [
+pub(crate) const SECTIONS: [&str; 7] = [
     "throughput",
     "latency",
     "local",
     "broadcast",
     "memory",
     "balance",
+    "cpu",
 ];
 
 /// The suite's command line.
@@ -105,7 +111,7 @@ pub(crate) struct Options {
     /// Passed by `cargo bench` to benches without a harness; nothing to do with it.
     #[arg(long, hide = true)]
     bench: bool,
-    /// The sections to run, by name or number (1-6); every section when none is given.
+    /// The sections to run, by name or number (1-7); every section when none is given.
     #[arg(value_name = "SECTION", value_parser = section_named)]
     pub(crate) sections: Vec<&'static str>,
 }
@@ -127,7 +133,7 @@ pub(crate) fn section_named(arg: &str) -> Result<&'static str, String> {
         .enumerate()
         .find(|(i, name)| **name == arg || arg.parse::<usize>().is_ok_and(|n| n == i + 1))
         .map(|(_, name)| *name)
-        .ok_or_else(|| format!("expected a section ({} or 1-6)", SECTIONS.join(", ")))
+        .ok_or_else(|| format!("expected a section ({} or 1-7)", SECTIONS.join(", ")))
 }
 
 pub(crate) struct Sizes {
@@ -232,6 +238,7 @@ async fn run_section(ctx: &mut Ctx, section: &str) {
             "local" => local::run(ctx).await,
             "broadcast" => broadcast::run(ctx).await,
             "memory" => memory::run(ctx).await,
+            "cpu" => cpu::run(ctx).await,
             _ => balance::run(ctx).await,
         }
     };

@@ -12,21 +12,21 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::amqp::raw_lapin_rate;
 use crate::clients::{client, send_frame, seq_of};
 use crate::report::{Report, Verdict, median, rate, ratio};
-use crate::serve::{RunningNode, WAIT, start_nodes, stop_nodes};
+use crate::serve::{WAIT, start_nodes, stop_nodes};
 use crate::{Ctx, Ws, cleanup};
 
 /// What one cross-node throughput run saw.
 pub(crate) struct Unicast {
-    rate: f64,
-    lost: usize,
+    pub(crate) rate: f64,
+    pub(crate) lost: usize,
     out_of_order: usize,
 }
 
 /// `pairs` senders on `a`, each sending `total / pairs` messages without ids to its receiver
 /// on `b`, which counts them. Rate: messages received / (first send → last receipt).
 pub(crate) async fn unicast_run(
-    a: &RunningNode,
-    b: &RunningNode,
+    a: &str,
+    b: &str,
     pairs: usize,
     total: usize,
 ) -> Result<Unicast, BoxError> {
@@ -34,8 +34,8 @@ pub(crate) async fn unicast_run(
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for _ in 0..pairs {
-        let (sender, _) = client(&a.url(), None).await?;
-        let (receiver, receiver_id) = client(&b.url(), None).await?;
+        let (sender, _) = client(a, None).await?;
+        let (receiver, receiver_id) = client(b, None).await?;
         let frames: Vec<String> = (0..per_pair).map(|i| send_frame(&receiver_id, i)).collect();
         senders.push((sender, frames));
         receivers.push(receiver);
@@ -95,7 +95,7 @@ async fn receive(mut ws: Ws, expected: usize) -> (usize, usize, Instant) {
 
 /// A sender: writes `frames` as fast as it can, fed and flushed 16 at a time. Returns the
 /// socket, kept open until every receiver is done.
-async fn send(mut ws: Ws, frames: Vec<String>) -> Result<Ws, BoxError> {
+pub(crate) async fn send(mut ws: Ws, frames: Vec<String>) -> Result<Ws, BoxError> {
     for (i, frame) in frames.into_iter().enumerate() {
         timeout(WAIT, ws.feed(Message::text(frame)))
             .await
@@ -127,8 +127,9 @@ pub(crate) async fn throughput_rounds(
     let result = async {
         let (mut ones, mut fours, mut lost, mut late) = (Vec::new(), Vec::new(), 0, 0);
         for round in 1..=rounds {
-            let one = unicast_run(&nodes[0], &nodes[1], 1, n).await?;
-            let four = unicast_run(&nodes[0], &nodes[1], 4, n).await?;
+            let (a, b) = (nodes[0].url(), nodes[1].url());
+            let one = unicast_run(&a, &b, 1, n).await?;
+            let four = unicast_run(&a, &b, 4, n).await?;
             println!(
                 "  round {round}, {mode}: cluster 1 pair {:.0}, 4 pairs {:.0} msg/s",
                 one.rate, four.rate

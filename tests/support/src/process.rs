@@ -1,4 +1,5 @@
-//! What a process holds, read from `/proc` (Linux): its resident memory and its open files.
+//! What a process holds and uses, read from `/proc` (Linux): its resident memory, its open
+//! files and its CPU time.
 
 /// The resident memory of process `pid`, in KiB (`VmRSS`); `None` where it cannot be read.
 pub fn rss_kib(pid: u32) -> Option<u64> {
@@ -15,4 +16,13 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// The open file descriptors of process `pid`; `None` where they cannot be read.
 pub fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// The CPU time process `pid` has used (user and system), in clock ticks (1/100 s on
+/// Linux); `None` where it cannot be read.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }

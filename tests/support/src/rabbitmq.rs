@@ -25,6 +25,18 @@ pub async fn rabbitmqctl(args: &[&str]) -> Result<String, BoxError> {
     .await?
 }
 
+/// The operating-system pid of the RabbitMQ node `rabbitmqctl` talks to, to read its CPU
+/// and memory; `None` when it cannot be asked.
+pub async fn broker_pid() -> Option<u32> {
+    rabbitmqctl(&["eval", "os:getpid()."])
+        .await
+        .ok()?
+        .trim()
+        .trim_matches('"')
+        .parse()
+        .ok()
+}
+
 /// Stops the RabbitMQ application and starts it again (every connection drops; durable
 /// queues and persistent messages survive, transient ones do not), then waits until it
 /// serves again.
