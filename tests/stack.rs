@@ -440,17 +440,49 @@ async fn a_node_handle_cannot_join_a_group_and_says_why() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Custom backends: a broker whose consumer can be lost
+// Custom backends: a broker whose consumer can be lost, and whose group binds can wait
 
-/// The memory broker, whose consumer's state the test sets, as a broker that loses its
-/// consumer (and restores it) would report it.
+/// The memory broker with what a test scripts: the consumer state it reports (as a broker
+/// that loses its consumer, and restores it, would), or group binds that wait for the test's
+/// permit. Group binds and unbinds done are counted.
 #[derive(Debug)]
-struct LosingBroker {
+struct ScriptedBroker {
     inner: hybrid_cluster::MemoryBroker,
-    state: tokio::sync::watch::Sender<hybrid_cluster::ConsumerState>,
+    /// The consumer state reported, when the test scripts one.
+    state: Option<tokio::sync::watch::Sender<hybrid_cluster::ConsumerState>>,
+    gated: bool,
+    /// Told when a gated group bind starts waiting.
+    binding: std::sync::Arc<tokio::sync::Notify>,
+    /// A permit lets one gated group bind through.
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Group binds and unbinds done.
+    group_changes: std::sync::Arc<parking_lot::Mutex<(usize, usize)>>,
 }
 
-impl hybrid_cluster::Broker for LosingBroker {
+impl ScriptedBroker {
+    /// Reporting its consumer's state as the test sets it.
+    fn losing() -> Self {
+        let state = tokio::sync::watch::Sender::new(hybrid_cluster::ConsumerState::Consuming);
+        Self {
+            state: Some(state),
+            ..Self::gated(false)
+        }
+    }
+
+    /// With group binds waiting for the test's permits when `gated`.
+    fn gated(gated: bool) -> Self {
+        Self {
+            inner: hybrid_cluster::MemoryBroker::new(),
+            state: None,
+            gated,
+            binding: std::sync::Arc::new(tokio::sync::Notify::new()),
+            gate: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+            group_changes: std::sync::Arc::default(),
+        }
+    }
+}
+
+impl hybrid_cluster::Broker for ScriptedBroker {
     fn declare_queue(
         &self,
         node: &NodeId,
@@ -469,14 +501,39 @@ impl hybrid_cluster::Broker for LosingBroker {
         node: &NodeId,
         key: &hybrid_cluster::RoutingKey,
     ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
-        self.inner.bind(node, key)
+        let binding = self.inner.bind(node, key);
+        if !matches!(key, hybrid_cluster::RoutingKey::Group(_)) {
+            return binding;
+        }
+        let gate = self
+            .gated
+            .then(|| (self.binding.clone(), self.gate.clone()));
+        let changes = self.group_changes.clone();
+        Box::pin(async move {
+            if let Some((told, gate)) = gate {
+                told.notify_one();
+                gate.acquire().await.unwrap().forget();
+            }
+            let bound = binding.await;
+            changes.lock().0 += 1;
+            bound
+        })
     }
     fn unbind(
         &self,
         node: &NodeId,
         key: &hybrid_cluster::RoutingKey,
     ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
-        self.inner.unbind(node, key)
+        let unbinding = self.inner.unbind(node, key);
+        if !matches!(key, hybrid_cluster::RoutingKey::Group(_)) {
+            return unbinding;
+        }
+        let changes = self.group_changes.clone();
+        Box::pin(async move {
+            let unbound = unbinding.await;
+            changes.lock().1 += 1;
+            unbound
+        })
     }
     fn publish(
         &self,
@@ -499,7 +556,9 @@ impl hybrid_cluster::Broker for LosingBroker {
         &self,
         _: &NodeId,
     ) -> Option<tokio::sync::watch::Receiver<hybrid_cluster::ConsumerState>> {
-        Some(self.state.subscribe())
+        self.state
+            .as_ref()
+            .map(tokio::sync::watch::Sender::subscribe)
     }
 }
 
@@ -509,10 +568,7 @@ impl hybrid_cluster::Broker for LosingBroker {
 #[tokio::test]
 async fn a_node_that_cannot_receive_is_degraded_until_it_can() {
     use hybrid_cluster::{ConsumerState, NodeStatus};
-    let broker = std::sync::Arc::new(LosingBroker {
-        inner: hybrid_cluster::MemoryBroker::new(),
-        state: tokio::sync::watch::Sender::new(ConsumerState::Consuming),
-    });
+    let broker = std::sync::Arc::new(ScriptedBroker::losing());
     let backends = Backends::Custom {
         registry: std::sync::Arc::new(hybrid_cluster::MemoryRegistry::new()),
         broker: broker.clone(),
@@ -535,9 +591,13 @@ async fn a_node_that_cannot_receive_is_degraded_until_it_can() {
             .find(|n| n.node_id == *cluster.node_id())
             .map(|n| n.status)
     };
-    broker.state.send_replace(ConsumerState::Interrupted {
-        reason: "its queue was deleted".to_owned(),
-    });
+    broker
+        .state
+        .as_ref()
+        .unwrap()
+        .send_replace(ConsumerState::Interrupted {
+            reason: "its queue was deleted".to_owned(),
+        });
     within(
         "the node is degraded in its record",
         cluster
@@ -554,7 +614,11 @@ async fn a_node_that_cannot_receive_is_degraded_until_it_can() {
     let refused = connect_async(format!("ws://127.0.0.1:{port}/ws")).await;
     assert!(refused.is_err(), "a degraded node accepted a client");
 
-    broker.state.send_replace(ConsumerState::Consuming);
+    broker
+        .state
+        .as_ref()
+        .unwrap()
+        .send_replace(ConsumerState::Consuming);
     within(
         "the node is active again",
         cluster
@@ -935,100 +999,12 @@ async fn the_placement_route_names_a_node_or_answers_503() {
     b.shutdown().await.unwrap();
 }
 
-// ---------------------------------------------------------------------------------------------
-// Custom backends: a broker whose group binds wait for the test
-
-/// The memory broker, whose group binds wait until the test lets them through.
-#[derive(Debug)]
-struct GatedBroker {
-    inner: hybrid_cluster::MemoryBroker,
-    /// Told when a group bind starts waiting.
-    binding: std::sync::Arc<tokio::sync::Notify>,
-    /// A permit lets one group bind through.
-    gate: std::sync::Arc<tokio::sync::Semaphore>,
-    /// Group binds and unbinds done.
-    group_changes: std::sync::Arc<parking_lot::Mutex<(usize, usize)>>,
-}
-
-impl hybrid_cluster::Broker for GatedBroker {
-    fn declare_queue(
-        &self,
-        node: &NodeId,
-        options: &hybrid_cluster::QueueOptions,
-    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
-        self.inner.declare_queue(node, options)
-    }
-    fn delete_queue(
-        &self,
-        node: &NodeId,
-    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
-        self.inner.delete_queue(node)
-    }
-    fn bind(
-        &self,
-        node: &NodeId,
-        key: &hybrid_cluster::RoutingKey,
-    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
-        let binding = self.inner.bind(node, key);
-        if !matches!(key, hybrid_cluster::RoutingKey::Group(_)) {
-            return binding;
-        }
-        let (told, gate) = (self.binding.clone(), self.gate.clone());
-        let changes = self.group_changes.clone();
-        Box::pin(async move {
-            told.notify_one();
-            gate.acquire().await.unwrap().forget();
-            let bound = binding.await;
-            changes.lock().0 += 1;
-            bound
-        })
-    }
-    fn unbind(
-        &self,
-        node: &NodeId,
-        key: &hybrid_cluster::RoutingKey,
-    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::BrokerError>> {
-        let unbinding = self.inner.unbind(node, key);
-        if !matches!(key, hybrid_cluster::RoutingKey::Group(_)) {
-            return unbinding;
-        }
-        let changes = self.group_changes.clone();
-        Box::pin(async move {
-            let unbound = unbinding.await;
-            changes.lock().1 += 1;
-            unbound
-        })
-    }
-    fn publish(
-        &self,
-        key: &hybrid_cluster::RoutingKey,
-        message: hybrid_cluster::BrokerMessage,
-    ) -> futures_util::future::BoxFuture<'static, Result<(), hybrid_cluster::PublishError>> {
-        self.inner.publish(key, message)
-    }
-    fn consume(
-        &self,
-        node: &NodeId,
-        options: &hybrid_cluster::ConsumeOptions,
-    ) -> futures_util::future::BoxFuture<
-        'static,
-        Result<hybrid_cluster::Deliveries, hybrid_cluster::BrokerError>,
-    > {
-        self.inner.consume(node, options)
-    }
-}
-
 /// A client that closes while its join is still binding leaves no binding behind: the node
 /// takes back the count its join got (before, the departure found nothing counted to take
 /// off, and the late bind kept the group bound for good).
 #[tokio::test]
 async fn a_client_gone_while_its_join_binds_leaves_no_binding() {
-    let broker = std::sync::Arc::new(GatedBroker {
-        inner: hybrid_cluster::MemoryBroker::new(),
-        binding: std::sync::Arc::new(tokio::sync::Notify::new()),
-        gate: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
-        group_changes: std::sync::Arc::default(),
-    });
+    let broker = std::sync::Arc::new(ScriptedBroker::gated(true));
     let backends = Backends::Custom {
         registry: std::sync::Arc::new(hybrid_cluster::MemoryRegistry::new()),
         broker: broker.clone(),
