@@ -418,7 +418,8 @@ pub trait Broker: fmt::Debug + Send + Sync + 'static {
     /// Follows the consumer of `node` started by [`consume`](Broker::consume): whether it is
     /// taking deliveries now, as that changes. `None` when there is no such consumer, or the
     /// broker does not say (the default): its consumers are then never lost while their
-    /// streams live.
+    /// streams live. A broker that says drops the sender once the consumer is gone (its
+    /// stream dropped): a node that shuts down waits for that to know it receives no more.
     fn consumer_state(&self, node: &NodeId) -> Option<watch::Receiver<ConsumerState>> {
         let _ = node;
         None
