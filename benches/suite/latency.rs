@@ -1,11 +1,15 @@
 //! Section 2: cross-node one-way latency, next to raw AMQP and a raw WebSocket echo.
 
+use std::time::Duration;
+
 use hybrid_cluster::Durability;
 use hybrid_cluster_test_support::BoxError;
+use tokio::time::Instant;
 
 use crate::probes::{Probe, measure};
 use crate::report::{Lat, Report, Verdict, ratio, us};
 use crate::serve::{start_nodes, stop_nodes};
+use crate::stages::{self, Mark, STAGE_NAMES};
 use crate::{Ctx, cleanup};
 
 /// Measures and reports the section.
@@ -22,19 +26,76 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
             Probe::echo().await?,
             Probe::one_way(&durable_nodes[0].url(), &durable_nodes[1].url()).await?,
         ];
-        measure(probes, samples).await
+        let latencies = measure(probes, samples).await?;
+        let stages = breakdown(&nodes[0].url(), &nodes[1].url(), samples.min(2_000)).await?;
+        Ok::<_, BoxError>((latencies, stages))
     }
     .await;
     stop_nodes(nodes).await;
     stop_nodes(durable_nodes).await;
     cleanup(&prefix).await;
     cleanup(&durable_prefix).await;
-    let (ours, amqp, ws, durable) = match result?[..] {
+    let (latencies, stages) = result?;
+    let (ours, amqp, ws, durable) = match latencies[..] {
         [ours, amqp, ws, durable] => (ours, amqp, ws, durable),
         _ => return Err("four measures expected".into()),
     };
     report(&mut ctx.report, ours, amqp, ws, durable, samples);
+    for (name, lat) in STAGE_NAMES.iter().zip(stages) {
+        ctx.report.row(
+            format!("2. breakdown, transient: {name}"),
+            lat.show(),
+            "—",
+            "—",
+            "—",
+            Verdict::Info,
+        );
+    }
     Ok(())
+}
+
+/// Where a lone message's time goes (see [`stages`]): `samples` messages one at a time from
+/// a client on `from` to one on `to`, with the nodes' marks recorded; per stage, its
+/// p50/p99/p999.
+async fn breakdown(from: &str, to: &str, samples: usize) -> Result<Vec<Lat>, BoxError> {
+    let mut probe = Probe::one_way(from, to).await?;
+    for _ in 0..200 {
+        probe.sample().await?;
+    }
+    let mut per_stage: Vec<Vec<Duration>> = vec![Vec::new(); STAGE_NAMES.len()];
+    stages::start();
+    let measured = async {
+        for _ in 0..samples {
+            stages::take();
+            let sent = Instant::now();
+            let elapsed = probe.sample().await?;
+            let received = sent + elapsed;
+            // The confirmation may come after the receipt: wait for it, a little.
+            let mut marks = stages::take();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !marks.iter().any(|(m, _)| *m == Mark::SendClosed) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_micros(100)).await;
+                marks.extend(stages::take());
+            }
+            if std::env::var_os("HC_DEBUG_STAGES").is_some() {
+                eprintln!(
+                    "marks: {:?}",
+                    marks.iter().map(|(m, _)| *m).collect::<Vec<_>>()
+                );
+            }
+            if let Some(stages) = stages::stages(&marks, sent, received) {
+                for (all, stage) in per_stage.iter_mut().zip(stages) {
+                    all.push(stage);
+                }
+            }
+        }
+        Ok::<_, BoxError>(())
+    }
+    .await;
+    stages::stop();
+    probe.close().await;
+    measured?;
+    Ok(per_stage.iter().map(|all| Lat::of(all)).collect())
 }
 
 /// The rows of the section: ours next to the sum of its parts.

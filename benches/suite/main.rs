@@ -58,6 +58,7 @@ mod memory;
 mod probes;
 mod report;
 mod serve;
+mod stages;
 mod throughput;
 
 use std::time::Duration;
@@ -74,7 +75,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::machine::fd_limit;
 use crate::report::{Report, Verdict};
-use crate::serve::{NODE_NAMES, WAIT, init_logging, runtime};
+use crate::serve::{NODE_NAMES, WAIT, runtime};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Sink = SplitSink<Ws, Message>;
@@ -204,7 +205,7 @@ pub(crate) fn tag() -> String {
 }
 
 fn main() -> Result<(), BoxError> {
-    init_logging();
+    serve::init_logging_with(stages::layer());
     let options = Options::parse_args();
     let runtime = runtime()?;
     let mut ctx = Ctx {

@@ -140,13 +140,23 @@ pub(crate) async fn echo_server(
     Ok((port, task))
 }
 
-/// Warnings to stderr (`RUST_LOG` chooses), lapin's own off.
-pub(crate) fn init_logging() {
+/// Warnings to stderr (`RUST_LOG` chooses), lapin's own off, with `extra` beside it.
+pub(crate) fn init_logging_with<L>(extra: L)
+where
+    L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync,
+{
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let _ = tracing_subscriber::registry()
+        .with(extra)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
         .try_init();
 }
 

@@ -25,7 +25,9 @@ use hybrid_cluster::{ClusterPrefix, Durability};
 use hybrid_cluster_test_support::BoxError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::serve::{echo_server, init_logging, runtime, small_buffers, start_nodes, stop_nodes};
+use crate::serve::{
+    echo_server, init_logging_with, runtime, small_buffers, start_nodes, stop_nodes,
+};
 
 /// The child's command line: what to serve.
 #[derive(Debug, Parser)]
@@ -64,7 +66,7 @@ enum Buffers {
 }
 
 fn main() -> Result<(), BoxError> {
-    init_logging();
+    init_logging_with(tracing_subscriber::layer::Identity::new());
     let args = Args::parse();
     let runtime = runtime()?;
     runtime.block_on(serve(args.serve))?;
