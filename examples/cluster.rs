@@ -165,19 +165,12 @@ fn args() -> Result<Args, BoxError> {
     // One fixed prefix: every run reuses the same exchange and dead-letter queue in RabbitMQ
     // rather than leaving new ones behind (nodes remove their own queues and keys on leaving).
     let prefix = ClusterPrefix::new("hybrid-cluster-demo")?;
-    let mut amqp = amqp.into_iter();
-    let first = amqp.next();
-    let (backends, servers) = match (redis, first) {
-        (None, Some(first)) if !redis_cluster.is_empty() => {
-            (Backends::redis_cluster(redis_cluster, first), true)
-        }
-        (Some(redis), Some(first)) => (Backends::servers(redis, first), true),
-        (None, None) if redis_cluster.is_empty() => (Backends::embedded(), false),
-        _ => return Err("give --redis (or --redis-cluster) and --amqp, or neither".into()),
-    };
+    let (backends, amqp_fallbacks) = Backends::from_addresses(redis, redis_cluster, amqp)
+        .map_err(|_| "give --redis (or --redis-cluster) and --amqp, or neither")?;
+    let servers = !matches!(backends, Backends::Embedded { .. });
     Ok(Args {
         backends,
-        amqp_fallbacks: amqp.collect(),
+        amqp_fallbacks,
         prefix,
         servers,
     })

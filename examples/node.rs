@@ -173,18 +173,12 @@ impl From<Placement> for PlacementMode {
 impl Args {
     /// The cluster's and the server's configuration, and the backends, from the flags.
     fn into_config(self) -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
-        let mut amqp = self.amqp.into_iter();
-        let backends = match (self.redis, amqp.next()) {
-            (None, Some(first)) if !self.redis_cluster.is_empty() => {
-                Backends::redis_cluster(self.redis_cluster, first)
-            }
-            (Some(redis), Some(first)) => Backends::servers(redis, first),
-            (None, None) if self.redis_cluster.is_empty() => {
-                tracing::warn!("no --redis/--amqp: a lone node on the embedded backends");
-                Backends::embedded()
-            }
-            _ => return Err("give --redis (or --redis-cluster) and --amqp, or neither".into()),
-        };
+        let (backends, amqp_fallbacks) =
+            Backends::from_addresses(self.redis, self.redis_cluster, self.amqp)
+                .map_err(|_| "give --redis (or --redis-cluster) and --amqp, or neither")?;
+        if matches!(backends, Backends::Embedded { .. }) {
+            tracing::warn!("no --redis/--amqp: a lone node on the embedded backends");
+        }
         // The cluster secret, when HYBRID_CLUSTER_SECRET is set: never on the command line,
         // where other users of the machine could read it.
         let mut config =
@@ -193,7 +187,7 @@ impl Args {
             tracing::info!("HYBRID_CLUSTER_SECRET is set: node-to-node traffic is signed");
         }
         // The other nodes of a RabbitMQ cluster, tried after the first.
-        config.rabbitmq.fallback_urls = amqp.collect();
+        config.rabbitmq.fallback_urls = amqp_fallbacks;
         config.strategy = self.strategy;
         config.placement_mode = self.placement.into();
         if let Some(prefix) = self.prefix {

@@ -121,7 +121,35 @@ impl Backends {
     pub fn redis_cluster(seeds: Vec<RedisUrl>, amqp: AmqpUrl) -> Self {
         Self::RedisCluster { seeds, amqp }
     }
+
+    /// The backends a program's address options name, as the node program and the demo take
+    /// them: Redis (`redis`) or a Redis Cluster (`redis_cluster`, its seeds) together with
+    /// RabbitMQ (`amqp`: the nodes of a RabbitMQ cluster, the first tried first), or none of
+    /// them for the embedded backends. Returns the backends and the rest of `amqp`, for
+    /// [`RabbitConfig::fallback_urls`].
+    pub fn from_addresses(
+        redis: Option<RedisUrl>,
+        redis_cluster: Vec<RedisUrl>,
+        amqp: Vec<AmqpUrl>,
+    ) -> Result<(Self, Vec<AmqpUrl>), IncompleteBackends> {
+        let mut amqp = amqp.into_iter();
+        let backends = match (redis, amqp.next()) {
+            (None, Some(first)) if !redis_cluster.is_empty() => {
+                Self::redis_cluster(redis_cluster, first)
+            }
+            (Some(redis), Some(first)) if redis_cluster.is_empty() => Self::servers(redis, first),
+            (None, None) if redis_cluster.is_empty() => Self::embedded(),
+            _ => return Err(IncompleteBackends),
+        };
+        Ok((backends, amqp.collect()))
+    }
 }
+
+/// Addresses that name only part of the backends: Redis (or a Redis Cluster) without
+/// RabbitMQ, or the other way round, or both Redis and a Redis Cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("give Redis (or a Redis Cluster) and RabbitMQ, or neither")]
+pub struct IncompleteBackends;
 
 /// How one node of the cluster runs.
 #[derive(Clone, Debug)]
@@ -250,5 +278,51 @@ impl ClusterConfig {
             self.secret = Some(secret);
         }
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redis(port: u16) -> RedisUrl {
+        format!("redis://127.0.0.1:{port}").parse().unwrap()
+    }
+
+    fn amqp(port: u16) -> AmqpUrl {
+        format!("amqp://127.0.0.1:{port}/%2f").parse().unwrap()
+    }
+
+    #[test]
+    fn backends_from_addresses() {
+        let (backends, rest) = Backends::from_addresses(None, vec![], vec![]).unwrap();
+        assert!(matches!(backends, Backends::Embedded { .. }) && rest.is_empty());
+
+        let (backends, rest) =
+            Backends::from_addresses(Some(redis(6379)), vec![], vec![amqp(1), amqp(2), amqp(3)])
+                .unwrap();
+        assert!(matches!(backends, Backends::Servers { amqp: ref first, .. } if *first == amqp(1)));
+        assert_eq!(
+            rest,
+            [amqp(2), amqp(3)],
+            "the cluster's other nodes, in order"
+        );
+
+        let (backends, rest) =
+            Backends::from_addresses(None, vec![redis(7000), redis(7001)], vec![amqp(1)]).unwrap();
+        assert!(matches!(backends, Backends::RedisCluster { ref seeds, .. } if seeds.len() == 2));
+        assert!(rest.is_empty());
+
+        for (redis_url, seeds, amqp_urls) in [
+            (Some(redis(6379)), vec![], vec![]),
+            (None, vec![redis(7000)], vec![]),
+            (None, vec![], vec![amqp(1)]),
+            (Some(redis(6379)), vec![redis(7000)], vec![amqp(1)]),
+        ] {
+            assert_eq!(
+                Backends::from_addresses(redis_url, seeds, amqp_urls).err(),
+                Some(IncompleteBackends)
+            );
+        }
     }
 }

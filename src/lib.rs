@@ -25,7 +25,7 @@ pub use hybrid_cluster_routing as routing;
 
 // Everything else has one path: here.
 pub use cluster::{Cluster, PlacementAdvice};
-pub use config::{Backends, ClusterConfig, PlacementMode, SlowClientPolicy};
+pub use config::{Backends, ClusterConfig, IncompleteBackends, PlacementMode, SlowClientPolicy};
 pub use error::{ClusterError, SendError, error_chain};
 pub use handle::{
     ClusterConnection, ClusterHandle, Confirmation, ConnectionSlot, OrderedSender, Payload,
