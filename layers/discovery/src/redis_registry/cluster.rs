@@ -67,15 +67,11 @@ impl RedisRegistry<ClusterConnection> {
             .collect::<Result<Seeds, _>>()
             .map_err(classify)?;
         let client = builder(&infos, &options).build().map_err(classify)?;
-        let connection = tokio::time::timeout(
+        let connection = super::within(
             options.connection_timeout * 3,
             client.get_async_connection(),
         )
-        .await
-        .map_err(|elapsed| RegistryError::Unavailable {
-            source: Box::new(elapsed),
-        })?
-        .map_err(classify)?;
+        .await?;
         Ok(Self {
             connection,
             subscriber: Subscriber::Sharded(infos),
@@ -152,12 +148,7 @@ pub(super) async fn watch_sharded(
         connection.ssubscribe(keys.events_channel()).await?;
         Ok::<_, redis::RedisError>(connection)
     };
-    let connection = tokio::time::timeout(limit, subscribe)
-        .await
-        .map_err(|elapsed| RegistryError::Unavailable {
-            source: Box::new(elapsed),
-        })?
-        .map_err(classify)?;
+    let connection = super::within(limit, subscribe).await?;
     let events = futures_util::stream::poll_fn(move |cx| {
         // The connection keeps the subscription as long as the stream.
         let _subscription = &connection;

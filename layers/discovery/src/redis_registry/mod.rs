@@ -117,6 +117,20 @@ fn classify(error: RedisError) -> RegistryError {
     }
 }
 
+/// Runs a Redis step (connecting, subscribing) within `limit`: past it the registry is
+/// unavailable, and a Redis error is classified as any other.
+async fn within<T>(
+    limit: Duration,
+    step: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, RegistryError> {
+    tokio::time::timeout(limit, step)
+        .await
+        .map_err(|elapsed| RegistryError::Unavailable {
+            source: Box::new(elapsed),
+        })?
+        .map_err(classify)
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
@@ -154,15 +168,11 @@ impl RedisRegistry<ConnectionManager> {
             .set_connection_timeout(Some(options.connection_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        let connection = tokio::time::timeout(
+        let connection = within(
             options.connection_timeout * 3,
             client.get_connection_manager_with_config(config),
         )
-        .await
-        .map_err(|elapsed| RegistryError::Unavailable {
-            source: Box::new(elapsed),
-        })?
-        .map_err(classify)?;
+        .await?;
         Ok(Self {
             connection,
             subscriber: Subscriber::Single(Box::new(client)),
@@ -426,12 +436,7 @@ async fn watch_single(
         pubsub.subscribe(keys.events_channel()).await?;
         Ok::<_, RedisError>(pubsub)
     };
-    let pubsub = tokio::time::timeout(limit, subscribe)
-        .await
-        .map_err(|elapsed| RegistryError::Unavailable {
-            source: Box::new(elapsed),
-        })?
-        .map_err(classify)?;
+    let pubsub = within(limit, subscribe).await?;
     let (sink, stream) = pubsub.split();
     let events = stream.filter_map(move |message| {
         // The sink keeps the subscription's connection open as long as the stream.
