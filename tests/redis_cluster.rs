@@ -28,11 +28,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn seeds() -> Vec<RedisUrl> {
-    std::env::var("REDIS_CLUSTER_URLS")
-        .unwrap_or_else(|_| {
-            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".to_owned()
-        })
-        .split(',')
+    servers::redis_cluster_urls()
+        .iter()
         .map(|seed| seed.parse().expect("REDIS_CLUSTER_URLS holds Redis URLs"))
         .collect()
 }

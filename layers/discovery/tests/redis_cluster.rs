@@ -24,11 +24,8 @@ use tokio_stream::StreamExt;
 
 /// The cluster's seeds: `REDIS_CLUSTER_URLS`, by default the loopback cluster's masters.
 fn seeds() -> Vec<RedisUrl> {
-    std::env::var("REDIS_CLUSTER_URLS")
-        .unwrap_or_else(|_| {
-            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".to_owned()
-        })
-        .split(',')
+    servers::redis_cluster_urls()
+        .iter()
         .map(|seed| seed.parse().expect("REDIS_CLUSTER_URLS holds Redis URLs"))
         .collect()
 }

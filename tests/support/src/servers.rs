@@ -12,6 +12,18 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The loopback Redis Cluster's seeds (`scripts/redis-cluster.sh`: its three masters), or the
+/// comma-separated ones in `REDIS_CLUSTER_URLS`.
+pub fn redis_cluster_urls() -> Vec<String> {
+    std::env::var("REDIS_CLUSTER_URLS")
+        .unwrap_or_else(|_| {
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".to_owned()
+        })
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A cluster prefix no other test or run uses: `{what}-{random}`.
 pub fn unique_prefix(what: &str) -> String {
     let nanos = std::time::SystemTime::now()
