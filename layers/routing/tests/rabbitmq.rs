@@ -1244,8 +1244,18 @@ async fn a_quorum_queue_is_deleted_only_once_empty() {
     assert!(refused.is_err(), "unroutable once unbound: {refused:?}");
     assert_eq!(queue_depth(&cluster, "b").await, 1, "still there");
 
+    take_one(&broker, &b).await;
+    // The broker knows a queue is a quorum queue from its declaration (as a node's own).
+    broker.declare_queue(&b, &options).await.unwrap();
+    assert!(broker.delete_queue_if_empty(&b).await.unwrap(), "empty now");
+    assert_eq!(broker.reconnections(), 0, "the connection stayed up");
+    cluster.clean_up().await;
+}
+
+/// Consumes `node`'s queue for one message and acknowledges it, then stops consuming.
+async fn take_one(broker: &RabbitBroker, node: &NodeId) {
     let mut deliveries = broker
-        .consume(&b, &ConsumeOptions { prefetch: 1 })
+        .consume(node, &ConsumeOptions { prefetch: 1 })
         .await
         .unwrap();
     let delivery = tokio::time::timeout(WAIT, deliveries.next())
@@ -1254,12 +1264,6 @@ async fn a_quorum_queue_is_deleted_only_once_empty() {
         .unwrap()
         .unwrap();
     delivery.acker.ack().await.unwrap();
-    drop(deliveries);
-    // The broker knows a queue is a quorum queue from its declaration (as a node's own).
-    broker.declare_queue(&b, &options).await.unwrap();
-    assert!(broker.delete_queue_if_empty(&b).await.unwrap(), "empty now");
-    assert_eq!(broker.reconnections(), 0, "the connection stayed up");
-    cluster.clean_up().await;
 }
 
 /// A queue holding messages is not deleted by `delete_queue_if_empty` (a node leaving lets a
@@ -1286,17 +1290,7 @@ async fn a_queue_is_deleted_only_once_empty() {
         "the queue and its message are still there"
     );
 
-    let mut deliveries = broker
-        .consume(&b, &ConsumeOptions { prefetch: 1 })
-        .await
-        .unwrap();
-    let delivery = tokio::time::timeout(WAIT, deliveries.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    delivery.acker.ack().await.unwrap();
-    drop(deliveries);
+    take_one(&broker, &b).await;
     assert!(broker.delete_queue_if_empty(&b).await.unwrap(), "empty now");
     cluster.clean_up().await;
 }
