@@ -38,8 +38,10 @@ use hdrhistogram::Histogram;
 use hybrid_cluster_test_support::BoxError;
 use hybrid_cluster_test_support::client::Client;
 use hybrid_cluster_test_support::limits::raise_open_files;
-use hybrid_cluster_test_support::node::{NodeOptions, NodeProgram, build_release_node_program};
-use hybrid_cluster_test_support::servers::{remove_cluster, unique_prefix};
+use hybrid_cluster_test_support::node::{
+    NodeOptions, NodeProgram, build_release_node_program, start_programs, stop_programs,
+};
+use hybrid_cluster_test_support::servers::unique_prefix;
 use parking_lot::{Mutex, RwLock};
 use rand::distr::{Distribution, Uniform};
 use rand::rngs::StdRng;
@@ -459,24 +461,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .arg("--max-connections", args.connections * 2)
         // The default heartbeat, as a deployment would run.
         .arg("--heartbeat-ms", 5_000);
-    let mut nodes = Vec::new();
-    for i in 0..args.nodes {
-        nodes.push(NodeProgram::start(&format!("soak-{i}"), &options).await?);
-    }
-    for node in &nodes {
-        node.wait_for_nodes(args.nodes, Duration::from_secs(30))
-            .await?;
-    }
-    let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+    let nodes = start_programs("soak", args.nodes, &options, Duration::from_secs(30)).await?;
     let result = soak(&args, &nodes).await;
-    for node in &nodes {
-        let _ = node.signal("TERM");
-    }
-    for node in &mut nodes {
-        let _ = node.wait_exit(Duration::from_secs(10)).await;
-    }
-    drop(nodes);
-    remove_cluster(&prefix, &ids).await;
+    stop_programs(nodes, &prefix, Duration::from_secs(10)).await;
     result
 }
 

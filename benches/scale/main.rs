@@ -47,8 +47,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use hybrid_cluster_test_support::BoxError;
-use hybrid_cluster_test_support::node::{NodeOptions, NodeProgram, build_release_node_program};
-use hybrid_cluster_test_support::servers::{amqp_url, redis_url, remove_cluster, unique_prefix};
+use hybrid_cluster_test_support::node::{
+    NodeOptions, NodeProgram, build_release_node_program, start_programs, stop_programs,
+};
+use hybrid_cluster_test_support::servers::{amqp_url, redis_url, unique_prefix};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -193,24 +195,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         log_filter: "warn".to_owned(),
         ..options
     };
-    let mut nodes = Vec::new();
-    for i in 0..args.nodes {
-        nodes.push(NodeProgram::start(&format!("scale-{i}"), &options).await?);
-    }
-    for node in &nodes {
-        node.wait_for_nodes(args.nodes, Duration::from_secs(60))
-            .await?;
-    }
-    let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+    let nodes = start_programs("scale", args.nodes, &options, Duration::from_secs(60)).await?;
     let result = simulate(&args, &prefix, &nodes, &mut report).await;
-    for node in &nodes {
-        let _ = node.signal("TERM");
-    }
-    for node in &mut nodes {
-        let _ = node.wait_exit(Duration::from_secs(20)).await;
-    }
-    drop(nodes);
-    remove_cluster(&prefix, &ids).await;
+    stop_programs(nodes, &prefix, Duration::from_secs(20)).await;
     result?;
     println!("\n{report}");
     if let Some(dir) = args.report.parent() {

@@ -276,6 +276,38 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), BoxError> 
     Ok((status, body.to_owned()))
 }
 
+/// Starts `count` node programs `{name}-0`, `{name}-1`… with `options`, and waits until each
+/// sees them all (each within `bound`), for benchmarks.
+pub async fn start_programs(
+    name: &str,
+    count: usize,
+    options: &NodeOptions,
+    bound: Duration,
+) -> Result<Vec<NodeProgram>, BoxError> {
+    let mut nodes = Vec::with_capacity(count);
+    for i in 0..count {
+        nodes.push(NodeProgram::start(&format!("{name}-{i}"), options).await?);
+    }
+    for node in &nodes {
+        node.wait_for_nodes(count, bound).await?;
+    }
+    Ok(nodes)
+}
+
+/// Stops node programs as a deployment would (SIGTERM, each given `bound` to exit, killed
+/// past it), then removes whatever their cluster `prefix` left in Redis and RabbitMQ.
+pub async fn stop_programs(mut nodes: Vec<NodeProgram>, prefix: &str, bound: Duration) {
+    let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+    for node in &nodes {
+        let _ = node.signal("TERM");
+    }
+    for node in &mut nodes {
+        let _ = node.wait_exit(bound).await;
+    }
+    drop(nodes);
+    crate::servers::remove_cluster(prefix, &ids).await;
+}
+
 /// Node programs started by one test under a cluster prefix of its own. On drop, paused
 /// nodes are resumed and every node is killed, RabbitMQ is started again if a test left it
 /// stopped, and whatever the cluster left in Redis and RabbitMQ is removed.
