@@ -219,6 +219,30 @@ impl TestCluster {
         }
     }
 
+    /// The (queue, routing key) bindings of this cluster's exchange for groups, from
+    /// RabbitMQ itself.
+    async fn group_bindings(&self) -> Vec<(String, String)> {
+        let listing = hybrid_cluster_test_support::rabbitmq::rabbitmqctl(&[
+            "list_bindings",
+            "-q",
+            "--no-table-headers",
+            "source_name",
+            "destination_name",
+            "routing_key",
+        ])
+        .await
+        .unwrap();
+        listing
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split('\t');
+                let (source, queue, key) = (fields.next()?, fields.next()?, fields.next()?);
+                (source == self.prefix.as_str() && key.starts_with("group"))
+                    .then(|| (queue.to_owned(), key.to_owned()))
+            })
+            .collect()
+    }
+
     fn index_key(&self) -> String {
         format!("{{{}}}:nodes", self.prefix)
     }
@@ -686,6 +710,23 @@ async fn with_group_buckets_a_group_still_reaches_only_its_members() {
         );
         assert_eq!(member.next_json().await, json!({"type": "ack", "id": 1}));
     }
+    // In RabbitMQ, the group keys are the bucket's: a and b bound to it, c (no member) not,
+    // and no per-group key anywhere.
+    let mut group_bindings = tc.group_bindings().await;
+    group_bindings.sort();
+    assert_eq!(
+        group_bindings,
+        [
+            (
+                format!("{}:node:buckets-a", tc.prefix),
+                "group-bucket.0".to_owned()
+            ),
+            (
+                format!("{}:node:buckets-b", tc.prefix),
+                "group-bucket.0".to_owned()
+            ),
+        ]
+    );
     let to_g = |from: &Client, data: &str| json!({"type": "group", "group": "g", "from": from.id, "data": data});
     let marker = |from: &Client, n: u32| json!({"type": "broadcast", "from": from.id, "data": {"marker": n}});
 
