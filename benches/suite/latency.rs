@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::probes::{Probe, measure};
 use crate::report::{Lat, Report, Verdict, ratio, us};
 use crate::serve::{start_nodes, stop_nodes};
-use crate::stages::{self, Mark, STAGE_NAMES};
+use crate::stages::{self, Mark, STAGE_NAMES, STAGES};
 use crate::{Ctx, cleanup};
 
 /// Measures and reports the section.
@@ -41,30 +41,24 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
         _ => return Err("four measures expected".into()),
     };
     report(&mut ctx.report, ours, amqp, ws, durable, samples);
-    for (name, lat) in STAGE_NAMES.iter().zip(stages) {
-        ctx.report.row(
-            format!("2. breakdown, transient: {name}"),
-            lat.show(),
-            "—",
-            "—",
-            "—",
-            Verdict::Info,
-        );
-    }
+    report_breakdown(&mut ctx.report, &stages, samples.min(2_000));
     Ok(())
 }
 
 /// Where a lone message's time goes (see [`stages`]): `samples` messages one at a time from
-/// a client on `from` to one on `to`, with the nodes' marks recorded; per stage, its
-/// p50/p99/p999.
-async fn breakdown(from: &str, to: &str, samples: usize) -> Result<Vec<Lat>, BoxError> {
+/// a client on `from` to one on `to`, with the nodes' marks recorded; each message's stages.
+async fn breakdown(
+    from: &str,
+    to: &str,
+    samples: usize,
+) -> Result<Vec<[Duration; STAGES]>, BoxError> {
     let mut probe = Probe::one_way(from, to).await?;
     for _ in 0..200 {
         probe.sample().await?;
     }
-    let mut per_stage: Vec<Vec<Duration>> = vec![Vec::new(); STAGE_NAMES.len()];
+    let mut measured = Vec::with_capacity(samples);
     stages::start();
-    let measured = async {
+    let result = async {
         for _ in 0..samples {
             stages::take();
             let sent = Instant::now();
@@ -77,16 +71,8 @@ async fn breakdown(from: &str, to: &str, samples: usize) -> Result<Vec<Lat>, Box
                 tokio::time::sleep(Duration::from_micros(100)).await;
                 marks.extend(stages::take());
             }
-            if std::env::var_os("HC_DEBUG_STAGES").is_some() {
-                eprintln!(
-                    "marks: {:?}",
-                    marks.iter().map(|(m, _)| *m).collect::<Vec<_>>()
-                );
-            }
             if let Some(stages) = stages::stages(&marks, sent, received) {
-                for (all, stage) in per_stage.iter_mut().zip(stages) {
-                    all.push(stage);
-                }
+                measured.push(stages);
             }
         }
         Ok::<_, BoxError>(())
@@ -94,8 +80,49 @@ async fn breakdown(from: &str, to: &str, samples: usize) -> Result<Vec<Lat>, Box
     .await;
     stages::stop();
     probe.close().await;
-    measured?;
-    Ok(per_stage.iter().map(|all| Lat::of(all)).collect())
+    result?;
+    Ok(measured)
+}
+
+/// The breakdown's rows: each stage's p50/p99/p999, and what the slowest messages waited on.
+fn report_breakdown(r: &mut Report, measured: &[[Duration; STAGES]], samples: usize) {
+    r.note(format!(
+        "2. breakdown: {} of {samples} lone messages had every mark; the stages follow the path, their p50s add up to about the one-way p50",
+        measured.len()
+    ));
+    for (i, name) in STAGE_NAMES.iter().enumerate() {
+        let all: Vec<Duration> = measured.iter().map(|s| s[i]).collect();
+        r.row(
+            format!("2. breakdown, transient: {name}"),
+            Lat::of(&all).show(),
+            "—",
+            "—",
+            "—",
+            Verdict::Info,
+        );
+    }
+    for (share, label) in [(0.01, "1 %"), (0.001, "0.1 %")] {
+        let tail = stages::tail(measured, share);
+        let parts: Vec<String> = tail
+            .iter()
+            .take(3)
+            .map(|(stage, excess, part)| {
+                format!(
+                    "{} +{excess:.0} µs ({:.0} %)",
+                    STAGE_NAMES[*stage],
+                    part * 100.0
+                )
+            })
+            .collect();
+        r.row(
+            format!("2. tail: the slowest {label} of messages wait longer than the median in"),
+            parts.join("; "),
+            "—",
+            "—",
+            "—",
+            Verdict::Info,
+        );
+    }
 }
 
 /// The rows of the section: ours next to the sum of its parts.

@@ -251,8 +251,11 @@ pub async fn serve_connection(
                 Read::Gone => break,
             },
         };
-        if !outgoing.is_empty() && !write(&mut sink, config.write_timeout, outgoing).await {
-            break;
+        if !outgoing.is_empty() {
+            if !write(&mut sink, config.write_timeout, outgoing).await {
+                break;
+            }
+            tracing::trace!(name: "hybrid_cluster.stage.written", "frames written");
         }
         if closing {
             break;
@@ -278,6 +281,7 @@ fn client_frame(
 ) -> Read {
     match frame {
         Some(Ok(Message::Text(text))) => {
+            tracing::trace!(name: "hybrid_cluster.stage.frame_read", "frame read");
             // Start at once what can start, rather than on a later turn of the loop (the
             // replies branch waits, with the real waker, for the rest).
             requests.push(text.as_str(), &mut Context::from_waker(Waker::noop()));
@@ -312,6 +316,7 @@ fn inbox_frames(
     requests: &mut Requests,
     closing: &mut bool,
 ) -> Vec<Message> {
+    tracing::trace!(name: "hybrid_cluster.stage.inbox_taken", "inbox item taken");
     let mut frames = Vec::new();
     let mut next = Some(item);
     while let Some(item) = next.take() {

@@ -97,6 +97,7 @@ pub(crate) async fn forward(
         };
         match next {
             Some(Ok(delivery)) => {
+                tracing::trace!(name: "hybrid_cluster.stage.consumed", "lapin delivered");
                 if !hand_on(&node, delivery, &deliveries).await {
                     break;
                 }

@@ -216,6 +216,7 @@ impl Shared {
             }
             state.pending.push_back(pending);
         }
+        tracing::trace!(name: "hybrid_cluster.stage.publish_queued", "publish queued");
         self.publisher_wake.notify_one();
         Ok(())
     }

@@ -203,6 +203,7 @@ where
             Some(Err(e)) => break Err(ReceiveError::Broker(e)),
             Some(Ok(delivery)) => delivery,
         };
+        tracing::trace!(name: "hybrid_cluster.stage.pulled", "delivery pulled");
         if let Err(e) = poll_fn(|cx| stack.poll_ready(cx)).await {
             break Err(ReceiveError::Service(e));
         }
