@@ -63,6 +63,14 @@ pub(crate) fn send_frame(to: &str, seq: usize) -> String {
     format!(r#"{{"op":"send","to":"{to}","data":{}}}"#, data(seq))
 }
 
+/// A send the server acknowledges (once the broker confirmed it, or at once on one node).
+pub(crate) fn acked_send_frame(to: &str, seq: usize) -> String {
+    format!(
+        r#"{{"op":"send","to":"{to}","data":{},"id":{seq}}}"#,
+        data(seq)
+    )
+}
+
 /// The sequence number of a delivered message or broadcast.
 pub(crate) fn seq_of(frame: &str) -> Option<usize> {
     let start = frame.find("\"data\":\"")? + 8;

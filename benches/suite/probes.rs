@@ -14,7 +14,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::amqp::RawQueue;
-use crate::clients::{client, connect, next_text, send_frame, seq_of};
+use crate::clients::{acked_send_frame, client, connect, next_text, seq_of};
 use crate::report::Lat;
 use crate::serve::{WAIT, echo_server};
 use crate::{PAYLOAD, Ws};
@@ -31,7 +31,7 @@ pub(crate) enum Probe {
     /// Raw tokio-tungstenite echo round trip on loopback (TCP_NODELAY both ways).
     Echo { ws: Box<Ws>, server: JoinHandle<()> },
     /// Through the cluster, one way: `from` sends to `to_id`, `to` has it (one process, one
-    /// clock).
+    /// clock). The send's ack is awaited after the sample, before the next message.
     OneWay {
         from: Box<Ws>,
         to: Box<Ws>,
@@ -113,13 +113,19 @@ impl Probe {
                 seq,
             } => {
                 *seq += 1;
-                let frame = send_frame(to_id, *seq);
+                let frame = acked_send_frame(to_id, *seq);
                 let start = Instant::now();
                 from.send(Message::text(frame)).await?;
                 let got = next_text(to).await?;
                 let elapsed = start.elapsed();
                 if seq_of(&got) != Some(*seq) {
                     return Err(format!("expected message {seq}, got {got}").into());
+                }
+                // As the raw AMQP probe awaits its confirmation: the next message goes out
+                // once this one is settled, a lone message on an idle node.
+                let ack = next_text(from).await?;
+                if !ack.contains(r#""type":"ack""#) {
+                    return Err(format!("expected the ack of message {seq}, got {ack}").into());
                 }
                 Ok(elapsed)
             }

@@ -3,8 +3,8 @@
 //! envelope, closed at the broker's confirmation), the receiving node's
 //! `hybrid_cluster.deliver` span (opened once the delivery is decoded, verified and
 //! deduplicated, closed once the message is in its connection's inbox), and the trace-level
-//! `hybrid_cluster.stage.*` events between them (a frame read, a publish queued and handed to
-//! lapin, a delivery from lapin and pulled by the receiver, an inbox item taken by its socket
+//! `hybrid_cluster.stage.*` events between them (a frame read, a publish queued and taken by
+//! the publisher, a delivery from lapin and pulled by the receiver, an inbox item taken by its socket
 //! task and written). A tracing layer records when each happens, only while a breakdown is
 //! being measured: otherwise its filter turns them away at the cost of one atomic load.
 
@@ -35,7 +35,7 @@ pub(crate) enum Mark {
     FrameRead,
     SendOpened,
     PublishQueued,
-    Published,
+    Publishing,
     Consumed,
     Pulled,
     DeliverOpened,
@@ -50,7 +50,7 @@ const PATH: [(Mark, &str); 10] = [
     (Mark::FrameRead, "hybrid_cluster.stage.frame_read"),
     (Mark::SendOpened, SEND),
     (Mark::PublishQueued, "hybrid_cluster.stage.publish_queued"),
-    (Mark::Published, "hybrid_cluster.stage.published"),
+    (Mark::Publishing, "hybrid_cluster.stage.publishing"),
     (Mark::Consumed, "hybrid_cluster.stage.consumed"),
     (Mark::Pulled, "hybrid_cluster.stage.pulled"),
     (Mark::DeliverOpened, DELIVER),
@@ -65,8 +65,8 @@ pub(crate) const STAGE_NAMES: [&str; STAGES] = [
     "client → A reads the frame (client write, loopback, A's socket task wakes)",
     "A: frame → envelope (parse, checks, ordered sender)",
     "A: envelope → publish queued (forwarding service, encode)",
-    "A: publish queued → handed to lapin (publisher task wakes, batch, basic_publish)",
-    "lapin A → RabbitMQ → lapin B's delivery (the broker hop, lapin's I/O threads)",
+    "A: publish queued → publisher takes it (publisher task wakes, batch)",
+    "A: basic_publish → RabbitMQ → lapin's delivery on B (the broker hop as raw AMQP measures it)",
     "B: lapin's delivery → receiver pulls it (forwarding task, channel, receiver wakes)",
     "B: pulled → checked (decode, verify, dedupe)",
     "B: checked → in the inbox",

@@ -234,9 +234,13 @@ pub async fn serve_connection(
     loop {
         let reading = requests.len() < config.max_pending_per_connection;
         let mut closing = false;
+        let mut delivering = false;
         let outgoing: Vec<Message> = tokio::select! {
             item = inbox.next() => match item {
-                Some(item) => inbox_frames(item, &mut inbox, &mut requests, &mut closing),
+                Some(item) => {
+                    delivering = true;
+                    inbox_frames(item, &mut inbox, &mut requests, &mut closing)
+                }
                 None => break,
             },
             replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
@@ -255,7 +259,9 @@ pub async fn serve_connection(
             if !write(&mut sink, config.write_timeout, outgoing).await {
                 break;
             }
-            tracing::trace!(name: "hybrid_cluster.stage.written", "frames written");
+            if delivering {
+                tracing::trace!(name: "hybrid_cluster.stage.written", "inbox frames written");
+            }
         }
         if closing {
             break;

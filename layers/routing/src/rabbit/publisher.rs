@@ -459,8 +459,8 @@ impl<'a> Round<'a> {
         self.sent.insert(self.seq, group);
         self.sent_at.push_back((self.seq, Instant::now()));
         // The first poll pushes the frames: this fixes the message's place on the wire.
+        tracing::trace!(name: "hybrid_cluster.stage.publishing", "publishing");
         let first_poll = poll_once(&mut publish).await;
-        tracing::trace!(name: "hybrid_cluster.stage.published", "handed to lapin");
         match first_poll {
             Poll::Ready((seq, result)) => {
                 self.confirmations.take(seq, result);

@@ -185,14 +185,19 @@ where
     S: Service<Received<BrokerMessage>, Response = Settlement, Error = BoxError>,
 {
     let mut settling = FuturesUnordered::new();
+    // A delivery taken early, to learn whether another one was waiting.
+    let mut taken = None;
     let result = loop {
-        let next = tokio::select! {
-            biased;
-            Some(settled) = settling.next(), if !settling.is_empty() => {
-                report_settlement(settled);
-                continue;
-            }
-            next = deliveries.next() => next,
+        let next = match taken.take() {
+            Some(next) => next,
+            None => tokio::select! {
+                biased;
+                Some(settled) = settling.next(), if !settling.is_empty() => {
+                    report_settlement(settled);
+                    continue;
+                }
+                next = deliveries.next() => next,
+            },
         };
         let Delivery {
             message,
@@ -217,6 +222,16 @@ where
             Ok(settlement) => settlement,
             Err(e) => break Err(ReceiveError::Service(e)),
         };
+        // The hand-over has just woken the message's consumer (a socket task), most likely
+        // into this worker's next-to-run slot, which no other worker may take. When no other
+        // delivery waits, the receiver steps aside so that it writes the message before the
+        // settlement's work rather than after (in the suite's breakdown of a lone message:
+        // 17 → 2 µs from the inbox to the socket task, at the median). Under load the next
+        // delivery is handled at once: yielding for every one halved the throughput.
+        match poll_once(&mut deliveries.next()).await {
+            Poll::Ready(next) => taken = Some(next),
+            Poll::Pending => tokio::task::yield_now().await,
+        }
         let settling_one = match settlement {
             Settlement::Acknowledge => acker.ack(),
             Settlement::DeadLetter => acker.dead_letter(),
