@@ -1,9 +1,9 @@
 //! Child processes: the servers whose resources must not be shared with the clients (their
 //! own open-file limit, their own memory to measure).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ const CHILD_PROGRAM: &str = "suite-child";
 /// when serving, and stops (nodes shut down gracefully) when its stdin closes.
 pub(crate) struct ChildServer {
     child: Child,
+    /// Its answers (taken while a question is asked).
+    answers: Option<BufReader<ChildStdout>>,
     ports: Vec<u16>,
 }
 
@@ -50,10 +52,11 @@ impl ChildServer {
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let reading = tokio::task::spawn_blocking(move || {
             let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+            let mut answers = BufReader::new(stdout);
+            answers.read_line(&mut line).map(|_| (line, answers))
         });
-        let line = match timeout(Duration::from_secs(60), reading).await {
-            Ok(Ok(Ok(line))) => line,
+        let (line, answers) = match timeout(Duration::from_secs(60), reading).await {
+            Ok(Ok(Ok(read))) => read,
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -74,7 +77,37 @@ impl ChildServer {
             let _ = child.wait();
             return Err(format!("the child server `{mode}` said {line:?}").into());
         }
-        Ok(Self { child, ports })
+        Ok(Self {
+            child,
+            answers: Some(answers),
+            ports,
+        })
+    }
+
+    /// Asks the child `question` (a line on its stdin) and returns its answer line.
+    pub(crate) async fn ask(&mut self, question: &str) -> Result<String, BoxError> {
+        let (mut stdin, mut answers) = match (self.child.stdin.take(), self.answers.take()) {
+            (Some(stdin), Some(answers)) => (stdin, answers),
+            _ => {
+                return Err(
+                    "the child cannot be asked: an earlier question went unanswered".into(),
+                );
+            }
+        };
+        let question = question.to_owned();
+        let asking = tokio::task::spawn_blocking(move || {
+            writeln!(stdin, "{question}")?;
+            stdin.flush()?;
+            let mut answer = String::new();
+            answers.read_line(&mut answer)?;
+            Ok::<_, std::io::Error>((stdin, answers, answer))
+        });
+        let (stdin, answers, answer) = timeout(WAIT, asking)
+            .await
+            .map_err(|_| "the child did not answer")???;
+        self.child.stdin = Some(stdin);
+        self.answers = Some(answers);
+        Ok(answer.trim().to_owned())
     }
 
     pub(crate) fn pid(&self) -> u32 {

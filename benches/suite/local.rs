@@ -32,8 +32,8 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BoxError> {
         us(ours.p50),
         format!("{} WS echo", us(ws.p50)),
         ratio(ours.p50, ws.p50),
-        format!("≤ 1.5 × WS echo = {}", us(1.5 * ws.p50)),
-        Verdict::of(ours.p50 <= 1.5 * ws.p50),
+        format!("≤ 1.2 × WS echo = {}", us(1.2 * ws.p50)),
+        Verdict::of(ours.p50 <= 1.2 * ws.p50),
     );
     r.row(
         "3. local delivery latency p99 / p999",

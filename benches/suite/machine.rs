@@ -44,3 +44,22 @@ pub(crate) fn client_budget(wanted: usize) -> (usize, Option<String>) {
         (n, None)
     }
 }
+
+/// The CPU time all threads of process `pid` have run, in nanoseconds, from the scheduler's
+/// own accounting (`/proc/<pid>/task/*/schedstat`), fine enough for one broadcast where clock
+/// ticks are not; `None` where it cannot be read. Threads that ended are not counted.
+pub(crate) fn cpu_nanos(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0u64;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ran| ran.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
+}

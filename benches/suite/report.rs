@@ -1,4 +1,4 @@
-//! The table the suite prints and writes: rows with a verdict against issue 7's targets,
+//! The table the suite prints and writes: rows with a verdict against issue 17's targets,
 //! notes, and the figures' formats (latency percentiles from an HDR histogram).
 
 use std::fmt::Write as _;
@@ -83,7 +83,7 @@ impl Report {
         let _ = writeln!(out, "{header}\n");
         let _ = writeln!(
             out,
-            "| Measure | Ours | Baseline (same run) | Ratio | Target (issue 7) | Verdict |"
+            "| Measure | Ours | Baseline (same run) | Ratio | Target (issue 17) | Verdict |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---|---|");
         for r in &self.rows {

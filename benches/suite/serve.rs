@@ -150,6 +150,7 @@ where
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
+    let logged = filter.max_level_hint();
     let _ = tracing_subscriber::registry()
         .with(extra)
         .with(
@@ -158,6 +159,21 @@ where
                 .with_filter(filter),
         )
         .try_init();
+    // The `extra` layers' trace-level events leave the subscriber without a level bound, so
+    // every `log` record of a dependency (tungstenite logs each frame at trace level) would be
+    // turned into an event and then thrown away: `log` records go only as far as `RUST_LOG`.
+    log::set_max_level(match logged {
+        Some(level) if level == tracing::level_filters::LevelFilter::OFF => log::LevelFilter::Off,
+        Some(level) if level == tracing::level_filters::LevelFilter::ERROR => {
+            log::LevelFilter::Error
+        }
+        Some(level) if level == tracing::level_filters::LevelFilter::WARN => log::LevelFilter::Warn,
+        Some(level) if level == tracing::level_filters::LevelFilter::INFO => log::LevelFilter::Info,
+        Some(level) if level == tracing::level_filters::LevelFilter::DEBUG => {
+            log::LevelFilter::Debug
+        }
+        _ => log::LevelFilter::Trace,
+    });
 }
 
 /// The runtime of the suite and of its child: two workers, as many as this machine's cores

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! It prints `PORTS p1 p2 …` once serving, and stops (nodes shut down gracefully) when its
-//! stdin closes.
+//! stdin closes. Meanwhile it answers lines on its stdin: `watch` (answered `WATCHING`) starts
+//! recording a broadcast's time on the server side, and `span` stops it, answered
+//! `SPAN <microseconds>` (or `SPAN none`): see [`writes`].
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -16,8 +18,9 @@
 #[allow(dead_code)]
 #[path = "../serve.rs"]
 mod serve;
+mod writes;
 
-use std::io::Read;
+use std::io::BufRead;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -66,7 +69,7 @@ enum Buffers {
 }
 
 fn main() -> Result<(), BoxError> {
-    init_logging_with(tracing_subscriber::layer::Identity::new());
+    init_logging_with(writes::layer());
     let args = Args::parse();
     let runtime = runtime()?;
     runtime.block_on(serve(args.serve))?;
@@ -75,10 +78,23 @@ fn main() -> Result<(), BoxError> {
 }
 
 async fn serve(what: Serve) -> Result<(), BoxError> {
+    // Answers the suite's questions until stdin closes.
     let stdin_closed = || {
         tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                match line.trim() {
+                    "watch" => {
+                        writes::watch();
+                        println!("WATCHING");
+                    }
+                    "span" => match writes::span() {
+                        Some(span) => println!("SPAN {}", span.as_micros()),
+                        None => println!("SPAN none"),
+                    },
+                    _ => println!("UNKNOWN"),
+                }
+            }
         })
     };
     match what {
