@@ -20,11 +20,13 @@
 //!    consume, with a transient queue and with a durable one and persistent messages.
 //! 2. `latency`: cross-node one-way latency (one message at a time, client on A to client on B,
 //!    same process and clock), transient and durable, next to the raw AMQP publish → consume
-//!    round and the raw tokio-tungstenite echo round trip.
+//!    round and the raw tokio-tungstenite echo round trip; and a lone message's eleven stages
+//!    (see `stages.rs`), with what the slowest 1 % and 0.1 % wait on.
 //! 3. `local`: same-node one-way latency next to the raw WebSocket echo.
 //! 4. `broadcast`: one broadcast reaching N clients spread over 3 nodes (the nodes run in a
 //!    child process, the `suite-child` program of `child/main.rs`, so that N clients and N
-//!    server sockets do not share one fd limit).
+//!    server sockets do not share one fd limit); the time to the last client, the nodes' own
+//!    time (frame read → last frame written) and both sides' CPU per broadcast.
 //! 5. `memory`: RSS growth per idle connection of one node (in a child process) next to a raw
 //!    tokio-tungstenite server with the same 4 KiB buffers and with tungstenite's defaults.
 //! 6. `balance`: the balancer's pick cost at 10/100/1000 nodes and discovery timings (join,
