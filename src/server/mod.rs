@@ -27,7 +27,8 @@
 
 mod requests;
 
-use std::task::{Context, Waker};
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::Json;
@@ -231,30 +232,51 @@ pub async fn serve_connection(
         return;
     }
     let mut requests = Requests::new(handle);
+    // A client frame read ahead, to learn whether another one was waiting.
+    let mut read_ahead = None;
     loop {
         let reading = requests.len() < config.max_pending_per_connection;
         let mut closing = false;
         let mut delivering = false;
-        let outgoing: Vec<Message> = tokio::select! {
-            item = inbox.next() => match item {
-                Some(item) => {
-                    delivering = true;
-                    inbox_frames(item, &mut inbox, &mut requests, &mut closing)
+        let mut from_client = false;
+        let outgoing: Vec<Message> = match read_ahead.take() {
+            Some(frame) => {
+                from_client = true;
+                match answer_frame(frame, &mut requests, &config, &mut closing) {
+                    Some(frames) => frames,
+                    None => break,
                 }
-                None => break,
-            },
-            replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
-                replies.into_iter().map(|reply| Message::Text(reply.into())).collect()
             }
-            frame = stream.next(), if reading => match client_frame(frame, &mut requests, &config) {
-                Read::Answer(frames) => frames,
-                Read::Close(frames) => {
-                    closing = true;
-                    frames
+            None => tokio::select! {
+                item = inbox.next() => match item {
+                    Some(item) => {
+                        delivering = true;
+                        inbox_frames(item, &mut inbox, &mut requests, &mut closing)
+                    }
+                    None => break,
+                },
+                replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
+                    replies.into_iter().map(|reply| Message::Text(reply.into())).collect()
                 }
-                Read::Gone => break,
+                frame = stream.next(), if reading => {
+                    from_client = true;
+                    match answer_frame(frame, &mut requests, &config, &mut closing) {
+                        Some(frames) => frames,
+                        None => break,
+                    }
+                }
             },
         };
+        if from_client && !closing && requests.len() < config.max_pending_per_connection {
+            // A request just started has most likely woken another task (the publisher, or the
+            // socket task of a connection on this node) into this worker's next-to-run slot,
+            // which no other worker takes. When the client sent nothing more, step aside so that
+            // it runs before this task writes its replies; under load, read on at once.
+            match poll_once(&mut stream.next()).await {
+                Poll::Ready(frame) => read_ahead = Some(frame),
+                Poll::Pending => tokio::task::yield_now().await,
+            }
+        }
         if !outgoing.is_empty() {
             if !write(&mut sink, config.write_timeout, outgoing).await {
                 break;
@@ -266,6 +288,29 @@ pub async fn serve_connection(
         if closing {
             break;
         }
+    }
+}
+
+/// Polls `future` once in the current task.
+async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx))).await
+}
+
+/// The frames that answer a frame from the client (maybe none); `None` when the client went.
+/// `closing` is set when the connection closes after them.
+fn answer_frame(
+    frame: Option<Result<Message, axum::Error>>,
+    requests: &mut Requests,
+    config: &ServerConfig,
+    closing: &mut bool,
+) -> Option<Vec<Message>> {
+    match client_frame(frame, requests, config) {
+        Read::Answer(frames) => Some(frames),
+        Read::Close(frames) => {
+            *closing = true;
+            Some(frames)
+        }
+        Read::Gone => None,
     }
 }
 
