@@ -1234,9 +1234,9 @@ async fn every_message_a_closed_client_missed_is_answered_to_its_sender() {
 /// without its help: its node must not keep it (counted against `max_connections`, holding
 /// a socket task and the node) until it reads again.
 ///
-/// Fails today: the node server's socket task (`server::serve_connection`) awaits each write
-/// with no bound and without watching the inbox meanwhile, so the close the policy decided
-/// waits behind a write that never completes, and the connection stays registered.
+/// The node server's socket task (`server::serve_connection`) once awaited each write with no
+/// bound, so the close the policy decided waited behind a write that never completed and the
+/// connection stayed registered; writes are now bounded by `ServerConfig::write_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_that_never_reads_is_let_go() {
     let tc = TestCluster::new("slow-stuck");

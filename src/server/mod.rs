@@ -42,14 +42,14 @@ use axum::http::header::{ACCESS_CONTROL_ALLOW_ORIGIN, CONTENT_TYPE, HeaderValue,
 use axum::http::request::Parts;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hybrid_cluster_core::{Envelope, NodeInfo, PayloadKind, Target};
 use serde_json::value::RawValue;
 
 use self::requests::{Requests, error_reply};
 use crate::cluster::Cluster;
-use crate::handle::ClusterConnection;
+use crate::handle::{ClusterConnection, ClusterHandle};
 use crate::hybrid::{RETRY_AFTER_SECS, Refusal};
 use crate::local::{Inbox, InboxItem};
 use crate::protocol::ServerMessage;
@@ -212,23 +212,40 @@ async fn health(State(state): State<AppState>) -> (StatusCode, String) {
 /// of the node's bound on unconfirmed messages waits for it in line with every other
 /// connection's, while this connection keeps receiving, reading and answering requests
 /// settled on this node.
-pub async fn serve_connection(
+pub fn serve_connection(
     socket: WebSocket,
     connection: ClusterConnection,
     config: ServerConfig,
+) -> impl Future<Output = ()> + Send + 'static {
+    // Done before the future, not in it: an async fn keeps room for its arguments (the whole
+    // unsplit socket) for as long as it runs, and an idle connection is mostly its task.
+    let (handle, inbox) = connection.into_parts();
+    let welcome = handle.connection_id().map(|id| {
+        ServerMessage::Welcome {
+            connection_id: &id.to_string(),
+            node_id: handle.node_id().as_str(),
+        }
+        .to_json()
+    });
+    let (sink, stream) = socket.split();
+    serve_split(sink, stream, handle, inbox, welcome, config)
+}
+
+/// [`serve_connection`] once the socket is split: the welcome (none for a handle without a
+/// connection: nothing is served), then the loop.
+async fn serve_split(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+    handle: ClusterHandle,
+    mut inbox: Inbox,
+    welcome: Option<String>,
+    config: ServerConfig,
 ) {
-    let (handle, mut inbox) = connection.into_parts();
-    let Some(id) = handle.connection_id().cloned() else {
+    let Some(welcome) = welcome else {
         return;
     };
-    let (mut sink, mut stream) = socket.split();
-    let welcome = ServerMessage::Welcome {
-        connection_id: &id.to_string(),
-        node_id: handle.node_id().as_str(),
-    }
-    .to_json();
     let welcome = vec![Message::Text(welcome.into())];
-    if !write(&mut sink, config.write_timeout, welcome).await {
+    if !Box::pin(write(&mut sink, config.write_timeout, welcome)).await {
         return;
     }
     let mut requests = Requests::new(handle);
@@ -278,7 +295,7 @@ pub async fn serve_connection(
             }
         }
         if !outgoing.is_empty() {
-            if !write(&mut sink, config.write_timeout, outgoing).await {
+            if !Box::pin(write(&mut sink, config.write_timeout, outgoing)).await {
                 break;
             }
             if delivering {

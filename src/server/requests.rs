@@ -159,9 +159,8 @@ impl<'a> Ahead<'a> {
 pub(super) struct Requests {
     /// Starts what goes through the broker, in order, in the places it reserves.
     sender: OrderedSender,
-    /// Starts unicasts within this node: never readied, so starting one never gives back a
-    /// place `sender` holds for the request at the head of the line.
-    local: OrderedSender,
+    /// Makes a sender for each unicast within this node (see [`Requests::start_one`]); an
+    /// idle connection keeps no second sender.
     handle: ClusterHandle,
     sent: SentIds,
     /// Read, not started, in the order they came.
@@ -179,7 +178,6 @@ impl Requests {
     pub(super) fn new(handle: ClusterHandle) -> Self {
         Self {
             sender: handle.ordered(),
-            local: handle.ordered(),
             handle,
             sent: SentIds::default(),
             waiting: VecDeque::new(),
@@ -329,10 +327,15 @@ impl Requests {
     fn start_one(&mut self, request: Request) -> BoxFuture<'static, Settled> {
         match request {
             Request::Send { to, data, id } => {
+                // A unicast within this node goes through a sender of its own, never readied, so
+                // that starting it never gives back a place `sender` holds for the request at
+                // the head of the line.
+                let mut local;
                 let sender = if self.sender.needs_place(&to) {
                     &mut self.sender
                 } else {
-                    &mut self.local
+                    local = self.handle.ordered();
+                    &mut local
                 };
                 let confirmation = sender.send(to, Payload::text(data.get()));
                 let message_id = confirmation.message_id();
