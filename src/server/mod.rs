@@ -251,59 +251,97 @@ async fn serve_split(
     let mut requests = Requests::new(handle);
     // A client frame read ahead, to learn whether another one was waiting.
     let mut read_ahead = None;
-    loop {
-        let reading = requests.len() < config.max_pending_per_connection;
-        let mut closing = false;
-        let mut delivering = false;
-        let mut from_client = false;
-        let outgoing: Vec<Message> = match read_ahead.take() {
-            Some(frame) => {
-                from_client = true;
-                match answer_frame(frame, &mut requests, &config, &mut closing) {
-                    Some(frames) => frames,
-                    None => break,
-                }
-            }
-            None => tokio::select! {
-                item = inbox.next() => match item {
-                    Some(item) => {
-                        delivering = true;
-                        inbox_frames(item, &mut inbox, &mut requests, &mut closing)
-                    }
-                    None => break,
-                },
-                replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
-                    replies.into_iter().map(|reply| Message::Text(reply.into())).collect()
-                }
-                frame = stream.next(), if reading => {
-                    from_client = true;
-                    match answer_frame(frame, &mut requests, &config, &mut closing) {
-                        Some(frames) => frames,
-                        None => break,
-                    }
-                }
-            },
-        };
-        if from_client && !closing && requests.len() < config.max_pending_per_connection {
-            // A request just started has most likely woken another task (the publisher, or the
-            // socket task of a connection on this node) into this worker's next-to-run slot,
-            // which no other worker takes. When the client sent nothing more, step aside so that
-            // it runs before this task writes its replies; under load, read on at once.
-            match poll_once(&mut stream.next()).await {
-                Poll::Ready(frame) => read_ahead = Some(frame),
-                Poll::Pending => tokio::task::yield_now().await,
-            }
+    while let Some(turn) = next_turn(
+        &mut inbox,
+        &mut requests,
+        &mut stream,
+        &mut read_ahead,
+        &config,
+    )
+    .await
+    {
+        if turn.from_client && !turn.closing && requests.len() < config.max_pending_per_connection {
+            read_ahead = waiting_frame_or_step_aside(&mut stream).await;
         }
-        if !outgoing.is_empty() {
-            if !Box::pin(write(&mut sink, config.write_timeout, outgoing)).await {
+        if !turn.frames.is_empty() {
+            if !Box::pin(write(&mut sink, config.write_timeout, turn.frames)).await {
                 break;
             }
-            if delivering {
+            if turn.delivering {
                 tracing::trace!(name: "hybrid_cluster.stage.written", "inbox frames written");
             }
         }
-        if closing {
+        if turn.closing {
             break;
+        }
+    }
+}
+
+/// What a frame from the client is, as the socket's stream yields it.
+type ClientFrame = Option<Result<Message, axum::Error>>;
+
+/// What one turn of a connection's loop writes, and where it came from.
+struct Turn {
+    frames: Vec<Message>,
+    /// The connection closes once they are written.
+    closing: bool,
+    /// They are inbox items: a delivery.
+    delivering: bool,
+    /// They answer a frame from the client.
+    from_client: bool,
+}
+
+/// The next turn of a connection: the frame read ahead if there is one, else whichever comes
+/// first of an inbox item, replies to requests, and a frame from the client (while fewer than
+/// `max_pending_per_connection` requests are open). `None` once the connection is done.
+async fn next_turn(
+    inbox: &mut Inbox,
+    requests: &mut Requests,
+    stream: &mut SplitStream<WebSocket>,
+    read_ahead: &mut Option<ClientFrame>,
+    config: &ServerConfig,
+) -> Option<Turn> {
+    // Nothing of the turn is built before the wait: an idle connection's task holds the room
+    // of whatever lives across it.
+    let frame = match read_ahead.take() {
+        Some(frame) => frame,
+        None => {
+            let reading = requests.len() < config.max_pending_per_connection;
+            tokio::select! {
+                item = inbox.next() => {
+                    let mut closing = false;
+                    let frames = inbox_frames(item?, inbox, requests, &mut closing);
+                    return Some(Turn { frames, closing, delivering: true, from_client: false });
+                }
+                replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
+                    let frames = replies.into_iter().map(|reply| Message::Text(reply.into())).collect();
+                    return Some(Turn { frames, closing: false, delivering: false, from_client: false });
+                }
+                frame = stream.next(), if reading => frame,
+            }
+        }
+    };
+    let mut closing = false;
+    let frames = answer_frame(frame, requests, config, &mut closing)?;
+    Some(Turn {
+        frames,
+        closing,
+        delivering: false,
+        from_client: true,
+    })
+}
+
+/// After a request started: the client's next frame if it sent one already, else `None` once
+/// this task stepped aside. The request has most likely woken another task (the publisher, or
+/// the socket task of a connection on this node) into this worker's next-to-run slot, which
+/// no other worker takes: stepping aside lets it run before this task writes its replies.
+/// Under load the next frame is read at once, with no yield.
+async fn waiting_frame_or_step_aside(stream: &mut SplitStream<WebSocket>) -> Option<ClientFrame> {
+    match poll_once(&mut stream.next()).await {
+        Poll::Ready(frame) => Some(frame),
+        Poll::Pending => {
+            tokio::task::yield_now().await;
+            None
         }
     }
 }
@@ -316,7 +354,7 @@ async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
 /// The frames that answer a frame from the client (maybe none); `None` when the client went.
 /// `closing` is set when the connection closes after them.
 fn answer_frame(
-    frame: Option<Result<Message, axum::Error>>,
+    frame: ClientFrame,
     requests: &mut Requests,
     config: &ServerConfig,
     closing: &mut bool,
