@@ -245,3 +245,106 @@ async fn a_crashed_nodes_waiting_messages_are_answered_by_a_survivor() {
         cluster.logs(25)
     );
 }
+
+/// Group keys in buckets across a RabbitMQ restart and a queue deleted from outside: each
+/// time the node declares its topology again from what it recorded, with its bucket's key
+/// (never a per-group key), and group messages reach its member again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_bucket_bindings_survive_a_broker_restart_and_a_deleted_queue() {
+    let _alone = ALONE.lock().await;
+    let mut cluster = NodeCluster::new("faults-buckets");
+    let extra = [("--group-buckets", "16")];
+    let sending = start(&mut cluster, "buckets-a", 1_000, &extra).await;
+    let receiving = start(&mut cluster, "buckets-b", 1_000, &extra).await;
+    cluster.wait_for_nodes(2, WAIT).await;
+    let mut sender = Client::connect(&cluster.nodes[sending].ws_url())
+        .await
+        .unwrap();
+    let mut receiver = Client::connect(&cluster.nodes[receiving].ws_url())
+        .await
+        .unwrap();
+    receiver
+        .send(&json!({"op":"join","group":"room","id":"join"}))
+        .await
+        .unwrap();
+    frames_until(&mut receiver, |frames| count(frames, "ack") == 1).await;
+    let queue = cluster.queue(receiving);
+    let before = group_bindings(&queue).await;
+    assert!(
+        before.len() == 1 && before[0].starts_with("group-bucket."),
+        "one bucket key: {before:?}"
+    );
+
+    rabbitmq::restart().await.unwrap();
+    group_message_arrives(&mut sender, &mut receiver, &cluster).await;
+    assert_eq!(group_bindings(&queue).await, before, "after the restart");
+    let log = cluster.nodes[receiving].log();
+    assert!(
+        log.contains("reconnected to RabbitMQ"),
+        "{}",
+        cluster.logs(25)
+    );
+
+    rabbitmq::delete_queue(&queue).await.unwrap();
+    group_message_arrives(&mut sender, &mut receiver, &cluster).await;
+    assert_eq!(group_bindings(&queue).await, before, "after the deletion");
+    let log = cluster.nodes[receiving].log();
+    assert!(log.contains("consumer is restored"), "{}", cluster.logs(25));
+}
+
+/// Sends group messages to `room` from `sender` until one reaches `receiver` (while its node
+/// is not back on RabbitMQ, they may reach nobody), within [`WAIT`].
+async fn group_message_arrives(sender: &mut Client, receiver: &mut Client, cluster: &NodeCluster) {
+    let deadline = Instant::now() + WAIT;
+    for attempt in 0u64.. {
+        assert!(
+            Instant::now() < deadline,
+            "no group message arrived\n{}",
+            cluster.logs(25)
+        );
+        sender
+            .send(&json!({"op":"group","group":"room","data":{"a":attempt},"id":attempt}))
+            .await
+            .unwrap();
+        frames_until(sender, |frames| {
+            count(frames, "ack") + count(frames, "error") == 1
+        })
+        .await;
+        let arrived = tokio::time::timeout(
+            Duration::from_millis(500),
+            receiver.next_json(Duration::from_millis(500)),
+        )
+        .await;
+        if let Ok(Ok(Ok(frame))) = arrived {
+            assert_eq!(frame["type"], "group", "{frame}");
+            // Earlier attempts may still come: take them, so the next wait starts clean.
+            while let Ok(Ok(Ok(_))) = tokio::time::timeout(
+                Duration::from_millis(200),
+                receiver.next_json(Duration::from_millis(200)),
+            )
+            .await
+            {}
+            return;
+        }
+    }
+}
+
+/// The group routing keys bound to `queue`, from RabbitMQ itself.
+async fn group_bindings(queue: &str) -> Vec<String> {
+    let listing = rabbitmq::rabbitmqctl(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "destination_name",
+        "routing_key",
+    ])
+    .await
+    .unwrap();
+    listing
+        .lines()
+        .filter_map(|line| {
+            let (destination, key) = line.split_once('\t')?;
+            (destination == queue && key.starts_with("group")).then(|| key.to_owned())
+        })
+        .collect()
+}
