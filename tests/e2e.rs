@@ -222,24 +222,12 @@ impl TestCluster {
     /// The (queue, routing key) bindings of this cluster's exchange for groups, from
     /// RabbitMQ itself.
     async fn group_bindings(&self) -> Vec<(String, String)> {
-        let listing = hybrid_cluster_test_support::rabbitmq::rabbitmqctl(&[
-            "list_bindings",
-            "-q",
-            "--no-table-headers",
-            "source_name",
-            "destination_name",
-            "routing_key",
-        ])
-        .await
-        .unwrap();
-        listing
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split('\t');
-                let (source, queue, key) = (fields.next()?, fields.next()?, fields.next()?);
-                (source == self.prefix.as_str() && key.starts_with("group"))
-                    .then(|| (queue.to_owned(), key.to_owned()))
-            })
+        hybrid_cluster_test_support::rabbitmq::bindings()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|b| b.source == self.prefix.as_str() && b.routing_key.starts_with("group"))
+            .map(|b| (b.destination, b.routing_key))
             .collect()
     }
 

@@ -55,6 +55,31 @@ async fn frames_until(client: &mut Client, mut done: impl FnMut(&[Value]) -> boo
     frames
 }
 
+/// Two nodes of a new cluster `faults-<name>` (`<name>-a`, `<name>-b`) with a 1 s heartbeat and
+/// `extra` arguments, and a client on each, the one on `<name>-b` a member of `room`: the
+/// cluster, the index of `<name>-b`, the client on `<name>-a`, the member.
+async fn sender_and_member(
+    name: &str,
+    extra: &[(&str, &str)],
+) -> (NodeCluster, usize, Client, Client) {
+    let mut cluster = NodeCluster::new(&format!("faults-{name}"));
+    let sending = start(&mut cluster, &format!("{name}-a"), 1_000, extra).await;
+    let receiving = start(&mut cluster, &format!("{name}-b"), 1_000, extra).await;
+    cluster.wait_for_nodes(2, WAIT).await;
+    let sender = Client::connect(&cluster.nodes[sending].ws_url())
+        .await
+        .unwrap();
+    let mut receiver = Client::connect(&cluster.nodes[receiving].ws_url())
+        .await
+        .unwrap();
+    receiver
+        .send(&json!({"op":"join","group":"room","id":"join"}))
+        .await
+        .unwrap();
+    frames_until(&mut receiver, |frames| count(frames, "ack") == 1).await;
+    (cluster, receiving, sender, receiver)
+}
+
 fn count(frames: &[Value], kind: &str) -> usize {
     frames.iter().filter(|f| f["type"] == kind).count()
 }
@@ -132,21 +157,7 @@ async fn a_broker_restart_loses_no_acknowledged_message_in_durable_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_queue_is_deleted_heals_itself() {
     let _alone = ALONE.lock().await;
-    let mut cluster = NodeCluster::new("faults-deleted");
-    let sending = start(&mut cluster, "deleted-a", 1_000, &[]).await;
-    let receiving = start(&mut cluster, "deleted-b", 1_000, &[]).await;
-    cluster.wait_for_nodes(2, WAIT).await;
-    let mut sender = Client::connect(&cluster.nodes[sending].ws_url())
-        .await
-        .unwrap();
-    let mut receiver = Client::connect(&cluster.nodes[receiving].ws_url())
-        .await
-        .unwrap();
-    receiver
-        .send(&json!({"op":"join","group":"room","id":"join"}))
-        .await
-        .unwrap();
-    frames_until(&mut receiver, |frames| count(frames, "ack") == 1).await;
+    let (cluster, receiving, mut sender, mut receiver) = sender_and_member("deleted", &[]).await;
 
     rabbitmq::delete_queue(&cluster.queue(receiving))
         .await
@@ -252,22 +263,8 @@ async fn a_crashed_nodes_waiting_messages_are_answered_by_a_survivor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_bucket_bindings_survive_a_broker_restart_and_a_deleted_queue() {
     let _alone = ALONE.lock().await;
-    let mut cluster = NodeCluster::new("faults-buckets");
-    let extra = [("--group-buckets", "16")];
-    let sending = start(&mut cluster, "buckets-a", 1_000, &extra).await;
-    let receiving = start(&mut cluster, "buckets-b", 1_000, &extra).await;
-    cluster.wait_for_nodes(2, WAIT).await;
-    let mut sender = Client::connect(&cluster.nodes[sending].ws_url())
-        .await
-        .unwrap();
-    let mut receiver = Client::connect(&cluster.nodes[receiving].ws_url())
-        .await
-        .unwrap();
-    receiver
-        .send(&json!({"op":"join","group":"room","id":"join"}))
-        .await
-        .unwrap();
-    frames_until(&mut receiver, |frames| count(frames, "ack") == 1).await;
+    let (cluster, receiving, mut sender, mut receiver) =
+        sender_and_member("buckets", &[("--group-buckets", "16")]).await;
     let queue = cluster.queue(receiving);
     let before = group_bindings(&queue).await;
     assert!(
@@ -331,20 +328,11 @@ async fn group_message_arrives(sender: &mut Client, receiver: &mut Client, clust
 
 /// The group routing keys bound to `queue`, from RabbitMQ itself.
 async fn group_bindings(queue: &str) -> Vec<String> {
-    let listing = rabbitmq::rabbitmqctl(&[
-        "list_bindings",
-        "-q",
-        "--no-table-headers",
-        "destination_name",
-        "routing_key",
-    ])
-    .await
-    .unwrap();
-    listing
-        .lines()
-        .filter_map(|line| {
-            let (destination, key) = line.split_once('\t')?;
-            (destination == queue && key.starts_with("group")).then(|| key.to_owned())
-        })
+    rabbitmq::bindings()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.destination == queue && b.routing_key.starts_with("group"))
+        .map(|b| b.routing_key)
         .collect()
 }

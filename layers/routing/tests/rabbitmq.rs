@@ -183,22 +183,12 @@ async fn rabbitmqctl(args: &[&str]) -> String {
 
 /// The (queue, routing key) bindings of the cluster's exchange, from RabbitMQ itself.
 async fn bindings(cluster: &Cluster) -> Vec<(String, String)> {
-    let out = rabbitmqctl(&[
-        "list_bindings",
-        "-q",
-        "--no-table-headers",
-        "source_name",
-        "destination_name",
-        "routing_key",
-    ])
-    .await;
-    let mut found: Vec<(String, String)> = out
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split('\t');
-            let (source, queue, key) = (fields.next()?, fields.next()?, fields.next()?);
-            (source == cluster.prefix.as_str()).then(|| (queue.to_owned(), key.to_owned()))
-        })
+    let mut found: Vec<(String, String)> = hybrid_cluster_test_support::rabbitmq::bindings()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.source == cluster.prefix.as_str())
+        .map(|b| (b.destination, b.routing_key))
         .collect();
     found.sort();
     found

@@ -64,6 +64,41 @@ pub async fn delete_queue(name: &str) -> Result<(), BoxError> {
     rabbitmqctl(&["delete_queue", name]).await.map(drop)
 }
 
+/// A binding, as `rabbitmqctl list_bindings` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Binding {
+    /// The exchange.
+    pub source: String,
+    /// The queue (or exchange) bound.
+    pub destination: String,
+    /// The binding's routing key.
+    pub routing_key: String,
+}
+
+/// Every binding of the default virtual host, from RabbitMQ itself.
+pub async fn bindings() -> Result<Vec<Binding>, BoxError> {
+    let listing = rabbitmqctl(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "source_name",
+        "destination_name",
+        "routing_key",
+    ])
+    .await?;
+    Ok(listing
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            Some(Binding {
+                source: fields.next()?.to_owned(),
+                destination: fields.next()?.to_owned(),
+                routing_key: fields.next()?.to_owned(),
+            })
+        })
+        .collect())
+}
+
 /// A memory alarm raised on RabbitMQ (its memory high watermark set far below its use): it
 /// blocks every connection that publishes. Dropping it puts the watermark back as it was.
 #[derive(Debug)]
