@@ -28,7 +28,7 @@
 mod requests;
 
 use std::future::Future;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use axum::Json;
@@ -260,14 +260,17 @@ async fn serve_split(
     )
     .await
     {
-        if turn.from_client && !turn.closing && requests.len() < config.max_pending_per_connection {
+        if turn.source == Source::Client
+            && !turn.closing
+            && requests.len() < config.max_pending_per_connection
+        {
             read_ahead = waiting_frame_or_step_aside(&mut stream).await;
         }
         if !turn.frames.is_empty() {
             if !Box::pin(write(&mut sink, config.write_timeout, turn.frames)).await {
                 break;
             }
-            if turn.delivering {
+            if turn.source == Source::Inbox {
                 tracing::trace!(name: "hybrid_cluster.stage.written", "inbox frames written");
             }
         }
@@ -285,10 +288,18 @@ struct Turn {
     frames: Vec<Message>,
     /// The connection closes once they are written.
     closing: bool,
-    /// They are inbox items: a delivery.
-    delivering: bool,
-    /// They answer a frame from the client.
-    from_client: bool,
+    source: Source,
+}
+
+/// Where a turn's frames come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Inbox items: a delivery.
+    Inbox,
+    /// Replies to requests settled meanwhile.
+    Replies,
+    /// The answer to a frame from the client.
+    Client,
 }
 
 /// The next turn of a connection: the frame read ahead if there is one, else whichever comes
@@ -311,11 +322,11 @@ async fn next_turn(
                 item = inbox.next() => {
                     let mut closing = false;
                     let frames = inbox_frames(item?, inbox, requests, &mut closing);
-                    return Some(Turn { frames, closing, delivering: true, from_client: false });
+                    return Some(Turn { frames, closing, source: Source::Inbox });
                 }
                 replies = std::future::poll_fn(|cx| requests.poll_replies(cx)), if !requests.is_empty() => {
                     let frames = replies.into_iter().map(|reply| Message::Text(reply.into())).collect();
-                    return Some(Turn { frames, closing: false, delivering: false, from_client: false });
+                    return Some(Turn { frames, closing: false, source: Source::Replies });
                 }
                 frame = stream.next(), if reading => frame,
             }
@@ -326,8 +337,7 @@ async fn next_turn(
     Some(Turn {
         frames,
         closing,
-        delivering: false,
-        from_client: true,
+        source: Source::Client,
     })
 }
 
@@ -337,18 +347,11 @@ async fn next_turn(
 /// no other worker takes: stepping aside lets it run before this task writes its replies.
 /// Under load the next frame is read at once, with no yield.
 async fn waiting_frame_or_step_aside(stream: &mut SplitStream<WebSocket>) -> Option<ClientFrame> {
-    match poll_once(&mut stream.next()).await {
-        Poll::Ready(frame) => Some(frame),
-        Poll::Pending => {
-            tokio::task::yield_now().await;
-            None
-        }
+    let waiting = stream.next().now_or_never();
+    if waiting.is_none() {
+        tokio::task::yield_now().await;
     }
-}
-
-/// Polls `future` once in the current task.
-async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx))).await
+    waiting
 }
 
 /// The frames that answer a frame from the client (maybe none); `None` when the client went.

@@ -460,8 +460,7 @@ impl<'a> Round<'a> {
         self.sent_at.push_back((self.seq, Instant::now()));
         // The first poll pushes the frames: this fixes the message's place on the wire.
         tracing::trace!(name: "hybrid_cluster.stage.publishing", "publishing");
-        let first_poll = poll_once(&mut publish).await;
-        match first_poll {
+        match poll_once(&mut publish).await {
             Poll::Ready((seq, result)) => {
                 self.confirmations.take(seq, result);
                 self.settle()

@@ -97,8 +97,8 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use futures_core::future::BoxFuture;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use hybrid_cluster_core::{BoxError, BrokerError, BrokerMessage, Deliveries, Delivery, Envelope};
 use metrics::Label;
 use tower::ServiceBuilder;
@@ -258,13 +258,11 @@ async fn next_delivery(
 async fn waiting_delivery_or_step_aside(
     deliveries: &mut Deliveries,
 ) -> Option<Option<Result<Delivery, BrokerError>>> {
-    match poll_once(&mut deliveries.next()).await {
-        Poll::Ready(next) => Some(next),
-        Poll::Pending => {
-            tokio::task::yield_now().await;
-            None
-        }
+    let waiting = deliveries.next().now_or_never();
+    if waiting.is_none() {
+        tokio::task::yield_now().await;
     }
+    waiting
 }
 
 impl fmt::Debug for Receiver {
