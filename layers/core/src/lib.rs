@@ -49,6 +49,7 @@ pub mod ids;
 pub mod live;
 pub mod node;
 pub mod registry;
+pub mod session;
 pub mod target;
 
 pub use auth::{AuthError, ClusterSecret, DEFAULT_REPLAY_WINDOW, SECRET_ENV, Signature};
@@ -66,4 +67,8 @@ pub use ids::{
 pub use live::{Epoch, HasNodeInfo, LiveNodeInfo};
 pub use node::{NodeInfo, NodeRecordError, NodeStatus};
 pub use registry::{NodeRecord, Registry, RegistryEvent, RegistryEvents, RemovalCause};
+pub use session::{
+    Appended, InvalidSessionId, InvalidToken, LogEntry, SessionId, SessionLimits, SessionRecord,
+    SessionStore, issue_token, verify_token,
+};
 pub use target::{InvalidTarget, Target};

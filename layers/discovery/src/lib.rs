@@ -124,7 +124,9 @@ pub use discover::{NodeDiscover, NodeService};
 pub use discovery::Discovery;
 pub use error::DiscoveryError;
 pub use membership::{MemberChange, Membership};
-pub use redis_registry::{KeyLayout, RedisClusterRegistry, RedisOptions, RedisRegistry};
+pub use redis_registry::{
+    KeyLayout, RedisClusterRegistry, RedisOptions, RedisRegistry, RedisSessionStore,
+};
 pub use registrar::Registrar;
 pub use stats::{ConnectionCounter, ConnectionGuard, ResourceSampler, ResourceUsage};
 pub use view::ClusterView;

@@ -1,4 +1,5 @@
-//! In-memory backends for `hybrid-cluster`: a [`MemoryRegistry`] and a [`MemoryBroker`].
+//! In-memory backends for `hybrid-cluster`: a [`MemoryRegistry`], a [`MemoryBroker`] and a
+//! [`MemorySessionStore`].
 //!
 //! They are the embedded default: the demo and the unit tests run several nodes in one process
 //! on them, with no Redis and no RabbitMQ. Every node gets a clone of the same registry and the
@@ -42,6 +43,8 @@
 
 pub mod broker;
 pub mod registry;
+pub mod sessions;
 
 pub use broker::{DeadLetter, MemoryBroker};
 pub use registry::MemoryRegistry;
+pub use sessions::MemorySessionStore;

@@ -15,10 +15,12 @@ use redis::{Client, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind};
 
 mod cluster;
 mod keys;
+mod sessions;
 
 pub use cluster::RedisClusterRegistry;
 pub use keys::KeyLayout;
 use keys::{LIST_SCRIPT, parse_event};
+pub use sessions::RedisSessionStore;
 
 /// How a [`RedisRegistry`] talks to Redis.
 #[derive(Clone, Debug)]

@@ -19,6 +19,7 @@
 
 pub mod broker;
 pub mod registry;
+pub mod sessions;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -85,6 +86,23 @@ macro_rules! broker_conformance {
             declaring_and_binding_again_changes_nothing,
             a_queue_declared_again_with_other_options_is_refused,
             an_unused_queue_expires,
+        );
+    };
+}
+
+/// Runs every case of [`sessions`] as a test of its own, in a module named after `$make`, an
+/// `async fn(&str) -> (Arc<dyn SessionStore>, Cleanup)` in scope that makes a fresh store.
+#[macro_export]
+macro_rules! session_store_conformance {
+    ($make:ident) => {
+        $crate::__conformance_cases!(
+            $make,
+            sessions,
+            a_claim_hands_the_session_over_and_the_log_reads_past_a_seq,
+            an_append_by_a_former_owner_is_refused_with_the_owner_in_force,
+            the_log_keeps_its_bounds_and_says_where_it_starts,
+            an_orphan_append_is_numbered_after_the_last_and_held_once,
+            sessions_expire_unless_kept_alive_and_end_at_once,
         );
     };
 }
