@@ -148,6 +148,20 @@ struct Args {
     /// it elsewhere) learns where to go.
     #[arg(long, value_enum, default_value_t = Placement::InBand)]
     placement: Placement,
+    /// Sessions that outlive connections: the welcome carries a token, messages carry `seq`,
+    /// and a client that reconnects with `?resume=TOKEN&last=N` (to any node) gets what it
+    /// missed. Every node of a cluster needs the same.
+    #[arg(long)]
+    sessions: bool,
+    /// With --sessions: how long a session waits for its client (default 120000).
+    #[arg(long, value_name = "MS", requires = "sessions")]
+    session_window_ms: Option<u64>,
+    /// With --sessions: the most messages a session's log keeps (default 1024).
+    #[arg(long, value_name = "N", requires = "sessions")]
+    session_max_messages: Option<usize>,
+    /// With --sessions: the most payload bytes a session's log keeps (default 1 MiB).
+    #[arg(long, value_name = "BYTES", requires = "sessions")]
+    session_max_bytes: Option<usize>,
 }
 
 /// `--placement`: the node's [`PlacementMode`].
@@ -210,6 +224,19 @@ impl Args {
         }
         if let Some(max) = self.max_in_flight {
             config.forward.max_in_flight = max.max(1);
+        }
+        if self.sessions {
+            let mut limits = hybrid_cluster::SessionLimits::default();
+            if let Some(ms) = self.session_window_ms {
+                limits.resume_window = Duration::from_millis(ms.max(1));
+            }
+            if let Some(n) = self.session_max_messages {
+                limits.max_messages = n.max(1);
+            }
+            if let Some(bytes) = self.session_max_bytes {
+                limits.max_bytes = bytes;
+            }
+            config.sessions = Some(limits);
         }
         if let Some(url) = self.public_url {
             hybrid_cluster::check_public_url(&url)

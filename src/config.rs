@@ -7,7 +7,7 @@ use hybrid_cluster_core::node::DEFAULT_ENDPOINT;
 use hybrid_cluster_core::{
     AmqpUrl, Broker, ClusterPrefix, ClusterSecret, ConfigError, ConsumeOptions,
     DEFAULT_REPLAY_WINDOW, Durability, GroupKeys, NodeId, QueueOptions, RedisUrl, Registry,
-    SECRET_ENV,
+    SECRET_ENV, SessionLimits, SessionStore,
 };
 use hybrid_cluster_discovery::DiscoveryConfig;
 use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
@@ -98,6 +98,8 @@ pub enum Backends {
         registry: std::sync::Arc<dyn Registry>,
         /// The broker.
         broker: std::sync::Arc<dyn Broker>,
+        /// Where sessions live (used when [`ClusterConfig::sessions`] is set).
+        sessions: std::sync::Arc<dyn SessionStore>,
     },
 }
 
@@ -230,6 +232,11 @@ pub struct ClusterConfig {
     /// bytes, about 64 an id. Default 64 MiB: a minute of about 17,000 messages a second;
     /// past it the window in force is shorter, and a warning says so.
     pub dedupe_memory: usize,
+    /// Sessions that outlive their connections (see [`ClusterConnection::open_session`]
+    /// (crate::ClusterConnection::open_session)): how long one waits for its client and how
+    /// much its log keeps. `None` (the default): connections have no session. Every node of
+    /// a cluster needs the same setting.
+    pub sessions: Option<SessionLimits>,
 }
 
 impl ClusterConfig {
@@ -261,6 +268,7 @@ impl ClusterConfig {
             replay_window: DEFAULT_REPLAY_WINDOW,
             dedupe_window: Duration::from_secs(60),
             dedupe_memory: 64 * 1024 * 1024,
+            sessions: None,
         }
     }
 

@@ -13,6 +13,7 @@ mod notice;
 pub mod protocol;
 #[cfg(feature = "axum")]
 pub mod server;
+mod session;
 mod shutdown;
 mod takeover;
 mod trace;
@@ -28,7 +29,8 @@ pub use cluster::{Cluster, PlacementAdvice};
 pub use config::{Backends, ClusterConfig, IncompleteBackends, PlacementMode, SlowClientPolicy};
 pub use error::{ClusterError, SendError, error_chain};
 pub use handle::{
-    ClusterConnection, ClusterHandle, Confirmation, ConnectionSlot, OrderedSender, Payload,
+    ClusterConnection, ClusterHandle, Confirmation, ConnectionSlot, OpenedSession, OrderedSender,
+    Payload, ResumeRequest, Resumed, SessionError,
 };
 pub use hybrid::{
     CLOSE_REDIRECT, CLOSE_UNAVAILABLE, HybridCluster, HybridClusterLayer, RETRY_AFTER_MS,
@@ -44,10 +46,11 @@ pub use hybrid_cluster_core::{
     InvalidGroupName, InvalidIncarnation, InvalidMessageId, InvalidNodeId, InvalidTarget,
     LiveNodeInfo, MessageId, NodeId, NodeInfo, NodeRecord, NodeRecordError, NodeStatus,
     PayloadKind, PublishError, QueueOptions, RedisUrl, Registry, RegistryError, RegistryEvent,
-    RegistryEvents, RemovalCause, RoutingKey, SECRET_ENV, Settlement, Signature, Target,
-    UnknownDurability,
+    RegistryEvents, RemovalCause, RoutingKey, SECRET_ENV, SessionId, SessionLimits, SessionStore,
+    Settlement, Signature, Target, UnknownDurability,
 };
-pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
+pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry, MemorySessionStore};
 pub use local::{CloseFrame, Inbox, InboxItem, Undeliverable};
+pub use session::relay::CLOSE_SESSION_MOVED;
 pub use shutdown::{CLOSE_SERVICE_RESTART, MAX_CLOSE_REASON, close_reason};
 pub use trace::{HEADER_TRACEPARENT, TraceContext, TraceId};

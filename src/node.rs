@@ -8,13 +8,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures_core::future::BoxFuture;
 use hybrid_cluster_balance::Placer;
 use hybrid_cluster_core::{
     Broker, ConnectionIds, ConsumerState, Envelope, Incarnation, LiveNodeInfo, NodeId, NodeStatus,
     Target,
 };
 use hybrid_cluster_discovery::Discovery;
-use hybrid_cluster_routing::{Forward, NodeTopology};
+use hybrid_cluster_routing::{AckAfter, Forward, NodeTopology};
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -22,8 +23,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::ClusterConfig;
 use crate::error::{ClusterError, error_chain};
-use crate::local::{CloseFrame, InboxItem, LocalConnections};
+use crate::local::{CloseFrame, FannedOut, InboxItem, LocalConnections, Refused};
 use crate::metrics::Metrics;
+use crate::session::NodeSessions;
 use crate::shutdown::{CLOSE_SERVICE_RESTART, close_reason};
 use crate::trace::TraceContext;
 
@@ -49,6 +51,8 @@ pub(crate) struct Node {
     pub(crate) metrics: Metrics,
     /// Where the node is in its run: starts empty (nothing running, not draining).
     pub(crate) state: RunState,
+    /// Its connections' sessions, when sessions are on.
+    pub(crate) sessions: Option<Arc<NodeSessions>>,
 }
 
 /// A node's run: its status flags and the tasks it owns.
@@ -122,7 +126,10 @@ impl Node {
     /// not routed here: it is refused (and dead-lettered by the receiver), never answered, so
     /// that a captured message replayed elsewhere cannot make a node tell its real sender a
     /// false `not_found`.
-    pub(crate) fn deliver_incoming(self: &Arc<Self>, envelope: Envelope) -> Result<(), Misrouted> {
+    pub(crate) fn deliver_incoming(
+        self: &Arc<Self>,
+        envelope: Envelope,
+    ) -> Result<AckAfter, Misrouted> {
         if !self.routes_here(&envelope.target) {
             return Err(Misrouted);
         }
@@ -136,44 +143,77 @@ impl Node {
         );
         let _entered = span.enter();
         let envelope = Arc::new(envelope);
-        match &envelope.target {
+        let kept = match &envelope.target {
             Target::Connection(id) => {
                 if let Some(notice) = crate::notice::read(&envelope) {
                     // Best effort: the sender may have closed meanwhile too.
                     let _ = self.local.deliver_to(id, InboxItem::Undeliverable(notice));
-                    return Ok(());
+                    return Ok(AckAfter(None));
                 }
-                let delivered = id.incarnation() == self.incarnation
-                    && self
-                        .local
+                let pushed = if id.incarnation() == self.incarnation {
+                    self.local
                         .deliver_to(id, InboxItem::Message(Arc::clone(&envelope)))
-                        .is_ok();
-                if delivered {
-                    self.metrics.received("unicast");
                 } else {
-                    self.metrics.dropped("connection_gone");
-                    self.local.bounced.bounce_envelope(&envelope);
+                    Err(Refused::NotFound)
+                };
+                match pushed {
+                    Ok(pushed) => {
+                        self.metrics.received("unicast");
+                        self.settle_pushed(id, pushed, Arc::clone(&envelope))
+                    }
+                    Err(_) => {
+                        self.metrics.dropped("connection_gone");
+                        self.local.bounced.bounce_envelope(&envelope);
+                        None
+                    }
                 }
             }
             // This node delivered its own broadcasts and group messages locally already.
             Target::Broadcast if envelope.origin != self.id => {
                 self.metrics.received("broadcast");
-                self.local.deliver_all(&envelope);
+                let fanned = self.local.deliver_all(&envelope);
+                self.settle_fanned(fanned, &envelope)
             }
             Target::Group(group) if envelope.origin != self.id => {
                 self.metrics.received("group");
                 // A node bound for a group's key may have no member of it: a member that just
                 // left, or with group keys in buckets, another group of the bucket.
-                if self.local.deliver_group(group, &envelope) == 0 {
+                let fanned = self.local.deliver_group(group, &envelope);
+                if fanned.count == 0 {
                     self.metrics.dropped("no_member");
                 }
+                self.settle_fanned(fanned, &envelope)
             }
-            Target::Broadcast | Target::Group(_) => {}
+            Target::Broadcast | Target::Group(_) => None,
             Target::Node(_) => {
-                tracing::debug!(from = %envelope.origin, "ignoring a node message: none is defined yet");
+                let forwarded = self.deliver_forwarded(&envelope);
+                if forwarded.is_none() {
+                    tracing::debug!(from = %envelope.origin, "ignoring a node message that carries no session message");
+                }
+                forwarded
             }
+        };
+        Ok(AckAfter(kept))
+    }
+
+    /// What to wait for before acknowledging a message put in several inboxes: the sessions
+    /// among them keeping it.
+    pub(crate) fn settle_fanned(
+        self: &Arc<Self>,
+        fanned: FannedOut,
+        envelope: &Arc<Envelope>,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let waits: Vec<_> = fanned
+            .sessions
+            .into_iter()
+            .filter_map(|(to, pushed)| self.settle_pushed(&to, pushed, Arc::clone(envelope)))
+            .collect();
+        if waits.is_empty() {
+            return None;
         }
-        Ok(())
+        Some(Box::pin(async move {
+            futures_util::future::join_all(waits).await;
+        }))
     }
 
     /// Whether a message for `target` is routed to this node's queue.
@@ -204,9 +244,10 @@ impl Node {
         }
         let broker = Arc::clone(self.topology.broker());
         let secret = self.config.secret.clone();
+        let sessions = self.sessions.is_some();
         let weak = Arc::downgrade(self);
-        let bounced = Arc::clone(&self.local.bounced);
         self.spawn(async move {
+            let answering = weak.clone();
             let is_back = {
                 let gone = gone.clone();
                 move || {
@@ -214,8 +255,13 @@ impl Node {
                         .is_none_or(|node| node.discovery.view().node(&gone).is_some())
                 }
             };
-            let bounce = move |envelope: &Envelope| bounced.bounce_envelope(envelope);
-            crate::takeover::take_over(broker, gone, secret, is_back, bounce).await;
+            let answer = move |envelope: Envelope| -> BoxFuture<'static, ()> {
+                match answering.upgrade() {
+                    Some(node) => node.take_in_orphan(envelope),
+                    None => Box::pin(std::future::ready(())),
+                }
+            };
+            crate::takeover::take_over(broker, gone, secret, sessions, is_back, answer).await;
         });
     }
 

@@ -213,6 +213,18 @@ pub enum ServerMessage<'a> {
         connection_id: &'a str,
         /// The node it is connected to.
         node_id: &'a str,
+        /// The token the client resumes its session with (sessions on).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<&'a str>,
+    },
+    /// What became of the resume the client asked for, right after the welcome; the
+    /// `missed` messages follow, in order.
+    Resumed {
+        /// Whether nothing was missed: `false` starts a new session.
+        recovered: bool,
+        /// How many messages follow that the client missed (when recovered).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        missed: Option<usize>,
     },
     /// A message sent to this connection.
     Message {
@@ -220,6 +232,9 @@ pub enum ServerMessage<'a> {
         from: Option<&'a ConnectionId>,
         /// The payload, as its sender wrote it.
         data: &'a RawValue,
+        /// Its number in the session (sessions on).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     /// A broadcast.
     Broadcast {
@@ -227,6 +242,9 @@ pub enum ServerMessage<'a> {
         from: Option<&'a ConnectionId>,
         /// The payload.
         data: &'a RawValue,
+        /// Its number in the session (sessions on).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     /// A group message.
     Group {
@@ -236,6 +254,9 @@ pub enum ServerMessage<'a> {
         from: Option<&'a ConnectionId>,
         /// The payload.
         data: &'a RawValue,
+        /// Its number in the session (sessions on).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     /// The connection joined a group.
     Joined {
@@ -325,10 +346,37 @@ mod tests {
         assert_eq!(
             ServerMessage::Message {
                 from: Some(&from),
-                data: &data
+                data: &data,
+                seq: None,
             }
             .to_json(),
             r#"{"type":"message","from":"a:0000000000000001:1","data":{"x":1}}"#
+        );
+        assert_eq!(
+            ServerMessage::Group {
+                group: "g",
+                from: Some(&from),
+                data: &data,
+                seq: Some(7),
+            }
+            .to_json(),
+            r#"{"type":"group","group":"g","from":"a:0000000000000001:1","data":{"x":1},"seq":7}"#
+        );
+        assert_eq!(
+            ServerMessage::Resumed {
+                recovered: true,
+                missed: Some(3)
+            }
+            .to_json(),
+            r#"{"type":"resumed","recovered":true,"missed":3}"#
+        );
+        assert_eq!(
+            ServerMessage::Resumed {
+                recovered: false,
+                missed: None
+            }
+            .to_json(),
+            r#"{"type":"resumed","recovered":false}"#
         );
         assert_eq!(
             ServerMessage::Error {
@@ -342,10 +390,20 @@ mod tests {
         assert_eq!(
             ServerMessage::Welcome {
                 connection_id: "a:1:1",
-                node_id: "a"
+                node_id: "a",
+                session: None,
             }
             .to_json(),
             r#"{"type":"welcome","connection_id":"a:1:1","node_id":"a"}"#
+        );
+        assert_eq!(
+            ServerMessage::Welcome {
+                connection_id: "a:1:1",
+                node_id: "a",
+                session: Some("s1.x"),
+            }
+            .to_json(),
+            r#"{"type":"welcome","connection_id":"a:1:1","node_id":"a","session":"s1.x"}"#
         );
     }
 

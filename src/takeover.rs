@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use futures_core::future::BoxFuture;
 use futures_util::StreamExt;
 use hybrid_cluster_core::{
     Broker, BrokerError, ClusterSecret, ConsumeOptions, DEFAULT_REPLAY_WINDOW, Envelope, NodeId,
@@ -35,28 +36,43 @@ pub(crate) const ROUND: Duration = Duration::from_secs(5);
 const HOLD: Duration = Duration::from_secs(90);
 
 /// Reads the queue of `gone`, if no one else does and it is still there, handing each unicast
-/// from a connection to `bounce`, until it is idle or `is_back` says its node returned.
-/// Returns how many messages were answered.
+/// to `answer` (which tells its sender, or keeps it for the session of its connection), until
+/// it is idle or `is_back` says its node returned. Returns how many messages were answered.
+///
+/// With `sessions`, the queue is read for as long as messages keep coming (senders to a
+/// session's old connection id publish there while it exists, to stay in order behind what it
+/// holds), and deleted once it is idle and empty: from then on those sends follow the session.
 pub(crate) async fn take_over(
     broker: Arc<dyn Broker>,
     gone: NodeId,
     secret: Option<ClusterSecret>,
+    sessions: bool,
     is_back: impl Fn() -> bool,
-    bounce: impl Fn(&Envelope),
+    answer: impl Fn(Envelope) -> BoxFuture<'static, ()>,
 ) -> usize {
-    let giving_up = Instant::now() + HOLD;
+    let mut giving_up = Instant::now() + HOLD;
     let mut answered = 0;
     while Instant::now() < giving_up && !is_back() {
-        match read_round(&*broker, &gone, secret.as_ref(), &is_back, &bounce).await {
+        match read_round(&*broker, &gone, secret.as_ref(), &is_back, &answer).await {
             Round::InUse => tokio::time::sleep(IDLE).await,
             // Busy to the end of the round: let its node have a chance, then go on.
             Round::Busy(n) => {
                 answered += n;
+                if sessions {
+                    giving_up = Instant::now() + HOLD;
+                }
                 tokio::time::sleep(IDLE / 4).await;
             }
             Round::Done(n) => {
                 answered += n;
-                break;
+                if !sessions || is_back() {
+                    break;
+                }
+                match broker.delete_queue_if_empty(&gone).await {
+                    Ok(true) => break,
+                    // A message came meanwhile, or the queue is in use: another round.
+                    Ok(false) | Err(_) => tokio::time::sleep(IDLE / 4).await,
+                }
             }
         }
     }
@@ -81,7 +97,7 @@ async fn read_round(
     gone: &NodeId,
     secret: Option<&ClusterSecret>,
     is_back: &impl Fn() -> bool,
-    bounce: &impl Fn(&Envelope),
+    answer: &impl Fn(Envelope) -> BoxFuture<'static, ()>,
 ) -> Round {
     let options = ConsumeOptions { prefetch: 64 };
     let mut deliveries = match broker.consume(gone, &options).await {
@@ -123,9 +139,9 @@ async fn read_round(
             let _ = delivery.acker.dead_letter().await;
             continue;
         }
-        if matches!(envelope.target, Target::Connection(_)) && envelope.sender.is_some() {
+        if matches!(envelope.target, Target::Connection(_)) {
             answered += 1;
-            bounce(&envelope);
+            answer(envelope).await;
         }
         let _ = delivery.acker.ack().await;
     }

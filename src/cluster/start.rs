@@ -6,9 +6,11 @@ use std::sync::Arc;
 use hybrid_cluster_balance::{Placer, Selector};
 use hybrid_cluster_core::{
     AmqpUrl, Broker, BrokerError, ConnectionIds, ConsumeOptions, Deliveries, Incarnation,
-    LiveNodeInfo, NodeInfo, Registry,
+    LiveNodeInfo, NodeInfo, Registry, SessionStore,
 };
-use hybrid_cluster_discovery::{ConnectionCounter, Discovery, RedisOptions, RedisRegistry};
+use hybrid_cluster_discovery::{
+    ConnectionCounter, Discovery, RedisOptions, RedisRegistry, RedisSessionStore,
+};
 use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker};
 use tokio::time::{Duration, Instant};
 
@@ -19,6 +21,7 @@ use crate::local::LocalConnections;
 use crate::metered::{MeteredBroker, MeteredRegistry};
 use crate::metrics::Metrics;
 use crate::node::{Node, RunState};
+use crate::session::NodeSessions;
 
 /// Starts the node of `config` on `backends`: see [`Cluster::start`](crate::Cluster::start).
 pub(super) async fn start(
@@ -26,7 +29,15 @@ pub(super) async fn start(
     backends: Backends,
 ) -> Result<Arc<Node>, ClusterError> {
     let config = settled(config);
-    let (registry, broker) = connect_backends(&config, backends).await?;
+    let (registry, broker, store) = connect_backends(&config, backends).await?;
+    let sessions = config.sessions.map(|limits| {
+        Arc::new(NodeSessions::new(
+            store,
+            limits,
+            config.secret.clone(),
+            config.rabbitmq.outage_timeout,
+        ))
+    });
     let id = config.node_id.clone();
     let incarnation = Incarnation::random();
     let topology = NodeTopology::declare_with(
@@ -49,6 +60,9 @@ pub(super) async fn start(
         )
         .with_byte_bound(config.inbox_bytes),
     );
+    if let Some(limits) = &config.sessions {
+        local.park_for(limits.resume_window);
+    }
     let discovery = register(&config, incarnation, registry, counter).await?;
     let local_info = discovery
         .view()
@@ -76,6 +90,7 @@ pub(super) async fn start(
         local_info,
         metrics,
         state: RunState::default(),
+        sessions,
     });
     run(&node, deliveries);
     Ok(node)
@@ -99,28 +114,41 @@ fn settled(mut config: ClusterConfig) -> ClusterConfig {
 async fn connect_backends(
     config: &ClusterConfig,
     backends: Backends,
-) -> Result<(Arc<dyn Registry>, Arc<dyn Broker>), ClusterError> {
-    let (registry, broker): (Arc<dyn Registry>, Arc<dyn Broker>) = match backends {
-        Backends::Embedded { registry, broker } => (Arc::new(registry), Arc::new(broker)),
-        Backends::Custom { registry, broker } => (registry, broker),
-        Backends::Servers { redis, amqp } => {
-            warn_if_lapin_logs_payloads();
-            let registry =
-                RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
-            (Arc::new(registry), connect_rabbitmq(config, &amqp).await?)
-        }
-        Backends::RedisCluster { seeds, amqp } => {
-            warn_if_lapin_logs_payloads();
-            let registry =
-                RedisRegistry::connect_cluster(&seeds, &config.prefix, RedisOptions::default())
-                    .await?;
-            (Arc::new(registry), connect_rabbitmq(config, &amqp).await?)
-        }
-    };
+) -> Result<(Arc<dyn Registry>, Arc<dyn Broker>, Arc<dyn SessionStore>), ClusterError> {
+    let (registry, broker, store): (Arc<dyn Registry>, Arc<dyn Broker>, Arc<dyn SessionStore>) =
+        match backends {
+            Backends::Embedded { registry, broker } => {
+                let store = Arc::new(registry.sessions());
+                (Arc::new(registry), Arc::new(broker), store)
+            }
+            Backends::Custom {
+                registry,
+                broker,
+                sessions,
+            } => (registry, broker, sessions),
+            Backends::Servers { redis, amqp } => {
+                warn_if_lapin_logs_payloads();
+                let registry =
+                    RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
+                let store = RedisSessionStore::new(registry.connection(), &config.prefix);
+                let broker = connect_rabbitmq(config, &amqp).await?;
+                (Arc::new(registry), broker, Arc::new(store))
+            }
+            Backends::RedisCluster { seeds, amqp } => {
+                warn_if_lapin_logs_payloads();
+                let registry =
+                    RedisRegistry::connect_cluster(&seeds, &config.prefix, RedisOptions::default())
+                        .await?;
+                let store = RedisSessionStore::new(registry.connection(), &config.prefix);
+                let broker = connect_rabbitmq(config, &amqp).await?;
+                (Arc::new(registry), broker, Arc::new(store))
+            }
+        };
     let node = &config.node_id;
     Ok((
         Arc::new(MeteredRegistry::new(registry, node)),
         Arc::new(MeteredBroker::new(broker, node)),
+        store,
     ))
 }
 

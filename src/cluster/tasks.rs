@@ -26,6 +26,31 @@ pub(super) fn spawn_all(node: &Arc<Node>, deliveries: Deliveries) {
     if let Some(following) = following_consumer(node) {
         node.spawn(following);
     }
+    if node.sessions.is_some() {
+        node.spawn(keeping_sessions_alive(node));
+    }
+}
+
+/// Pushes back the expiry of the sessions whose clients are connected here, four times a
+/// resume window, so that a session expires only a window after its client went.
+fn keeping_sessions_alive(node: &Arc<Node>) -> impl Task + use<> {
+    let weak = Arc::downgrade(node);
+    async move {
+        loop {
+            let Some(node) = weak.upgrade() else { return };
+            let Some(sessions) = node.sessions.clone() else {
+                return;
+            };
+            let live = node.local.live_sessions();
+            drop(node);
+            if !live.is_empty()
+                && let Err(error) = sessions.store.keep_alive(&live, &sessions.limits).await
+            {
+                tracing::warn!(error = %crate::error_chain(&error), sessions = live.len(), "could not keep the sessions of connected clients alive");
+            }
+            tokio::time::sleep(sessions.limits.resume_window / 4).await;
+        }
+    }
 }
 
 /// Hands what comes through the broker to the local connections. The receiver records its

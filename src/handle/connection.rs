@@ -7,6 +7,7 @@ use hybrid_cluster_core::ConnectionId;
 use parking_lot::Mutex;
 
 use super::ClusterHandle;
+use super::session::ResumeRequest;
 use crate::local::Inbox;
 
 /// One WebSocket connection admitted by the cluster layer: its id, its [`Inbox`] of messages
@@ -17,13 +18,26 @@ use crate::local::Inbox;
 /// socket task. Dropping it (or its inbox) removes the connection from the node.
 #[derive(Debug)]
 pub struct ClusterConnection {
-    handle: ClusterHandle,
-    inbox: Inbox,
+    pub(super) handle: ClusterHandle,
+    pub(super) inbox: Inbox,
+    /// The session the upgrade asked to resume, if it did.
+    pub(super) resume: Option<ResumeRequest>,
 }
 
 impl ClusterConnection {
     pub(crate) fn new(handle: ClusterHandle, inbox: Inbox) -> Self {
-        Self { handle, inbox }
+        Self {
+            handle,
+            inbox,
+            resume: None,
+        }
+    }
+
+    /// This connection, asked to resume a session (see
+    /// [`open_session`](ClusterConnection::open_session)).
+    pub fn with_resume(mut self, resume: Option<ResumeRequest>) -> Self {
+        self.resume = resume;
+        self
     }
 
     /// Takes the connection the cluster layer put in a request's extensions.

@@ -4,6 +4,7 @@
 mod confirmation;
 mod connection;
 mod payload;
+mod session;
 #[cfg(test)]
 mod tests;
 
@@ -24,9 +25,11 @@ use tracing::Instrument;
 pub use self::confirmation::Confirmation;
 pub use self::connection::{ClusterConnection, ConnectionSlot};
 pub use self::payload::Payload;
+pub use self::session::{OpenedSession, ResumeRequest, Resumed, SessionError};
 use crate::error::SendError;
 use crate::local::InboxItem;
 use crate::node::Node;
+use crate::session::Kept;
 use crate::trace::TraceContext;
 
 /// Sends messages into the cluster: to one connection anywhere, to every connection, to a
@@ -56,6 +59,15 @@ impl fmt::Debug for ClusterHandle {
 }
 
 impl ClusterHandle {
+    pub(crate) fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Whether the cluster gives connections sessions ([`ClusterConfig::sessions`](crate::ClusterConfig)).
+    pub fn has_sessions(&self) -> bool {
+        self.node.sessions.is_some()
+    }
+
     pub(crate) fn new(node: Arc<Node>, sender: Option<ConnectionId>) -> Self {
         Self { node, sender }
     }
@@ -179,7 +191,37 @@ impl ClusterHandle {
             self.node.local.abandon(id, group, join);
             return Err(error);
         }
+        self.save_groups(id).await;
         Ok(())
+    }
+
+    /// Records the groups of connection `id` in its session, if it has one (a resume joins
+    /// them again).
+    async fn save_groups(&self, id: &ConnectionId) {
+        let (Some(sessions), Some(slot)) = (&self.node.sessions, self.node.local.slot(id)) else {
+            return;
+        };
+        let Some(session) = slot.with_session(|session| session.id) else {
+            return;
+        };
+        let groups = self.node.local.groups_of(id);
+        if let Err(error) = sessions.store.set_groups(session, id, &groups).await {
+            tracing::warn!(connection = %id, error = %crate::error_chain(&error), "could not record a session's groups: a resume may not join them again");
+        }
+    }
+
+    /// Ends the session of this handle's connection for good (its client said goodbye): the
+    /// session and its log go at once, and the connection, when it closes, is not waited for.
+    /// Nothing happens when the connection has no session.
+    pub async fn end_session(&self) -> Result<(), SessionError> {
+        let id = self.sender().map_err(|_| SessionError::NotAvailable)?;
+        let (Some(sessions), Some(slot)) = (&self.node.sessions, self.node.local.slot(id)) else {
+            return Ok(());
+        };
+        let Some(session) = slot.take_session() else {
+            return Ok(());
+        };
+        Ok(sessions.store.end(session.id, id).await?)
     }
 
     /// Counts one member more (`joining`, once its bind is done) or one less (`None`) in
@@ -229,9 +271,12 @@ impl ClusterHandle {
             connection: id.clone(),
         };
         if !self.node.local.leave(id, group).map_err(not_registered)? {
+            self.save_groups(id).await;
             return Ok(());
         }
-        self.change_membership(group, None).await
+        let changed = self.change_membership(group, None).await;
+        self.save_groups(id).await;
+        changed
     }
 }
 
@@ -387,6 +432,22 @@ impl OrderedSender {
         }
     }
 
+    /// A unicast settled here once `kept` completes (the message kept in a session's log).
+    fn settled_after(
+        &mut self,
+        kind: &'static str,
+        id: MessageId,
+        kept: futures_core::future::BoxFuture<'static, ()>,
+    ) -> Confirmation {
+        let mut confirmation = self.settled(kind, id, Ok(id));
+        let outcome = confirmation.outcome;
+        confirmation.outcome = Box::pin(async move {
+            kept.await;
+            outcome.await
+        });
+        confirmation
+    }
+
     /// A unicast to `to`: delivered here, or started through the broker.
     fn unicast(&mut self, to: &ConnectionId, kind: PayloadKind, payload: Bytes) -> Confirmation {
         let node = Arc::clone(&self.handle.node);
@@ -398,20 +459,48 @@ impl OrderedSender {
             connection: to.clone(),
         };
         if to.node() == &node.id {
-            let outcome = if to.incarnation() != node.incarnation {
-                Err(not_found())
-            } else {
-                let span = self.handle.span("unicast", &envelope);
-                span.in_scope(|| {
-                    node.local
-                        .deliver_to(to, InboxItem::Message(Arc::new(envelope)))
-                        .map(|()| id)
-                        .map_err(|_| not_found())
-                })
+            if to.incarnation() != node.incarnation {
+                return self.settled("unicast", id, Err(not_found()));
+            }
+            let span = self.handle.span("unicast", &envelope);
+            let envelope = Arc::new(envelope);
+            let pushed = span.in_scope(|| {
+                node.local
+                    .deliver_to(to, InboxItem::Message(Arc::clone(&envelope)))
+            });
+            return match pushed {
+                Err(_) => self.settled("unicast", id, Err(not_found())),
+                Ok(pushed) => match node.settle_pushed(to, pushed, envelope) {
+                    None => self.settled("unicast", id, Ok(id)),
+                    Some(kept) => self.settled_after("unicast", id, kept),
+                },
             };
-            return self.settled("unicast", id, outcome);
         }
         match node.discovery.view().node(to.node()) {
+            // Its queue may still hold messages for a session of `to`, read by the node's
+            // last moments or by a survivor taking it over: this one goes behind them, in
+            // order. Once the queue is gone, the session is looked up.
+            None if node.sessions.is_some() => {
+                let (node, to, copy) = (Arc::clone(&node), to.clone(), envelope.clone());
+                let target = to.node().clone();
+                let mut confirmation = self.publish("unicast", envelope, move |error| {
+                    Err(invalid_or(error, |error| SendError::Unreachable {
+                        node: target,
+                        source: Some(error),
+                    }))
+                });
+                let published = confirmation.outcome;
+                confirmation.outcome = Box::pin(async move {
+                    match published.await {
+                        Err(SendError::Unreachable {
+                            source: Some(ForwardError::Unroutable { .. }),
+                            ..
+                        }) => follow_session(node, to, copy).await,
+                        outcome => outcome,
+                    }
+                });
+                return confirmation;
+            }
             None => {
                 let gone = SendError::Unreachable {
                     node: to.node().clone(),
@@ -436,13 +525,13 @@ impl OrderedSender {
     /// A broadcast: this node's connections get it at once, the others' through the broker.
     fn broadcast(&mut self, kind: PayloadKind, payload: Bytes) -> Confirmation {
         let envelope = self.handle.envelope(Target::Broadcast, kind, payload);
-        self.handle
-            .node
-            .local
-            .deliver_all(&Arc::new(envelope.clone()));
-        self.publish("broadcast", envelope, |error| {
+        let shared = Arc::new(envelope.clone());
+        let node = &self.handle.node;
+        let kept = node.settle_fanned(node.local.deliver_all(&shared), &shared);
+        let confirmation = self.publish("broadcast", envelope, |error| {
             Err(invalid_or(error, SendError::Broadcast))
-        })
+        });
+        after_kept(confirmation, kept)
     }
 
     /// A group message: this node's members get it at once, the other nodes' through the
@@ -451,14 +540,58 @@ impl OrderedSender {
         let envelope = self
             .handle
             .envelope(Target::Group(group.clone()), kind, payload);
-        self.handle
-            .node
-            .local
-            .deliver_group(group, &Arc::new(envelope.clone()));
-        self.publish("group", envelope, |error| match error {
+        let shared = Arc::new(envelope.clone());
+        let node = &self.handle.node;
+        let kept = node.settle_fanned(node.local.deliver_group(group, &shared), &shared);
+        let confirmation = self.publish("group", envelope, |error| match error {
             // No node bound to the group: nobody (else) to reach.
             ForwardError::Unroutable { .. } => Ok(()),
             error => Err(invalid_or(error, SendError::Broadcast)),
-        })
+        });
+        after_kept(confirmation, kept)
     }
+}
+
+/// A unicast to `to`, whose node and queue are gone: when `to` had a session, the message
+/// goes where the session is now (or to its log, for its next owner); otherwise `unreachable`.
+async fn follow_session(
+    node: Arc<Node>,
+    to: ConnectionId,
+    envelope: Envelope,
+) -> Result<MessageId, SendError> {
+    let id = envelope.id;
+    let gone = || SendError::Unreachable {
+        node: to.node().clone(),
+        source: None,
+    };
+    let Some(sessions) = node.sessions.clone() else {
+        return Err(gone());
+    };
+    let Some(session) = sessions.session_of(&to).await else {
+        return Err(gone());
+    };
+    let envelope = Arc::new(envelope);
+    match sessions.log_orphan(session, &to, &envelope).await {
+        Kept::Logged(_) => Ok(id),
+        Kept::Moved(next) => {
+            node.send_on(Some(session), next, envelope, 0).await;
+            Ok(id)
+        }
+        Kept::Unknown | Kept::Failed => Err(gone()),
+    }
+}
+
+/// `confirmation`, resolved only once the sessions of this node that got the message keep it.
+fn after_kept(
+    mut confirmation: Confirmation,
+    kept: Option<futures_core::future::BoxFuture<'static, ()>>,
+) -> Confirmation {
+    if let Some(kept) = kept {
+        let outcome = confirmation.outcome;
+        confirmation.outcome = Box::pin(async move {
+            kept.await;
+            outcome.await
+        });
+    }
+    confirmation
 }

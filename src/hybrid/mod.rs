@@ -19,7 +19,7 @@ pub use self::in_band::{CLOSE_REDIRECT, CLOSE_UNAVAILABLE, RETRY_AFTER_MS, Redir
 pub use self::layer::HybridClusterLayer;
 use crate::cluster::Cluster;
 use crate::config::PlacementMode;
-use crate::handle::ConnectionSlot;
+use crate::handle::{ConnectionSlot, ResumeRequest};
 
 /// Seconds a refused client is told to wait before it tries again.
 pub const RETRY_AFTER_SECS: u32 = 5;
@@ -103,9 +103,10 @@ where
         let mode = self.cluster.node.config.placement_mode;
         match admit(&self.cluster.node) {
             Admission::Accept(connection) => {
+                let resume = request.uri().query().and_then(ResumeRequest::from_query);
                 request
                     .extensions_mut()
-                    .insert(ConnectionSlot::new(connection));
+                    .insert(ConnectionSlot::new(connection.with_resume(resume)));
                 ResponseFuture::inner(self.inner.call(request))
             }
             Admission::Redirect { mut url, reason } => {

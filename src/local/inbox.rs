@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use futures_core::Stream;
-use hybrid_cluster_core::{ConnectionId, Envelope, MessageId};
+use hybrid_cluster_core::{ConnectionId, Envelope, MessageId, SessionId};
 use parking_lot::Mutex;
+use tokio::sync::oneshot;
 
 use super::Registration;
 use super::bounced::Bounced;
@@ -58,8 +59,84 @@ pub(crate) enum Refused {
     Closing,
 }
 
+/// What became of a message put in an inbox.
+#[derive(Debug)]
+pub(crate) enum Pushed {
+    /// Queued for the socket task (a connection without a session).
+    Queued,
+    /// Given this `seq` of the connection's session (and queued, unless the client is away):
+    /// the caller keeps it in the session's log.
+    Numbered(SessionId, u64),
+    /// The session holds it already (it came twice): nothing to do.
+    Duplicate,
+    /// The session is being resumed: the message waits for the resume to number it, which
+    /// says on this channel once it is kept.
+    Held(oneshot::Receiver<()>),
+    /// The session moved to this connection: the message is for it.
+    Moved(ConnectionId),
+}
+
+/// Where a connection's session is in its life, on this node.
+#[derive(Debug)]
+pub(crate) enum Phase {
+    /// Being resumed: messages wait in `held` until the missed ones are queued.
+    Resuming {
+        held: Vec<(InboxItem, oneshot::Sender<()>)>,
+    },
+    /// Its client is connected: messages are numbered and queued.
+    Live,
+    /// Its client is away: messages are numbered and only logged, until it resumes (here or
+    /// elsewhere) or the resume window passes.
+    Parked,
+    /// Resumed as another connection: messages go there.
+    Moved(ConnectionId),
+}
+
+/// The session of a connection, as its inbox keeps it.
+#[derive(Debug)]
+pub(crate) struct SlotSession {
+    pub(crate) id: SessionId,
+    /// The `seq` given last.
+    pub(crate) seq: u64,
+    /// The `seq` up to which every message is in the session's log: the inbox hands out no
+    /// numbered message past it, so that a client never has a message its log could lose.
+    pub(crate) logged: u64,
+    pub(crate) phase: Phase,
+    /// The ids of the messages numbered lately, oldest first, to drop one that comes twice
+    /// (a message forwarded from the session's former node that reached this node too).
+    recent: VecDeque<MessageId>,
+}
+
+/// How many message ids a session remembers to drop duplicates.
+const RECENT_IDS: usize = 4096;
+
+impl SlotSession {
+    pub(crate) fn new(id: SessionId, seq: u64, phase: Phase) -> Self {
+        Self {
+            id,
+            seq,
+            logged: seq,
+            phase,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// Remembers `id`; false when it was remembered already.
+    pub(crate) fn first_time(&mut self, id: MessageId) -> bool {
+        if self.recent.contains(&id) {
+            return false;
+        }
+        if self.recent.len() == RECENT_IDS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(id);
+        true
+    }
+}
+
 struct InboxState {
-    queue: VecDeque<InboxItem>,
+    /// Each item with its `seq`, for a message of a session.
+    queue: VecDeque<(InboxItem, Option<u64>)>,
     /// The payload bytes queued.
     bytes: usize,
     close: Option<CloseFrame>,
@@ -67,17 +144,22 @@ struct InboxState {
     finished: bool,
     waker: Option<Waker>,
     dropped: u64,
+    session: Option<SlotSession>,
+    /// The `seq` of the message handed out last.
+    last_seq: Option<u64>,
 }
 
 /// The shared half of one inbox, held by the connection table.
-pub(super) struct InboxSlot {
+pub(crate) struct InboxSlot {
     state: Mutex<InboxState>,
     capacity: usize,
     byte_bound: usize,
     policy: SlowClientPolicy,
-    id: ConnectionId,
+    pub(crate) id: ConnectionId,
     metrics: Metrics,
     bounced: Arc<Bounced>,
+    /// Woken whenever the session's `logged` moves: appends go to the log one after another.
+    turns: tokio::sync::Notify,
 }
 
 impl InboxSlot {
@@ -97,6 +179,8 @@ impl InboxSlot {
                 finished: false,
                 waker: None,
                 dropped: 0,
+                session: None,
+                last_seq: None,
             }),
             capacity,
             byte_bound,
@@ -104,14 +188,78 @@ impl InboxSlot {
             id,
             metrics,
             bounced,
+            turns: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits until every message of the session numbered before `seq` is logged (or given
+    /// up): the session's appends go in order.
+    pub(crate) async fn turn_to_log(&self, seq: u64) {
+        loop {
+            let notified = self.turns.notified();
+            let ready = self
+                .state
+                .lock()
+                .session
+                .as_ref()
+                .is_none_or(|session| session.logged + 1 >= seq);
+            if ready {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Records that the session's message `seq` is logged (or given up): it may be handed
+    /// out, and the next append may go.
+    pub(crate) fn mark_logged(&self, seq: u64) {
+        let waker = {
+            let mut state = self.state.lock();
+            if let Some(session) = &mut state.session {
+                session.logged = session.logged.max(seq);
+            }
+            state.waker.take()
+        };
+        wake(waker);
+        self.turns.notify_waiters();
     }
 
     /// Queues a message by the slow-client policy. A closing connection refuses it (its
     /// caller tells the sender); messages the policy drops are bounced (their senders told).
-    pub(super) fn push(&self, item: InboxItem) -> Result<(), Refused> {
+    pub(crate) fn push(&self, item: InboxItem) -> Result<Pushed, Refused> {
+        let mut state = self.state.lock();
+        let numbered = match session_step(&mut state, &item) {
+            Step::Plain => None,
+            Step::Number(session, seq) => Some((session, seq)),
+            Step::Answer(pushed) => return Ok(pushed),
+            Step::Hold => {
+                let (kept, waiting) = oneshot::channel();
+                if let Some(SlotSession {
+                    phase: Phase::Resuming { held },
+                    ..
+                }) = &mut state.session
+                {
+                    held.push((item, kept));
+                }
+                return Ok(Pushed::Held(waiting));
+            }
+            Step::Log(session, seq) => return Ok(Pushed::Numbered(session, seq)),
+        };
+        let pushed = numbered.map_or(Pushed::Queued, |(session, seq)| {
+            Pushed::Numbered(session, seq)
+        });
+        self.queue(state, item, numbered.map(|(_, seq)| seq))
+            .map(|()| pushed)
+    }
+
+    /// Queues an item (with its `seq`, if numbered) by the slow-client policy.
+    fn queue(
+        &self,
+        mut state: parking_lot::MutexGuard<'_, InboxState>,
+        item: InboxItem,
+        seq: Option<u64>,
+    ) -> Result<(), Refused> {
         let waker = {
-            let mut state = self.state.lock();
             if state.close.is_some() || state.finished {
                 self.metrics.dropped("connection_gone");
                 return Err(Refused::Closing);
@@ -128,9 +276,10 @@ impl InboxSlot {
                 }
             }
             state.bytes += size;
-            state.queue.push_back(item);
+            state.queue.push_back((item, seq));
             state.waker.take()
         };
+        drop(state);
         wake(waker);
         Ok(())
     }
@@ -144,11 +293,14 @@ impl InboxSlot {
     /// The drop-oldest policy: makes room for an item of `size` bytes.
     fn drop_oldest(&self, state: &mut InboxState, size: usize) {
         while self.over(state, size) {
-            let Some(oldest) = state.queue.pop_front() else {
+            let Some((oldest, seq)) = state.queue.pop_front() else {
                 break;
             };
             state.bytes -= item_bytes(&oldest);
-            bounce(&self.bounced, oldest);
+            // A message of a session stays in its log: the client gets it when it resumes.
+            if seq.is_none() {
+                bounce(&self.bounced, oldest);
+            }
             state.dropped += 1;
             self.metrics.dropped("slow_client");
         }
@@ -165,8 +317,10 @@ impl InboxSlot {
     /// The close policy: drops what is queued (bouncing it) and closes with `code`.
     fn close_slow(&self, state: &mut InboxState, code: u16) {
         state.bytes = 0;
-        for dropped in state.queue.drain(..) {
-            bounce(&self.bounced, dropped);
+        for (dropped, seq) in state.queue.drain(..) {
+            if seq.is_none() {
+                bounce(&self.bounced, dropped);
+            }
         }
         state.close = Some(CloseFrame {
             code,
@@ -183,15 +337,80 @@ impl InboxSlot {
         wake(state.waker.take());
     }
 
-    /// What was queued and never handed out: the connection went.
-    pub(super) fn take_queued(&self) -> VecDeque<InboxItem> {
+    /// What was queued and never handed out, but what a session's log keeps: the
+    /// connection went.
+    pub(super) fn take_queued(&self) -> Vec<InboxItem> {
         let mut state = self.state.lock();
         state.bytes = 0;
         std::mem::take(&mut state.queue)
+            .into_iter()
+            .filter(|(_, seq)| seq.is_none())
+            .map(|(item, _)| item)
+            .collect()
+    }
+
+    /// Gives the connection a session, numbered on from `seq`, in `phase`.
+    pub(crate) fn start_session(&self, session: SlotSession) {
+        self.state.lock().session = Some(session);
+    }
+
+    /// Takes the connection's session away (it ended).
+    pub(crate) fn take_session(&self) -> Option<SlotSession> {
+        self.state.lock().session.take()
+    }
+
+    /// Runs `f` on the connection's session, if it has one.
+    pub(crate) fn with_session<T>(&self, f: impl FnOnce(&mut SlotSession) -> T) -> Option<T> {
+        self.state.lock().session.as_mut().map(f)
+    }
+
+    /// Queues messages of a session with their `seq` (those missed, when it resumes), past
+    /// the slow-client bound if need be: the client asked for them.
+    pub(crate) fn queue_numbered(&self, items: Vec<(InboxItem, u64)>) {
+        let waker = {
+            let mut state = self.state.lock();
+            for (item, seq) in items {
+                state.bytes += item_bytes(&item);
+                state.queue.push_back((item, Some(seq)));
+            }
+            state.waker.take()
+        };
+        wake(waker);
+    }
+
+    /// Whether the connection's client is away and its session kept: parked here, or moved
+    /// (its old id still leads there).
+    pub(crate) fn parked(&self) -> bool {
+        matches!(
+            self.state.lock().session,
+            Some(SlotSession {
+                phase: Phase::Parked | Phase::Moved(_),
+                ..
+            })
+        )
+    }
+
+    /// Parks the connection's session when its socket task is done (a moved one stays, for
+    /// its old id): returns whether it is kept.
+    pub(super) fn park(&self) -> bool {
+        let mut state = self.state.lock();
+        let parked = match &mut state.session {
+            Some(session) if matches!(session.phase, Phase::Live) => {
+                session.phase = Phase::Parked;
+                true
+            }
+            Some(session) => matches!(session.phase, Phase::Moved(_)),
+            None => false,
+        };
+        if parked {
+            state.queue.clear();
+            state.bytes = 0;
+        }
+        parked
     }
 
     /// Closes the inbox once its queued messages are handed out.
-    pub(super) fn close(&self, frame: CloseFrame) {
+    pub(crate) fn close(&self, frame: CloseFrame) {
         let waker = {
             let mut state = self.state.lock();
             if state.close.is_none() && !state.finished {
@@ -204,6 +423,42 @@ impl InboxSlot {
 }
 
 /// What an item costs an inbox's byte bound: its payload.
+/// What a push does for the session of the inbox, if it has one.
+enum Step {
+    /// No session: queue it.
+    Plain,
+    /// Queue it under this `seq`, to be logged.
+    Number(SessionId, u64),
+    /// Log it under this `seq`, not queued (the client is away).
+    Log(SessionId, u64),
+    /// Hold it until the resume is done.
+    Hold,
+    /// Nothing to queue: answer this.
+    Answer(Pushed),
+}
+
+fn session_step(state: &mut InboxState, item: &InboxItem) -> Step {
+    // A connection closing keeps numbering its session's messages: they stay in its log.
+    let closing = state.close.is_some() || state.finished;
+    let (Some(session), InboxItem::Message(envelope)) = (&mut state.session, item) else {
+        return Step::Plain;
+    };
+    match &session.phase {
+        Phase::Moved(to) => return Step::Answer(Pushed::Moved(to.clone())),
+        Phase::Resuming { .. } => return Step::Hold,
+        Phase::Live | Phase::Parked => {}
+    }
+    if !session.first_time(envelope.id) {
+        return Step::Answer(Pushed::Duplicate);
+    }
+    session.seq += 1;
+    if closing || matches!(session.phase, Phase::Parked) {
+        Step::Log(session.id, session.seq)
+    } else {
+        Step::Number(session.id, session.seq)
+    }
+}
+
 fn item_bytes(item: &InboxItem) -> usize {
     match item {
         InboxItem::Message(envelope) => envelope.payload.len(),
@@ -238,6 +493,13 @@ impl Inbox {
     pub fn dropped(&self) -> u64 {
         self.slot.state.lock().dropped
     }
+
+    /// The `seq` of the message this inbox handed out last, when the connection has a session
+    /// (see [`ClusterConnection::open_session`](crate::ClusterConnection::open_session)): the
+    /// number its client says it has when it resumes.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.slot.state.lock().last_seq
+    }
 }
 
 impl fmt::Debug for Inbox {
@@ -260,8 +522,19 @@ impl Stream for Inbox {
         if state.finished {
             return Poll::Ready(None);
         }
-        if let Some(item) = state.queue.pop_front() {
+        let unlogged = match (state.queue.front(), &state.session) {
+            (Some((_, Some(seq))), Some(session)) => *seq > session.logged,
+            _ => false,
+        };
+        if unlogged {
+            state.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if let Some((item, seq)) = state.queue.pop_front() {
             state.bytes -= item_bytes(&item);
+            if seq.is_some() {
+                state.last_seq = seq;
+            }
             return Poll::Ready(Some(item));
         }
         if let Some(frame) = state.close.take() {

@@ -15,9 +15,11 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 pub(crate) use self::bounced::{Bounce, Bounced};
-pub(crate) use self::inbox::Refused;
+pub(crate) use self::inbox::{Phase, Pushed, Refused, SlotSession};
+
+pub(crate) use self::inbox::InboxSlot;
+use self::inbox::bounce;
 pub use self::inbox::{CloseFrame, Inbox, InboxItem, Undeliverable};
-use self::inbox::{InboxSlot, bounce};
 use crate::config::SlowClientPolicy;
 use crate::metrics::Metrics;
 
@@ -50,6 +52,8 @@ struct Entry {
 struct Table {
     entries: HashMap<ConnectionId, Entry>,
     groups: HashMap<GroupName, HashSet<ConnectionId>>,
+    /// Entries whose session is parked (their client away): not counted as connections.
+    parked: usize,
 }
 
 /// The connections of this node.
@@ -67,6 +71,8 @@ pub(crate) struct LocalConnections {
     departures: Notify,
     /// Unicasts that will not reach their connection, for notices to their senders.
     pub(crate) bounced: Arc<Bounced>,
+    /// How long a parked session stays; `None`: sessions are off.
+    park_window: Mutex<Option<std::time::Duration>>,
 }
 
 impl LocalConnections {
@@ -88,6 +94,7 @@ impl LocalConnections {
             departed: Mutex::new(Vec::new()),
             departures: Notify::new(),
             bounced,
+            park_window: Mutex::new(None),
         }
     }
 
@@ -118,7 +125,7 @@ impl LocalConnections {
                     counted: BTreeSet::new(),
                 },
             );
-            table.entries.len()
+            table.entries.len() - table.parked
         };
         self.counter.increment();
         self.metrics.connections(count);
@@ -131,12 +138,64 @@ impl LocalConnections {
         }
     }
 
-    fn deregister(&self, id: &ConnectionId) {
+    fn deregister(self: &Arc<Self>, id: &ConnectionId) {
+        let slot = self.slot(id);
+        if slot.as_ref().is_some_and(|slot| slot.park()) {
+            self.parked(id);
+            return;
+        }
+        self.remove(id, true);
+    }
+
+    /// Counts connection `id` out, its session parked, until the resume window passes.
+    fn parked(self: &Arc<Self>, id: &ConnectionId) {
+        let count = {
+            let mut table = self.table.write();
+            table.parked += 1;
+            table.entries.len() - table.parked
+        };
+        self.counter.decrement();
+        self.metrics.connections(count);
+        self.emptied.notify_waiters();
+        let (Some(window), Ok(runtime)) = (
+            *self.park_window.lock(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            self.forget(id);
+            return;
+        };
+        let table = Arc::downgrade(self);
+        let id = id.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(window).await;
+            if let Some(table) = table.upgrade() {
+                table.forget(&id);
+            }
+        });
+    }
+
+    /// Removes connection `id` if its session is parked (it expired, or resumed elsewhere).
+    pub(crate) fn forget(&self, id: &ConnectionId) {
+        if self.slot(id).is_some_and(|slot| slot.parked()) {
+            self.remove(id, false);
+        }
+    }
+
+    /// Sets how long a parked session stays (the sessions' resume window).
+    pub(crate) fn park_for(&self, window: std::time::Duration) {
+        *self.park_window.lock() = Some(window);
+    }
+
+    /// Takes connection `id` out of the table; `live`: it is counted as a connection still.
+    fn remove(&self, id: &ConnectionId, live: bool) {
         let (left, count) = {
             let mut table = self.table.write();
             let Some(entry) = table.entries.remove(id) else {
                 return;
             };
+            if !live {
+                table.parked -= 1;
+            }
             for group in entry.groups.keys() {
                 if let Some(members) = table.groups.get_mut(group) {
                     members.remove(id);
@@ -145,7 +204,7 @@ impl LocalConnections {
                     }
                 }
             }
-            (entry, table.entries.len())
+            (entry, table.entries.len() - table.parked)
         };
         // Messages the socket task never took: their senders are told.
         for item in left.slot.take_queued() {
@@ -153,7 +212,9 @@ impl LocalConnections {
             bounce(&self.bounced, item);
         }
         let left = left.counted;
-        self.counter.decrement();
+        if live {
+            self.counter.decrement();
+        }
         self.metrics.connections(count);
         if !left.is_empty() {
             self.departed.lock().extend(left);
@@ -174,37 +235,43 @@ impl LocalConnections {
         }
     }
 
+    /// The connections of this node (parked sessions aside).
     pub(crate) fn len(&self) -> usize {
-        self.table.read().entries.len()
+        let table = self.table.read();
+        table.entries.len() - table.parked
     }
 
     pub(crate) fn contains(&self, id: &ConnectionId) -> bool {
         self.table.read().entries.contains_key(id)
     }
 
-    /// Puts a message or a notice in one connection's inbox.
-    pub(crate) fn deliver_to(&self, id: &ConnectionId, item: InboxItem) -> Result<(), Refused> {
-        let slot = self
-            .table
+    /// Puts a message or a notice in one connection's inbox (a parked session's included).
+    pub(crate) fn deliver_to(&self, id: &ConnectionId, item: InboxItem) -> Result<Pushed, Refused> {
+        self.slot(id).ok_or(Refused::NotFound)?.push(item)
+    }
+
+    /// The inbox of connection `id`, if it is here (live, or its session parked).
+    pub(crate) fn slot(&self, id: &ConnectionId) -> Option<Arc<InboxSlot>> {
+        self.table
             .read()
             .entries
             .get(id)
             .map(|entry| Arc::clone(&entry.slot))
-            .ok_or(Refused::NotFound)?;
-        slot.push(item)
     }
 
-    /// Puts a message in every connection's inbox; returns how many.
-    pub(crate) fn deliver_all(&self, envelope: &Arc<Envelope>) -> usize {
+    /// Puts a message in every connection's inbox; returns how many, and what the sessions
+    /// among them are to do with it.
+    pub(crate) fn deliver_all(&self, envelope: &Arc<Envelope>) -> FannedOut {
         fan_out(&self.all_slots(), envelope)
     }
 
-    /// Puts a message in the inbox of every local member of `group`; returns how many.
-    pub(crate) fn deliver_group(&self, group: &GroupName, envelope: &Arc<Envelope>) -> usize {
+    /// Puts a message in the inbox of every local member of `group`; returns how many, and
+    /// what the sessions among them are to do with it.
+    pub(crate) fn deliver_group(&self, group: &GroupName, envelope: &Arc<Envelope>) -> FannedOut {
         let slots: Vec<Arc<InboxSlot>> = {
             let table = self.table.read();
             let Some(members) = table.groups.get(group) else {
-                return 0;
+                return FannedOut::default();
             };
             members
                 .iter()
@@ -296,6 +363,54 @@ impl LocalConnections {
         Ok(counted)
     }
 
+    /// Takes connection `id` out of every group it is a member of (its session moved).
+    pub(crate) fn leave_all(&self, id: &ConnectionId) {
+        let counted = {
+            let mut table = self.table.write();
+            let Some(entry) = table.entries.get_mut(id) else {
+                return;
+            };
+            let groups = std::mem::take(&mut entry.groups);
+            let counted = std::mem::take(&mut entry.counted);
+            for group in groups.keys() {
+                if let Some(members) = table.groups.get_mut(group) {
+                    members.remove(id);
+                    if members.is_empty() {
+                        table.groups.remove(group);
+                    }
+                }
+            }
+            counted
+        };
+        if !counted.is_empty() {
+            self.departed.lock().extend(counted);
+            self.departures.notify_one();
+        }
+    }
+
+    /// The groups connection `id` is a member of.
+    pub(crate) fn groups_of(&self, id: &ConnectionId) -> BTreeSet<GroupName> {
+        self.table
+            .read()
+            .entries
+            .get(id)
+            .map(|entry| entry.groups.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The sessions of the connections here whose clients are connected.
+    pub(crate) fn live_sessions(&self) -> Vec<hybrid_cluster_core::SessionId> {
+        self.all_slots()
+            .iter()
+            .filter_map(|slot| {
+                slot.with_session(|session| {
+                    matches!(session.phase, Phase::Live).then_some(session.id)
+                })
+                .flatten()
+            })
+            .collect()
+    }
+
     /// Local members of a group.
     pub(crate) fn members(&self, group: &GroupName) -> usize {
         self.table.read().groups.get(group).map_or(0, HashSet::len)
@@ -342,11 +457,28 @@ impl fmt::Debug for LocalConnections {
     }
 }
 
-/// Puts a message in each of `slots`; returns how many.
-fn fan_out(slots: &[Arc<InboxSlot>], envelope: &Arc<Envelope>) -> usize {
-    // A closing connection misses a broadcast or group message: nobody to tell.
+/// What a message put in several inboxes came to.
+#[derive(Debug, Default)]
+pub(crate) struct FannedOut {
+    /// The inboxes it was put in.
+    pub(crate) count: usize,
+    /// The connections with a session that have something to do with it (log it, wait for
+    /// a resume, send it where the session went).
+    pub(crate) sessions: Vec<(ConnectionId, Pushed)>,
+}
+
+/// Puts a message in each of `slots`.
+fn fan_out(slots: &[Arc<InboxSlot>], envelope: &Arc<Envelope>) -> FannedOut {
+    let mut out = FannedOut {
+        count: slots.len(),
+        sessions: Vec::new(),
+    };
     for slot in slots {
-        let _ = slot.push(InboxItem::Message(Arc::clone(envelope)));
+        // A closing connection misses a broadcast or group message: nobody to tell.
+        match slot.push(InboxItem::Message(Arc::clone(envelope))) {
+            Ok(Pushed::Queued | Pushed::Duplicate) | Err(_) => {}
+            Ok(pushed) => out.sessions.push((slot.id.clone(), pushed)),
+        }
     }
-    slots.len()
+    out
 }

@@ -217,18 +217,63 @@ pub fn serve_connection(
     connection: ClusterConnection,
     config: ServerConfig,
 ) -> impl Future<Output = ()> + Send + 'static {
+    if connection.handle().has_sessions() {
+        return futures_util::future::Either::Left(serve_with_session(socket, connection, config));
+    }
     // Done before the future, not in it: an async fn keeps room for its arguments (the whole
     // unsplit socket) for as long as it runs, and an idle connection is mostly its task.
     let (handle, inbox) = connection.into_parts();
     let welcome = handle.connection_id().map(|id| {
-        ServerMessage::Welcome {
+        let welcome = ServerMessage::Welcome {
             connection_id: &id.to_string(),
             node_id: handle.node_id().as_str(),
-        }
-        .to_json()
+            session: None,
+        };
+        vec![Message::Text(welcome.to_json().into())]
     });
     let (sink, stream) = socket.split();
-    serve_split(sink, stream, handle, inbox, welcome, config)
+    futures_util::future::Either::Right(serve_split(sink, stream, handle, inbox, welcome, config))
+}
+
+/// [`serve_connection`] for a cluster with sessions: the connection's session opened (or
+/// resumed) first, its token in the welcome, then `resumed` when the client asked to resume.
+async fn serve_with_session(
+    socket: WebSocket,
+    mut connection: ClusterConnection,
+    config: ServerConfig,
+) {
+    let opened = match connection.open_session().await {
+        Ok(opened) => opened,
+        Err(error) => {
+            tracing::warn!(connection = %connection.id(), error = %crate::error_chain(&error), "could not open a session: closing the connection");
+            let mut socket = socket;
+            let close = WsCloseFrame {
+                code: 1011,
+                reason: "the session store is unavailable".into(),
+            };
+            let _ = socket.send(Message::Close(Some(close))).await;
+            return;
+        }
+    };
+    let (handle, inbox) = connection.into_parts();
+    let welcome = handle.connection_id().map(|id| {
+        let welcome = ServerMessage::Welcome {
+            connection_id: &id.to_string(),
+            node_id: handle.node_id().as_str(),
+            session: Some(&opened.token),
+        };
+        let mut frames = vec![Message::Text(welcome.to_json().into())];
+        if let Some(resumed) = opened.resumed {
+            let resumed = ServerMessage::Resumed {
+                recovered: resumed.recovered,
+                missed: resumed.recovered.then_some(resumed.missed),
+            };
+            frames.push(Message::Text(resumed.to_json().into()));
+        }
+        frames
+    });
+    let (sink, stream) = socket.split();
+    serve_split(sink, stream, handle, inbox, welcome, config).await;
 }
 
 /// [`serve_connection`] once the socket is split: the welcome (none for a handle without a
@@ -238,13 +283,12 @@ async fn serve_split(
     mut stream: SplitStream<WebSocket>,
     handle: ClusterHandle,
     mut inbox: Inbox,
-    welcome: Option<String>,
+    welcome: Option<Vec<Message>>,
     config: ServerConfig,
 ) {
     let Some(welcome) = welcome else {
         return;
     };
-    let welcome = vec![Message::Text(welcome.into())];
     if !Box::pin(write(&mut sink, config.write_timeout, welcome)).await {
         return;
     }
@@ -277,6 +321,11 @@ async fn serve_split(
         if turn.closing {
             break;
         }
+    }
+    if requests.goodbye
+        && let Err(error) = requests.handle().end_session().await
+    {
+        tracing::warn!(error = %crate::error_chain(&error), "could not end a session its client closed");
     }
 }
 
@@ -413,7 +462,11 @@ fn client_frame(
                 reason: reason.into(),
             }))])
         }
-        Some(Ok(Message::Close(_)) | Err(_)) | None => Read::Gone,
+        Some(Ok(Message::Close(frame))) => {
+            requests.goodbye = frame.is_some_and(|frame| frame.code == CLOSE_NORMAL);
+            Read::Gone
+        }
+        Some(Err(_)) | None => Read::Gone,
     }
 }
 
@@ -438,7 +491,10 @@ fn inbox_frames(
                 };
                 frames.push(Message::Close(Some(close)));
             }
-            item => frames.extend(inbox_frame(&item, requests).map(|f| Message::Text(f.into()))),
+            item => {
+                let seq = inbox.last_seq();
+                frames.extend(inbox_frame(&item, seq, requests).map(|f| Message::Text(f.into())))
+            }
         }
         if !*closing && frames.len() < WRITE_BATCH {
             next = inbox.next().now_or_never().flatten();
@@ -446,6 +502,10 @@ fn inbox_frames(
     }
     frames
 }
+
+/// The close code of a client that ends its session: 1000, normal closure. Any other end of
+/// the connection (1001 going away, a lost connection) keeps the session for a resume.
+pub const CLOSE_NORMAL: u16 = 1000;
 
 /// The close code for a message over the size bound: 1009, message too big.
 pub const CLOSE_TOO_BIG: u16 = 1009;
@@ -464,9 +524,9 @@ const WRITE_BATCH: usize = 64;
 
 /// The frame a client gets now for an inbox item other than a close (none for a notice held
 /// until its request is answered).
-fn inbox_frame(item: &InboxItem, requests: &mut Requests) -> Option<String> {
+fn inbox_frame(item: &InboxItem, seq: Option<u64>, requests: &mut Requests) -> Option<String> {
     match item {
-        InboxItem::Message(envelope) => Some(render(envelope)),
+        InboxItem::Message(envelope) => Some(render(envelope, seq)),
         InboxItem::Undeliverable(notice) => requests.undeliverable(notice),
         _ => Some(error_reply(None, "internal", "an unknown notice arrived")),
     }
@@ -490,8 +550,8 @@ async fn write(
     matches!(tokio::time::timeout(limit, writing).await, Ok(Ok(())))
 }
 
-/// The frame a client gets for a message from its inbox.
-fn render(envelope: &Envelope) -> String {
+/// The frame a client gets for a message from its inbox, numbered `seq` in its session.
+fn render(envelope: &Envelope, seq: Option<u64>) -> String {
     let text = match envelope.kind {
         PayloadKind::Text => String::from_utf8_lossy(&envelope.payload),
         PayloadKind::Binary => std::borrow::Cow::Borrowed(""),
@@ -520,12 +580,13 @@ fn render(envelope: &Envelope) -> String {
     };
     let from = envelope.sender.as_ref();
     match &envelope.target {
-        Target::Connection(_) | Target::Node(_) => ServerMessage::Message { from, data },
-        Target::Broadcast => ServerMessage::Broadcast { from, data },
+        Target::Connection(_) | Target::Node(_) => ServerMessage::Message { from, data, seq },
+        Target::Broadcast => ServerMessage::Broadcast { from, data, seq },
         Target::Group(group) => ServerMessage::Group {
             group: group.as_str(),
             from,
             data,
+            seq,
         },
     }
     .to_json()

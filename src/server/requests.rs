@@ -172,6 +172,8 @@ pub(super) struct Requests {
     /// Unicasts started and not answered yet, with the notices that came back for them
     /// before their answer (held: a client hears "sent" before "not delivered").
     unanswered: Vec<(MessageId, Replies)>,
+    /// The client closed with 1000: it ends its session rather than going away.
+    pub(super) goodbye: bool,
 }
 
 impl Requests {
@@ -184,7 +186,13 @@ impl Requests {
             rescan: false,
             started: FuturesOrdered::new(),
             unanswered: Vec::new(),
+            goodbye: false,
         }
+    }
+
+    /// The handle the requests are sent with.
+    pub(super) fn handle(&self) -> &ClusterHandle {
+        &self.handle
     }
 
     /// The error frame for a message this connection sent that was not delivered, naming the

@@ -236,7 +236,8 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Appended, RegistryError>>;
 
     /// Appends a message for a session whose owner `expected_owner` is gone (its node left
-    /// or crashed), numbering it `last_seq + 1`, unless the log holds its message id already;
+    /// or crashed), numbering it `last_seq + 1`. A message whose id the log holds already
+    /// answers [`Appended::Stored`] with its number, whoever owns the session; a new one is
     /// refused with [`Appended::Moved`] when someone else owns the session now.
     fn append_orphan(
         &self,

@@ -42,6 +42,7 @@ pub struct MemoryRegistry {
 struct Shared {
     state: Mutex<State>,
     events: broadcast::Sender<RegistryEvent>,
+    sessions: crate::MemorySessionStore,
 }
 
 #[derive(Default)]
@@ -124,8 +125,15 @@ impl MemoryRegistry {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 events,
+                sessions: crate::MemorySessionStore::new(),
             }),
         }
+    }
+
+    /// The session store that goes with this registry: shared by its clones, as every node of
+    /// a cluster on the same Redis shares its sessions.
+    pub fn sessions(&self) -> crate::MemorySessionStore {
+        self.shared.sessions.clone()
     }
 
     /// The nodes with a live record, in id order (for troubleshooting and tests).

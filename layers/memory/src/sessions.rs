@@ -167,11 +167,11 @@ impl SessionStore for MemorySessionStore {
             let Some(stored) = stored else {
                 return Appended::Unknown;
             };
-            if stored.record.owner != *expected_owner {
-                return Appended::Moved(stored.record.owner.clone());
-            }
             if let Some(seq) = stored.holds(message_id) {
                 return Appended::Stored(seq);
+            }
+            if stored.record.owner != *expected_owner {
+                return Appended::Moved(stored.record.owner.clone());
             }
             let seq = stored.record.last_seq + 1;
             stored.insert(seq, message_id, bytes, &limits);

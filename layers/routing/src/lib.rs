@@ -127,5 +127,5 @@ pub use codec::EnvelopeCodec;
 pub use error::{ForwardError, ReceiveError};
 pub use forward::{Forward, ForwardConfig};
 pub use rabbit::{RabbitBroker, RabbitConfig, RabbitError};
-pub use receive::{ReceiveConfig, Receiver};
+pub use receive::{AckAfter, ReceiveConfig, Receiver, Taken};
 pub use topology::NodeTopology;

@@ -22,6 +22,8 @@ pub struct Client {
     pub id: String,
     /// The node it is connected to.
     pub node: String,
+    /// The token of its session, when the node gives sessions.
+    pub session: Option<String>,
 }
 
 /// What came instead of a text frame.
@@ -61,6 +63,7 @@ impl Client {
             socket,
             id: String::new(),
             node: String::new(),
+            session: None,
         };
         let welcome = client
             .next_json(Duration::from_secs(30))
@@ -77,6 +80,7 @@ impl Client {
             .as_str()
             .ok_or("a welcome without node_id")?
             .to_owned();
+        client.session = welcome["session"].as_str().map(str::to_owned);
         Ok(client)
     }
 
@@ -117,5 +121,19 @@ impl Client {
     /// Closes the connection (a close frame, then the socket).
     pub async fn close(mut self) {
         let _ = timeout(Duration::from_secs(5), self.socket.close(None)).await;
+    }
+
+    /// Closes the connection with `code` (1000 ends a session, 1001 keeps it).
+    pub async fn close_with(mut self, code: u16) {
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: "".into(),
+        };
+        let _ = timeout(Duration::from_secs(5), self.socket.close(Some(frame))).await;
+    }
+
+    /// Drops the connection without a close frame, as a lost network does.
+    pub fn abort(self) {
+        drop(self.socket);
     }
 }

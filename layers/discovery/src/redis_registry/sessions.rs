@@ -80,11 +80,11 @@ return {1, tonumber(ARGV[2])}
 const APPEND_ORPHAN: &str = r#"
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then return {0} end
-if owner ~= ARGV[1] then return {2, owner} end
 local held = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
 for i = 1, #held, 2 do
   if string.sub(held[i], 1, 32) == ARGV[2] then return {1, tonumber(held[i + 1])} end
 end
+if owner ~= ARGV[1] then return {2, owner} end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'last') or '0') + 1
 store(seq, ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
 touch(ARGV[4], ARGV[7])

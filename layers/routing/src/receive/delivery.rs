@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use futures_core::future::BoxFuture;
 use futures_util::future::{Either, Ready, ready};
 use metrics::{Counter, Label, counter};
 
@@ -28,10 +29,60 @@ pub(crate) struct Received<T> {
 }
 
 /// What the receiver does with a delivery once the stack is done with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Settlement {
     Acknowledge,
+    /// Acknowledge once this completes: the destination took the message and keeps it
+    /// somewhere first (see [`Taken`]).
+    AcknowledgeAfter(BoxFuture<'static, ()>),
     DeadLetter,
+}
+
+impl Settlement {
+    /// Whether the destination took the message (now or once it is kept).
+    pub(crate) fn is_taken(&self) -> bool {
+        matches!(self, Self::Acknowledge | Self::AcknowledgeAfter(_))
+    }
+}
+
+impl std::fmt::Debug for Settlement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Acknowledge => "Acknowledge",
+            Self::AcknowledgeAfter(_) => "AcknowledgeAfter",
+            Self::DeadLetter => "DeadLetter",
+        })
+    }
+}
+
+/// What a local destination answers for a message it took: `()` when the message may be
+/// acknowledged to the broker at once, or [`AckAfter`] when it is to be acknowledged only once
+/// something completes (the message written to a store first). The receiver goes on with the
+/// next delivery meanwhile: the wait holds back no other message.
+pub trait Taken {
+    /// What to wait for before the acknowledgement, if anything.
+    fn ack_after(self) -> Option<BoxFuture<'static, ()>>;
+}
+
+impl Taken for () {
+    fn ack_after(self) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+}
+
+/// The answer of a destination whose message is acknowledged once this future completes (or
+/// at once, when there is none).
+pub struct AckAfter(pub Option<BoxFuture<'static, ()>>);
+
+impl std::fmt::Debug for AckAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AckAfter").field(&self.0.is_some()).finish()
+    }
+}
+
+impl Taken for AckAfter {
+    fn ack_after(self) -> Option<BoxFuture<'static, ()>> {
+        self.0
+    }
 }
 
 /// A layer's future: settled at once (`Left`), or the inner service's (`Right`).

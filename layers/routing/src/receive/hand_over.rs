@@ -13,7 +13,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::warn;
 
-use super::delivery::{DEAD_LETTERED, HANDLED, MetricLabels, Received, Settlement};
+use super::delivery::{DEAD_LETTERED, HANDLED, MetricLabels, Received, Settlement, Taken};
 
 /// The outcomes a hand-over counts.
 #[derive(Debug)]
@@ -78,6 +78,7 @@ impl<S: Service<Envelope>> std::fmt::Debug for HandOver<S> {
 impl<S> Service<Received<Envelope>> for HandOver<S>
 where
     S: Service<Envelope>,
+    S::Response: Taken,
 {
     type Response = Settlement;
     type Error = BoxError;
@@ -115,15 +116,19 @@ pub(crate) struct HandOverFuture<F, E> {
 impl<F, T, E> Future for HandOverFuture<F, E>
 where
     F: Future<Output = Result<T, E>>,
+    T: Taken,
 {
     type Output = Result<Settlement, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let settlement = match ready!(this.taking.poll(cx)) {
-            Ok(_) => {
+            Ok(taken) => {
                 this.outcomes.handled.increment(1);
-                Settlement::Acknowledge
+                match taken.ack_after() {
+                    Some(kept) => Settlement::AcknowledgeAfter(kept),
+                    None => Settlement::Acknowledge,
+                }
             }
             Err(error) => {
                 let error = (this.boxed)(error);

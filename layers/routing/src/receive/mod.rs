@@ -108,7 +108,9 @@ use tracing::{debug, warn};
 pub use self::config::ReceiveConfig;
 use self::decode::DecodeLayer;
 use self::dedupe::DedupeLayer;
-pub use self::delivery::{DEAD_LETTERED, DELIVERIES_METRIC, DUPLICATE, HANDLED, REJECTED};
+pub use self::delivery::{
+    AckAfter, DEAD_LETTERED, DELIVERIES_METRIC, DUPLICATE, HANDLED, REJECTED, Taken,
+};
 use self::delivery::{MetricLabels, Received, Settlement};
 use self::hand_over::HandOverLayer;
 use self::verify::VerifyLayer;
@@ -160,6 +162,7 @@ impl Receiver {
     pub fn run<S>(self, destination: S) -> impl Future<Output = Result<(), ReceiveError>> + use<S>
     where
         S: Service<Envelope>,
+        S::Response: Taken,
         S::Error: Into<BoxError>,
     {
         let labels = MetricLabels::new(self.labels);
@@ -218,6 +221,10 @@ where
         taken = waiting_delivery_or_step_aside(&mut deliveries).await;
         let settling_one = match settlement {
             Settlement::Acknowledge => acker.ack(),
+            Settlement::AcknowledgeAfter(kept) => Box::pin(async move {
+                kept.await;
+                acker.ack().await
+            }),
             Settlement::DeadLetter => acker.dead_letter(),
         };
         settle(&mut settling, settling_one).await;

@@ -199,6 +199,15 @@ pub async fn an_orphan_append_is_numbered_after_the_last_and_held_once(
         .unwrap();
     assert_eq!(stored, Appended::Stored(2));
     store.claim(id, &next, &LIMITS).await.unwrap();
+    let held_after_claim = store
+        .append_orphan(id, &gone, held.message_id, held.bytes.clone(), &LIMITS)
+        .await
+        .unwrap();
+    assert_eq!(
+        held_after_claim,
+        Appended::Stored(1),
+        "held: not sent on to the new owner"
+    );
     let moved = store
         .append_orphan(id, &gone, MessageId::random(), Bytes::new(), &LIMITS)
         .await

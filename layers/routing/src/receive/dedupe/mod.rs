@@ -232,7 +232,7 @@ where
         let this = self.project();
         let settled = ready!(this.inner.poll(cx));
         if let Ok(settlement) = &settled {
-            let taken = *settlement == Settlement::Acknowledge;
+            let taken = settlement.is_taken();
             this.memory.lock().remember(*this.passed, taken);
         }
         Poll::Ready(settled)
