@@ -69,8 +69,14 @@ async fn leave(node: &Node, deadline: Instant) -> Result<(), ClusterError> {
 }
 
 /// Deletes the node's queue, unless it still holds messages: those are left for a peer to
-/// take over and answer.
+/// take over and answer. With sessions the queue stays whatever it holds: senders to a
+/// session's old connection id publish there while it exists, and the peer that takes it over
+/// sends them on in order, then deletes it once empty (its unsettled deliveries, back in the
+/// queue, would go with a delete now).
 async fn delete_queue(node: &Node) -> Result<(), ClusterError> {
+    if node.sessions.is_some() {
+        return Ok(());
+    }
     let deleting = node.topology.broker().delete_queue_if_empty(&node.id);
     if !deleting.await? {
         tracing::info!(node = %node.id, "the node's queue still holds messages: left for a peer to take over and answer");

@@ -72,8 +72,6 @@ pub(crate) enum Pushed {
     /// The session is being resumed: the message waits for the resume to number it, which
     /// says on this channel once it is kept.
     Held(oneshot::Receiver<()>),
-    /// The session moved to this connection: the message is for it.
-    Moved(ConnectionId),
 }
 
 /// Where a connection's session is in its life, on this node.
@@ -354,6 +352,17 @@ impl InboxSlot {
         self.state.lock().session = Some(session);
     }
 
+    /// Where the connection's session moved, if it did.
+    pub(crate) fn moved_to(&self) -> Option<ConnectionId> {
+        match &self.state.lock().session {
+            Some(SlotSession {
+                phase: Phase::Moved(to),
+                ..
+            }) => Some(to.clone()),
+            _ => None,
+        }
+    }
+
     /// Takes the connection's session away (it ended).
     pub(crate) fn take_session(&self) -> Option<SlotSession> {
         self.state.lock().session.take()
@@ -444,15 +453,15 @@ fn session_step(state: &mut InboxState, item: &InboxItem) -> Step {
         return Step::Plain;
     };
     match &session.phase {
-        Phase::Moved(to) => return Step::Answer(Pushed::Moved(to.clone())),
         Phase::Resuming { .. } => return Step::Hold,
-        Phase::Live | Phase::Parked => {}
+        // A moved session's messages are numbered too, to be sent on in that order.
+        Phase::Live | Phase::Parked | Phase::Moved(_) => {}
     }
     if !session.first_time(envelope.id) {
         return Step::Answer(Pushed::Duplicate);
     }
     session.seq += 1;
-    if closing || matches!(session.phase, Phase::Parked) {
+    if closing || matches!(session.phase, Phase::Parked | Phase::Moved(_)) {
         Step::Log(session.id, session.seq)
     } else {
         Step::Number(session.id, session.seq)

@@ -11,7 +11,7 @@ use hybrid_cluster_core::{
     ConnectionId, DEFAULT_REPLAY_WINDOW, Envelope, PayloadKind, SessionId, Target,
 };
 use hybrid_cluster_routing::ForwardError;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 use super::{HEADER_SESSION_TO, Kept, from_stored, stored_form};
 use crate::local::{CloseFrame, InboxItem, Phase, Pushed};
@@ -46,18 +46,12 @@ impl Node {
                     let _ = keeping.await;
                 }))
             }
-            Pushed::Moved(next) => {
-                let session = node
-                    .local
-                    .slot(&to)
-                    .and_then(|slot| slot.with_session(|s| s.id));
-                Some(node.send_on(session, next, envelope, 0))
-            }
         }
     }
 
-    /// Logs `envelope` in `session` under `seq` as its owner `owner`; when the session moved,
-    /// sends it there.
+    /// Logs `envelope` in `session` under `seq` as its owner `owner`, after the messages
+    /// numbered before it; when the session moved, sends it there instead, placed in the
+    /// broker's order after those before it too.
     fn keep(
         self: Arc<Self>,
         owner: ConnectionId,
@@ -69,25 +63,34 @@ impl Node {
         let Some(sessions) = self.sessions.clone() else {
             return Box::pin(std::future::ready(()));
         };
-        let logging = sessions.log(session, &owner, seq, &envelope);
         let slot = self.local.slot(&owner);
         Box::pin(async move {
             if let Some(slot) = &slot {
                 slot.turn_to_log(seq).await;
             }
-            let kept = logging.await;
-            if let Some(slot) = &slot {
-                slot.mark_logged(seq);
-            }
+            let moved = slot.as_ref().and_then(|slot| slot.moved_to());
+            let kept = match moved {
+                Some(next) => Kept::Moved(next),
+                None => sessions.log(session, &owner, seq, &envelope).await,
+            };
+            let mark = || {
+                if let Some(slot) = &slot {
+                    slot.mark_logged(seq);
+                }
+            };
             match kept {
-                Kept::Logged(_) | Kept::Failed => {}
+                Kept::Logged(_) | Kept::Failed => mark(),
                 Kept::Moved(next) => {
                     self.session_moved(&owner, &next);
-                    self.send_on(Some(session), next, envelope, hops).await;
+                    let confirming = self.place_on(&next, &envelope).await;
+                    mark();
+                    self.settle_sent_on(Some(session), next, envelope, hops, confirming)
+                        .await;
                 }
                 Kept::Unknown => {
+                    mark();
                     // The session ended or expired: a client away will never get it.
-                    if self.local.slot(&owner).is_some_and(|slot| slot.parked()) {
+                    if slot.as_ref().is_some_and(|slot| slot.parked()) {
                         self.local.forget(&owner);
                         self.local.bounced.bounce_envelope(&envelope);
                     }
@@ -116,9 +119,9 @@ impl Node {
         }
     }
 
-    /// Sends `envelope` to connection `next`, where its session went: here, or as a node
-    /// message to `next`'s node. When that node is gone, the message goes to the session's
-    /// log, for the session's next owner.
+    /// Sends `envelope` to connection `next`, where its session went, as a node message to
+    /// `next`'s node. When that node is gone, the message goes to the session's log, for the
+    /// session's next owner.
     pub(crate) fn send_on(
         self: Arc<Self>,
         session: Option<SessionId>,
@@ -126,27 +129,22 @@ impl Node {
         envelope: Arc<Envelope>,
         hops: u8,
     ) -> BoxFuture<'static, ()> {
-        if hops >= MAX_HOPS {
-            tracing::warn!(message_id = %envelope.id, "a message followed a session that kept moving: given up");
-            return Box::pin(std::future::ready(()));
-        }
-        if next.node() == &self.id {
-            return self.deliver_moved(next, envelope, hops + 1);
-        }
-        Box::pin(self.publish_on(session, next, envelope, hops))
+        Box::pin(async move {
+            let confirming = self.place_on(&next, &envelope).await;
+            self.settle_sent_on(session, next, envelope, hops, confirming)
+                .await;
+        })
     }
 
-    /// Sends `envelope` on to `next` on another node (see [`Node::send_on`]).
-    async fn publish_on(
-        self: Arc<Self>,
-        session: Option<SessionId>,
-        next: ConnectionId,
-        envelope: Arc<Envelope>,
-        hops: u8,
-    ) {
-        let Ok(payload) = stored_form(&envelope) else {
-            return;
-        };
+    /// Places `envelope`, as a node message for connection `next`, in the broker's order
+    /// (through the broker even to this node: into its queue, behind what other nodes sent on
+    /// to the session before); returns its confirmation.
+    async fn place_on(
+        &self,
+        next: &ConnectionId,
+        envelope: &Envelope,
+    ) -> Option<BoxFuture<'static, Result<(), ForwardError>>> {
+        let payload = stored_form(envelope).ok()?;
         let mut outer = Envelope::new(
             self.id.clone(),
             Target::Node(next.node().clone()),
@@ -156,16 +154,36 @@ impl Node {
         outer
             .headers
             .insert(HEADER_SESSION_TO.to_owned(), next.to_string());
-        let publishing: BoxFuture<'static, Result<(), ForwardError>> =
-            Box::pin(self.forward.clone().oneshot(outer));
-        if publishing.await.is_ok() {
+        let mut forward = self.forward.clone();
+        if forward.ready().await.is_err() {
+            return None;
+        }
+        Some(Box::pin(forward.call(outer)))
+    }
+
+    /// Waits for a message sent on to `next` to be confirmed; when `next`'s node is gone, the
+    /// session's log keeps it for whoever resumes the session next.
+    async fn settle_sent_on(
+        self: Arc<Self>,
+        session: Option<SessionId>,
+        next: ConnectionId,
+        envelope: Arc<Envelope>,
+        hops: u8,
+        confirming: Option<BoxFuture<'static, Result<(), ForwardError>>>,
+    ) {
+        if let Some(confirming) = confirming
+            && confirming.await.is_ok()
+        {
             return;
         }
-        // Its node is gone: the session's log keeps it for whoever resumes it next.
         let (Some(sessions), Some(session)) = (self.sessions.clone(), session) else {
             self.local.bounced.bounce_envelope(&envelope);
             return;
         };
+        if hops >= MAX_HOPS {
+            tracing::warn!(message_id = %envelope.id, "a message followed a session that kept moving: given up");
+            return;
+        }
         let logging = sessions.log_orphan(session, &next, &envelope);
         match logging.await {
             Kept::Moved(further) => {
