@@ -36,6 +36,20 @@ impl ChildServer {
         .await
     }
 
+    /// `count` nodes of the cluster `prefix`, with sessions.
+    pub(crate) async fn nodes_with_sessions(
+        prefix: &ClusterPrefix,
+        count: usize,
+    ) -> Result<Self, BoxError> {
+        Self::spawn(vec![
+            "nodes".to_owned(),
+            prefix.to_string(),
+            count.to_string(),
+            "--sessions".to_owned(),
+        ])
+        .await
+    }
+
     /// A raw tokio-tungstenite echo server with `buffers` (`4k` or `default`).
     pub(crate) async fn raw(buffers: &str) -> Result<Self, BoxError> {
         Self::spawn(vec!["raw".to_owned(), buffers.to_owned()]).await

@@ -61,6 +61,7 @@ mod memory;
 mod probes;
 mod report;
 mod serve;
+mod sessions;
 mod stages;
 mod throughput;
 
@@ -92,7 +93,7 @@ pub(crate) const SECTION_LIMIT: Duration = Duration::from_secs(900);
 /// Where the table is written.
 pub(crate) const RESULTS: &str = "bench-results/suite.md";
 
-pub(crate) const SECTIONS: [&str; 7] = [
+pub(crate) const SECTIONS: [&str; 8] = [
     "throughput",
     "latency",
     "local",
@@ -100,6 +101,7 @@ pub(crate) const SECTIONS: [&str; 7] = [
     "memory",
     "balance",
     "cpu",
+    "sessions",
 ];
 
 /// The suite's command line.
@@ -115,7 +117,7 @@ pub(crate) struct Options {
     /// Passed by `cargo bench` to benches without a harness; nothing to do with it.
     #[arg(long, hide = true)]
     bench: bool,
-    /// The sections to run, by name or number (1-7); every section when none is given.
+    /// The sections to run, by name or number (1-8); every section when none is given.
     #[arg(value_name = "SECTION", value_parser = section_named)]
     pub(crate) sections: Vec<&'static str>,
 }
@@ -137,7 +139,7 @@ pub(crate) fn section_named(arg: &str) -> Result<&'static str, String> {
         .enumerate()
         .find(|(i, name)| **name == arg || arg.parse::<usize>().is_ok_and(|n| n == i + 1))
         .map(|(_, name)| *name)
-        .ok_or_else(|| format!("expected a section ({} or 1-7)", SECTIONS.join(", ")))
+        .ok_or_else(|| format!("expected a section ({} or 1-8)", SECTIONS.join(", ")))
 }
 
 pub(crate) struct Sizes {
@@ -243,6 +245,7 @@ async fn run_section(ctx: &mut Ctx, section: &str) {
             "broadcast" => broadcast::run(ctx).await,
             "memory" => memory::run(ctx).await,
             "cpu" => cpu::run(ctx).await,
+            "sessions" => sessions::run(ctx).await,
             _ => balance::run(ctx).await,
         }
     };

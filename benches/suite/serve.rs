@@ -9,6 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::server::{ServerConfig, router};
 use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, NodeId, RedisUrl,
+    SessionLimits,
 };
 use hybrid_cluster_test_support::{BoxError, servers};
 use tokio::net::TcpListener;
@@ -40,6 +41,7 @@ pub(crate) async fn start_node(
     prefix: &ClusterPrefix,
     name: &str,
     durability: Durability,
+    sessions: bool,
 ) -> Result<RunningNode, BoxError> {
     let redis: RedisUrl = servers::redis_url().parse()?;
     let amqp: AmqpUrl = servers::amqp_url().parse()?;
@@ -50,6 +52,7 @@ pub(crate) async fn start_node(
     config.durability = durability;
     config.max_connections = 1_000_000;
     config.shutdown_grace = Duration::from_secs(5);
+    config.sessions = sessions.then(SessionLimits::default);
     let cluster = timeout(WAIT, Cluster::start(config, Backends::servers(redis, amqp))).await??;
     let app = router(cluster.clone(), ServerConfig::default());
     let listener = listener.tap_io(|tcp| {
@@ -72,9 +75,19 @@ pub(crate) async fn start_nodes(
     count: usize,
     durability: Durability,
 ) -> Result<Vec<RunningNode>, BoxError> {
+    start_nodes_with(prefix, count, durability, false).await
+}
+
+/// [`start_nodes`], with sessions when `sessions` (at their default limits).
+pub(crate) async fn start_nodes_with(
+    prefix: &ClusterPrefix,
+    count: usize,
+    durability: Durability,
+    sessions: bool,
+) -> Result<Vec<RunningNode>, BoxError> {
     let mut nodes = Vec::new();
     for name in NODE_NAMES.iter().take(count) {
-        nodes.push(start_node(prefix, name, durability).await?);
+        nodes.push(start_node(prefix, name, durability, sessions).await?);
     }
     for node in &nodes {
         timeout(

@@ -19,7 +19,7 @@ use crate::{Ctx, Ws, cleanup};
 pub(crate) struct Unicast {
     pub(crate) rate: f64,
     pub(crate) lost: usize,
-    out_of_order: usize,
+    pub(crate) out_of_order: usize,
 }
 
 /// `pairs` senders on `a`, each sending `total / pairs` messages without ids to its receiver

@@ -67,7 +67,8 @@ pub(crate) enum Pushed {
     /// Given this `seq` of the connection's session (and queued, unless the client is away):
     /// the caller keeps it in the session's log.
     Numbered(SessionId, u64),
-    /// The session holds it already (it came twice): nothing to do.
+    /// The session holds it already (it came twice), or it is a notice for a client away:
+    /// nothing to do.
     Duplicate,
     /// The session is being resumed: the message waits for the resume to number it, which
     /// says on this channel once it is kept.
@@ -449,8 +450,15 @@ enum Step {
 fn session_step(state: &mut InboxState, item: &InboxItem) -> Step {
     // A connection closing keeps numbering its session's messages: they stay in its log.
     let closing = state.close.is_some() || state.finished;
-    let (Some(session), InboxItem::Message(envelope)) = (&mut state.session, item) else {
+    let Some(session) = &mut state.session else {
         return Step::Plain;
+    };
+    let InboxItem::Message(envelope) = item else {
+        // A notice for a client away has no one to read it.
+        return match session.phase {
+            Phase::Parked | Phase::Moved(_) => Step::Answer(Pushed::Duplicate),
+            Phase::Live | Phase::Resuming { .. } => Step::Plain,
+        };
     };
     match &session.phase {
         Phase::Resuming { .. } => return Step::Hold,

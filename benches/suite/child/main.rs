@@ -29,7 +29,7 @@ use hybrid_cluster_test_support::BoxError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::serve::{
-    echo_server, init_logging_with, runtime, small_buffers, start_nodes, stop_nodes,
+    echo_server, init_logging_with, runtime, small_buffers, start_nodes_with, stop_nodes,
 };
 
 /// The child's command line: what to serve.
@@ -51,6 +51,9 @@ enum Serve {
         prefix: ClusterPrefix,
         /// How many nodes.
         count: usize,
+        /// With sessions.
+        #[arg(long)]
+        sessions: bool,
     },
     /// A raw tokio-tungstenite echo server.
     Raw {
@@ -98,8 +101,12 @@ async fn serve(what: Serve) -> Result<(), BoxError> {
         })
     };
     match what {
-        Serve::Nodes { prefix, count } => {
-            let nodes = start_nodes(&prefix, count, Durability::default()).await?;
+        Serve::Nodes {
+            prefix,
+            count,
+            sessions,
+        } => {
+            let nodes = start_nodes_with(&prefix, count, Durability::default(), sessions).await?;
             let ports: Vec<String> = nodes.iter().map(|n| n.port.to_string()).collect();
             println!("PORTS {}", ports.join(" "));
             let _ = stdin_closed().await;
