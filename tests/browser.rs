@@ -366,6 +366,62 @@ async fn a_page_whose_node_is_drained_reconnects_through_client_js_and_keeps_rec
     other.shutdown().await;
 }
 
+/// With sessions, a page whose node is drained resumes its session on the other node through
+/// `client.js`: the messages sent to its first connection id before, during and after the
+/// move arrive once each, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_with_a_session_resumes_it_through_client_js_after_a_drain() {
+    let tc = TestCluster::new("session");
+    let sessions = |config: &mut ClusterConfig| config.sessions = Some(Default::default());
+    let a = tc.start("a", sessions).await;
+    let b = tc.start("b", sessions).await;
+    tc.wait_for(&[&a, &b]).await;
+
+    let mut tab = Tab::open(client_page(a.port, &a.ws_url(), "")).await;
+    let first = tab.until("welcome", 1).await;
+    let (drained, other) = if first["node_id"] == a.id() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let token = first["session"]
+        .as_str()
+        .expect("a session token")
+        .to_owned();
+    let old: ConnectionId = first["connection_id"].as_str().unwrap().parse().unwrap();
+    let send = |n: u64| {
+        let (handle, old) = (other.cluster.handle(), old.clone());
+        async move {
+            handle
+                .send(&old, json!({ "n": n }).to_string())
+                .await
+                .unwrap()
+        }
+    };
+    for n in 0..3 {
+        send(n).await;
+    }
+    assert_eq!(tab.until("message", 3).await, json!({"n": 2}));
+
+    drained.shutdown().await;
+    for n in 3..6 {
+        send(n).await;
+    }
+    let second = tab.until("welcome", 2).await;
+    assert_eq!(
+        second["session"],
+        token.as_str(),
+        "the same session: {second}"
+    );
+    for n in 6..9 {
+        send(n).await;
+    }
+    for n in 0..9 {
+        assert_eq!(tab.until("message", n + 1).await, json!({ "n": n }));
+    }
+    other.shutdown().await;
+}
+
 /// The same with node programs (`examples/node.rs`, built by `cargo build --example node`),
 /// drained as an orchestrator does it: SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,7 +163,10 @@ async fn report_memory(ctx: &mut Ctx) -> Result<(), BoxError> {
 async fn redis_used_memory() -> Result<u64, BoxError> {
     let client = redis::Client::open(hybrid_cluster_test_support::servers::redis_url())?;
     let mut connection = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut connection).await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut connection)
+        .await?;
     info.lines()
         .find_map(|line| line.strip_prefix("used_memory:"))
         .and_then(|bytes| bytes.trim().parse().ok())

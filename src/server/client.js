@@ -15,7 +15,11 @@
 // 3. once welcomed, a drained node closes it with 1012 and a JSON reason
 //    `{"reconnect":URL,"node":ID}`: it goes there after a small random delay, so that the
 //    clients of a drained node do not all arrive at once; a lost connection is retried with
-//    exponential backoff and full jitter.
+//    exponential backoff and full jitter;
+// 4. with sessions (nodes run with `--sessions`), every reconnection resumes the session with
+//    its token and the last `seq` handed out (`?resume=…&last=…`): the frames missed come
+//    first, none twice, and the groups come back; a connection closed with 4002 (its session
+//    resumed elsewhere) stays closed.
 
 /** Close code of an in-band redirect: the reason (JSON) may carry the `url` to go to. */
 export const CLOSE_REDIRECT = 4000;
@@ -23,6 +27,8 @@ export const CLOSE_REDIRECT = 4000;
 export const CLOSE_UNAVAILABLE = 4001;
 /** Close code of a node that drains (service restart): the reason (JSON) names a node. */
 export const CLOSE_DRAIN = 1012;
+/** Close code of a connection whose session another connection resumed: it stays closed. */
+export const CLOSE_SESSION_MOVED = 4002;
 
 /** A connection that lasted this long resets the backoff when lost. */
 const STABLE_AFTER_MS = 5000;
@@ -127,7 +133,7 @@ export async function connect(url, options = {}) {
  * An error of a request (`code` is the server's: `bad_request`, `not_found`, `unreachable`,
  * `internal`), or of the client itself: `disconnected` (the connection was lost before the
  * answer, or there was none), `timeout` (no answer within `requestTimeoutMs`), `closed` (the
- * client was closed), `gave_up`.
+ * client was closed), `gave_up`, `moved` (its session was resumed by another connection).
  */
 export class ClusterError extends Error {
   /**
@@ -149,7 +155,7 @@ export class ClusterError extends Error {
  * - `reconnecting`: before each wait, with `{ delayMs, attempt, reason }` (`reason`:
  *   `drain`, `lost`, `failed`, `unavailable`);
  * - `close`: once, when the client gives up or is closed, with `{ code, message }` (`code`
- *   `gave_up` or `closed`, as the errors of the requests it rejects).
+ *   `gave_up`, `closed` or `moved`, as the errors of the requests it rejects).
  */
 export class ClusterClient {
   /** @type {Promise<void>} Resolves on the first welcome. */
@@ -178,6 +184,10 @@ export class ClusterClient {
   #settleReady;
   /** @type {URL[]} Nodes learned of (welcomes, placements, redirects, drains), newest last. */
   #known = [];
+  /** @type {string | null} The session token of the latest welcome (nodes with sessions). */
+  #session = null;
+  /** The `seq` of the last numbered frame handed to the application. */
+  #lastSeq = 0;
 
   /**
    * @param {string} url
@@ -245,8 +255,8 @@ export class ClusterClient {
   }
 
   /**
-   * Joins `group`. Membership belongs to a connection: after a reconnection, join again
-   * (on `welcome`) until sessions can be resumed.
+   * Joins `group`. Membership belongs to a connection, or to its session when the nodes run
+   * with sessions: without, join again after a reconnection (on `welcome`).
    *
    * @param {string} group
    * @returns {Promise<void>}
@@ -355,6 +365,14 @@ export class ClusterClient {
       }
       const outcome = await this.#attempt(target);
       if (this.#closed) return;
+      if (outcome.moved) {
+        // Another connection resumed this client's session: taking it back would bounce it
+        // between the two.
+        this.#closed = true;
+        const moved = "the session was resumed on another connection";
+        this.#finish(new ClusterError("moved", moved));
+        return;
+      }
       if (outcome.welcomed) {
         failures = 0;
         hops = 0;
@@ -470,7 +488,13 @@ export class ClusterClient {
     return new Promise((resolve) => {
       let socket;
       try {
-        socket = new this.#WebSocket(target.href);
+        // With a session, every attempt resumes it: any node takes it over.
+        const url = new URL(target.href);
+        if (this.#session) {
+          url.searchParams.set("resume", this.#session);
+          url.searchParams.set("last", String(this.#lastSeq));
+        }
+        socket = new this.#WebSocket(url.href);
       } catch {
         resolve({ welcomed: false });
         return;
@@ -491,6 +515,13 @@ export class ClusterClient {
         } catch {
           return;
         }
+        if (typeof frame?.seq === "number") {
+          // Numbered once in its session: a frame seen already (a resume that raced a
+          // connection not dead yet) is not handed out twice.
+          if (frame.seq <= this.#lastSeq) return;
+          this.#lastSeq = frame.seq;
+        }
+        if (frame?.type === "resumed" && !frame.recovered) this.#lastSeq = 0;
         if (!welcomed && frame?.type === "welcome") {
           welcomed = true;
           welcomedAt = Date.now();
@@ -543,11 +574,10 @@ export class ClusterClient {
    * @param {any} frame
    */
   #welcome(frame) {
-    // Session resumption (issue 12) goes here: once the server can resume a session, the
-    // client sends the previous welcome's resume token and the last sequence it saw, and
-    // waits for the server's answer before it calls the connection ready, so that the
-    // application sees no gap. Until then each connection is a new one (new connection id,
-    // no group memberships): applications re-join groups on `welcome`.
+    // With sessions (a node run with --sessions), the next attempt resumes this session:
+    // the node then sends `resumed` and the frames missed meanwhile, and the groups come
+    // back. Without, each connection is a new one: applications re-join groups on `welcome`.
+    if (typeof frame.session === "string") this.#session = frame.session;
     this.welcome = frame;
     this.#welcomed = true;
     this.#emit("welcome", frame);
@@ -642,6 +672,9 @@ function nextStep(event, placement, home) {
   }
   if (event.code === CLOSE_UNAVAILABLE || placement?.type === "unavailable") {
     return { unavailableMs: retryAfter(placement ?? reason) };
+  }
+  if (event.code === CLOSE_SESSION_MOVED) {
+    return { moved: true };
   }
   if (event.code === CLOSE_DRAIN) {
     const url = typeof reason?.reconnect === "string" ? parseUrl(reason.reconnect) : null;

@@ -507,3 +507,51 @@ mod authenticated {
         );
     }
 }
+
+/// A destination that keeps a message somewhere first ([`AckAfter`]) has it acknowledged only
+/// once that is done, while the receiver goes on with the next messages.
+#[tokio::test]
+async fn a_message_kept_first_is_acknowledged_once_kept_and_the_next_ones_flow_meanwhile() {
+    let broker = MemoryBroker::new();
+    let b = node_queue(&broker, "b").await;
+    for text in ["one", "two"] {
+        send(
+            &broker,
+            &Envelope::text(node("a"), Target::Node(b.clone()), text),
+        )
+        .await;
+    }
+    let deliveries = broker
+        .consume(&b, &ConsumeOptions::default())
+        .await
+        .unwrap();
+    let (kept, keeping) = tokio::sync::oneshot::channel::<()>();
+    let keeping = Arc::new(Mutex::new(Some(keeping)));
+    let (tx, mut rx) = mpsc::channel(8);
+    let destination = service_fn(move |envelope: Envelope| {
+        let (tx, keeping) = (tx.clone(), keeping.lock().take());
+        async move {
+            tx.send(envelope).await.map_err(BoxError::from)?;
+            let after = keeping.map(|keeping| -> BoxFuture<'static, ()> {
+                Box::pin(async move {
+                    let _ = keeping.await;
+                })
+            });
+            Ok::<_, BoxError>(AckAfter(after))
+        }
+    });
+    let run = tokio::spawn(Receiver::new(deliveries).run(destination));
+    assert_eq!(recv(&mut rx).await.payload_text(), Some("one"));
+    assert_eq!(recv(&mut rx).await.payload_text(), Some("two"));
+    let only_the_first_waits = async {
+        while broker.queue_len(&b) != Some(1) {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), only_the_first_waits)
+        .await
+        .expect("the second acknowledged, the first not yet");
+    kept.send(()).unwrap();
+    settled(&broker, &b).await;
+    run.abort();
+}
