@@ -232,9 +232,9 @@ pub struct ClusterConfig {
     /// bytes, about 64 an id. Default 64 MiB: a minute of about 17,000 messages a second;
     /// past it the window in force is shorter, and a warning says so.
     pub dedupe_memory: usize,
-    /// Sessions that outlive their connections (see [`ClusterConnection::open_session`]
-    /// (crate::ClusterConnection::open_session)): how long one waits for its client and how
-    /// much its log keeps. `None` (the default): connections have no session. Every node of
+    /// Sessions that outlive their connections (see
+    /// [`ClusterConnection::open_session`](crate::ClusterConnection::open_session)): how long
+    /// one waits for its client and how much its log keeps. `None` (the default): connections have no session. Every node of
     /// a cluster needs the same setting.
     pub sessions: Option<SessionLimits>,
 }

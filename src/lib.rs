@@ -12,6 +12,7 @@ mod node;
 mod notice;
 pub mod protocol;
 #[cfg(feature = "axum")]
+mod relay;
 pub mod server;
 mod session;
 mod shutdown;
@@ -51,6 +52,6 @@ pub use hybrid_cluster_core::{
 };
 pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry, MemorySessionStore};
 pub use local::{CloseFrame, Inbox, InboxItem, Undeliverable};
-pub use session::relay::CLOSE_SESSION_MOVED;
+pub use relay::CLOSE_SESSION_MOVED;
 pub use shutdown::{CLOSE_SERVICE_RESTART, MAX_CLOSE_REASON, close_reason};
 pub use trace::{HEADER_TRACEPARENT, TraceContext, TraceId};

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures_core::future::BoxFuture;
 use hybrid_cluster_balance::Placer;
 use hybrid_cluster_core::{
-    Broker, ConnectionIds, ConsumerState, Envelope, Incarnation, LiveNodeInfo, NodeId, NodeStatus,
-    Target,
+    Broker, ConnectionId, ConnectionIds, ConsumerState, Envelope, Incarnation, LiveNodeInfo,
+    NodeId, NodeStatus, Target,
 };
 use hybrid_cluster_discovery::Discovery;
 use hybrid_cluster_routing::{AckAfter, Forward, NodeTopology};
@@ -144,30 +144,7 @@ impl Node {
         let _entered = span.enter();
         let envelope = Arc::new(envelope);
         let kept = match &envelope.target {
-            Target::Connection(id) => {
-                if let Some(notice) = crate::notice::read(&envelope) {
-                    // Best effort: the sender may have closed meanwhile too.
-                    let _ = self.local.deliver_to(id, InboxItem::Undeliverable(notice));
-                    return Ok(AckAfter(None));
-                }
-                let pushed = if id.incarnation() == self.incarnation {
-                    self.local
-                        .deliver_to(id, InboxItem::Message(Arc::clone(&envelope)))
-                } else {
-                    Err(Refused::NotFound)
-                };
-                match pushed {
-                    Ok(pushed) => {
-                        self.metrics.received("unicast");
-                        self.settle_pushed(id, pushed, Arc::clone(&envelope))
-                    }
-                    Err(_) => {
-                        self.metrics.dropped("connection_gone");
-                        self.local.bounced.bounce_envelope(&envelope);
-                        None
-                    }
-                }
-            }
+            Target::Connection(id) => self.deliver_unicast(id, &envelope),
             // This node delivered its own broadcasts and group messages locally already.
             Target::Broadcast if envelope.origin != self.id => {
                 self.metrics.received("broadcast");
@@ -194,6 +171,37 @@ impl Node {
             }
         };
         Ok(AckAfter(kept))
+    }
+
+    /// Hands a unicast (or a notice) to connection `id` here; returns what to wait for before
+    /// acknowledging it.
+    fn deliver_unicast(
+        self: &Arc<Self>,
+        id: &ConnectionId,
+        envelope: &Arc<Envelope>,
+    ) -> Option<BoxFuture<'static, ()>> {
+        if let Some(notice) = crate::notice::read(envelope) {
+            // Best effort: the sender may have closed meanwhile too.
+            let _ = self.local.deliver_to(id, InboxItem::Undeliverable(notice));
+            return None;
+        }
+        let pushed = if id.incarnation() == self.incarnation {
+            self.local
+                .deliver_to(id, InboxItem::Message(Arc::clone(envelope)))
+        } else {
+            Err(Refused::NotFound)
+        };
+        match pushed {
+            Ok(pushed) => {
+                self.metrics.received("unicast");
+                self.settle_pushed(id, pushed, Arc::clone(envelope))
+            }
+            Err(_) => {
+                self.metrics.dropped("connection_gone");
+                self.local.bounced.bounce_envelope(envelope);
+                None
+            }
+        }
     }
 
     /// What to wait for before acknowledging a message put in several inboxes: the sessions

@@ -30,14 +30,7 @@ pub(super) async fn start(
 ) -> Result<Arc<Node>, ClusterError> {
     let config = settled(config);
     let (registry, broker, store) = connect_backends(&config, backends).await?;
-    let sessions = config.sessions.map(|limits| {
-        Arc::new(NodeSessions::new(
-            store,
-            limits,
-            config.secret.clone(),
-            config.rabbitmq.outage_timeout,
-        ))
-    });
+    let sessions = node_sessions(&config, store);
     let id = config.node_id.clone();
     let incarnation = Incarnation::random();
     let topology = NodeTopology::declare_with(
@@ -51,18 +44,7 @@ pub(super) async fn start(
 
     let counter = ConnectionCounter::new();
     let metrics = Metrics::new(id.as_str());
-    let local = Arc::new(
-        LocalConnections::new(
-            counter.clone(),
-            config.inbox_capacity,
-            config.slow_client,
-            metrics.clone(),
-        )
-        .with_byte_bound(config.inbox_bytes),
-    );
-    if let Some(limits) = &config.sessions {
-        local.park_for(limits.resume_window);
-    }
+    let local = local_connections(&config, &counter, &metrics);
     let discovery = register(&config, incarnation, registry, counter).await?;
     let local_info = discovery
         .view()
@@ -94,6 +76,41 @@ pub(super) async fn start(
     });
     run(&node, deliveries);
     Ok(node)
+}
+
+/// The table of the node's connections, bounded as `config` says.
+fn local_connections(
+    config: &ClusterConfig,
+    counter: &ConnectionCounter,
+    metrics: &Metrics,
+) -> Arc<LocalConnections> {
+    let local = Arc::new(
+        LocalConnections::new(
+            counter.clone(),
+            config.inbox_capacity,
+            config.slow_client,
+            metrics.clone(),
+        )
+        .with_byte_bound(config.inbox_bytes),
+    );
+    if let Some(limits) = &config.sessions {
+        local.park_for(limits.resume_window);
+    }
+    local
+}
+
+/// The node's sessions on `store`, when `config` turns them on.
+fn node_sessions(
+    config: &ClusterConfig,
+    store: Arc<dyn SessionStore>,
+) -> Option<Arc<NodeSessions>> {
+    let limits = config.sessions?;
+    Some(Arc::new(NodeSessions::new(
+        store,
+        limits,
+        config.secret.clone(),
+        config.rabbitmq.outage_timeout,
+    )))
 }
 
 /// `config` with what its top-level settings imply for the layers' own: the durability of

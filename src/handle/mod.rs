@@ -448,6 +448,31 @@ impl OrderedSender {
         confirmation
     }
 
+    /// A unicast to `to`, whose node left, with sessions: into its queue while it exists
+    /// (behind what it holds for a session of `to`, read by the peer that took it over), to
+    /// the session wherever it is once the queue is gone.
+    fn unicast_to_departed(&mut self, to: &ConnectionId, envelope: Envelope) -> Confirmation {
+        let (node, to, copy) = (Arc::clone(&self.handle.node), to.clone(), envelope.clone());
+        let target = to.node().clone();
+        let mut confirmation = self.publish("unicast", envelope, move |error| {
+            Err(invalid_or(error, |error| SendError::Unreachable {
+                node: target,
+                source: Some(error),
+            }))
+        });
+        let published = confirmation.outcome;
+        confirmation.outcome = Box::pin(async move {
+            match published.await {
+                Err(SendError::Unreachable {
+                    source: Some(ForwardError::Unroutable { .. }),
+                    ..
+                }) => follow_session(node, to, copy).await,
+                outcome => outcome,
+            }
+        });
+        confirmation
+    }
+
     /// A unicast to `to`: delivered here, or started through the broker.
     fn unicast(&mut self, to: &ConnectionId, kind: PayloadKind, payload: Bytes) -> Confirmation {
         let node = Arc::clone(&self.handle.node);
@@ -477,30 +502,7 @@ impl OrderedSender {
             };
         }
         match node.discovery.view().node(to.node()) {
-            // Its queue may still hold messages for a session of `to`, read by the node's
-            // last moments or by a survivor taking it over: this one goes behind them, in
-            // order. Once the queue is gone, the session is looked up.
-            None if node.sessions.is_some() => {
-                let (node, to, copy) = (Arc::clone(&node), to.clone(), envelope.clone());
-                let target = to.node().clone();
-                let mut confirmation = self.publish("unicast", envelope, move |error| {
-                    Err(invalid_or(error, |error| SendError::Unreachable {
-                        node: target,
-                        source: Some(error),
-                    }))
-                });
-                let published = confirmation.outcome;
-                confirmation.outcome = Box::pin(async move {
-                    match published.await {
-                        Err(SendError::Unreachable {
-                            source: Some(ForwardError::Unroutable { .. }),
-                            ..
-                        }) => follow_session(node, to, copy).await,
-                        outcome => outcome,
-                    }
-                });
-                return confirmation;
-            }
+            None if node.sessions.is_some() => return self.unicast_to_departed(to, envelope),
             None => {
                 let gone = SendError::Unreachable {
                     node: to.node().clone(),

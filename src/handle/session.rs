@@ -129,67 +129,84 @@ impl ClusterConnection {
                 .await
                 .map(not_recovered);
         };
-        slot.start_session(SlotSession::new(
-            session,
-            0,
-            Phase::Resuming { held: Vec::new() },
-        ));
-        let claimed = sessions.store.claim(session, &id, &sessions.limits).await;
-        let before = match claimed {
-            Ok(Some(before)) => before,
-            Ok(None) => {
-                let held = take_held(&slot);
-                return new_session(&node, &slot, held).await.map(not_recovered);
-            }
-            Err(error) => {
-                let held = take_held(&slot);
-                let _ = slot.with_session(|_| ());
-                drop(held);
-                return Err(error.into());
-            }
-        };
-        let missed = match missed_messages(&node, &before, request.last_seq).await {
-            Some(missed) => missed,
-            None => {
-                tracing::info!(connection = %id, session = %session, "a resume past what the session's log holds: a new session");
-                let _ = sessions.store.end(session, &id).await;
-                let held = take_held(&slot);
-                return new_session(&node, &slot, held).await.map(not_recovered);
-            }
-        };
-        let count = missed.len();
-        let ids: Vec<_> = missed.iter().map(|(item, _)| item_id(item)).collect();
-        slot.queue_numbered(missed);
-        let held = slot
-            .with_session(|state| {
-                for id in ids.into_iter().flatten() {
-                    state.first_time(id);
-                }
-                state.seq = before.last_seq;
-                state.logged = before.last_seq;
-                std::mem::replace(&mut state.phase, Phase::Live)
-            })
-            .map(|phase| match phase {
-                Phase::Resuming { held } => held,
-                _ => Vec::new(),
-            })
-            .unwrap_or_default();
-        release(&node, &slot, held);
-        for group in &before.groups {
-            if let Err(error) = self.handle.join(group).await {
-                tracing::warn!(connection = %id, %group, error = %crate::error_chain(&error), "a resumed session could not join one of its groups again");
-            }
-        }
-        tracing::debug!(connection = %id, session = %session, missed = count, "a session resumed");
-        Ok(OpenedSession {
-            id: session,
-            token: sessions.token(session),
-            resumed: Some(Resumed {
-                recovered: true,
-                missed: count,
-            }),
-        })
+        resume(&mut self.handle, &node, &slot, session, request.last_seq).await
     }
+}
+
+/// Resumes `session` on the connection of `slot` for a client whose last `seq` is `last`.
+async fn resume(
+    handle: &mut super::ClusterHandle,
+    node: &Arc<Node>,
+    slot: &Arc<InboxSlot>,
+    session: SessionId,
+    last: u64,
+) -> Result<OpenedSession, SessionError> {
+    let sessions = node.sessions.clone().ok_or(SessionError::Disabled)?;
+    let id = slot.id.clone();
+    let resuming = Phase::Resuming { held: Vec::new() };
+    slot.start_session(SlotSession::new(session, 0, resuming));
+    let before = match sessions.store.claim(session, &id, &sessions.limits).await {
+        Ok(Some(before)) => before,
+        Ok(None) => {
+            let held = take_held(slot);
+            return new_session(node, slot, held).await.map(not_recovered);
+        }
+        Err(error) => {
+            // No session: what came meanwhile is queued plainly, and its senders told when
+            // the connection closes.
+            let held = take_held(slot);
+            slot.take_session();
+            release(node, slot, held);
+            return Err(error.into());
+        }
+    };
+    let Some(missed) = missed_messages(node, &before, last).await else {
+        tracing::info!(connection = %id, session = %session, "a resume past what the session's log holds: a new session");
+        let _ = sessions.store.end(session, &id).await;
+        let held = take_held(slot);
+        return new_session(node, slot, held).await.map(not_recovered);
+    };
+    let count = missed.len();
+    replay(node, slot, missed, before.last_seq);
+    for group in &before.groups {
+        if let Err(error) = handle.join(group).await {
+            tracing::warn!(connection = %id, %group, error = %crate::error_chain(&error), "a resumed session could not join one of its groups again");
+        }
+    }
+    tracing::debug!(connection = %id, session = %session, missed = count, "a session resumed");
+    Ok(OpenedSession {
+        id: session,
+        token: sessions.token(session),
+        resumed: Some(Resumed {
+            recovered: true,
+            missed: count,
+        }),
+    })
+}
+
+/// Queues the `missed` messages of a resumed session, numbering on after `last_seq`, then
+/// what came meanwhile.
+fn replay(node: &Arc<Node>, slot: &Arc<InboxSlot>, missed: Vec<(InboxItem, u64)>, last_seq: u64) {
+    let ids: Vec<_> = missed
+        .iter()
+        .filter_map(|(item, _)| item_id(item))
+        .collect();
+    slot.queue_numbered(missed);
+    let held = slot
+        .with_session(|state| {
+            for id in ids {
+                state.first_time(id);
+            }
+            state.seq = last_seq;
+            state.logged = last_seq;
+            std::mem::replace(&mut state.phase, Phase::Live)
+        })
+        .map(|phase| match phase {
+            Phase::Resuming { held } => held,
+            _ => Vec::new(),
+        })
+        .unwrap_or_default();
+    release(node, slot, held);
 }
 
 fn not_recovered(mut opened: OpenedSession) -> OpenedSession {

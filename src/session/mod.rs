@@ -6,8 +6,6 @@
 //! acknowledged to the broker, so that a node that crashes loses no message its client did
 //! not get: what it had logged is in the store, what it had not is still in its queue.
 
-pub(crate) mod relay;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,9 +13,9 @@ use hybrid_cluster_core::{
 use hybrid_cluster_routing::ForwardError;
 use tower::{Service, ServiceExt};
 
-use super::{HEADER_SESSION_TO, Kept, from_stored, stored_form};
 use crate::local::{CloseFrame, InboxItem, Phase, Pushed};
 use crate::node::Node;
+use crate::session::{HEADER_SESSION_TO, Kept, from_stored, stored_form};
 
 /// The close code of a connection whose session was resumed on another connection.
 pub const CLOSE_SESSION_MOVED: u16 = 4002;
