@@ -149,7 +149,7 @@ impl Node {
             Target::Broadcast if envelope.origin != self.id => {
                 self.metrics.received("broadcast");
                 let fanned = self.local.deliver_all(&envelope);
-                self.settle_fanned(fanned, &envelope)
+                self.settle_fanned(fanned)
             }
             Target::Group(group) if envelope.origin != self.id => {
                 self.metrics.received("group");
@@ -159,7 +159,7 @@ impl Node {
                 if fanned.count == 0 {
                     self.metrics.dropped("no_member");
                 }
-                self.settle_fanned(fanned, &envelope)
+                self.settle_fanned(fanned)
             }
             Target::Broadcast | Target::Group(_) => None,
             Target::Node(_) => {
@@ -194,7 +194,7 @@ impl Node {
         match pushed {
             Ok(pushed) => {
                 self.metrics.received("unicast");
-                self.settle_pushed(id, pushed, Arc::clone(envelope))
+                self.settle_pushed(id, pushed)
             }
             Err(_) => {
                 self.metrics.dropped("connection_gone");
@@ -209,12 +209,11 @@ impl Node {
     pub(crate) fn settle_fanned(
         self: &Arc<Self>,
         fanned: FannedOut,
-        envelope: &Arc<Envelope>,
     ) -> Option<BoxFuture<'static, ()>> {
         let waits: Vec<_> = fanned
             .sessions
             .into_iter()
-            .filter_map(|(to, pushed)| self.settle_pushed(&to, pushed, Arc::clone(envelope)))
+            .filter_map(|(to, pushed)| self.settle_pushed(&to, pushed))
             .collect();
         if waits.is_empty() {
             return None;

@@ -23,13 +23,15 @@ pub const CLOSE_SESSION_MOVED: u16 = 4002;
 /// How many times a message follows a session that keeps moving before it is given up.
 const MAX_HOPS: u8 = 4;
 
+/// The most messages of one session logged in one step of the store.
+const MAX_LOG_BATCH: usize = 256;
+
 impl Node {
     /// What to wait for before acknowledging a message `pushed` to connection `to`'s inbox.
     pub(crate) fn settle_pushed(
         self: &Arc<Self>,
         to: &ConnectionId,
         pushed: Pushed,
-        envelope: Arc<Envelope>,
     ) -> Option<BoxFuture<'static, ()>> {
         let node = Arc::clone(self);
         let to = to.clone();
@@ -38,65 +40,72 @@ impl Node {
             Pushed::Held(kept) => Some(Box::pin(async move {
                 let _ = kept.await;
             })),
-            // In a task of its own: the log's order waits on it, whether or not its caller
-            // waits for it.
-            Pushed::Numbered(session, seq) => {
-                let keeping = tokio::spawn(node.keep(to, session, seq, envelope, 0));
+            // The flusher in a task of its own: the log's order waits on it, whether or not
+            // the caller waits.
+            Pushed::Numbered { waiting, flush } => {
+                if let Some(session) = flush {
+                    tokio::spawn(node.flush_log(to, session));
+                }
                 Some(Box::pin(async move {
-                    let _ = keeping.await;
+                    let _ = waiting.await;
                 }))
             }
         }
     }
 
-    /// Logs `envelope` in `session` under `seq` as its owner `owner`, after the messages
-    /// numbered before it; when the session moved, sends it there instead, placed in the
-    /// broker's order after those before it too.
-    fn keep(
-        self: Arc<Self>,
-        owner: ConnectionId,
-        session: SessionId,
-        seq: u64,
-        envelope: Arc<Envelope>,
-        hops: u8,
-    ) -> BoxFuture<'static, ()> {
-        let Some(sessions) = self.sessions.clone() else {
-            return Box::pin(std::future::ready(()));
+    /// Logs the messages numbered in the session of connection `owner`, as many at a time as
+    /// have come, until none waits; when the session moved, sends them there instead, placed
+    /// in the broker's order as they were numbered.
+    async fn flush_log(self: Arc<Self>, owner: ConnectionId, session: SessionId) {
+        let (Some(sessions), Some(slot)) = (self.sessions.clone(), self.local.slot(&owner)) else {
+            return;
         };
-        let slot = self.local.slot(&owner);
-        Box::pin(async move {
-            if let Some(slot) = &slot {
-                slot.turn_to_log(seq).await;
-            }
-            let moved = slot.as_ref().and_then(|slot| slot.moved_to());
-            let kept = match moved {
+        while let Some(batch) = slot.take_pending(MAX_LOG_BATCH) {
+            let last = batch.last().map_or(0, |(seq, _, _)| *seq);
+            let kept = match slot.moved_to() {
                 Some(next) => Kept::Moved(next),
-                None => sessions.log(session, &owner, seq, &envelope).await,
-            };
-            let mark = || {
-                if let Some(slot) = &slot {
-                    slot.mark_logged(seq);
+                None => {
+                    let envelopes = batch.iter().map(|(seq, envelope, _)| (*seq, &**envelope));
+                    sessions.log(session, &owner, envelopes).await
                 }
             };
             match kept {
-                Kept::Logged(_) | Kept::Failed => mark(),
+                Kept::Logged(_) | Kept::Failed => {
+                    slot.mark_logged(last);
+                    for (_, _, done) in batch {
+                        let _ = done.send(());
+                    }
+                }
                 Kept::Moved(next) => {
                     self.session_moved(&owner, &next);
-                    let confirming = self.place_on(&next, &envelope).await;
-                    mark();
-                    self.settle_sent_on(Some(session), next, envelope, hops, confirming)
-                        .await;
+                    let mut placed = Vec::with_capacity(batch.len());
+                    for (_, envelope, done) in batch {
+                        placed.push((self.place_on(&next, &envelope).await, envelope, done));
+                    }
+                    slot.mark_logged(last);
+                    for (confirming, envelope, done) in placed {
+                        let node = Arc::clone(&self);
+                        node.settle_sent_on(Some(session), next.clone(), envelope, 0, confirming)
+                            .await;
+                        let _ = done.send(());
+                    }
                 }
                 Kept::Unknown => {
-                    mark();
-                    // The session ended or expired: a client away will never get it.
-                    if slot.as_ref().is_some_and(|slot| slot.parked()) {
+                    slot.mark_logged(last);
+                    // The session ended or expired: a client away will never get these.
+                    let away = slot.parked();
+                    if away {
                         self.local.forget(&owner);
-                        self.local.bounced.bounce_envelope(&envelope);
+                    }
+                    for (_, envelope, done) in batch {
+                        if away {
+                            self.local.bounced.bounce_envelope(&envelope);
+                        }
+                        let _ = done.send(());
                     }
                 }
             }
-        })
+        }
     }
 
     /// The session of connection `owner` was resumed as `next`: what comes for `owner` goes
@@ -200,7 +209,6 @@ impl Node {
         self: Arc<Self>,
         to: ConnectionId,
         envelope: Arc<Envelope>,
-        hops: u8,
     ) -> BoxFuture<'static, ()> {
         let pushed = if to.incarnation() == self.incarnation {
             self.local
@@ -209,14 +217,8 @@ impl Node {
             Err(crate::local::Refused::NotFound)
         };
         match pushed {
-            Ok(Pushed::Numbered(session, seq)) => {
-                let keeping = tokio::spawn(self.keep(to, session, seq, envelope, hops));
-                Box::pin(async move {
-                    let _ = keeping.await;
-                })
-            }
             Ok(pushed) => self
-                .settle_pushed(&to, pushed, envelope)
+                .settle_pushed(&to, pushed)
                 .unwrap_or_else(|| Box::pin(std::future::ready(()))),
             Err(_) => {
                 self.local.bounced.bounce_envelope(&envelope);
@@ -275,6 +277,6 @@ impl Node {
             tracing::warn!(from = %outer.origin, "a forwarded session message failed authentication: dropped");
             return None;
         }
-        Some(Arc::clone(self).deliver_moved(to, Arc::new(inner), 0))
+        Some(Arc::clone(self).deliver_moved(to, Arc::new(inner)))
     }
 }

@@ -495,7 +495,7 @@ impl OrderedSender {
             });
             return match pushed {
                 Err(_) => self.settled("unicast", id, Err(not_found())),
-                Ok(pushed) => match node.settle_pushed(to, pushed, envelope) {
+                Ok(pushed) => match node.settle_pushed(to, pushed) {
                     None => self.settled("unicast", id, Ok(id)),
                     Some(kept) => self.settled_after("unicast", id, kept),
                 },
@@ -529,7 +529,7 @@ impl OrderedSender {
         let envelope = self.handle.envelope(Target::Broadcast, kind, payload);
         let shared = Arc::new(envelope.clone());
         let node = &self.handle.node;
-        let kept = node.settle_fanned(node.local.deliver_all(&shared), &shared);
+        let kept = node.settle_fanned(node.local.deliver_all(&shared));
         let confirmation = self.publish("broadcast", envelope, |error| {
             Err(invalid_or(error, SendError::Broadcast))
         });
@@ -544,7 +544,7 @@ impl OrderedSender {
             .envelope(Target::Group(group.clone()), kind, payload);
         let shared = Arc::new(envelope.clone());
         let node = &self.handle.node;
-        let kept = node.settle_fanned(node.local.deliver_group(group, &shared), &shared);
+        let kept = node.settle_fanned(node.local.deliver_group(group, &shared));
         let confirmation = self.publish("group", envelope, |error| match error {
             // No node bound to the group: nobody (else) to reach.
             ForwardError::Unroutable { .. } => Ok(()),

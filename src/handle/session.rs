@@ -266,14 +266,10 @@ async fn new_session(
 /// its message is kept.
 fn release(node: &Arc<Node>, slot: &Arc<InboxSlot>, held: Held) {
     for (item, kept) in held {
-        let envelope = match &item {
-            InboxItem::Message(envelope) => Arc::clone(envelope),
-            _ => continue,
-        };
         let waiting = slot
             .push(item)
             .ok()
-            .and_then(|pushed| node.settle_pushed(&slot.id, pushed, envelope));
+            .and_then(|pushed| node.settle_pushed(&slot.id, pushed));
         tokio::spawn(async move {
             if let Some(waiting) = waiting {
                 waiting.await;

@@ -64,9 +64,13 @@ pub(crate) enum Refused {
 pub(crate) enum Pushed {
     /// Queued for the socket task (a connection without a session).
     Queued,
-    /// Given this `seq` of the connection's session (and queued, unless the client is away):
-    /// the caller keeps it in the session's log.
-    Numbered(SessionId, u64),
+    /// Numbered in the connection's session (and queued, unless the client is away), to be
+    /// logged: `waiting` says once it is (or sent on, when the session moved). When `flush`
+    /// names the session, the caller starts its flusher (see [`InboxSlot::take_pending`]).
+    Numbered {
+        waiting: oneshot::Receiver<()>,
+        flush: Option<SessionId>,
+    },
     /// The session holds it already (it came twice), or it is a notice for a client away:
     /// nothing to do.
     Duplicate,
@@ -104,7 +108,15 @@ pub(crate) struct SlotSession {
     /// The ids of the messages numbered lately, oldest first, to drop one that comes twice
     /// (a message forwarded from the session's former node that reached this node too).
     recent: VecDeque<MessageId>,
+    /// Numbered, not logged yet, in `seq` order, each with whom to tell once it is.
+    pending: Vec<PendingLog>,
+    /// A flusher is logging `pending`.
+    flushing: bool,
 }
+
+/// A message numbered in a session and waiting to be logged: its `seq`, itself, and whom to
+/// tell once it is.
+pub(crate) type PendingLog = (u64, Arc<Envelope>, oneshot::Sender<()>);
 
 /// How many message ids a session remembers to drop duplicates.
 const RECENT_IDS: usize = 4096;
@@ -117,7 +129,19 @@ impl SlotSession {
             logged: seq,
             phase,
             recent: VecDeque::new(),
+            pending: Vec::new(),
+            flushing: false,
         }
+    }
+
+    /// Numbers `envelope` (the next `seq`) for its log.
+    fn number(&mut self, envelope: &Arc<Envelope>) -> Pushed {
+        self.seq += 1;
+        let (done, waiting) = oneshot::channel();
+        self.pending.push((self.seq, Arc::clone(envelope), done));
+        let flush = (!self.flushing).then_some(self.id);
+        self.flushing = true;
+        Pushed::Numbered { waiting, flush }
     }
 
     /// Remembers `id`; false when it was remembered already.
@@ -157,8 +181,6 @@ pub(crate) struct InboxSlot {
     pub(crate) id: ConnectionId,
     metrics: Metrics,
     bounced: Arc<Bounced>,
-    /// Woken whenever the session's `logged` moves: appends go to the log one after another.
-    turns: tokio::sync::Notify,
 }
 
 impl InboxSlot {
@@ -187,30 +209,24 @@ impl InboxSlot {
             id,
             metrics,
             bounced,
-            turns: tokio::sync::Notify::new(),
         }
     }
 
-    /// Waits until every message of the session numbered before `seq` is logged (or given
-    /// up): the session's appends go in order.
-    pub(crate) async fn turn_to_log(&self, seq: u64) {
-        loop {
-            let notified = self.turns.notified();
-            let ready = self
-                .state
-                .lock()
-                .session
-                .as_ref()
-                .is_none_or(|session| session.logged + 1 >= seq);
-            if ready {
-                return;
-            }
-            notified.await;
+    /// Takes up to `max` messages of the session waiting to be logged, oldest first; `None`
+    /// (and the flusher is done) when there are none.
+    pub(crate) fn take_pending(&self, max: usize) -> Option<Vec<PendingLog>> {
+        let mut state = self.state.lock();
+        let session = state.session.as_mut()?;
+        if session.pending.is_empty() {
+            session.flushing = false;
+            return None;
         }
+        let n = session.pending.len().min(max);
+        Some(session.pending.drain(..n).collect())
     }
 
-    /// Records that the session's message `seq` is logged (or given up): it may be handed
-    /// out, and the next append may go.
+    /// Records that the session's messages up to `seq` are logged (or given up): they may be
+    /// handed out.
     pub(crate) fn mark_logged(&self, seq: u64) {
         let waker = {
             let mut state = self.state.lock();
@@ -220,7 +236,6 @@ impl InboxSlot {
             state.waker.take()
         };
         wake(waker);
-        self.turns.notify_waiters();
     }
 
     /// Queues a message by the slow-client policy. A closing connection refuses it (its
@@ -229,7 +244,7 @@ impl InboxSlot {
         let mut state = self.state.lock();
         let numbered = match session_step(&mut state, &item) {
             Step::Plain => None,
-            Step::Number(session, seq) => Some((session, seq)),
+            Step::Number(pushed, seq) => Some((pushed, seq)),
             Step::Answer(pushed) => return Ok(pushed),
             Step::Hold => {
                 let (kept, waiting) = oneshot::channel();
@@ -242,13 +257,15 @@ impl InboxSlot {
                 }
                 return Ok(Pushed::Held(waiting));
             }
-            Step::Log(session, seq) => return Ok(Pushed::Numbered(session, seq)),
         };
-        let pushed = numbered.map_or(Pushed::Queued, |(session, seq)| {
-            Pushed::Numbered(session, seq)
-        });
-        self.queue(state, item, numbered.map(|(_, seq)| seq))
-            .map(|()| pushed)
+        match numbered {
+            None => self.queue(state, item, None).map(|()| Pushed::Queued),
+            Some((pushed, seq)) => {
+                // Numbered, it is logged whether or not it can be queued.
+                let _ = self.queue(state, item, Some(seq));
+                Ok(pushed)
+            }
+        }
     }
 
     /// Queues an item (with its `seq`, if numbered) by the slow-client policy.
@@ -437,13 +454,12 @@ impl InboxSlot {
 enum Step {
     /// No session: queue it.
     Plain,
-    /// Queue it under this `seq`, to be logged.
-    Number(SessionId, u64),
-    /// Log it under this `seq`, not queued (the client is away).
-    Log(SessionId, u64),
+    /// Numbered (this `seq`) for its log: queue it too.
+    Number(Pushed, u64),
     /// Hold it until the resume is done.
     Hold,
-    /// Nothing to queue: answer this.
+    /// Nothing to queue (numbered for its log while the client is away, or a duplicate):
+    /// answer this.
     Answer(Pushed),
 }
 
@@ -468,11 +484,11 @@ fn session_step(state: &mut InboxState, item: &InboxItem) -> Step {
     if !session.first_time(envelope.id) {
         return Step::Answer(Pushed::Duplicate);
     }
-    session.seq += 1;
+    let pushed = session.number(envelope);
     if closing || matches!(session.phase, Phase::Parked | Phase::Moved(_)) {
-        Step::Log(session.id, session.seq)
+        Step::Answer(pushed)
     } else {
-        Step::Number(session.id, session.seq)
+        Step::Number(pushed, session.seq)
     }
 }
 

@@ -77,25 +77,26 @@ impl NodeSessions {
         verify_token(token, self.secret.as_ref())
     }
 
-    /// Keeps `envelope` in the log of `session` under `seq`, as its owner `owner`.
-    pub(crate) fn log(
+    /// Keeps `envelopes` in the log of `session`, each under its `seq`, as its owner `owner`
+    /// (one step of the store for them all).
+    pub(crate) fn log<'a>(
         &self,
         session: SessionId,
         owner: &ConnectionId,
-        seq: u64,
-        envelope: &Envelope,
+        envelopes: impl Iterator<Item = (u64, &'a Envelope)>,
     ) -> BoxFuture<'static, Kept> {
-        let Some(bytes) = self.stored_or_warn(envelope) else {
-            return Box::pin(std::future::ready(Kept::Failed));
-        };
-        let entry = LogEntry {
-            seq,
-            message_id: envelope.id,
-            bytes,
-        };
+        let entries: Vec<LogEntry> = envelopes
+            .filter_map(|(seq, envelope)| {
+                Some(LogEntry {
+                    seq,
+                    message_id: envelope.id,
+                    bytes: self.stored_or_warn(envelope)?,
+                })
+            })
+            .collect();
         let (store, limits, owner) = (Arc::clone(&self.store), self.limits, owner.clone());
         Box::pin(retrying(self.outage, move || {
-            store.append(session, &owner, entry.clone(), &limits)
+            store.append(session, &owner, entries.clone(), &limits)
         }))
     }
 

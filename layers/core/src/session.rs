@@ -225,13 +225,14 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
         limits: &SessionLimits,
     ) -> BoxFuture<'static, Result<(), RegistryError>>;
 
-    /// Appends `entry` under its own `seq` if `owner` owns the session; the log is then
-    /// trimmed to the limits and the session's expiry pushed back.
+    /// Appends `entries`, each under its own `seq`, if `owner` owns the session (all or
+    /// none); the log is then trimmed to the limits and the session's expiry pushed back.
+    /// [`Appended::Stored`] carries the highest `seq` appended.
     fn append(
         &self,
         session: SessionId,
         owner: &ConnectionId,
-        entry: LogEntry,
+        entries: Vec<LogEntry>,
         limits: &SessionLimits,
     ) -> BoxFuture<'static, Result<Appended, RegistryError>>;
 
@@ -308,10 +309,10 @@ impl<S: SessionStore + ?Sized> SessionStore for std::sync::Arc<S> {
         &self,
         session: SessionId,
         owner: &ConnectionId,
-        entry: LogEntry,
+        entries: Vec<LogEntry>,
         limits: &SessionLimits,
     ) -> BoxFuture<'static, Result<Appended, RegistryError>> {
-        (**self).append(session, owner, entry, limits)
+        (**self).append(session, owner, entries, limits)
     }
 
     fn append_orphan(

@@ -137,7 +137,7 @@ impl SessionStore for MemorySessionStore {
         &self,
         session: SessionId,
         owner: &ConnectionId,
-        entry: LogEntry,
+        entries: Vec<LogEntry>,
         limits: &SessionLimits,
     ) -> BoxFuture<'static, Result<Appended, RegistryError>> {
         let limits = *limits;
@@ -148,9 +148,13 @@ impl SessionStore for MemorySessionStore {
             if stored.record.owner != *owner {
                 return Appended::Moved(stored.record.owner.clone());
             }
-            stored.insert(entry.seq, entry.message_id, entry.bytes, &limits);
+            let mut highest = 0;
+            for entry in entries {
+                highest = highest.max(entry.seq);
+                stored.insert(entry.seq, entry.message_id, entry.bytes, &limits);
+            }
             stored.expires_at = Instant::now() + limits.resume_window;
-            Appended::Stored(entry.seq)
+            Appended::Stored(highest)
         })))
     }
 

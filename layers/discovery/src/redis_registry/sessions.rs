@@ -65,15 +65,20 @@ touch(ARGV[4], ARGV[5])
 return 1
 "#;
 
-/// ARGV: owner, seq, member, ttl, max messages, max bytes, index prefix.
-/// Returns {0} unknown, {1, seq} stored, {2, owner} moved.
+/// ARGV: owner, ttl, max messages, max bytes, index prefix, then seq and member pairs.
+/// Returns {0} unknown, {1, highest seq} stored, {2, owner} moved.
 const APPEND: &str = r#"
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then return {0} end
 if owner ~= ARGV[1] then return {2, owner} end
-store(tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
-touch(ARGV[4], ARGV[7])
-return {1, tonumber(ARGV[2])}
+local highest = 0
+for i = 6, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  store(seq, ARGV[i + 1], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  if seq > highest then highest = seq end
+end
+touch(ARGV[2], ARGV[5])
+return {1, highest}
 "#;
 
 /// ARGV: expected owner, message id, member, ttl, max messages, max bytes, index prefix.
@@ -357,18 +362,20 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> SessionStore for RedisSe
         &self,
         session: SessionId,
         owner: &ConnectionId,
-        entry: LogEntry,
+        entries: Vec<LogEntry>,
         limits: &SessionLimits,
     ) -> BoxFuture<'static, Result<Appended, RegistryError>> {
-        let args = vec![
+        let mut args = vec![
             arg(owner),
-            arg(entry.seq),
-            member(entry.message_id, &entry.bytes),
             arg(millis(limits.resume_window)),
             arg(limits.max_messages.max(1)),
             arg(limits.max_bytes),
             self.index_prefix(),
         ];
+        for entry in &entries {
+            args.push(arg(entry.seq));
+            args.push(member(entry.message_id, &entry.bytes));
+        }
         let key = self.keys.record(session);
         let running = self.run::<Vec<Value>>(&SCRIPTS.append, session, args);
         Box::pin(async move { appended(key, running.await?) })

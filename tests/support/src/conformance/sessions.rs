@@ -61,13 +61,17 @@ pub async fn a_claim_hands_the_session_over_and_the_log_reads_past_a_seq(
 ) {
     let (first, second) = (connection("node-b", 1), connection("node-a", 9));
     let id = created(&store, &first, &LIMITS).await;
-    for seq in 1..=5 {
+    for seq in 1..=2 {
         let appended = store
-            .append(id, &first, entry(seq, &format!("m{seq}")), &LIMITS)
+            .append(id, &first, vec![entry(seq, &format!("m{seq}"))], &LIMITS)
             .await
             .unwrap();
         assert_eq!(appended, Appended::Stored(seq));
     }
+    // Several at once: all kept, the highest answered.
+    let batch = (3..=5).map(|seq| entry(seq, &format!("m{seq}"))).collect();
+    let appended = store.append(id, &first, batch, &LIMITS).await.unwrap();
+    assert_eq!(appended, Appended::Stored(5));
     let before = store
         .claim(id, &second, &LIMITS)
         .await
@@ -96,18 +100,18 @@ pub async fn an_append_by_a_former_owner_is_refused_with_the_owner_in_force(
     let (first, second) = (connection("node-b", 1), connection("node-a", 9));
     let id = created(&store, &first, &LIMITS).await;
     store
-        .append(id, &first, entry(1, "one"), &LIMITS)
+        .append(id, &first, vec![entry(1, "one")], &LIMITS)
         .await
         .unwrap();
     store.claim(id, &second, &LIMITS).await.unwrap();
     let refused = store
-        .append(id, &first, entry(2, "late"), &LIMITS)
+        .append(id, &first, vec![entry(2, "late")], &LIMITS)
         .await
         .unwrap();
     assert_eq!(refused, Appended::Moved(second.clone()));
     assert_eq!(
         store
-            .append(id, &second, entry(2, "two"), &LIMITS)
+            .append(id, &second, vec![entry(2, "two")], &LIMITS)
             .await
             .unwrap(),
         Appended::Stored(2)
@@ -139,7 +143,7 @@ pub async fn the_log_keeps_its_bounds_and_says_where_it_starts(store: Arc<dyn Se
     let id = created(&store, &owner, &limits).await;
     for seq in 1..=5 {
         store
-            .append(id, &owner, entry(seq, "ab"), &limits)
+            .append(id, &owner, vec![entry(seq, "ab")], &limits)
             .await
             .unwrap();
     }
@@ -150,7 +154,7 @@ pub async fn the_log_keeps_its_bounds_and_says_where_it_starts(store: Arc<dyn Se
         "three messages kept"
     );
     store
-        .append(id, &owner, entry(6, "0123456789"), &limits)
+        .append(id, &owner, vec![entry(6, "0123456789")], &limits)
         .await
         .unwrap();
     let record = store.claim(id, &owner, &limits).await.unwrap().unwrap();
@@ -161,7 +165,7 @@ pub async fn the_log_keeps_its_bounds_and_says_where_it_starts(store: Arc<dyn Se
     );
     // A message alone is kept whatever its size.
     store
-        .append(id, &owner, entry(7, "0123456789abc"), &limits)
+        .append(id, &owner, vec![entry(7, "0123456789abc")], &limits)
         .await
         .unwrap();
     assert_eq!(
@@ -184,7 +188,7 @@ pub async fn an_orphan_append_is_numbered_after_the_last_and_held_once(
     let id = created(&store, &gone, &LIMITS).await;
     let held = entry(1, "one");
     store
-        .append(id, &gone, held.clone(), &LIMITS)
+        .append(id, &gone, vec![held.clone()], &LIMITS)
         .await
         .unwrap();
     let again = store
@@ -237,7 +241,7 @@ pub async fn sessions_expire_unless_kept_alive_and_end_at_once(store: Arc<dyn Se
     assert_eq!(store.claim(left_id, &left, &limits).await.unwrap(), None);
     assert_eq!(
         store
-            .append(left_id, &left, entry(1, "x"), &limits)
+            .append(left_id, &left, vec![entry(1, "x")], &limits)
             .await
             .unwrap(),
         Appended::Unknown
