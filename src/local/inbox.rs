@@ -302,8 +302,14 @@ impl InboxSlot {
 
     /// Whether an item of `size` bytes does not fit (an item alone always fits).
     fn over(&self, state: &InboxState, size: usize) -> bool {
-        !state.queue.is_empty()
-            && (state.queue.len() >= self.capacity || state.bytes + size > self.byte_bound)
+        // Messages of a session waiting for its log are not the client's to take yet: they do
+        // not count against it (the receiver's prefetch and each sender's bound on open
+        // requests bound them).
+        let waiting_for_log = state.session.as_ref().map_or(0, |session| {
+            usize::try_from(session.seq.saturating_sub(session.logged)).unwrap_or(usize::MAX)
+        });
+        let queued = state.queue.len().saturating_sub(waiting_for_log);
+        !state.queue.is_empty() && (queued >= self.capacity || state.bytes + size > self.byte_bound)
     }
 
     /// The drop-oldest policy: makes room for an item of `size` bytes.

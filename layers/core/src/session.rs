@@ -226,7 +226,8 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), RegistryError>>;
 
     /// Appends `entries`, each under its own `seq`, if `owner` owns the session (all or
-    /// none); the log is then trimmed to the limits and the session's expiry pushed back.
+    /// none); the log is then trimmed to the limits. The session's expiry stays as it is: a
+    /// session parked expires a resume window after its client went.
     /// [`Appended::Stored`] carries the highest `seq` appended.
     fn append(
         &self,

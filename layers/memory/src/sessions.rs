@@ -153,7 +153,6 @@ impl SessionStore for MemorySessionStore {
                 highest = highest.max(entry.seq);
                 stored.insert(entry.seq, entry.message_id, entry.bytes, &limits);
             }
-            stored.expires_at = Instant::now() + limits.resume_window;
             Appended::Stored(highest)
         })))
     }

@@ -6,7 +6,8 @@
 //! id's 32 hex digits, then the stored bytes), and each of its connection ids a key
 //! `{prefix}:session-of:{connection}` holding the session's id. Every step is one Lua script,
 //! so that a claim and an append never interleave; every key expires a resume window after
-//! the session was last written or kept alive.
+//! the session was created, claimed or kept alive (its owner's node does that while the client
+//! is connected).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, LazyLock};
@@ -25,7 +26,9 @@ use super::{classify, millis};
 /// The length of a log member's message-id prefix.
 const ID_LEN: usize = 32;
 
-/// Shared by every script: trims the log to its bounds and refreshes the expiry of every key.
+/// Shared by every script: trims the log to its bounds, and refreshes the expiry of every key
+/// (claims, orphan appends and keep-alives do; an owner's appends do not: a session parked
+/// expires a resume window after its client went, however much it receives meanwhile).
 /// `KEYS[1]` the record, `KEYS[2]` the log; `ttl`, `max_messages`, `max_bytes` and the
 /// session-of prefix are arguments of the caller's script.
 const TRIM_AND_TOUCH: &str = r#"
@@ -77,7 +80,8 @@ for i = 6, #ARGV, 2 do
   store(seq, ARGV[i + 1], tonumber(ARGV[3]), tonumber(ARGV[4]))
   if seq > highest then highest = seq end
 end
-touch(ARGV[2], ARGV[5])
+-- A log made before its expiry was set (its first append) gets the record's.
+if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1])) end
 return {1, highest}
 "#;
 
