@@ -19,7 +19,9 @@ use axum::serve::ListenerExt;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hybrid_cluster::server::{ServerConfig, router};
-use hybrid_cluster::{AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl};
+use hybrid_cluster::{
+    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, NodeId, RedisUrl, SessionLimits,
+};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
@@ -43,6 +45,10 @@ struct Client {
     socket: Socket,
     id: String,
     node: String,
+    /// Its session's token, from its welcome.
+    session: String,
+    /// The `seq` of the last numbered frame it got.
+    last_seq: u64,
 }
 
 impl Client {
@@ -73,6 +79,7 @@ impl Client {
             .unwrap_or_default()
             .to_owned();
         client.node = first["node_id"].as_str().unwrap_or_default().to_owned();
+        client.session = first["session"].as_str().unwrap_or_default().to_owned();
         log.say(format!(
             "{name} is connection {} on {}",
             client.id, client.node
@@ -87,6 +94,8 @@ impl Client {
             socket,
             id: String::new(),
             node: String::new(),
+            session: String::new(),
+            last_seq: 0,
         })
     }
 
@@ -97,13 +106,24 @@ impl Client {
 
     /// The next JSON frame, within a second.
     async fn next(&mut self) -> Result<Value, BoxError> {
+        self.next_within(Duration::from_secs(1)).await
+    }
+
+    /// The next JSON frame, within `bound`; remembers the `seq` of a numbered one.
+    async fn next_within(&mut self, bound: Duration) -> Result<Value, BoxError> {
         loop {
-            let frame = timeout(Duration::from_secs(1), self.socket.next())
+            let frame = timeout(bound, self.socket.next())
                 .await
                 .map_err(|_| format!("{}: nothing arrived", self.name))?
                 .ok_or_else(|| format!("{}: the connection ended", self.name))??;
             match frame {
-                Message::Text(text) => return Ok(serde_json::from_str(&text)?),
+                Message::Text(text) => {
+                    let frame: Value = serde_json::from_str(&text)?;
+                    if let Some(seq) = frame["seq"].as_u64() {
+                        self.last_seq = seq;
+                    }
+                    return Ok(frame);
+                }
                 Message::Close(close) => {
                     return Ok(json!({
                         "type": "closed",
@@ -189,6 +209,8 @@ async fn start_node(
     config.rabbitmq.fallback_urls = args.amqp_fallbacks.clone();
     config.discovery = config.discovery.with_heartbeat(Duration::from_millis(500));
     config.shutdown_grace = Duration::from_secs(2);
+    // Sessions: a client that loses its connection resumes on any node and misses nothing.
+    config.sessions = Some(SessionLimits::default());
     let cluster = Cluster::start(config, args.backends.clone()).await?;
     let app = router(cluster.clone(), ServerConfig::default());
     // Small frames go out at once: without TCP_NODELAY, Nagle's algorithm and delayed ACKs
@@ -243,7 +265,7 @@ async fn main() -> Result<(), BoxError> {
     log.say(format!("    dave gets {}", dave.next().await?));
     println!();
 
-    let carol = leave(&node1, node3, &mut carol, &log).await?;
+    let carol = leave(&node1, node3, &mut carol, &mut alice, &log).await?;
     println!();
     let seen: Vec<String> = node1
         .nodes()
@@ -330,12 +352,14 @@ async fn group(
     Ok(())
 }
 
-/// Node-3 shuts down gracefully: carol is closed with a reason naming another node, and
-/// reconnects there. Returns carol's new client.
+/// Node-3 shuts down gracefully: carol is closed with a reason naming another node; alice
+/// writes to her meanwhile; carol reconnects there and resumes her session, missing nothing.
+/// Returns carol's new client.
 async fn leave(
     node1: &Cluster,
     node3: Cluster,
     carol: &mut Client,
+    alice: &mut Client,
     log: &Log,
 ) -> Result<Client, BoxError> {
     log.say("node-3 shuts down gracefully");
@@ -343,6 +367,11 @@ async fn leave(
     let shutdown = tokio::spawn(async move { node3.shutdown().await });
     let closed = carol.next().await?;
     log.say(format!("    carol gets {closed}"));
+    log.say("alice -> carol, who is away");
+    alice
+        .send(json!({"op": "send", "to": carol.id, "data": "while you were away", "id": 2}))
+        .await?;
+    log.say(format!("    alice gets {}", alice.next().await?));
     shutdown.await??;
     node1
         .discovery()
@@ -358,7 +387,23 @@ async fn leave(
         .and_then(|reason| serde_json::from_str::<Value>(reason).ok())
         .and_then(|reason| reason["reconnect"].as_str().map(str::to_owned))
         .ok_or("the close reason names no node")?;
-    let carol = Client::connect("carol", &reconnect, log).await?;
-    log.say(format!("carol is back, on {}", carol.node));
-    Ok(carol)
+    let resume = format!(
+        "{reconnect}?resume={}&last={}",
+        carol.session, carol.last_seq
+    );
+    log.say(format!(
+        "carol reconnects there with her session's token and the last seq she got ({})",
+        carol.last_seq
+    ));
+    let mut back = Client::connect("carol", &resume, log).await?;
+    log.say(format!("    carol gets {}", back.next().await?));
+    // What alice wrote comes now: from the log, or sent on by the node that took over
+    // node-3's queue.
+    let missed = back.next_within(Duration::from_secs(10)).await?;
+    log.say(format!("    carol gets {missed}"));
+    log.say(format!(
+        "carol is back, on {}, in her groups still",
+        back.node
+    ));
+    Ok(back)
 }
