@@ -81,6 +81,16 @@ const SLOW_ACTIONS: [&str; 2] = ["drop_oldest", "close"];
 /// Discovery changes, in order.
 const CHANGES: [&str; 2] = ["join", "leave"];
 
+/// Sessions opened on a connection: `new`, or a resume `recovered` / `not_recovered`.
+pub const SESSIONS_OPENED: &str = "hybrid_cluster_sessions_opened_total";
+/// Messages of sessions logged (`logged`), sent on where their session moved (`moved`),
+/// found without a session any more (`unknown`), or not logged, the store out of reach for
+/// longer than the outage bound (`failed`).
+pub const SESSION_MESSAGES: &str = "hybrid_cluster_session_messages_total";
+
+const OPENED: [&str; 3] = ["new", "recovered", "not_recovered"];
+const LOGGED: [&str; 4] = ["logged", "moved", "unknown", "failed"];
+
 /// Records one node's metrics, every one labelled with the node's id.
 ///
 /// Every series is registered once, when the node starts, so recording on the message path
@@ -104,6 +114,8 @@ struct Handles {
     dropped: [Counter; 3],
     slow: [Counter; 2],
     changes: [Counter; 2],
+    opened: [Counter; 3],
+    logged: [Counter; 4],
 }
 
 /// The position of `name` among `names` (the call sites only use listed names).
@@ -141,7 +153,19 @@ impl Metrics {
             dropped: DROP_REASONS.map(|r| counter!(MESSAGES_DROPPED, labels(&[("reason", r)]))),
             slow: SLOW_ACTIONS.map(|a| counter!(SLOW_CLIENT_ACTIONS, labels(&[("action", a)]))),
             changes: CHANGES.map(|c| counter!(DISCOVERY_CHANGES, labels(&[("change", c)]))),
+            opened: OPENED.map(|o| counter!(SESSIONS_OPENED, labels(&[("outcome", o)]))),
+            logged: LOGGED.map(|o| counter!(SESSION_MESSAGES, labels(&[("outcome", o)]))),
         }))
+    }
+
+    /// A session opened: `new`, `recovered` or `not_recovered`.
+    pub(crate) fn session_opened(&self, outcome: &'static str) {
+        self.0.opened[at(&OPENED, outcome)].increment(1);
+    }
+
+    /// `count` messages of a session: `logged`, `moved`, `unknown` or `failed`.
+    pub(crate) fn session_messages(&self, outcome: &'static str, count: usize) {
+        self.0.logged[at(&LOGGED, outcome)].increment(count as u64);
     }
 
     pub(crate) fn connections(&self, count: usize) {

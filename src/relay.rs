@@ -62,6 +62,7 @@ impl Node {
         };
         while let Some(batch) = slot.take_pending(MAX_LOG_BATCH) {
             let last = batch.last().map_or(0, |(seq, _, _)| *seq);
+            let count = batch.len();
             let kept = match slot.moved_to() {
                 Some(next) => Kept::Moved(next),
                 None => {
@@ -69,6 +70,13 @@ impl Node {
                     sessions.log(session, &owner, envelopes).await
                 }
             };
+            let outcome = match &kept {
+                Kept::Logged(_) => "logged",
+                Kept::Moved(_) => "moved",
+                Kept::Unknown => "unknown",
+                Kept::Failed => "failed",
+            };
+            self.metrics.session_messages(outcome, count);
             match kept {
                 Kept::Logged(_) | Kept::Failed => {
                     slot.mark_logged(last);

@@ -270,4 +270,14 @@ async fn a_forged_expired_or_ended_token_starts_a_new_session() {
     let (client, frame) = resume(&url, &ended, 0).await;
     assert_eq!(frame["recovered"], false, "ended: {frame}");
     client.close_with(1000).await;
+
+    // Counted: two new sessions, four resumes that recovered nothing.
+    let (status, metrics) = cluster.nodes[node].get("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for (outcome, count) in [("new", 2), ("not_recovered", 4), ("recovered", 0)] {
+        let series = format!(
+            "hybrid_cluster_sessions_opened_total{{node=\"a\",outcome=\"{outcome}\"}} {count}"
+        );
+        assert!(metrics.contains(&series), "{series} in\n{metrics}");
+    }
 }

@@ -121,15 +121,30 @@ impl ClusterConnection {
         }
         let Some(request) = self.resume.take() else {
             let opened = new_session(&node, &slot, Vec::new()).await?;
+            node.metrics.session_opened("new");
             return Ok(opened);
         };
         let Ok(session) = sessions.verify(&request.token) else {
             tracing::info!(connection = %id, "a resume with an invalid token: a new session");
+            node.metrics.session_opened("not_recovered");
             return new_session(&node, &slot, Vec::new())
                 .await
                 .map(not_recovered);
         };
-        resume(&mut self.handle, &node, &slot, session, request.last_seq).await
+        let opened = resume(&mut self.handle, &node, &slot, session, request.last_seq).await;
+        if let Ok(OpenedSession {
+            resumed: Some(resumed),
+            ..
+        }) = &opened
+        {
+            let outcome = if resumed.recovered {
+                "recovered"
+            } else {
+                "not_recovered"
+            };
+            node.metrics.session_opened(outcome);
+        }
+        opened
     }
 }
 
