@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    ConnectionId, DEFAULT_REPLAY_WINDOW, Envelope, PayloadKind, SessionId, Target,
+    ConnectionId, DEFAULT_REPLAY_WINDOW, Envelope, NodeId, PayloadKind, SessionId, Target,
 };
 use hybrid_cluster_routing::ForwardError;
 use tower::{Service, ServiceExt};
@@ -235,11 +235,18 @@ impl Node {
         }
     }
 
-    /// Answers a unicast found in the queue of a node gone: kept for the session of its
-    /// connection (in its log, or sent where the session is now), or its sender told.
-    pub(crate) fn take_in_orphan(self: Arc<Self>, envelope: Envelope) -> BoxFuture<'static, ()> {
+    /// Answers a message found in the queue of `gone`, a node gone: a unicast is kept for
+    /// the session of its connection (in its log, or sent where the session is now), or its
+    /// sender told; a group message or broadcast is kept for the sessions `gone` held that it
+    /// is for.
+    pub(crate) fn take_in_orphan(
+        self: Arc<Self>,
+        gone: NodeId,
+        envelope: Envelope,
+    ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let Target::Connection(to) = envelope.target.clone() else {
+                self.take_in_fan_out(gone, envelope).await;
                 return;
             };
             if crate::notice::read(&envelope).is_some() {
@@ -258,6 +265,41 @@ impl Node {
             }
             self.local.bounced.bounce_envelope(&envelope);
         })
+    }
+
+    /// Keeps a group message or broadcast of the queue of `gone` for the sessions `gone` held
+    /// that it is for (its own were delivered there when sent).
+    async fn take_in_fan_out(self: Arc<Self>, gone: NodeId, envelope: Envelope) {
+        let Some(sessions) = self.sessions.clone() else {
+            return;
+        };
+        if envelope.origin == gone {
+            return;
+        }
+        let held = match sessions.store.sessions_on(&gone).await {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(node = %gone, error = %crate::error_chain(&error), "could not find the sessions of a node gone: its queue's group messages and broadcasts do not reach them");
+                return;
+            }
+        };
+        let envelope = Arc::new(envelope);
+        for record in held {
+            let member = match &envelope.target {
+                Target::Broadcast => true,
+                Target::Group(group) => record.groups.contains(group),
+                Target::Connection(_) | Target::Node(_) => false,
+            };
+            if !member {
+                continue;
+            }
+            let logging = sessions.log_orphan(record.id, &record.owner, &envelope);
+            if let Kept::Moved(next) = logging.await {
+                let node = Arc::clone(&self);
+                node.send_on(Some(record.id), next, Arc::clone(&envelope), 0)
+                    .await;
+            }
+        }
     }
 
     /// Reads a node message that carries a session's message to its connection here.

@@ -36,8 +36,9 @@ pub(crate) const ROUND: Duration = Duration::from_secs(5);
 const HOLD: Duration = Duration::from_secs(90);
 
 /// Reads the queue of `gone`, if no one else does and it is still there, handing each unicast
-/// to `answer` (which tells its sender, or keeps it for the session of its connection), until
-/// it is idle or `is_back` says its node returned. Returns how many messages were answered.
+/// (and, for the sessions its node held, each group message and broadcast) to `answer` (which
+/// tells its sender, or keeps it for the sessions it is for), until it is idle or `is_back`
+/// says its node returned. Returns how many unicasts were answered.
 ///
 /// With `sessions`, the queue is read for as long as messages keep coming (senders to a
 /// session's old connection id publish there while it exists, to stay in order behind what it
@@ -141,8 +142,8 @@ async fn read_round(
         }
         if matches!(envelope.target, Target::Connection(_)) {
             answered += 1;
-            answer(envelope).await;
         }
+        answer(envelope).await;
         let _ = delivery.acker.ack().await;
     }
 }

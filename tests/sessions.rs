@@ -281,3 +281,63 @@ async fn a_forged_expired_or_ended_token_starts_a_new_session() {
         assert!(metrics.contains(&series), "{series} in\n{metrics}");
     }
 }
+
+/// Group messages and unicasts still in the queue of a node that crashed reach the session
+/// that was on it, once resumed elsewhere: node b is paused (SIGSTOP) while they are sent, so
+/// they wait in its queue, then killed; the node that takes its queue over sends them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_crashed_nodes_queue_held_for_a_session_reaches_it_resumed() {
+    let mut cluster = NodeCluster::new("sessions-held");
+    let options = with_sessions(&cluster, 120_000);
+    let a = cluster.start("a", &options).await;
+    let b = cluster.start("b", &options).await;
+    cluster.wait_for_nodes(2, WAIT).await;
+    let mut receiver = Client::connect(&cluster.nodes[b].ws_url()).await.unwrap();
+    let (token, old_id) = (receiver.session.clone().unwrap(), receiver.id.clone());
+    receiver
+        .send(&json!({"op":"join","group":"room","id":"join"}))
+        .await
+        .unwrap();
+    let joined = receiver.next_json(WAIT).await.unwrap().unwrap();
+    assert_eq!(joined["type"], "joined", "{joined}");
+
+    cluster.nodes[b].signal("STOP").unwrap();
+    let mut sender = Client::connect(&cluster.nodes[a].ws_url()).await.unwrap();
+    for i in 0..6u64 {
+        let op = if i % 2 == 0 {
+            json!({"op":"group","group":"room","data":i,"id":i})
+        } else {
+            json!({"op":"send","to":old_id,"data":i,"id":i})
+        };
+        sender.send(&op).await.unwrap();
+        let ack = sender.next_json(WAIT).await.unwrap().unwrap();
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    cluster.nodes[b].signal("KILL").unwrap();
+    receiver.abort();
+
+    let (mut resumed, frame) = resume(&cluster.nodes[a].ws_url(), &token, 0).await;
+    assert_eq!(frame, json!({"type":"resumed","recovered":true,"missed":0}));
+    let mut got = Vec::new();
+    let mut last_seq = 0;
+    while got.len() < 6 {
+        let frame = resumed
+            .next_json(WAIT)
+            .await
+            .unwrap_or_else(|error| panic!("{error} after {got:?}\n{}", cluster.logs(30)))
+            .unwrap_or_else(|ended| panic!("ended: {ended:?} after {got:?}\n{}", cluster.logs(30)));
+        let seq = frame["seq"].as_u64().expect("numbered");
+        assert_eq!(seq, last_seq + 1, "{frame}");
+        last_seq = seq;
+        got.push((
+            frame["type"].as_str().unwrap().to_owned(),
+            frame["data"].as_u64().unwrap(),
+        ));
+    }
+    let expected: Vec<(String, u64)> = (0..6)
+        .map(|i| (if i % 2 == 0 { "group" } else { "message" }.to_owned(), i))
+        .collect();
+    assert_eq!(got, expected, "each once, in the order sent");
+    let extra = resumed.next_json(Duration::from_millis(500)).await;
+    assert!(extra.is_err(), "nothing more: {extra:?}");
+}

@@ -29,7 +29,7 @@ use futures_core::future::BoxFuture;
 
 use crate::auth::{ClusterSecret, Signature};
 use crate::error::RegistryError;
-use crate::ids::{ConnectionId, GroupName, MessageId};
+use crate::ids::{ConnectionId, GroupName, MessageId, NodeId};
 
 /// The id of a session: 128 random bits, written as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -295,6 +295,15 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
         session: SessionId,
         owner: &ConnectionId,
     ) -> BoxFuture<'static, Result<(), RegistryError>>;
+
+    /// The sessions that have had a connection on `node`, whoever owns them now: their `id`,
+    /// `groups`, and as `owner` that connection (their `seq` fields are not read). Those a
+    /// node gone held, for the group messages and broadcasts its queue still holds: appended
+    /// as orphans of that connection, they go where each session is now.
+    fn sessions_on(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<Vec<SessionRecord>, RegistryError>>;
 }
 
 impl<S: SessionStore + ?Sized> SessionStore for std::sync::Arc<S> {
@@ -374,6 +383,13 @@ impl<S: SessionStore + ?Sized> SessionStore for std::sync::Arc<S> {
         owner: &ConnectionId,
     ) -> BoxFuture<'static, Result<(), RegistryError>> {
         (**self).end(session, owner)
+    }
+
+    fn sessions_on(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<Vec<SessionRecord>, RegistryError>> {
+        (**self).sessions_on(node)
     }
 }
 

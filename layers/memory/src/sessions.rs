@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    Appended, ConnectionId, GroupName, LogEntry, MessageId, RegistryError, SessionId,
+    Appended, ConnectionId, GroupName, LogEntry, MessageId, NodeId, RegistryError, SessionId,
     SessionLimits, SessionRecord, SessionStore,
 };
 use parking_lot::Mutex;
@@ -274,5 +274,27 @@ impl SessionStore for MemorySessionStore {
             remove(&mut state, session);
         }
         ready(Ok(()))
+    }
+
+    fn sessions_on(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<Vec<SessionRecord>, RegistryError>> {
+        let now = Instant::now();
+        let found = self
+            .state
+            .lock()
+            .sessions
+            .values()
+            .filter(|stored| stored.expires_at > now)
+            .filter_map(|stored| {
+                let held = stored.connections.iter().rfind(|c| c.node() == node)?;
+                Some(SessionRecord {
+                    owner: held.clone(),
+                    ..stored.record.clone()
+                })
+            })
+            .collect();
+        ready(Ok(found))
     }
 }

@@ -102,6 +102,7 @@ macro_rules! session_store_conformance {
             an_append_by_a_former_owner_is_refused_with_the_owner_in_force,
             the_log_keeps_its_bounds_and_says_where_it_starts,
             an_orphan_append_is_numbered_after_the_last_and_held_once,
+            a_nodes_sessions_are_those_that_had_a_connection_on_it,
             sessions_expire_unless_kept_alive_and_end_at_once,
         );
     };

@@ -224,6 +224,46 @@ pub async fn an_orphan_append_is_numbered_after_the_last_and_held_once(
     store.end(id, &next).await.unwrap();
 }
 
+/// A node's sessions are those that had a connection on it, named by that connection.
+pub async fn a_nodes_sessions_are_those_that_had_a_connection_on_it(store: Arc<dyn SessionStore>) {
+    let node = |name: &str| NodeId::new(name).unwrap();
+    let (b1, b2, a1) = (
+        connection("node-b", 1),
+        connection("node-b", 2),
+        connection("node-a", 1),
+    );
+    let first = created(&store, &b1, &LIMITS).await;
+    let second = created(&store, &b2, &LIMITS).await;
+    let third = created(&store, &a1, &LIMITS).await;
+    let ids = |records: Vec<SessionRecord>| {
+        let mut ids: Vec<SessionId> = records.into_iter().map(|record| record.id).collect();
+        ids.sort();
+        ids
+    };
+    let mut on_b = vec![first, second];
+    on_b.sort();
+    let found = store.sessions_on(&node("node-b")).await.unwrap();
+    assert!(
+        found
+            .iter()
+            .all(|record| record.groups.contains(&"room".parse().unwrap()))
+    );
+    assert_eq!(ids(found), on_b);
+    let a2 = connection("node-a", 2);
+    store.claim(second, &a2, &LIMITS).await.unwrap();
+    store.end(first, &b1).await.unwrap();
+    // Moved away, the second is still one node-b held, under its connection there.
+    let held = store.sessions_on(&node("node-b")).await.unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!((held[0].id, &held[0].owner), (second, &b2));
+    let mut on_a = vec![second, third];
+    on_a.sort();
+    assert_eq!(ids(store.sessions_on(&node("node-a")).await.unwrap()), on_a);
+    assert_eq!(ids(store.sessions_on(&node("node-c")).await.unwrap()), []);
+    store.end(second, &a2).await.unwrap();
+    store.end(third, &a1).await.unwrap();
+}
+
 /// A session not kept alive expires a resume window after its last write; ended ones at once.
 pub async fn sessions_expire_unless_kept_alive_and_end_at_once(store: Arc<dyn SessionStore>) {
     let limits = SessionLimits {

@@ -10,166 +10,31 @@
 //! is connected).
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    Appended, ClusterPrefix, ConnectionId, GroupName, LogEntry, MessageId, RegistryError,
+    Appended, ClusterPrefix, ConnectionId, GroupName, LogEntry, MessageId, NodeId, RegistryError,
     SessionId, SessionLimits, SessionRecord, SessionStore,
 };
 use redis::aio::ConnectionLike;
 use redis::{Script, Value};
 
+mod scripts;
+
+use self::scripts::SCRIPTS;
 use super::{classify, millis};
 
 /// The length of a log member's message-id prefix.
 const ID_LEN: usize = 32;
-
-/// Shared by every script: trims the log to its bounds, and refreshes the expiry of every key
-/// (claims, orphan appends and keep-alives do; an owner's appends do not: a session parked
-/// expires a resume window after its client went, however much it receives meanwhile).
-/// `KEYS[1]` the record, `KEYS[2]` the log; `ttl`, `max_messages`, `max_bytes` and the
-/// session-of prefix are arguments of the caller's script.
-const TRIM_AND_TOUCH: &str = r#"
-local function trim(max_messages, max_bytes)
-  local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
-  while true do
-    local count = redis.call('ZCARD', KEYS[2])
-    if count == 0 or (count <= max_messages and (bytes <= max_bytes or count <= 1)) then break end
-    local oldest = redis.call('ZPOPMIN', KEYS[2])
-    bytes = bytes - (string.len(oldest[1]) - 32)
-  end
-  redis.call('HSET', KEYS[1], 'bytes', bytes)
-end
-local function touch(ttl, index_prefix)
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  local conns = redis.call('HGET', KEYS[1], 'conns') or ''
-  for conn in string.gmatch(conns, '%S+') do
-    redis.call('PEXPIRE', index_prefix .. conn, ttl)
-  end
-end
-local function store(seq, member, max_messages, max_bytes)
-  redis.call('ZADD', KEYS[2], seq, member)
-  redis.call('HINCRBY', KEYS[1], 'bytes', string.len(member) - 32)
-  local last = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
-  if seq > last then redis.call('HSET', KEYS[1], 'last', seq) end
-  trim(max_messages, max_bytes)
-end
-"#;
-
-/// ARGV: id, owner, groups, ttl, index prefix.
-const CREATE: &str = r#"
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'groups', ARGV[3], 'last', 0, 'bytes', 0, 'conns', ARGV[2])
-redis.call('SET', ARGV[5] .. ARGV[2], ARGV[1], 'PX', ARGV[4])
-touch(ARGV[4], ARGV[5])
-return 1
-"#;
-
-/// ARGV: owner, ttl, max messages, max bytes, index prefix, then seq and member pairs.
-/// Returns {0} unknown, {1, highest seq} stored, {2, owner} moved.
-const APPEND: &str = r#"
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if not owner then return {0} end
-if owner ~= ARGV[1] then return {2, owner} end
-local highest = 0
-for i = 6, #ARGV, 2 do
-  local seq = tonumber(ARGV[i])
-  store(seq, ARGV[i + 1], tonumber(ARGV[3]), tonumber(ARGV[4]))
-  if seq > highest then highest = seq end
-end
--- A log made before its expiry was set (its first append) gets the record's.
-if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1])) end
-return {1, highest}
-"#;
-
-/// ARGV: expected owner, message id, member, ttl, max messages, max bytes, index prefix.
-const APPEND_ORPHAN: &str = r#"
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if not owner then return {0} end
-local held = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-for i = 1, #held, 2 do
-  if string.sub(held[i], 1, 32) == ARGV[2] then return {1, tonumber(held[i + 1])} end
-end
-if owner ~= ARGV[1] then return {2, owner} end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'last') or '0') + 1
-store(seq, ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
-touch(ARGV[4], ARGV[7])
-return {1, seq}
-"#;
-
-/// ARGV: id, new owner, ttl, index prefix. Returns {} or {owner, groups, last, first}.
-const CLAIM: &str = r#"
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if not owner then return {} end
-local groups = redis.call('HGET', KEYS[1], 'groups') or '[]'
-local last = redis.call('HGET', KEYS[1], 'last') or '0'
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local first_seq = tostring(tonumber(last) + 1)
-if #first == 2 then first_seq = first[2] end
-local conns = redis.call('HGET', KEYS[1], 'conns') or ''
-redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'conns', conns .. ' ' .. ARGV[2])
-redis.call('SET', ARGV[4] .. ARGV[2], ARGV[1], 'PX', ARGV[3])
-touch(ARGV[3], ARGV[4])
-return {owner, groups, last, first_seq}
-"#;
-
-/// ARGV: owner, groups.
-const SET_GROUPS: &str = r#"
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'groups', ARGV[2])
-end
-return 1
-"#;
-
-/// ARGV: ttl, index prefix.
-const KEEP_ALIVE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then touch(ARGV[1], ARGV[2]) end
-return 1
-"#;
-
-/// ARGV: owner, index prefix.
-const END: &str = r#"
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-local conns = redis.call('HGET', KEYS[1], 'conns') or ''
-for conn in string.gmatch(conns, '%S+') do
-  redis.call('DEL', ARGV[2] .. conn)
-end
-redis.call('DEL', KEYS[1], KEYS[2])
-return 1
-"#;
-
-/// The scripts, each with the shared functions in front.
-struct Scripts {
-    create: Script,
-    append: Script,
-    append_orphan: Script,
-    claim: Script,
-    set_groups: Script,
-    keep_alive: Script,
-    end: Script,
-}
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
-    let with_helpers = |body: &str| Script::new(&format!("{TRIM_AND_TOUCH}\n{body}"));
-    Scripts {
-        create: with_helpers(CREATE),
-        append: with_helpers(APPEND),
-        append_orphan: with_helpers(APPEND_ORPHAN),
-        claim: with_helpers(CLAIM),
-        set_groups: Script::new(SET_GROUPS),
-        keep_alive: with_helpers(KEEP_ALIVE),
-        end: Script::new(END),
-    }
-});
 
 /// The names sessions use in Redis: under the cluster's hash tag, like the registry's keys.
 #[derive(Clone, Debug)]
 struct SessionKeys {
     session_prefix: String,
     index_prefix: String,
+    node_prefix: String,
 }
 
 impl SessionKeys {
@@ -178,6 +43,7 @@ impl SessionKeys {
         Self {
             session_prefix: format!("{tag}:sessions:"),
             index_prefix: format!("{tag}:session-of:"),
+            node_prefix: format!("{tag}:node-sessions:"),
         }
     }
 
@@ -241,6 +107,10 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSessionStore<C> {
 
     fn index_prefix(&self) -> Vec<u8> {
         self.keys.index_prefix.clone().into_bytes()
+    }
+
+    fn node_prefix(&self) -> Vec<u8> {
+        self.keys.node_prefix.clone().into_bytes()
     }
 }
 
@@ -324,6 +194,26 @@ fn claimed(
     }))
 }
 
+/// Reads one session of [`ON_NODE`]'s answer: id, owner, groups (its seq is not read).
+fn on_node_record(key: &str, triple: &[String]) -> Result<SessionRecord, RegistryError> {
+    let [id, owner, groups] = triple else {
+        return Err(malformed(
+            key.to_owned(),
+            "a node's sessions came in pieces",
+        ));
+    };
+    let bad = |what: &str| malformed(key.to_owned(), what.to_owned());
+    Ok(SessionRecord {
+        id: id.parse().map_err(|_| bad("not a session id"))?,
+        owner: owner
+            .parse()
+            .map_err(|_| bad("the owner is not a connection id"))?,
+        groups: serde_json::from_str(groups).map_err(|_| bad("the groups are not a JSON array"))?,
+        last_seq: 0,
+        first_seq: 0,
+    })
+}
+
 /// Reads a log member: the message id, then the bytes.
 fn entry(key: &str, member: Vec<u8>, seq: f64) -> Result<LogEntry, RegistryError> {
     let id = member
@@ -357,6 +247,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> SessionStore for RedisSe
             groups_json(&record.groups),
             arg(millis(limits.resume_window)),
             self.index_prefix(),
+            self.node_prefix(),
         ];
         let running = self.run::<i64>(&SCRIPTS.create, record.id, args);
         Box::pin(async move { running.await.map(drop) })
@@ -401,6 +292,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> SessionStore for RedisSe
             arg(limits.max_messages.max(1)),
             arg(limits.max_bytes),
             self.index_prefix(),
+            self.node_prefix(),
         ];
         let key = self.keys.record(session);
         let running = self.run::<Vec<Value>>(&SCRIPTS.append_orphan, session, args);
@@ -418,6 +310,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> SessionStore for RedisSe
             arg(new_owner),
             arg(millis(limits.resume_window)),
             self.index_prefix(),
+            self.node_prefix(),
         ];
         let key = self.keys.record(session);
         let running = self.run::<Vec<String>>(&SCRIPTS.claim, session, args);
@@ -495,7 +388,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> SessionStore for RedisSe
                 self.run::<i64>(
                     &SCRIPTS.keep_alive,
                     *id,
-                    vec![arg(ttl), self.index_prefix()],
+                    vec![arg(ttl), self.index_prefix(), self.node_prefix()],
                 )
             })
             .collect();
@@ -512,8 +405,35 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> SessionStore for RedisSe
         session: SessionId,
         owner: &ConnectionId,
     ) -> BoxFuture<'static, Result<(), RegistryError>> {
-        let args = vec![arg(owner), self.index_prefix()];
+        let args = vec![
+            arg(owner),
+            self.index_prefix(),
+            self.node_prefix(),
+            arg(session),
+        ];
         let running = self.run::<i64>(&SCRIPTS.end, session, args);
         Box::pin(async move { running.await.map(drop) })
+    }
+
+    fn sessions_on(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<Vec<SessionRecord>, RegistryError>> {
+        let mut connection = self.connection.clone();
+        let key = format!("{}{node}", self.keys.node_prefix);
+        let mut invocation = SCRIPTS.on_node.prepare_invoke();
+        invocation
+            .key(&key)
+            .arg(node.as_str())
+            .arg(&self.keys.session_prefix);
+        Box::pin(async move {
+            let flat: Vec<String> = invocation
+                .invoke_async(&mut connection)
+                .await
+                .map_err(classify)?;
+            flat.chunks(3)
+                .map(|triple| on_node_record(&key, triple))
+                .collect()
+        })
     }
 }
