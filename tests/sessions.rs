@@ -236,6 +236,15 @@ async fn a_client_away_from_a_live_node_resumes_elsewhere() {
     .await;
     assert_eq!(received.data, (0..10).collect::<Vec<_>>());
     assert_eq!(received.last_seq, 10);
+    // The token is a credential: no log line holds it, nor the session's id.
+    let id = token.split('.').nth(1).unwrap();
+    for node in &cluster.nodes {
+        assert!(
+            !node.log().contains(id),
+            "{}: the session id logged",
+            node.id
+        );
+    }
 }
 
 /// A forged token, one of a session that expired, and one of a session its client ended get

@@ -61,9 +61,9 @@ pub struct OpenedSession {
 }
 
 impl std::fmt::Debug for OpenedSession {
+    // Neither the token nor the id: without a cluster secret the id is the token.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenedSession")
-            .field("id", &self.id)
             .field("resumed", &self.resumed)
             .finish_non_exhaustive()
     }
@@ -176,7 +176,8 @@ async fn resume(
         }
     };
     let Some(missed) = missed_messages(node, &before, last).await else {
-        tracing::info!(connection = %id, session = %session, "a resume past what the session's log holds: a new session");
+        // Never the session's id: without a cluster secret it is the token itself.
+        tracing::info!(connection = %id, "a resume past what the session's log holds: a new session");
         let _ = sessions.store.end(session, &id).await;
         let held = take_held(slot);
         return new_session(node, slot, held).await.map(not_recovered);
@@ -188,7 +189,7 @@ async fn resume(
             tracing::warn!(connection = %id, %group, error = %crate::error_chain(&error), "a resumed session could not join one of its groups again");
         }
     }
-    tracing::debug!(connection = %id, session = %session, missed = count, "a session resumed");
+    tracing::debug!(connection = %id, missed = count, "a session resumed");
     Ok(OpenedSession {
         id: session,
         token: sessions.token(session),

@@ -31,7 +31,8 @@ use crate::auth::{ClusterSecret, Signature};
 use crate::error::RegistryError;
 use crate::ids::{ConnectionId, GroupName, MessageId, NodeId};
 
-/// The id of a session: 128 random bits, written as 32 hex digits.
+/// The id of a session: 128 random bits, written as 32 hex digits (`Display`; `Debug` shows
+/// only the first 4, as the id is a credential when the cluster has no secret).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionId(u128);
 
@@ -72,8 +73,10 @@ impl fmt::Display for SessionId {
 }
 
 impl fmt::Debug for SessionId {
+    // Without a cluster secret, the id is what a client resumes with: a debug print (a log
+    // line, a panic message) shows only its first 4 digits.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SessionId({self})")
+        write!(f, "SessionId({:04x}…)", self.0 >> 112)
     }
 }
 
@@ -405,6 +408,8 @@ mod tests {
     fn session_ids_are_32_hex_digits() {
         let id = SessionId::from_u128(0xab);
         assert_eq!(id.to_string(), format!("{:032x}", 0xab));
+        let secret = SessionId::from_u128(0x1234_5678 << 96);
+        assert_eq!(format!("{secret:?}"), "SessionId(1234…)");
         assert_eq!(id.to_string().parse::<SessionId>(), Ok(id));
         assert!("ab".parse::<SessionId>().is_err());
         assert!(format!("{:032}", "x").parse::<SessionId>().is_err());
