@@ -13,11 +13,16 @@ use redis::Script;
 const TRIM_AND_TOUCH: &str = r#"
 local function trim(max_messages, max_bytes)
   local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
-  while true do
-    local count = redis.call('ZCARD', KEYS[2])
-    if count == 0 or (count <= max_messages and (bytes <= max_bytes or count <= 1)) then break end
+  local count = redis.call('ZCARD', KEYS[2])
+  if count > max_messages then
+    local popped = redis.call('ZPOPMIN', KEYS[2], count - max_messages)
+    for i = 1, #popped, 2 do bytes = bytes - (string.len(popped[i]) - 32) end
+    count = max_messages
+  end
+  while count > 1 and bytes > max_bytes do
     local oldest = redis.call('ZPOPMIN', KEYS[2])
     bytes = bytes - (string.len(oldest[1]) - 32)
+    count = count - 1
   end
   redis.call('HSET', KEYS[1], 'bytes', bytes)
 end
@@ -63,11 +68,24 @@ const APPEND: &str = r#"
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then return {0} end
 if owner ~= ARGV[1] then return {2, owner} end
+-- One ZADD, one count of bytes and one trim for the whole batch.
+local members = {}
+local added = 0
 local highest = 0
 for i = 6, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
-  store(seq, ARGV[i + 1], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  table.insert(members, seq)
+  table.insert(members, ARGV[i + 1])
+  added = added + string.len(ARGV[i + 1]) - 32
   if seq > highest then highest = seq end
+end
+if #members > 0 then
+  redis.call('ZADD', KEYS[2], unpack(members))
+  redis.call('HINCRBY', KEYS[1], 'bytes', added)
+  if highest > tonumber(redis.call('HGET', KEYS[1], 'last') or '0') then
+    redis.call('HSET', KEYS[1], 'last', highest)
+  end
+  trim(tonumber(ARGV[3]), tonumber(ARGV[4]))
 end
 -- A log made before its expiry was set (its first append) gets the record's.
 if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1])) end
