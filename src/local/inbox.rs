@@ -1,7 +1,7 @@
 //! One connection's inbox: what reaches its socket task, bounded by count and bytes under
 //! the node's slow-client policy.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -108,6 +108,8 @@ pub(crate) struct SlotSession {
     /// The ids of the messages numbered lately, oldest first, to drop one that comes twice
     /// (a message forwarded from the session's former node that reached this node too).
     recent: VecDeque<MessageId>,
+    /// The same ids, to look one up without a scan on every message.
+    recent_set: HashSet<MessageId>,
     /// Numbered, not logged yet, in `seq` order, each with whom to tell once it is.
     pending: Vec<PendingLog>,
     /// A flusher is logging `pending`.
@@ -129,6 +131,7 @@ impl SlotSession {
             logged: seq,
             phase,
             recent: VecDeque::new(),
+            recent_set: HashSet::new(),
             pending: Vec::new(),
             flushing: false,
         }
@@ -146,11 +149,13 @@ impl SlotSession {
 
     /// Remembers `id`; false when it was remembered already.
     pub(crate) fn first_time(&mut self, id: MessageId) -> bool {
-        if self.recent.contains(&id) {
+        if !self.recent_set.insert(id) {
             return false;
         }
-        if self.recent.len() == RECENT_IDS {
-            self.recent.pop_front();
+        if self.recent.len() == RECENT_IDS
+            && let Some(oldest) = self.recent.pop_front()
+        {
+            self.recent_set.remove(&oldest);
         }
         self.recent.push_back(id);
         true

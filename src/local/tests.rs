@@ -274,3 +274,20 @@ async fn only_counted_memberships_are_taken_back() {
     assert!(!table.counted(&id(1), &green, 6));
     assert_eq!(table.departed_groups().await, vec![blue]);
 }
+
+/// A session drops a message id it saw lately, and forgets the oldest past its bound.
+#[test]
+fn a_session_drops_a_message_it_numbered_lately_and_forgets_the_oldest() {
+    use hybrid_cluster_core::{MessageId, SessionId};
+
+    use super::{Phase, SlotSession};
+    let mut session = SlotSession::new(SessionId::random(), 0, Phase::Live);
+    let first = MessageId::from_u128(1);
+    assert!(session.first_time(first));
+    assert!(!session.first_time(first), "seen lately");
+    for n in 2..=4097 {
+        assert!(session.first_time(MessageId::from_u128(n)));
+    }
+    assert!(session.first_time(first), "forgotten past 4,096 ids");
+    assert!(!session.first_time(MessageId::from_u128(4097)));
+}
