@@ -262,10 +262,10 @@ impl Node {
                         .is_none_or(|node| node.discovery.view().node(&gone).is_some())
                 }
             };
-            let from = gone.clone();
+            let orphans = Arc::new(crate::relay::Orphans::of(gone.clone()));
             let answer = move |envelope: Envelope| -> BoxFuture<'static, ()> {
                 match answering.upgrade() {
-                    Some(node) => node.take_in_orphan(from.clone(), envelope),
+                    Some(node) => node.take_in_orphan(Arc::clone(&orphans), envelope),
                     None => Box::pin(std::future::ready(())),
                 }
             };

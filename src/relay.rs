@@ -8,7 +8,8 @@ use std::time::SystemTime;
 
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    ConnectionId, DEFAULT_REPLAY_WINDOW, Envelope, NodeId, PayloadKind, SessionId, Target,
+    ConnectionId, DEFAULT_REPLAY_WINDOW, Envelope, NodeId, PayloadKind, SessionId, SessionRecord,
+    Target,
 };
 use hybrid_cluster_routing::ForwardError;
 use tower::{Service, ServiceExt};
@@ -25,6 +26,22 @@ const MAX_HOPS: u8 = 4;
 
 /// The most messages of one session logged in one step of the store.
 const MAX_LOG_BATCH: usize = 256;
+
+/// What a takeover of the queue of a node gone knows of it: its id, and the sessions it held
+/// (read from the store once, on the first group message or broadcast that needs them).
+pub(crate) struct Orphans {
+    gone: NodeId,
+    held: tokio::sync::OnceCell<Vec<SessionRecord>>,
+}
+
+impl Orphans {
+    pub(crate) fn of(gone: NodeId) -> Self {
+        Self {
+            gone,
+            held: tokio::sync::OnceCell::new(),
+        }
+    }
+}
 
 impl Node {
     /// What to wait for before acknowledging a message `pushed` to connection `to`'s inbox.
@@ -241,12 +258,12 @@ impl Node {
     /// is for.
     pub(crate) fn take_in_orphan(
         self: Arc<Self>,
-        gone: NodeId,
+        orphans: Arc<Orphans>,
         envelope: Envelope,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let Target::Connection(to) = envelope.target.clone() else {
-                self.take_in_fan_out(gone, envelope).await;
+                self.take_in_fan_out(&orphans, envelope).await;
                 return;
             };
             if crate::notice::read(&envelope).is_some() {
@@ -269,14 +286,18 @@ impl Node {
 
     /// Keeps a group message or broadcast of the queue of `gone` for the sessions `gone` held
     /// that it is for (its own were delivered there when sent).
-    async fn take_in_fan_out(self: Arc<Self>, gone: NodeId, envelope: Envelope) {
+    async fn take_in_fan_out(self: Arc<Self>, orphans: &Orphans, envelope: Envelope) {
         let Some(sessions) = self.sessions.clone() else {
             return;
         };
-        if envelope.origin == gone {
+        let gone = &orphans.gone;
+        if envelope.origin == *gone {
             return;
         }
-        let held = match sessions.store.sessions_on(&gone).await {
+        let reading = orphans
+            .held
+            .get_or_try_init(|| sessions.store.sessions_on(gone));
+        let held = match reading.await {
             Ok(held) => held,
             Err(error) => {
                 tracing::warn!(node = %gone, error = %crate::error_chain(&error), "could not find the sessions of a node gone: its queue's group messages and broadcasts do not reach them");
@@ -284,7 +305,7 @@ impl Node {
             }
         };
         let envelope = Arc::new(envelope);
-        for record in held {
+        for record in held.iter() {
             let member = match &envelope.target {
                 Target::Broadcast => true,
                 Target::Group(group) => record.groups.contains(group),
