@@ -106,6 +106,16 @@ async fn send_numbered(mut sender: Client, to: String) -> Vec<Value> {
     errors
 }
 
+/// Joins `client` to the group `room`, and checks it was told so.
+async fn join_room(client: &mut Client) {
+    client
+        .send(&json!({"op":"join","group":"room","id":"join"}))
+        .await
+        .unwrap();
+    let joined = client.next_json(WAIT).await.unwrap().unwrap();
+    assert_eq!(joined["type"], "joined", "{joined}");
+}
+
 /// Connects to `url` resuming `token` after `last`; returns the client and its `resumed`.
 async fn resume(url: &str, token: &str, last: u64) -> (Client, Value) {
     let url = format!("{url}?resume={token}&last={last}");
@@ -128,12 +138,7 @@ async fn resumes_on_another_node_after(signal: &str) {
         .session
         .clone()
         .expect("a session token in the welcome");
-    receiver
-        .send(&json!({"op":"join","group":"room","id":"join"}))
-        .await
-        .unwrap();
-    let joined = receiver.next_json(WAIT).await.unwrap().unwrap();
-    assert_eq!(joined["type"], "joined", "{joined}");
+    join_room(&mut receiver).await;
     let sender = Client::connect(&cluster.nodes[a].ws_url()).await.unwrap();
     let sending = tokio::spawn(send_numbered(sender, receiver.id.clone()));
 
@@ -303,12 +308,7 @@ async fn what_a_crashed_nodes_queue_held_for_a_session_reaches_it_resumed() {
     cluster.wait_for_nodes(2, WAIT).await;
     let mut receiver = Client::connect(&cluster.nodes[b].ws_url()).await.unwrap();
     let (token, old_id) = (receiver.session.clone().unwrap(), receiver.id.clone());
-    receiver
-        .send(&json!({"op":"join","group":"room","id":"join"}))
-        .await
-        .unwrap();
-    let joined = receiver.next_json(WAIT).await.unwrap().unwrap();
-    assert_eq!(joined["type"], "joined", "{joined}");
+    join_room(&mut receiver).await;
 
     cluster.nodes[b].signal("STOP").unwrap();
     let mut sender = Client::connect(&cluster.nodes[a].ws_url()).await.unwrap();
