@@ -29,7 +29,13 @@
 //! the WebSocket, sends `{"type":"redirect","url":URL,"reason":…}` or
 //! `{"type":"unavailable","retry_after_ms":5000}` and closes with 4000 or 4001, which
 //! browsers can read; `redirect` answers `307` with `Location:` or `503` with `Retry-After`,
-//! for native clients that follow redirects). `RUST_LOG` sets the log level (default `info`);
+//! for native clients that follow redirects), `--sessions` (with `--session-window-ms MS`,
+//! `--session-max-messages N`, `--session-max-bytes BYTES`), `--jwt-secret SECRET` or
+//! `--jwt-public-key FILE` (identify clients by an HS256 or RS256 JWT, `Authorization:
+//! Bearer` or `?token=`; the welcome then names the user; prefer `HYBRID_CLUSTER_JWT_SECRET`
+//! to the flag), `--require-auth` (401 without a token), `--admin-token TOKEN` (or
+//! `HYBRID_CLUSTER_ADMIN_TOKEN`: the token of `POST /cluster/users/{user}/disconnect`),
+//! `--rate-limit N` (requests per second per connection, burst N). `RUST_LOG` sets the log level (default `info`);
 //! `HYBRID_CLUSTER_SECRET` (at least 16 bytes, the same on every node) signs node-to-node
 //! traffic.
 //!
@@ -52,10 +58,10 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use clap::Parser;
-use hybrid_cluster::server::{ServerConfig, router};
+use hybrid_cluster::server::{AdminToken, ServerAuth, ServerConfig, router_with};
 use hybrid_cluster::{
-    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, NodeId, PlacementMode,
-    RedisUrl, Strategy,
+    AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, Identify, IdentityLayer,
+    Jwt, NodeId, PlacementMode, RedisUrl, Strategy,
 };
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::sync::Notify;
@@ -162,6 +168,37 @@ struct Args {
     /// With --sessions: the most payload bytes a session's log keeps (default 1 MiB).
     #[arg(long, value_name = "BYTES", requires = "sessions")]
     session_max_bytes: Option<usize>,
+    /// Identify clients by an HS256 JWT signed with SECRET (`Authorization: Bearer` or
+    /// `?token=`); prefer the HYBRID_CLUSTER_JWT_SECRET environment variable, which other
+    /// users of the machine cannot read.
+    #[arg(long, value_name = "SECRET", conflicts_with = "jwt_public_key")]
+    jwt_secret: Option<String>,
+    /// Identify clients by an RS256 JWT, verified with this PEM public key file.
+    #[arg(long, value_name = "FILE")]
+    jwt_public_key: Option<std::path::PathBuf>,
+    /// Refuse (401) clients without a token: needs --jwt-secret, --jwt-public-key or
+    /// HYBRID_CLUSTER_JWT_SECRET.
+    #[arg(long)]
+    require_auth: bool,
+    /// The token of `POST /cluster/users/{user}/disconnect`; prefer the
+    /// HYBRID_CLUSTER_ADMIN_TOKEN environment variable.
+    #[arg(long, value_name = "TOKEN")]
+    admin_token: Option<String>,
+    /// Each connection may send N requests per second, with a burst of N; past it a request
+    /// gets `rate_limited`, and 100 refusals within 10 s close the connection (1008).
+    #[arg(long, value_name = "N")]
+    rate_limit: Option<u32>,
+}
+
+/// The variable holding the JWT secret (HS256).
+const JWT_SECRET_ENV: &str = "HYBRID_CLUSTER_JWT_SECRET";
+/// The variable holding the admin token.
+const ADMIN_TOKEN_ENV: &str = "HYBRID_CLUSTER_ADMIN_TOKEN";
+
+/// A setting from its flag, else from its environment variable (set and not empty).
+fn flag_or_env(flag: Option<String>, variable: &str) -> Option<String> {
+    flag.or_else(|| std::env::var(variable).ok())
+        .filter(|value| !value.is_empty())
 }
 
 /// `--placement`: the node's [`PlacementMode`].
@@ -185,6 +222,42 @@ impl From<Placement> for PlacementMode {
 }
 
 impl Args {
+    /// Who clients are and the admin token, from the flags and the environment; never
+    /// logged.
+    fn auth(&mut self) -> Result<ServerAuth, BoxError> {
+        let secret = flag_or_env(self.jwt_secret.take(), JWT_SECRET_ENV);
+        let jwt = match (secret, &self.jwt_public_key) {
+            (Some(secret), _) => Some(Jwt::hs256(secret.as_bytes())?),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("--jwt-public-key {}: {e}", path.display()))?;
+                Some(Jwt::rs256_pem(&pem).map_err(|e| format!("--jwt-public-key: {e}"))?)
+            }
+            (None, None) if self.require_auth => {
+                return Err(format!(
+                    "--require-auth needs --jwt-secret, --jwt-public-key or {JWT_SECRET_ENV}"
+                )
+                .into());
+            }
+            (None, None) => None,
+        };
+        let identity = jwt.map(|jwt| {
+            let identify: Arc<dyn Identify> = Arc::new(jwt);
+            let layer = IdentityLayer::new(identify);
+            if self.require_auth {
+                layer.required()
+            } else {
+                layer
+            }
+        });
+        let admin_token =
+            flag_or_env(self.admin_token.take(), ADMIN_TOKEN_ENV).and_then(AdminToken::new);
+        Ok(ServerAuth {
+            identity,
+            admin_token,
+        })
+    }
+
     /// The cluster's and the server's configuration, and the backends, from the flags.
     fn into_config(self) -> Result<(ClusterConfig, Backends, ServerConfig), BoxError> {
         let (backends, amqp_fallbacks) =
@@ -237,6 +310,9 @@ impl Args {
                 limits.max_bytes = bytes;
             }
             config.sessions = Some(limits);
+        }
+        if let Some(n) = self.rate_limit {
+            config.rate_limit = Some(hybrid_cluster::RateLimit::messages_per_second(n));
         }
         if let Some(url) = self.public_url {
             hybrid_cluster::check_public_url(&url)
@@ -310,9 +386,10 @@ fn main() -> std::process::ExitCode {
         // Colours only for a person at a terminal, not in a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
     let bind = args.bind;
-    let (config, backends, server) = match args.into_config() {
+    let parsed = args.auth().and_then(|auth| Ok((args.into_config()?, auth)));
+    let ((config, backends, server), auth) = match parsed {
         Ok(parsed) => parsed,
         Err(error) => {
             eprintln!("error: {error}\n\nFor more information, try '--help'.");
@@ -330,7 +407,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(config, backends, server, bind));
+    let result = runtime.block_on(run(config, backends, server, auth, bind));
     // Socket tasks of connections cut short are dropped here, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
@@ -346,13 +423,14 @@ async fn run(
     config: ClusterConfig,
     backends: Backends,
     server: ServerConfig,
+    auth: ServerAuth,
     bind: IpAddr,
 ) -> Result<(), BoxError> {
     let grace = config.shutdown_grace;
     let listener = tokio::net::TcpListener::bind((bind, config.port)).await?;
     let metrics = PrometheusBuilder::new().install_recorder()?;
     let cluster = Cluster::start(config, backends).await?;
-    let app = router(cluster.clone(), server).route(
+    let app = router_with(cluster.clone(), server, auth).route(
         "/metrics",
         axum::routing::get(move || {
             let runtime = tokio::runtime::Handle::current().metrics();

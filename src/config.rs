@@ -237,6 +237,11 @@ pub struct ClusterConfig {
     /// one waits for its client and how much its log keeps. `None` (the default): connections have no session. Every node of
     /// a cluster needs the same setting.
     pub sessions: Option<SessionLimits>,
+    /// How much each connection may send ([`RateLimit`](crate::RateLimit)), applied by the
+    /// node server to its clients' requests (and by any socket task through
+    /// [`ClusterHandle::rate_limiter`](crate::ClusterHandle::rate_limiter)). `None` (the
+    /// default): no limit.
+    pub rate_limit: Option<crate::RateLimit>,
 }
 
 impl ClusterConfig {
@@ -269,6 +274,7 @@ impl ClusterConfig {
             dedupe_window: Duration::from_secs(60),
             dedupe_memory: 64 * 1024 * 1024,
             sessions: None,
+            rate_limit: None,
         }
     }
 

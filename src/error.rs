@@ -1,6 +1,8 @@
 //! What can go wrong, for a node starting and for a message being sent.
 
-use hybrid_cluster_core::{BrokerError, ConnectionId, NodeId, RegistryError, Target};
+use hybrid_cluster_core::{
+    BrokerError, ConnectionId, GroupName, NodeId, RegistryError, Target, UserId,
+};
 use hybrid_cluster_discovery::DiscoveryError;
 use hybrid_cluster_routing::ForwardError;
 
@@ -62,6 +64,19 @@ pub enum SendError {
     /// Joining or leaving a group needs a connection: this handle sends as the node.
     #[error("only a connection's handle can join or leave a group")]
     NoConnection,
+    /// The user has no connection anywhere in the cluster. Nothing was delivered.
+    #[error("user {user} has no connection")]
+    UserNotFound {
+        /// The user.
+        user: UserId,
+    },
+    /// The group is one the cluster keeps for itself (its name starts with `~`): no handle
+    /// joins or leaves it, no client sends to it.
+    #[error("group {group} is reserved for the cluster")]
+    ReservedGroup {
+        /// The group.
+        group: GroupName,
+    },
     /// Messages cannot be sent to this kind of target (a node as such takes none yet).
     #[error("messages cannot be sent to {target}")]
     UnsupportedTarget {
@@ -74,9 +89,14 @@ impl SendError {
     /// A short, stable code for clients: `not_found`, `unreachable` or `bad_request`.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::NotFound { .. } | Self::NotRegistered { .. } => "not_found",
+            Self::NotFound { .. } | Self::NotRegistered { .. } | Self::UserNotFound { .. } => {
+                "not_found"
+            }
             Self::Unreachable { .. } | Self::Broadcast(_) | Self::Group(_) => "unreachable",
-            Self::Invalid(_) | Self::NoConnection | Self::UnsupportedTarget { .. } => "bad_request",
+            Self::Invalid(_)
+            | Self::NoConnection
+            | Self::UnsupportedTarget { .. }
+            | Self::ReservedGroup { .. } => "bad_request",
         }
     }
 }

@@ -5,6 +5,8 @@ mod config;
 mod error;
 mod handle;
 mod hybrid;
+pub mod identity;
+mod limit;
 mod local;
 mod metered;
 pub mod metrics;
@@ -18,6 +20,7 @@ mod session;
 mod shutdown;
 mod takeover;
 mod trace;
+mod users;
 
 // Each layer, for use on its own.
 pub use hybrid_cluster_balance as balance;
@@ -45,13 +48,18 @@ pub use hybrid_cluster_core::{
     ConsumeOptions, ConsumerState, DEFAULT_REPLAY_WINDOW, Deliveries, Delivery, Durability,
     Envelope, EnvelopeError, Epoch, GroupKeys, GroupName, HasNodeInfo, Incarnation,
     InvalidGroupName, InvalidIncarnation, InvalidMessageId, InvalidNodeId, InvalidTarget,
-    LiveNodeInfo, MessageId, NodeId, NodeInfo, NodeRecord, NodeRecordError, NodeStatus,
-    PayloadKind, PublishError, QueueOptions, RedisUrl, Registry, RegistryError, RegistryEvent,
-    RegistryEvents, RemovalCause, RoutingKey, SECRET_ENV, SessionId, SessionLimits, SessionStore,
-    Settlement, Signature, Target, UnknownDurability,
+    InvalidUserId, LiveNodeInfo, MessageId, NodeId, NodeInfo, NodeRecord, NodeRecordError,
+    NodeStatus, PayloadKind, PublishError, QueueOptions, RedisUrl, Registry, RegistryError,
+    RegistryEvent, RegistryEvents, RemovalCause, RoutingKey, SECRET_ENV, SessionId, SessionLimits,
+    SessionStore, Settlement, Signature, Target, UnknownDurability, UserId,
 };
 pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry, MemorySessionStore};
+#[cfg(feature = "jwt")]
+pub use identity::Jwt;
+pub use identity::{Identify, IdentityLayer, Unauthorized};
+pub use limit::{RateDecision, RateLimit, RateLimiter};
 pub use local::{CloseFrame, Inbox, InboxItem, Undeliverable};
 pub use relay::CLOSE_SESSION_MOVED;
 pub use shutdown::{CLOSE_SERVICE_RESTART, MAX_CLOSE_REASON, close_reason};
 pub use trace::{HEADER_TRACEPARENT, TraceContext, TraceId};
+pub use users::CLOSE_USER_DISCONNECTED;

@@ -10,7 +10,7 @@
 //! | `hybrid_cluster_connections` | gauge | | live WebSocket connections on this node |
 //! | `hybrid_cluster_nodes` | gauge | | nodes this node sees, itself included |
 //! | `hybrid_cluster_upgrades_total` | counter | `outcome`: `accepted`, `redirected`, `refused` | WebSocket upgrades and what the layer did with them |
-//! | `hybrid_cluster_messages_sent_total` | counter | `kind`: `unicast`, `broadcast`, `group`; `outcome`: `ok`, `error` | sends through a `ClusterHandle` |
+//! | `hybrid_cluster_messages_sent_total` | counter | `kind`: `unicast`, `broadcast`, `group`, `user` (to a user's connections); `outcome`: `ok`, `error` | sends through a `ClusterHandle` |
 //! | `hybrid_cluster_send_duration_seconds` | histogram | `kind` | from a send to the broker's confirmation (or local delivery) |
 //! | `hybrid_cluster_messages_received_total` | counter | `kind` | messages that came through the broker for this node |
 //! | `hybrid_cluster_messages_dropped_total` | counter | `reason`: `slow_client`, `connection_gone`, `no_member` | messages not handed to a client (`no_member`: a group message that reached this node with no member of the group here, as with group keys in buckets) |
@@ -25,6 +25,7 @@
 //! | `hybrid_cluster_registry_operations_total` | counter | `op`: `put_node`, `remove_node`, `node`, `nodes`, `watch`, `put_route`, `route`, `remove_route` | round trips to the registry (Redis): `put_node` is the heartbeat, one `MULTI` of five commands |
 //! | `hybrid_cluster_peers_with_other_group_keys` | gauge | | peers in view that key group messages otherwise than this node (`ClusterConfig::group_keys`): group messages between them are lost; 0 in a cluster set up right |
 //! | `hybrid_cluster_registry_events_total` | counter | | discovery events this node received (one per heartbeat of every node, and per join and leave) |
+//! | `hybrid_cluster_rate_limited_total` | counter | `action`: `refused`, `closed` | requests over their connection's rate limit refused, and connections closed (1008) for going on past it |
 //! | `hybrid_cluster_broker_deliveries_total` | counter | `outcome`: `handled`, `duplicate`, `dead_lettered`, `rejected` | what the receiver did with the broker's deliveries (`rejected`: failed authentication; they are dead-lettered too) |
 
 use std::sync::Arc;
@@ -71,7 +72,7 @@ pub const RECEIVING: &str = "hybrid_cluster_receiving";
 pub const NOTICES_DROPPED: &str = "hybrid_cluster_notices_dropped_total";
 
 /// The kinds of send, in the order of the per-kind handles.
-const KINDS: [&str; 3] = ["unicast", "broadcast", "group"];
+const KINDS: [&str; 4] = ["unicast", "broadcast", "group", "user"];
 /// Upgrade outcomes, in order.
 const UPGRADE_OUTCOMES: [&str; 3] = ["accepted", "redirected", "refused"];
 /// Reasons for dropping a message, in order.
@@ -91,6 +92,12 @@ pub const SESSION_MESSAGES: &str = "hybrid_cluster_session_messages_total";
 const OPENED: [&str; 3] = ["new", "recovered", "not_recovered"];
 const LOGGED: [&str; 4] = ["logged", "moved", "unknown", "failed"];
 
+/// Requests refused by a connection's rate limit (`refused`), and connections closed for
+/// going on past it (`closed`).
+pub const RATE_LIMITED: &str = "hybrid_cluster_rate_limited_total";
+
+const RATE_ACTIONS: [&str; 2] = ["refused", "closed"];
+
 /// Records one node's metrics, every one labelled with the node's id.
 ///
 /// Every series is registered once, when the node starts, so recording on the message path
@@ -107,15 +114,16 @@ struct Handles {
     other_group_keys: Gauge,
     notices_dropped: Counter,
     upgrades: [Counter; 3],
-    sent_ok: [Counter; 3],
-    sent_error: [Counter; 3],
-    duration: [Histogram; 3],
-    received: [Counter; 3],
+    sent_ok: [Counter; 4],
+    sent_error: [Counter; 4],
+    duration: [Histogram; 4],
+    received: [Counter; 4],
     dropped: [Counter; 3],
     slow: [Counter; 2],
     changes: [Counter; 2],
     opened: [Counter; 3],
     logged: [Counter; 4],
+    rate_limited: [Counter; 2],
 }
 
 /// The position of `name` among `names` (the call sites only use listed names).
@@ -155,7 +163,13 @@ impl Metrics {
             changes: CHANGES.map(|c| counter!(DISCOVERY_CHANGES, labels(&[("change", c)]))),
             opened: OPENED.map(|o| counter!(SESSIONS_OPENED, labels(&[("outcome", o)]))),
             logged: LOGGED.map(|o| counter!(SESSION_MESSAGES, labels(&[("outcome", o)]))),
+            rate_limited: RATE_ACTIONS.map(|a| counter!(RATE_LIMITED, labels(&[("action", a)]))),
         }))
+    }
+
+    /// A connection's rate limit at work: `refused` (one request) or `closed`.
+    pub(crate) fn rate_limited(&self, action: &'static str) {
+        self.0.rate_limited[at(&RATE_ACTIONS, action)].increment(1);
     }
 
     /// A session opened: `new`, `recovered` or `not_recovered`.

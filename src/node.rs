@@ -152,7 +152,16 @@ impl Node {
                 self.settle_fanned(fanned)
             }
             Target::Group(group) if envelope.origin != self.id => {
-                self.metrics.received("group");
+                if let Some((user, reason)) = crate::users::disconnect_of(group, &envelope) {
+                    self.disconnect_local(&user, reason);
+                    return Ok(AckAfter(None));
+                }
+                self.metrics
+                    .received(if group.is_reserved() && group.user().is_some() {
+                        "user"
+                    } else {
+                        "group"
+                    });
                 // A node bound for a group's key may have no member of it: a member that just
                 // left, or with group keys in buckets, another group of the bucket.
                 let fanned = self.local.deliver_group(group, &envelope);

@@ -7,15 +7,19 @@
 //! | `{"op":"join","group":G}` | the sender joins group `G` and gets `{"type":"joined","group":G}` |
 //! | `{"op":"leave","group":G}` | the sender leaves `G` and gets `{"type":"left","group":G}` |
 //! | `{"op":"group","group":G,"data":ANY}` | every member of `G`, on any node, gets `{"type":"group","group":G,"from":SENDER,"data":ANY}` |
+//! | `{"op":"send_user","user":U,"data":ANY}` | every connection of user `U`, on any node, gets `{"type":"message","from":SENDER,"user":U,"data":ANY}` once |
 //!
-//! On open the server sends `{"type":"welcome","connection_id":ID,"node_id":NODE}`. Any op may
+//! On open the server sends `{"type":"welcome","connection_id":ID,"node_id":NODE}`, with
+//! `"user":U` when the upgrade said who the client is (a JWT, see
+//! [`IdentityLayer`](crate::IdentityLayer)). Group names starting with `~` are the cluster's
+//! own: joining, leaving or sending to one is a `bad_request`. Any op may
 //! carry an `"id"` (any JSON value of at most 256 bytes); the server then answers `{"type":"ack","id":…}` once the
 //! message is confirmed by the broker (or delivered locally), or
 //! `{"type":"error","id":…,"code":…,"message":…}`; a send to a connection that closed on
 //! another node is acked when the broker took it, then answered by that node with
 //! `{"type":"error","id":…,"code":"not_found",…}`. Error codes: `bad_request` (malformed JSON,
 //! an unknown op, a missing or invalid field: the connection stays open), `not_found` (no such
-//! connection), `unreachable` (its node is gone or the broker refused), `internal`. A client
+//! connection, or a user with no connection), `unreachable` (its node is gone or the broker refused), `internal`. A client
 //! that sends faster than the broker confirms is slowed down: the server stops reading it.
 //!
 //! Requests start in the order sent, and replies come in the order requests started. A
@@ -68,6 +72,15 @@ pub enum ClientOp {
         /// The client's correlation id.
         id: Option<Box<RawValue>>,
     },
+    /// Send to every connection of a user.
+    SendUser {
+        /// The user.
+        user: String,
+        /// The payload.
+        data: Box<RawValue>,
+        /// The client's correlation id.
+        id: Option<Box<RawValue>>,
+    },
     /// Send to a group's members.
     Group {
         /// The group.
@@ -91,6 +104,8 @@ struct Frame {
     to: Option<String>,
     #[serde(default)]
     group: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
     #[serde(default)]
     data: Option<Box<RawValue>>,
     #[serde(default)]
@@ -124,6 +139,7 @@ impl Frame {
             op,
             to,
             group,
+            user,
             data,
             id,
         } = self;
@@ -151,10 +167,15 @@ impl Frame {
                 (None, _) => return Err(missing("group", id)),
                 (_, None) => return Err(missing("data", id)),
             },
+            "send_user" => match (user, data) {
+                (Some(user), Some(data)) => ClientOp::SendUser { user, data, id },
+                (None, _) => return Err(missing("user", id)),
+                (_, None) => return Err(missing("data", id)),
+            },
             other => {
                 return Err(BadRequest {
                     message: format!(
-                        "unknown op `{other}` (expected send, broadcast, join, leave or group)"
+                        "unknown op `{other}` (expected send, broadcast, join, leave, group or send_user)"
                     ),
                     id,
                 });
@@ -189,7 +210,8 @@ impl ClientOp {
             | Self::Broadcast { id, .. }
             | Self::Join { id, .. }
             | Self::Leave { id, .. }
-            | Self::Group { id, .. } => id.as_deref(),
+            | Self::Group { id, .. }
+            | Self::SendUser { id, .. } => id.as_deref(),
         }
     }
 }
@@ -216,6 +238,9 @@ pub enum ServerMessage<'a> {
         /// The token the client resumes its session with (sessions on).
         #[serde(skip_serializing_if = "Option::is_none")]
         session: Option<&'a str>,
+        /// The user the client is, when its upgrade said.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
     },
     /// What became of the resume the client asked for, right after the welcome; the
     /// `missed` messages follow, in order.
@@ -226,10 +251,13 @@ pub enum ServerMessage<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         missed: Option<usize>,
     },
-    /// A message sent to this connection.
+    /// A message sent to this connection, or to its user.
     Message {
         /// The sending connection, if a connection sent it.
         from: Option<&'a ConnectionId>,
+        /// The user it was sent to (a `send_user`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
         /// The payload, as its sender wrote it.
         data: &'a RawValue,
         /// Its number in the session (sessions on).
@@ -278,7 +306,8 @@ pub enum ServerMessage<'a> {
         /// The request's correlation id, if it had one.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RawValue>,
-        /// A stable code: `bad_request`, `not_found`, `unreachable`, `internal`.
+        /// A stable code: `bad_request`, `not_found`, `unreachable`, `rate_limited`,
+        /// `internal`.
         code: &'a str,
         /// A human-readable explanation.
         message: &'a str,
@@ -313,6 +342,13 @@ mod tests {
             ClientOp::parse(r#"{"op":"join","group":"lobby"}"#).unwrap(),
             ClientOp::Join { .. }
         ));
+        let op = ClientOp::parse(r#"{"op":"send_user","user":"alice","data":"hi"}"#).unwrap();
+        let ClientOp::SendUser { user, data, .. } = op else {
+            panic!("expected a send_user");
+        };
+        assert_eq!((user.as_str(), data.get()), ("alice", r#""hi""#));
+        let bad = ClientOp::parse(r#"{"op":"send_user","data":1}"#).unwrap_err();
+        assert!(bad.message.contains("user"), "{}", bad.message);
     }
 
     #[test]
@@ -346,11 +382,22 @@ mod tests {
         assert_eq!(
             ServerMessage::Message {
                 from: Some(&from),
+                user: None,
                 data: &data,
                 seq: None,
             }
             .to_json(),
             r#"{"type":"message","from":"a:0000000000000001:1","data":{"x":1}}"#
+        );
+        assert_eq!(
+            ServerMessage::Message {
+                from: Some(&from),
+                user: Some("alice"),
+                data: &data,
+                seq: None,
+            }
+            .to_json(),
+            r#"{"type":"message","from":"a:0000000000000001:1","user":"alice","data":{"x":1}}"#
         );
         assert_eq!(
             ServerMessage::Group {
@@ -392,6 +439,7 @@ mod tests {
                 connection_id: "a:1:1",
                 node_id: "a",
                 session: None,
+                user: None,
             }
             .to_json(),
             r#"{"type":"welcome","connection_id":"a:1:1","node_id":"a"}"#
@@ -401,9 +449,10 @@ mod tests {
                 connection_id: "a:1:1",
                 node_id: "a",
                 session: Some("s1.x"),
+                user: Some("bob"),
             }
             .to_json(),
-            r#"{"type":"welcome","connection_id":"a:1:1","node_id":"a","session":"s1.x"}"#
+            r#"{"type":"welcome","connection_id":"a:1:1","node_id":"a","session":"s1.x","user":"bob"}"#
         );
     }
 
@@ -419,7 +468,7 @@ mod tests {
             fn any_frame_reads_to_a_request_or_a_bad_request(
                 text in prop_oneof![
                     any::<String>(),
-                    r#"\{"op":"(send|broadcast|join|leave|group|x)"(,"(to|group|data|id)":("[^"]{0,300}"|[0-9]{1,30}|null|\[\]|\{\}))*\}"#,
+                    r#"\{"op":"(send|broadcast|join|leave|group|send_user|x)"(,"(to|group|user|data|id)":("[^"]{0,300}"|[0-9]{1,30}|null|\[\]|\{\}))*\}"#,
                 ],
             ) {
                 match ClientOp::parse(&text) {

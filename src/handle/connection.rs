@@ -3,11 +3,13 @@
 use std::fmt;
 use std::sync::Arc;
 
-use hybrid_cluster_core::ConnectionId;
+use hybrid_cluster_core::{BrokerError, ConnectionId, GroupName, UserId};
 use parking_lot::Mutex;
+use tokio::task::JoinHandle;
 
 use super::ClusterHandle;
 use super::session::ResumeRequest;
+use crate::error::SendError;
 use crate::local::Inbox;
 
 /// One WebSocket connection admitted by the cluster layer: its id, its [`Inbox`] of messages
@@ -22,6 +24,21 @@ pub struct ClusterConnection {
     pub(super) inbox: Inbox,
     /// The session the upgrade asked to resume, if it did.
     pub(super) resume: Option<ResumeRequest>,
+    /// Who the connection belongs to, when its upgrade said.
+    user: Option<UserId>,
+    /// The join of the user's group (what makes messages to the user reach it), under way.
+    user_group: UserGroup,
+}
+
+/// Where a connection's join of its user's group is.
+#[derive(Debug)]
+enum UserGroup {
+    /// Joining, in a task of its own (started at admission).
+    Joining(JoinHandle<Result<(), SendError>>),
+    /// Not started: no runtime at admission.
+    NotStarted,
+    /// Joined, or no user.
+    Done,
 }
 
 impl ClusterConnection {
@@ -30,6 +47,50 @@ impl ClusterConnection {
             handle,
             inbox,
             resume: None,
+            user: None,
+            user_group: UserGroup::Done,
+        }
+    }
+
+    /// This connection as one of `user`'s: it joins the user's group at once (in a task of
+    /// its own, so that a client going mid-join cannot leave a binding behind).
+    pub(crate) fn of_user(mut self, user: Option<UserId>) -> Self {
+        if let Some(user) = &user {
+            self.user_group = match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let handle = self.handle.clone();
+                    let group = GroupName::of_user(user);
+                    UserGroup::Joining(
+                        runtime.spawn(async move { handle.join_group(&group).await }),
+                    )
+                }
+                Err(_) => UserGroup::NotStarted,
+            };
+        }
+        self.user = user;
+        self
+    }
+
+    /// The user this connection belongs to, when its upgrade said (see
+    /// [`IdentityLayer`](crate::IdentityLayer)).
+    pub fn user(&self) -> Option<&UserId> {
+        self.user.as_ref()
+    }
+
+    /// Waits until messages to this connection's user reach it: its node's queue bound to the
+    /// user's group. Await it before telling the client it is connected; a connection without
+    /// a user is ready at once. Fails when the broker refused the bind (messages to the user
+    /// would miss this connection: close it).
+    pub async fn reachable(&mut self) -> Result<(), SendError> {
+        match std::mem::replace(&mut self.user_group, UserGroup::Done) {
+            UserGroup::Done => Ok(()),
+            UserGroup::Joining(task) => task
+                .await
+                .unwrap_or(Err(SendError::Group(BrokerError::Closed))),
+            UserGroup::NotStarted => match &self.user {
+                Some(user) => self.handle.join_group(&GroupName::of_user(user)).await,
+                None => Ok(()),
+            },
         }
     }
 

@@ -7,6 +7,7 @@ mod payload;
 mod session;
 #[cfg(test)]
 mod tests;
+mod user;
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hybrid_cluster_core::Broker;
 use hybrid_cluster_core::{
-    ConnectionId, Envelope, GroupName, MessageId, NodeId, NodeInfo, PayloadKind, Target,
+    ConnectionId, Envelope, GroupName, MessageId, NodeId, NodeInfo, PayloadKind, Target, UserId,
 };
 use hybrid_cluster_routing::{Forward, ForwardError};
 use tokio::time::Instant;
@@ -176,10 +177,27 @@ impl ClusterHandle {
             })
     }
 
+    /// A fresh [`RateLimiter`](crate::RateLimiter) for one connection, when the cluster has a
+    /// [`rate_limit`](crate::ClusterConfig::rate_limit).
+    pub fn rate_limiter(&self) -> Option<crate::RateLimiter> {
+        self.node.config.rate_limit.map(crate::RateLimiter::new)
+    }
+
+    /// The user this handle's connection belongs to, when its upgrade said.
+    pub fn user(&self) -> Option<UserId> {
+        self.node.local.user_of(self.sender.as_ref()?)
+    }
+
     /// Adds this handle's connection to `group`. The node's queue is bound to the group while
     /// it has members, so group messages reach exactly the nodes with members. Joining twice
-    /// is not an error.
+    /// is not an error; a [reserved](GroupName::is_reserved) group is refused.
     pub async fn join(&self, group: &GroupName) -> Result<(), SendError> {
+        refuse_reserved(group)?;
+        self.join_group(group).await
+    }
+
+    /// [`join`](ClusterHandle::join), reserved groups included (a user's own group).
+    pub(crate) async fn join_group(&self, group: &GroupName) -> Result<(), SendError> {
         let id = self.sender()?;
         let not_registered = |_| SendError::NotRegistered {
             connection: id.clone(),
@@ -264,8 +282,9 @@ impl ClusterHandle {
     }
 
     /// Removes this handle's connection from `group`. Leaving a group one is not in is not an
-    /// error.
+    /// error; a [reserved](GroupName::is_reserved) group is refused.
     pub async fn leave(&self, group: &GroupName) -> Result<(), SendError> {
+        refuse_reserved(group)?;
         let id = self.sender()?;
         let not_registered = |_| SendError::NotRegistered {
             connection: id.clone(),
@@ -278,6 +297,15 @@ impl ClusterHandle {
         self.save_groups(id).await;
         changed
     }
+}
+
+fn refuse_reserved(group: &GroupName) -> Result<(), SendError> {
+    if group.is_reserved() {
+        return Err(SendError::ReservedGroup {
+            group: group.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Sends in order with several messages in flight.

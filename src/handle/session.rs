@@ -184,7 +184,8 @@ async fn resume(
     };
     let count = missed.len();
     replay(node, slot, missed, before.last_seq);
-    for group in &before.groups {
+    // A user's own group is the new connection's identity's to join, not the session's.
+    for group in before.groups.iter().filter(|group| !group.is_reserved()) {
         if let Err(error) = handle.join(group).await {
             tracing::warn!(connection = %id, %group, error = %crate::error_chain(&error), "a resumed session could not join one of its groups again");
         }

@@ -14,7 +14,7 @@ async fn node(max_in_flight: usize) -> Cluster {
 }
 
 fn connect(cluster: &Cluster) -> ClusterConnection {
-    match admit(&cluster.node) {
+    match admit(&cluster.node, None) {
         Admission::Accept(connection) => connection,
         _ => panic!("the node admits"),
     }

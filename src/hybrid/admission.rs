@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use hybrid_cluster_balance::{Placement, Redirect};
+use hybrid_cluster_core::UserId;
 
 use super::in_band::RedirectReason;
 use crate::cluster::accepts_here;
@@ -24,19 +25,18 @@ pub(crate) enum Admission {
     Unavailable,
 }
 
-/// Decides what becomes of a new WebSocket client of `node`: the balancer's placement, and
-/// the node's own limits (a draining node, or one at its connection limit, never accepts).
-pub(crate) fn admit(node: &Arc<Node>) -> Admission {
+/// Decides what becomes of a new WebSocket client of `node`, of `user` when its upgrade said
+/// who: the balancer's placement, and the node's own limits (a draining node, or one at its
+/// connection limit, never accepts).
+pub(crate) fn admit(node: &Arc<Node>, user: Option<UserId>) -> Admission {
     match node.placer.place() {
         Placement::Accept if accepts_here(node) => {
             let id = node.ids.next_id();
-            let inbox = node.local.register(id.clone());
+            let inbox = node.local.register(id.clone(), user.clone());
             node.metrics.upgrade("accepted");
             tracing::debug!(connection = %id, "accepted a WebSocket client");
-            Admission::Accept(ClusterConnection::new(
-                ClusterHandle::new(Arc::clone(node), Some(id)),
-                inbox,
-            ))
+            let handle = ClusterHandle::new(Arc::clone(node), Some(id));
+            Admission::Accept(ClusterConnection::new(handle, inbox).of_user(user))
         }
         Placement::Redirect(redirect) => redirect_to(node, &redirect),
         // The balancer would keep the client, but this node cannot (draining, or full with

@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 
 use http::header::{CONNECTION, HeaderValue, LOCATION, RETRY_AFTER, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
+use hybrid_cluster_core::UserId;
 use tower_service::Service;
 
 pub(crate) use self::admission::{Admission, admit};
@@ -38,6 +39,9 @@ pub const RETRY_AFTER_SECS: u32 = 5;
 ///   Unavailable` (`Retry-After: 5`) for native clients that follow redirects;
 /// - **registration**: an accepted client gets a connection id and an inbox, and the handler
 ///   finds its [`ClusterConnection`](crate::ClusterConnection) in the request's extensions.
+///   When a layer before this one put a [`UserId`] in the request's extensions (see
+///   [`IdentityLayer`](crate::IdentityLayer)), the connection is that user's: messages to
+///   the user reach it.
 ///
 /// Requests that are not WebSocket upgrades pass through untouched.
 #[derive(Clone, Debug)]
@@ -101,7 +105,8 @@ where
             return ResponseFuture::inner(self.inner.call(request));
         }
         let mode = self.cluster.node.config.placement_mode;
-        match admit(&self.cluster.node) {
+        let user = request.extensions().get::<UserId>().cloned();
+        match admit(&self.cluster.node, user) {
             Admission::Accept(connection) => {
                 let resume = request.uri().query().and_then(ResumeRequest::from_query);
                 request

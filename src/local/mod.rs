@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
-use hybrid_cluster_core::{ConnectionId, Envelope, GroupName};
+use hybrid_cluster_core::{ConnectionId, Envelope, GroupName, UserId};
 use hybrid_cluster_discovery::ConnectionCounter;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -46,12 +46,15 @@ struct Entry {
     /// has to be taken off the count when it leaves or goes. A join still binding is in
     /// `groups` only.
     counted: BTreeSet<GroupName>,
+    /// Who the connection belongs to, when its upgrade said.
+    user: Option<UserId>,
 }
 
 #[derive(Default)]
 struct Table {
     entries: HashMap<ConnectionId, Entry>,
     groups: HashMap<GroupName, HashSet<ConnectionId>>,
+    users: HashMap<UserId, HashSet<ConnectionId>>,
     /// Entries whose session is parked (their client away): not counted as connections.
     parked: usize,
 }
@@ -105,8 +108,8 @@ impl LocalConnections {
         self
     }
 
-    /// Adds a connection and returns its inbox.
-    pub(crate) fn register(self: &Arc<Self>, id: ConnectionId) -> Inbox {
+    /// Adds a connection of `user` (if known) and returns its inbox.
+    pub(crate) fn register(self: &Arc<Self>, id: ConnectionId, user: Option<UserId>) -> Inbox {
         let slot = Arc::new(InboxSlot::new(
             id.clone(),
             (self.capacity, self.byte_bound),
@@ -123,8 +126,12 @@ impl LocalConnections {
                     groups: BTreeMap::new(),
                     joins: 0,
                     counted: BTreeSet::new(),
+                    user: user.clone(),
                 },
             );
+            if let Some(user) = user {
+                table.users.entry(user).or_default().insert(id.clone());
+            }
             table.entries.len() - table.parked
         };
         self.counter.increment();
@@ -195,6 +202,14 @@ impl LocalConnections {
             };
             if !live {
                 table.parked -= 1;
+            }
+            if let Some(user) = &entry.user
+                && let Some(connections) = table.users.get_mut(user)
+            {
+                connections.remove(id);
+                if connections.is_empty() {
+                    table.users.remove(user);
+                }
             }
             for group in entry.groups.keys() {
                 if let Some(members) = table.groups.get_mut(group) {
@@ -409,6 +424,21 @@ impl LocalConnections {
                 .flatten()
             })
             .collect()
+    }
+
+    /// The user connection `id` belongs to, if known.
+    pub(crate) fn user_of(&self, id: &ConnectionId) -> Option<UserId> {
+        self.table.read().entries.get(id)?.user.clone()
+    }
+
+    /// The connections of `user` on this node (parked sessions included).
+    pub(crate) fn connections_of(&self, user: &UserId) -> Vec<ConnectionId> {
+        self.table
+            .read()
+            .users
+            .get(user)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Local members of a group.

@@ -32,8 +32,8 @@ fn registration_counts_and_dropping_the_inbox_deregisters() {
         SlowClientPolicy::DropOldest,
         Metrics::new("a"),
     ));
-    let inbox = table.register(id(1));
-    let _other = table.register(id(2));
+    let inbox = table.register(id(1), None);
+    let _other = table.register(id(2), None);
     assert_eq!((table.len(), counter.get()), (2, 2));
     let group = GroupName::new("g").unwrap();
     assert_eq!(table.join(&id(1), &group), Ok(Some(1)));
@@ -59,7 +59,7 @@ fn drop_oldest_keeps_the_newest_within_the_bound() {
         SlowClientPolicy::DropOldest,
         Metrics::new("a"),
     ));
-    let mut inbox = table.register(id(1));
+    let mut inbox = table.register(id(1), None);
     for text in ["1", "2", "3", "4"] {
         table
             .deliver_to(&id(1), InboxItem::Message(message(text)))
@@ -82,7 +82,7 @@ fn inboxes_are_bounded_in_bytes_too() {
         )
         .with_byte_bound(10),
     );
-    let mut inbox = table.register(id(1));
+    let mut inbox = table.register(id(1), None);
     for text in ["aaaa", "bbbb", "cccc"] {
         table
             .deliver_to(&id(1), InboxItem::Message(message(text)))
@@ -108,7 +108,7 @@ fn inboxes_are_bounded_in_bytes_too() {
         )
         .with_byte_bound(10),
     );
-    let mut inbox = closing.register(id(2));
+    let mut inbox = closing.register(id(2), None);
     for text in ["aaaa", "bbbb"] {
         closing
             .deliver_to(&id(2), InboxItem::Message(message(text)))
@@ -131,7 +131,7 @@ fn close_policy_closes_the_slow_connection_at_once() {
         SlowClientPolicy::Close { code: 1013 },
         Metrics::new("a"),
     ));
-    let mut inbox = table.register(id(1));
+    let mut inbox = table.register(id(1), None);
     for text in ["1", "2"] {
         table
             .deliver_to(&id(1), InboxItem::Message(message(text)))
@@ -174,7 +174,7 @@ fn unicasts_that_will_not_reach_their_client_are_bounced_for_a_notice() {
         SlowClientPolicy::Close { code: 1013 },
         Metrics::new("a"),
     ));
-    let inbox = table.register(id(1));
+    let inbox = table.register(id(1), None);
     let (kept, kept_id) = unicast(1, 9);
     table.deliver_to(&id(1), kept).unwrap();
     table.deliver_all(&message("broadcast"));
@@ -185,7 +185,7 @@ fn unicasts_that_will_not_reach_their_client_are_bounced_for_a_notice() {
     assert_eq!(bounced_ids(&table), [kept_id]);
 
     // A connection that goes with messages still queued: they are bounced too.
-    let other = table.register(id(2));
+    let other = table.register(id(2), None);
     let (never_read, never_read_id) = unicast(2, 9);
     table.deliver_to(&id(2), never_read).unwrap();
     drop(other);
@@ -201,7 +201,7 @@ fn shutdown_close_comes_after_the_queued_messages() {
         SlowClientPolicy::DropOldest,
         Metrics::new("a"),
     ));
-    let mut inbox = table.register(id(1));
+    let mut inbox = table.register(id(1), None);
     table.deliver_all(&message("last words"));
     table.close_all(|| CloseFrame {
         code: 1012,
@@ -219,8 +219,8 @@ fn groups_reach_only_their_members() {
         SlowClientPolicy::DropOldest,
         Metrics::new("a"),
     ));
-    let mut a = table.register(id(1));
-    let mut b = table.register(id(2));
+    let mut a = table.register(id(1), None);
+    let mut b = table.register(id(2), None);
     let group = GroupName::new("g").unwrap();
     let join = table.join(&id(2), &group).unwrap().unwrap();
     assert_eq!(table.deliver_group(&group, &message("members")).count, 1);
@@ -244,7 +244,7 @@ async fn only_counted_memberships_are_taken_back() {
     ));
     let group = |name: &str| GroupName::new(name).unwrap();
     let (red, blue, green, gold) = (group("red"), group("blue"), group("green"), group("gold"));
-    let a = table.register(id(1));
+    let a = table.register(id(1), None);
 
     // Left while binding: the leave takes nothing, the join takes its count back.
     assert_eq!(table.join(&id(1), &red), Ok(Some(1)));

@@ -19,7 +19,12 @@
 // 4. with sessions (nodes run with `--sessions`), every reconnection resumes the session with
 //    its token and the last `seq` handed out (`?resume=…&last=…`): the frames missed come
 //    first, none twice, and the groups come back; a connection closed with 4002 (its session
-//    resumed elsewhere) stays closed.
+//    resumed elsewhere) stays closed;
+// 5. a connection closed with 4003 (an operator disconnected its user) or 1008 (it kept
+//    sending past its rate limit) stays closed too.
+//
+// Identity: put the token in the URL (`ws://…/ws?token=JWT`); the query string follows the
+// client from node to node.
 
 /** Close code of an in-band redirect: the reason (JSON) may carry the `url` to go to. */
 export const CLOSE_REDIRECT = 4000;
@@ -29,6 +34,10 @@ export const CLOSE_UNAVAILABLE = 4001;
 export const CLOSE_DRAIN = 1012;
 /** Close code of a connection whose session another connection resumed: it stays closed. */
 export const CLOSE_SESSION_MOVED = 4002;
+/** Close code of a connection whose user an operator disconnected: it stays closed. */
+export const CLOSE_USER_DISCONNECTED = 4003;
+/** Close code of a connection that kept sending past its rate limit: it stays closed. */
+export const CLOSE_POLICY = 1008;
 
 /** A connection that lasted this long resets the backoff when lost. */
 const STABLE_AFTER_MS = 5000;
@@ -79,6 +88,7 @@ const OPEN = 1;
  * @property {boolean} [stable]
  * @property {URL} [redirect]
  * @property {{url: URL | null}} [drain]
+ * @property {{code: string, message: string}} [ended]
  * @property {number} [unavailableMs]
  */
 
@@ -133,7 +143,9 @@ export async function connect(url, options = {}) {
  * An error of a request (`code` is the server's: `bad_request`, `not_found`, `unreachable`,
  * `internal`), or of the client itself: `disconnected` (the connection was lost before the
  * answer, or there was none), `timeout` (no answer within `requestTimeoutMs`), `closed` (the
- * client was closed), `gave_up`, `moved` (its session was resumed by another connection).
+ * client was closed), `gave_up`, `moved` (its session was resumed by another connection),
+ * `user_disconnected` (an operator disconnected its user), `policy` (closed for sending past
+ * its rate limit; a refused request alone rejects with the server's `rate_limited`).
  */
 export class ClusterError extends Error {
   /**
@@ -155,7 +167,8 @@ export class ClusterError extends Error {
  * - `reconnecting`: before each wait, with `{ delayMs, attempt, reason }` (`reason`:
  *   `drain`, `lost`, `failed`, `unavailable`);
  * - `close`: once, when the client gives up or is closed, with `{ code, message }` (`code`
- *   `gave_up`, `closed` or `moved`, as the errors of the requests it rejects).
+ *   `gave_up`, `closed`, `moved`, `user_disconnected` or `policy`, as the errors of the
+ *   requests it rejects).
  */
 export class ClusterClient {
   /** @type {Promise<void>} Resolves on the first welcome. */
@@ -276,6 +289,19 @@ export class ClusterClient {
   }
 
   /**
+   * Sends `data` to every connection of `user`, on any node, once each (they get
+   * `{"type":"message","from":…,"user":…,"data":…}`); rejects with `not_found` when the user
+   * has no connection.
+   *
+   * @param {string} user
+   * @param {any} data
+   * @returns {Promise<void>}
+   */
+  sendUser(user, data) {
+    return this.#request({ op: "send_user", user, data });
+  }
+
+  /**
    * Sends `data` to every member of `group`, on any node.
    *
    * @param {string} group
@@ -371,6 +397,12 @@ export class ClusterClient {
         this.#closed = true;
         const moved = "the session was resumed on another connection";
         this.#finish(new ClusterError("moved", moved));
+        return;
+      }
+      if (outcome.ended) {
+        // The server closed it for what it is or did: coming back would only repeat it.
+        this.#closed = true;
+        this.#finish(new ClusterError(outcome.ended.code, outcome.ended.message));
         return;
       }
       if (outcome.welcomed) {
@@ -675,6 +707,12 @@ function nextStep(event, placement, home) {
   }
   if (event.code === CLOSE_SESSION_MOVED) {
     return { moved: true };
+  }
+  if (event.code === CLOSE_USER_DISCONNECTED) {
+    return { ended: { code: "user_disconnected", message: event.reason || "disconnected" } };
+  }
+  if (event.code === CLOSE_POLICY) {
+    return { ended: { code: "policy", message: event.reason || "policy violation" } };
   }
   if (event.code === CLOSE_DRAIN) {
     const url = typeof reason?.reconnect === "string" ? parseUrl(reason.reconnect) : null;

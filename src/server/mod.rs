@@ -1,8 +1,8 @@
 //! A ready-made node server on axum: `/ws` speaking the [demo protocol](crate::protocol),
 //! `GET /cluster` (a status page), `GET /cluster/nodes` (every node's info as JSON),
 //! `GET /cluster/placement` (where a new client should connect, see
-//! [`Cluster::placement`]), `GET /cluster/client.js` (the [client for browsers](CLIENT_JS))
-//! and `GET /healthz`. The node program, the demo and the end-to-end
+//! [`Cluster::placement`]), `GET /cluster/client.js` (the [client for browsers](CLIENT_JS)),
+//! `GET /healthz` and `POST /cluster/users/{user}/disconnect` (with an [`AdminToken`]). The node program, the demo and the end-to-end
 //! tests run it; it is also a worked example of serving a [`ClusterConnection`].
 //!
 //! ```no_run
@@ -25,9 +25,11 @@
 //! # }
 //! ```
 
+mod admin;
 mod requests;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::Duration;
 
@@ -44,13 +46,15 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use hybrid_cluster_core::{Envelope, NodeInfo, PayloadKind, Target};
+use hybrid_cluster_core::{Envelope, NodeInfo, PayloadKind, Target, USER_GROUP_PREFIX, UserId};
 use serde_json::value::RawValue;
 
 use self::requests::{Requests, error_reply};
 use crate::cluster::Cluster;
 use crate::handle::{ClusterConnection, ClusterHandle};
 use crate::hybrid::{RETRY_AFTER_SECS, Refusal};
+use crate::identity::{Identify, IdentityLayer};
+use crate::limit::RateDecision;
 use crate::local::{Inbox, InboxItem};
 use crate::protocol::ServerMessage;
 
@@ -85,26 +89,60 @@ impl Default for ServerConfig {
     }
 }
 
+pub use self::admin::AdminToken;
+
+/// Who the node server lets do what: who its WebSocket clients are, and the token of its
+/// admin routes.
+#[derive(Clone, Debug, Default)]
+pub struct ServerAuth {
+    /// Identifies each WebSocket upgrade before the cluster admits it (a [`Jwt`](crate::Jwt),
+    /// say); a refused one gets `401`. `None` (the default): every client is anonymous.
+    pub identity: Option<IdentityLayer<Arc<dyn Identify>>>,
+    /// The token `POST /cluster/users/{user}/disconnect` asks for. `None` (the default): that
+    /// route answers `403`.
+    pub admin_token: Option<AdminToken>,
+}
+
 #[derive(Clone)]
 struct AppState {
     cluster: Cluster,
     config: ServerConfig,
+    auth: ServerAuth,
 }
 
 /// The node's routes: `/ws` (behind the cluster layer), `/cluster`, `/cluster/nodes`,
-/// `/cluster/placement`, `/cluster/client.js`, `/healthz`.
+/// `/cluster/placement`, `/cluster/client.js`, `/healthz`, with every client anonymous and
+/// the admin routes off: see [`router_with`].
 pub fn router(cluster: Cluster, config: ServerConfig) -> Router {
-    let ws = Router::new()
+    router_with(cluster, config, ServerAuth::default())
+}
+
+/// [`router`], with `auth`: `/ws` behind its identity layer (then the cluster layer), and
+/// `POST /cluster/users/{user}/disconnect` behind its admin token.
+pub fn router_with(cluster: Cluster, config: ServerConfig, auth: ServerAuth) -> Router {
+    let mut ws = Router::new()
         .route(&cluster.node.config.endpoint, get(upgrade))
         .route_layer(cluster.layer());
+    if let Some(identity) = auth.identity.clone() {
+        // Added last, so it runs first: a refused client never reaches admission.
+        ws = ws.route_layer(identity);
+    }
     Router::new()
         .merge(ws)
+        .route(
+            "/cluster/users/{user}/disconnect",
+            axum::routing::post(admin::disconnect_user),
+        )
         .route("/cluster", get(status_page))
         .route("/cluster/nodes", get(nodes))
         .route("/cluster/placement", get(placement))
         .route("/cluster/client.js", get(client_js))
         .route("/healthz", get(health))
-        .with_state(AppState { cluster, config })
+        .with_state(AppState {
+            cluster,
+            config,
+            auth,
+        })
 }
 
 /// What a handler gets when the cluster layer did not run before it.
@@ -217,8 +255,8 @@ pub fn serve_connection(
     connection: ClusterConnection,
     config: ServerConfig,
 ) -> impl Future<Output = ()> + Send + 'static {
-    if connection.handle().has_sessions() {
-        return futures_util::future::Either::Left(serve_with_session(socket, connection, config));
+    if connection.handle().has_sessions() || connection.user().is_some() {
+        return futures_util::future::Either::Left(serve_opened(socket, connection, config));
     }
     // Done before the future, not in it: an async fn keeps room for its arguments (the whole
     // unsplit socket) for as long as it runs, and an idle connection is mostly its task.
@@ -228,6 +266,7 @@ pub fn serve_connection(
             connection_id: &id.to_string(),
             node_id: handle.node_id().as_str(),
             session: None,
+            user: None,
         };
         vec![Message::Text(welcome.to_json().into())]
     });
@@ -235,35 +274,36 @@ pub fn serve_connection(
     futures_util::future::Either::Right(serve_split(sink, stream, handle, inbox, welcome, config))
 }
 
-/// [`serve_connection`] for a cluster with sessions: the connection's session opened (or
-/// resumed) first, its token in the welcome, then `resumed` when the client asked to resume.
-async fn serve_with_session(
-    socket: WebSocket,
-    mut connection: ClusterConnection,
-    config: ServerConfig,
-) {
-    let opened = match connection.open_session().await {
-        Ok(opened) => opened,
-        Err(error) => {
-            tracing::warn!(connection = %connection.id(), error = %crate::error_chain(&error), "could not open a session: closing the connection");
-            let mut socket = socket;
-            let close = WsCloseFrame {
-                code: 1011,
-                reason: "the session store is unavailable".into(),
-            };
-            let _ = socket.send(Message::Close(Some(close))).await;
-            return;
+/// [`serve_connection`] for a connection with a user or a session: reachable as its user
+/// first, its session opened (or resumed) next, its user and session token in the welcome,
+/// then `resumed` when the client asked to resume.
+async fn serve_opened(socket: WebSocket, mut connection: ClusterConnection, config: ServerConfig) {
+    if let Err(error) = connection.reachable().await {
+        tracing::warn!(connection = %connection.id(), error = %crate::error_chain(&error), "could not make a connection reachable as its user: closing it");
+        return close_unavailable(socket, "the broker is unavailable").await;
+    }
+    let opened = if connection.handle().has_sessions() {
+        match connection.open_session().await {
+            Ok(opened) => Some(opened),
+            Err(error) => {
+                tracing::warn!(connection = %connection.id(), error = %crate::error_chain(&error), "could not open a session: closing the connection");
+                return close_unavailable(socket, "the session store is unavailable").await;
+            }
         }
+    } else {
+        None
     };
+    let user = connection.user().cloned();
     let (handle, inbox) = connection.into_parts();
     let welcome = handle.connection_id().map(|id| {
         let welcome = ServerMessage::Welcome {
             connection_id: &id.to_string(),
             node_id: handle.node_id().as_str(),
-            session: Some(&opened.token),
+            session: opened.as_ref().map(|opened| opened.token.as_str()),
+            user: user.as_ref().map(UserId::as_str),
         };
         let mut frames = vec![Message::Text(welcome.to_json().into())];
-        if let Some(resumed) = opened.resumed {
+        if let Some(resumed) = opened.and_then(|opened| opened.resumed) {
             let resumed = ServerMessage::Resumed {
                 recovered: resumed.recovered,
                 missed: resumed.recovered.then_some(resumed.missed),
@@ -274,6 +314,15 @@ async fn serve_with_session(
     });
     let (sink, stream) = socket.split();
     serve_split(sink, stream, handle, inbox, welcome, config).await;
+}
+
+/// Closes a connection that cannot be served: 1011, internal error, saying which part failed.
+async fn close_unavailable(mut socket: WebSocket, reason: &'static str) {
+    let close = WsCloseFrame {
+        code: 1011,
+        reason: reason.into(),
+    };
+    let _ = socket.send(Message::Close(Some(close))).await;
 }
 
 /// [`serve_connection`] once the socket is split: the welcome (none for a handle without a
@@ -310,8 +359,14 @@ async fn serve_split(
         {
             read_ahead = waiting_frame_or_step_aside(&mut stream).await;
         }
-        if !turn.frames.is_empty() {
-            if !Box::pin(write(&mut sink, config.write_timeout, turn.frames)).await {
+        let mut frames = turn.frames;
+        if turn.closing && turn.source == Source::Client {
+            // The answers settled already go out before the close: the client learns what
+            // was done of what it sent.
+            frames = settled_replies(&mut requests).chain(frames).collect();
+        }
+        if !frames.is_empty() {
+            if !Box::pin(write(&mut sink, config.write_timeout, frames)).await {
                 break;
             }
             if turn.source == Source::Inbox {
@@ -319,6 +374,9 @@ async fn serve_split(
             }
         }
         if turn.closing {
+            if turn.source == Source::Client {
+                linger(&mut stream).await;
+            }
             break;
         }
     }
@@ -390,6 +448,34 @@ async fn next_turn(
     })
 }
 
+/// The replies of requests settled by now, in order, as frames.
+fn settled_replies(requests: &mut Requests) -> impl Iterator<Item = Message> + use<> {
+    let mut frames = Vec::new();
+    let mut cx = Context::from_waker(Waker::noop());
+    while let std::task::Poll::Ready(replies) = requests.poll_replies(&mut cx) {
+        frames.extend(replies.into_iter().map(|reply| Message::Text(reply.into())));
+    }
+    frames.into_iter()
+}
+
+/// After closing a client that was still sending (too big a message, past its rate limit):
+/// reads and drops what it sent until its close frame comes back, for a second at most.
+/// Closing the socket with its frames unread would reset the connection, and a reset can
+/// make the client lose the close frame, and so the reason, before reading it.
+async fn linger(stream: &mut SplitStream<WebSocket>) {
+    let draining = async {
+        while let Some(Ok(frame)) = stream.next().await {
+            if matches!(frame, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, draining).await;
+}
+
+/// How long a client closed for what it sent is read for its close frame.
+const LINGER: Duration = Duration::from_secs(1);
+
 /// After a request started: the client's next frame if it sent one already, else `None` once
 /// this task stepped aside. The request has most likely woken another task (the publisher, or
 /// the socket task of a connection on this node) into this worker's next-to-run slot, which
@@ -442,8 +528,13 @@ fn client_frame(
             tracing::trace!(name: "hybrid_cluster.stage.frame_read", "frame read");
             // Start at once what can start, rather than on a later turn of the loop (the
             // replies branch waits, with the real waker, for the rest).
-            requests.push(text.as_str(), &mut Context::from_waker(Waker::noop()));
-            Read::Answer(Vec::new())
+            match requests.push(text.as_str(), &mut Context::from_waker(Waker::noop())) {
+                RateDecision::Close => Read::Close(vec![Message::Close(Some(WsCloseFrame {
+                    code: CLOSE_POLICY,
+                    reason: "over the rate limit, again and again".into(),
+                }))]),
+                RateDecision::Allow | RateDecision::Refuse => Read::Answer(Vec::new()),
+            }
         }
         Some(Ok(Message::Binary(_))) => Read::Answer(vec![Message::Text(
             ServerMessage::Error {
@@ -506,6 +597,10 @@ fn inbox_frames(
 /// The close code of a client that ends its session: 1000, normal closure. Any other end of
 /// the connection (1001 going away, a lost connection) keeps the session for a resume.
 pub const CLOSE_NORMAL: u16 = 1000;
+
+/// The close code of a connection that kept going past its rate limit: 1008, policy
+/// violation.
+pub const CLOSE_POLICY: u16 = 1008;
 
 /// The close code for a message over the size bound: 1009, message too big.
 pub const CLOSE_TOO_BIG: u16 = 1009;
@@ -580,8 +675,19 @@ fn render(envelope: &Envelope, seq: Option<u64>) -> String {
     };
     let from = envelope.sender.as_ref();
     match &envelope.target {
-        Target::Connection(_) | Target::Node(_) => ServerMessage::Message { from, data, seq },
+        Target::Connection(_) | Target::Node(_) => ServerMessage::Message {
+            from,
+            user: None,
+            data,
+            seq,
+        },
         Target::Broadcast => ServerMessage::Broadcast { from, data, seq },
+        Target::Group(group) if group.is_reserved() => ServerMessage::Message {
+            from,
+            user: group.as_str().strip_prefix(USER_GROUP_PREFIX),
+            data,
+            seq,
+        },
         Target::Group(group) => ServerMessage::Group {
             group: group.as_str(),
             from,

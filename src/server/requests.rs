@@ -16,12 +16,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
-use hybrid_cluster_core::{ConnectionId, GroupName, MessageId, Target};
+use hybrid_cluster_core::{ConnectionId, GroupName, MessageId, Target, UserId};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::error::SendError;
 use crate::handle::{ClusterHandle, OrderedSender, Payload};
+use crate::limit::{RateDecision, RateLimiter};
 use crate::local::Undeliverable;
 use crate::protocol::{ClientOp, ServerMessage};
 
@@ -61,6 +62,11 @@ enum Request {
         data: Box<RawValue>,
         id: Option<Box<RawValue>>,
     },
+    SendUser {
+        user: UserId,
+        data: Box<RawValue>,
+        id: Option<Box<RawValue>>,
+    },
     Membership {
         join: bool,
         group: GroupName,
@@ -85,8 +91,12 @@ impl Request {
                 Err(e) => return Err(bad(id, e.to_string())),
             },
             ClientOp::Broadcast { data, id } => Self::Broadcast { data, id },
-            ClientOp::Group { group, data, id } => match GroupName::new(&group) {
+            ClientOp::Group { group, data, id } => match client_group(&group) {
                 Ok(group) => Self::Group { group, data, id },
+                Err(e) => return Err(bad(id, e)),
+            },
+            ClientOp::SendUser { user, data, id } => match UserId::new(&user) {
+                Ok(user) => Self::SendUser { user, data, id },
                 Err(e) => return Err(bad(id, e.to_string())),
             },
             ClientOp::Join { group, id } => Self::membership(true, &group, id)?,
@@ -95,13 +105,9 @@ impl Request {
     }
 
     fn membership(join: bool, group: &str, id: Option<Box<RawValue>>) -> Result<Self, Replies> {
-        match GroupName::new(group) {
+        match client_group(group) {
             Ok(group) => Ok(Self::Membership { join, group, id }),
-            Err(e) => Err(vec![error_reply(
-                id.as_deref(),
-                "bad_request",
-                &e.to_string(),
-            )]),
+            Err(e) => Err(vec![error_reply(id.as_deref(), "bad_request", &e)]),
         }
     }
 
@@ -111,9 +117,19 @@ impl Request {
             Self::Send { id, .. }
             | Self::Broadcast { id, .. }
             | Self::Group { id, .. }
+            | Self::SendUser { id, .. }
             | Self::Membership { id, .. } => id.as_deref(),
         }
     }
+}
+
+/// A group a client names: valid, and not one of the cluster's own.
+fn client_group(name: &str) -> Result<GroupName, String> {
+    let group = GroupName::new(name).map_err(|e| e.to_string())?;
+    if group.is_reserved() {
+        return Err(SendError::ReservedGroup { group }.to_string());
+    }
+    Ok(group)
 }
 
 /// What a waiting request means for the ones behind it.
@@ -138,13 +154,14 @@ impl<'a> Ahead<'a> {
             Request::Send { .. } => !self.fanout,
             // Membership decides who gets a group message: not before one already sent.
             Request::Membership { group, .. } => !self.groups.contains(&group),
-            Request::Broadcast { .. } | Request::Group { .. } => false,
+            Request::Broadcast { .. } | Request::Group { .. } | Request::SendUser { .. } => false,
         }
     }
 
     fn note(&mut self, request: &'a Request, needs_place: bool) {
         match request {
-            Request::Broadcast { .. } => self.fanout = true,
+            // A user's connections may be any of this node's.
+            Request::Broadcast { .. } | Request::SendUser { .. } => self.fanout = true,
             Request::Group { group, .. } => {
                 self.fanout = true;
                 self.groups.push(group);
@@ -174,19 +191,22 @@ pub(super) struct Requests {
     unanswered: Vec<(MessageId, Replies)>,
     /// The client closed with 1000: it ends its session rather than going away.
     pub(super) goodbye: bool,
+    /// The connection's rate limit, when the cluster has one.
+    limiter: Option<RateLimiter>,
 }
 
 impl Requests {
     pub(super) fn new(handle: ClusterHandle) -> Self {
         Self {
             sender: handle.ordered(),
-            handle,
             sent: SentIds::default(),
             waiting: VecDeque::new(),
             rescan: false,
             started: FuturesOrdered::new(),
             unanswered: Vec::new(),
             goodbye: false,
+            limiter: handle.rate_limiter(),
+            handle,
         }
     }
 
@@ -228,8 +248,36 @@ impl Requests {
         self.waiting.is_empty() && self.started.is_empty()
     }
 
-    /// Takes a frame the client sent, and starts what can start.
-    pub(super) fn push(&mut self, text: &str, cx: &mut Context<'_>) {
+    /// Takes a frame the client sent, and starts what can start; a frame over the
+    /// connection's rate limit is refused (`rate_limited`, answered in turn) or, once too
+    /// often, closes the connection: then `Close` is returned.
+    pub(super) fn push(&mut self, text: &str, cx: &mut Context<'_>) -> RateDecision {
+        let decision = self
+            .limiter
+            .as_mut()
+            .map_or(RateDecision::Allow, |limiter| limiter.check(text.len()));
+        match decision {
+            RateDecision::Allow => self.push_allowed(text, cx),
+            RateDecision::Refuse => {
+                self.handle.node().metrics.rate_limited("refused");
+                let id = match ClientOp::parse(text) {
+                    Ok(op) => op.id().map(ToOwned::to_owned),
+                    Err(bad) => bad.id,
+                };
+                let refused = error_reply(
+                    id.as_deref(),
+                    "rate_limited",
+                    "over this connection's rate limit: the request was not carried out",
+                );
+                self.started
+                    .push_back(Box::pin(std::future::ready(vec![refused].into())));
+            }
+            RateDecision::Close => self.handle.node().metrics.rate_limited("closed"),
+        }
+        decision
+    }
+
+    fn push_allowed(&mut self, text: &str, cx: &mut Context<'_>) {
         match Request::parse(text) {
             Ok(request) => {
                 self.waiting.push_back(request);
@@ -267,7 +315,7 @@ impl Requests {
     fn needs_place(&self, request: &Request) -> bool {
         match request {
             Request::Send { to, .. } => self.sender.needs_place(to),
-            Request::Broadcast { .. } | Request::Group { .. } => true,
+            Request::Broadcast { .. } | Request::Group { .. } | Request::SendUser { .. } => true,
             Request::Membership { .. } => false,
         }
     }
@@ -368,6 +416,10 @@ impl Requests {
             }
             Request::Group { group, data, id } => {
                 let confirmation = self.sender.send(group, Payload::text(data.get()));
+                Box::pin(async move { sent_replies(confirmation.await, id.as_deref()).into() })
+            }
+            Request::SendUser { user, data, id } => {
+                let confirmation = self.sender.send_user(&user, Payload::text(data.get()));
                 Box::pin(async move { sent_replies(confirmation.await, id.as_deref()).into() })
             }
             Request::Membership { join, group, id } => {
@@ -474,7 +526,7 @@ mod tests {
     use hybrid_cluster_core::NodeId;
 
     fn connect(cluster: &Cluster) -> ClusterConnection {
-        match admit(&cluster.node) {
+        match admit(&cluster.node, None) {
             Admission::Accept(connection) => connection,
             _ => panic!("the node admits"),
         }

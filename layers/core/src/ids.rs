@@ -401,9 +401,119 @@ impl fmt::Debug for GroupName {
     }
 }
 
+/// The prefix of the groups the cluster keeps for itself: clients and handles cannot join
+/// them nor send to them as groups.
+pub const RESERVED_GROUP_PREFIX: char = '~';
+
+/// The prefix of a user's own group (see [`GroupName::of_user`]): the user id follows.
+pub const USER_GROUP_PREFIX: &str = "~user:";
+
+impl GroupName {
+    /// The group every connection of `user` is a member of, on every node: a message to it
+    /// reaches each of the user's connections once. Reserved: see [`GroupName::is_reserved`].
+    pub fn of_user(user: &UserId) -> Self {
+        Self(Arc::from(format!("{USER_GROUP_PREFIX}{}", user.as_str())))
+    }
+
+    /// The user whose group this is ([`GroupName::of_user`]), if it is one.
+    pub fn user(&self) -> Option<UserId> {
+        self.0
+            .strip_prefix(USER_GROUP_PREFIX)
+            .and_then(|user| UserId::new(user).ok())
+    }
+
+    /// Whether the cluster keeps this group for itself (its name starts with `~`): a
+    /// client's join or group message naming it is refused.
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with(RESERVED_GROUP_PREFIX)
+    }
+}
+
+/// The longest user id accepted, in bytes (a user's group name must fit in
+/// [`MAX_GROUP_NAME_LEN`]).
+pub const MAX_USER_ID_LEN: usize = 120;
+const _: () = assert!(USER_GROUP_PREFIX.len() + MAX_USER_ID_LEN <= MAX_GROUP_NAME_LEN);
+
+/// Who a connection belongs to, as the application knows them (a JWT's `sub`, an account
+/// id): 1 to 120 bytes of printable text, no control characters. Cloning is cheap.
+///
+/// A user may have any number of connections, on any nodes; a message to the user reaches
+/// each of them once.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserId(Arc<str>);
+
+/// The error returned for a string that is not a valid [`UserId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid user id: {reason}")]
+pub struct InvalidUserId {
+    reason: &'static str,
+}
+
+impl InvalidUserId {
+    /// What is wrong with the id.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl UserId {
+    /// Checks `id` and makes a user id of it.
+    pub fn new(id: impl AsRef<str>) -> Result<Self, InvalidUserId> {
+        let id = id.as_ref();
+        let invalid = |reason| InvalidUserId { reason };
+        if id.is_empty() {
+            return Err(invalid("it is empty"));
+        }
+        if id.len() > MAX_USER_ID_LEN {
+            return Err(invalid("it is longer than 120 bytes"));
+        }
+        if id.chars().any(char::is_control) {
+            return Err(invalid("it contains control characters"));
+        }
+        Ok(Self(Arc::from(id)))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+text_form!(UserId, InvalidUserId, UserId::new);
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_users_group_is_reserved_and_names_its_user() {
+        let alice = UserId::new("alice@example.com").unwrap();
+        let group = GroupName::of_user(&alice);
+        assert!(group.is_reserved());
+        assert_eq!(group.user(), Some(alice));
+        assert!(!GroupName::new("lobby").unwrap().is_reserved());
+        assert_eq!(GroupName::new("lobby").unwrap().user(), None);
+        // The longest user id still makes a valid group name, as its wire form is read.
+        let longest = UserId::new("u".repeat(MAX_USER_ID_LEN)).unwrap();
+        let group = GroupName::of_user(&longest);
+        assert_eq!(GroupName::new(group.as_str()).unwrap(), group);
+        assert!(UserId::new("u".repeat(MAX_USER_ID_LEN + 1)).is_err());
+        assert!(UserId::new("").is_err());
+        assert!(UserId::new("a\nb").is_err());
+    }
 
     #[test]
     fn node_ids_are_checked() {

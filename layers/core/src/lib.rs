@@ -62,7 +62,8 @@ pub use envelope::{Envelope, EnvelopeError, PayloadKind};
 pub use error::{BoxError, BrokerError, RegistryError};
 pub use ids::{
     ConnectionId, ConnectionIdError, ConnectionIds, GroupName, Incarnation, InvalidGroupName,
-    InvalidIncarnation, InvalidMessageId, InvalidNodeId, MessageId, NodeId,
+    InvalidIncarnation, InvalidMessageId, InvalidNodeId, InvalidUserId, MAX_USER_ID_LEN, MessageId,
+    NodeId, RESERVED_GROUP_PREFIX, USER_GROUP_PREFIX, UserId,
 };
 pub use live::{Epoch, HasNodeInfo, LiveNodeInfo};
 pub use node::{NodeInfo, NodeRecordError, NodeStatus};

@@ -24,6 +24,8 @@ pub struct Client {
     pub node: String,
     /// The token of its session, when the node gives sessions.
     pub session: Option<String>,
+    /// The user its welcome named, when its upgrade carried a token.
+    pub user: Option<String>,
 }
 
 /// What came instead of a text frame.
@@ -64,6 +66,7 @@ impl Client {
             id: String::new(),
             node: String::new(),
             session: None,
+            user: None,
         };
         let welcome = client
             .next_json(Duration::from_secs(30))
@@ -81,6 +84,7 @@ impl Client {
             .ok_or("a welcome without node_id")?
             .to_owned();
         client.session = welcome["session"].as_str().map(str::to_owned);
+        client.user = welcome["user"].as_str().map(str::to_owned);
         Ok(client)
     }
 

@@ -252,10 +252,29 @@ fn free_port() -> Result<u16, BoxError> {
 
 /// A plain HTTP/1.1 GET on a loopback port: the status and the body.
 pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), BoxError> {
+    http_request(port, "GET", path, &[], "").await
+}
+
+/// A plain HTTP/1.1 request on a loopback port, with `headers` and `body`: the status and the
+/// body of the answer.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String), BoxError> {
     let exchange = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
@@ -263,7 +282,7 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String), BoxError> 
     };
     let response = timeout(Duration::from_secs(10), exchange)
         .await
-        .map_err(|_| format!("GET {path} on port {port} took over 10 s"))??;
+        .map_err(|_| format!("{method} {path} on port {port} took over 10 s"))??;
     let response = String::from_utf8(response)?;
     let (head, body) = response
         .split_once("\r\n\r\n")
