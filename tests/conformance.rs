@@ -6,15 +6,18 @@
 
 use std::sync::Arc;
 
-use hybrid_cluster::discovery::{RedisOptions, RedisRegistry, RedisSessionStore};
+use hybrid_cluster::discovery::{
+    RedisOptions, RedisPresenceStore, RedisRegistry, RedisSessionStore,
+};
 use hybrid_cluster::routing::{RabbitBroker, RabbitConfig};
 use hybrid_cluster::{Broker, ClusterPrefix, MemoryBroker, MemoryRegistry, Registry};
-use hybrid_cluster_core::SessionStore;
-use hybrid_cluster_memory::MemorySessionStore;
+use hybrid_cluster_core::{PresenceStore, SessionStore};
+use hybrid_cluster_memory::{MemoryPresenceStore, MemorySessionStore};
 use hybrid_cluster_test_support::conformance::{Cleanup, broker::NODES};
 use hybrid_cluster_test_support::servers::{amqp_url, redis_url, remove_cluster, unique_prefix};
 use hybrid_cluster_test_support::{
-    broker_conformance, registry_conformance, session_store_conformance,
+    broker_conformance, presence_store_conformance, registry_conformance,
+    session_store_conformance,
 };
 
 async fn memory_registry(_case: &str) -> (Arc<dyn Registry>, Cleanup) {
@@ -76,9 +79,31 @@ async fn redis_sessions(case: &str) -> (Arc<dyn SessionStore>, Cleanup) {
     )
 }
 
+async fn memory_presence(_case: &str) -> (Arc<dyn PresenceStore>, Cleanup) {
+    (Arc::new(MemoryPresenceStore::new()), Box::pin(async {}))
+}
+
+async fn redis_presence(case: &str) -> (Arc<dyn PresenceStore>, Cleanup) {
+    let prefix = unique_prefix(&format!("conformance-{case}"));
+    let prefix_name = ClusterPrefix::new(&prefix).unwrap();
+    let registry = RedisRegistry::connect(
+        &redis_url().parse().unwrap(),
+        &prefix_name,
+        RedisOptions::default(),
+    )
+    .await
+    .unwrap();
+    (
+        Arc::new(RedisPresenceStore::new(registry.connection(), &prefix_name)),
+        Box::pin(async move { remove_cluster(&prefix, &[]).await }),
+    )
+}
+
 registry_conformance!(memory_registry);
 registry_conformance!(redis);
 broker_conformance!(memory_broker);
 broker_conformance!(rabbitmq);
 session_store_conformance!(memory_sessions);
 session_store_conformance!(redis_sessions);
+presence_store_conformance!(memory_presence);
+presence_store_conformance!(redis_presence);

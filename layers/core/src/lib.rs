@@ -48,6 +48,7 @@ pub mod error;
 pub mod ids;
 pub mod live;
 pub mod node;
+pub mod presence;
 pub mod registry;
 pub mod session;
 pub mod target;
@@ -67,6 +68,7 @@ pub use ids::{
 };
 pub use live::{Epoch, HasNodeInfo, LiveNodeInfo};
 pub use node::{NodeInfo, NodeRecordError, NodeStatus};
+pub use presence::{PresenceShare, PresenceStore};
 pub use registry::{NodeRecord, Registry, RegistryEvent, RegistryEvents, RemovalCause};
 pub use session::{
     Appended, InvalidSessionId, InvalidToken, LogEntry, SessionId, SessionLimits, SessionRecord,

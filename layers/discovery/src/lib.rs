@@ -125,7 +125,8 @@ pub use discovery::Discovery;
 pub use error::DiscoveryError;
 pub use membership::{MemberChange, Membership};
 pub use redis_registry::{
-    KeyLayout, RedisClusterRegistry, RedisOptions, RedisRegistry, RedisSessionStore,
+    KeyLayout, RedisClusterRegistry, RedisOptions, RedisPresenceStore, RedisRegistry,
+    RedisSessionStore,
 };
 pub use registrar::Registrar;
 pub use stats::{ConnectionCounter, ConnectionGuard, ResourceSampler, ResourceUsage};

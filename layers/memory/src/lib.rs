@@ -42,9 +42,11 @@
 //! ```
 
 pub mod broker;
+pub mod presence;
 pub mod registry;
 pub mod sessions;
 
 pub use broker::{DeadLetter, MemoryBroker};
+pub use presence::MemoryPresenceStore;
 pub use registry::MemoryRegistry;
 pub use sessions::MemorySessionStore;

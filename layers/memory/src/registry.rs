@@ -43,6 +43,7 @@ struct Shared {
     state: Mutex<State>,
     events: broadcast::Sender<RegistryEvent>,
     sessions: crate::MemorySessionStore,
+    presence: crate::MemoryPresenceStore,
 }
 
 #[derive(Default)]
@@ -126,6 +127,7 @@ impl MemoryRegistry {
                 state: Mutex::new(State::default()),
                 events,
                 sessions: crate::MemorySessionStore::new(),
+                presence: crate::MemoryPresenceStore::new(),
             }),
         }
     }
@@ -134,6 +136,11 @@ impl MemoryRegistry {
     /// a cluster on the same Redis shares its sessions.
     pub fn sessions(&self) -> crate::MemorySessionStore {
         self.shared.sessions.clone()
+    }
+
+    /// The presence store that goes with this registry, shared by its clones.
+    pub fn presence(&self) -> crate::MemoryPresenceStore {
+        self.shared.presence.clone()
     }
 
     /// The nodes with a live record, in id order (for troubleshooting and tests).

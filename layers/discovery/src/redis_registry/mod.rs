@@ -15,11 +15,13 @@ use redis::{Client, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind};
 
 mod cluster;
 mod keys;
+mod presence;
 mod sessions;
 
 pub use cluster::RedisClusterRegistry;
 pub use keys::KeyLayout;
 use keys::{LIST_SCRIPT, parse_event};
+pub use presence::RedisPresenceStore;
 pub use sessions::RedisSessionStore;
 
 /// How a [`RedisRegistry`] talks to Redis.

@@ -18,6 +18,7 @@
 //! [`Broker`]: hybrid_cluster_core::Broker
 
 pub mod broker;
+pub mod presence;
 pub mod registry;
 pub mod sessions;
 
@@ -104,6 +105,21 @@ macro_rules! session_store_conformance {
             an_orphan_append_is_numbered_after_the_last_and_held_once,
             a_nodes_sessions_are_those_that_had_a_connection_on_it,
             sessions_expire_unless_kept_alive_and_end_at_once,
+        );
+    };
+}
+
+/// The [`PresenceStore`](hybrid_cluster_core::PresenceStore) suite against one backend, made
+/// by `$make(case) -> (Arc<dyn PresenceStore>, Cleanup)`.
+#[macro_export]
+macro_rules! presence_store_conformance {
+    ($make:ident) => {
+        $crate::__conformance_cases!(
+            $make,
+            presence,
+            counts_span_nodes_and_say_who_arrived_and_who_left,
+            a_reaped_node_takes_its_shares_and_only_the_first_reap_tells,
+            a_nodes_entries_expire_unless_kept_alive,
         );
     };
 }

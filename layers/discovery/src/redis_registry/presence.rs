@@ -1,0 +1,272 @@
+//! The [`PresenceStore`] kept in Redis, next to the registry's keys.
+//!
+//! A group is a hash `{prefix}:presence:{group}`: for each user, the field `{user}` holds
+//! their connections in the group on every node, and the field `{user}\n{node}` those on one
+//! node (neither a user id nor a node id holds a newline). Each node has a set
+//! `{prefix}:presence-node:{node}` of the groups it counts someone in, for a peer to reap its
+//! shares. Every step is one Lua script; every key expires unless its node keeps it alive.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use futures_core::future::BoxFuture;
+use hybrid_cluster_core::{
+    ClusterPrefix, GroupName, NodeId, PresenceShare, PresenceStore, RegistryError, UserId,
+};
+use redis::Script;
+use redis::aio::ConnectionLike;
+
+use super::{classify, millis};
+
+/// Counts one more connection: `KEYS[1]` the group, `KEYS[2]` the node's set; `ARGV`: user,
+/// node, group, ttl (ms). Returns the user's count on every node.
+static JOIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. '\n' .. ARGV[2], 1)
+local total = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return total
+"#,
+    )
+});
+
+/// Counts one connection less: `KEYS[1]` the group; `ARGV`: user, node. Returns the user's
+/// count on every node, or -1 when the node counted none.
+static LEAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local field = ARGV[1] .. '\n' .. ARGV[2]
+local mine = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+if mine <= 0 then return -1 end
+if mine == 1 then redis.call('HDEL', KEYS[1], field) else redis.call('HINCRBY', KEYS[1], field, -1) end
+local total = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if total <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  total = 0
+end
+return total
+"#,
+    )
+});
+
+/// Takes a node's shares away: `KEYS[1]` the node's set; `ARGV`: node, the groups' key
+/// prefix. Returns group, user, group, user… of those who left a group altogether. The
+/// groups' keys share the set's hash tag, so they are in its slot.
+static REAP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local suffix = '\n' .. ARGV[1]
+local left = {}
+for _, group in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. group
+  local fields = redis.call('HGETALL', key)
+  for i = 1, #fields, 2 do
+    local field = fields[i]
+    if #field > #suffix and string.sub(field, -#suffix) == suffix then
+      local user = string.sub(field, 1, #field - #suffix)
+      redis.call('HDEL', key, field)
+      local total = redis.call('HINCRBY', key, user, -tonumber(fields[i + 1]))
+      if total <= 0 then
+        redis.call('HDEL', key, user)
+        table.insert(left, group)
+        table.insert(left, user)
+      end
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return left
+"#,
+    )
+});
+
+/// Keeps a node's keys: `KEYS[1]` the node's set, then its groups; `ARGV[1]` the ttl (ms).
+static KEEP_ALIVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[1]) end
+return 1
+"#,
+    )
+});
+
+/// The names presence uses in Redis: under the cluster's hash tag, like the registry's keys.
+#[derive(Debug)]
+struct PresenceKeys {
+    group_prefix: String,
+    node_prefix: String,
+}
+
+impl PresenceKeys {
+    fn group(&self, group: &GroupName) -> String {
+        format!("{}{group}", self.group_prefix)
+    }
+
+    fn node(&self, node: &NodeId) -> String {
+        format!("{}{node}", self.node_prefix)
+    }
+}
+
+/// A [`PresenceStore`] in Redis (see the module docs for its keys), on the command connection
+/// of a [`RedisRegistry`](super::RedisRegistry) or any redis-rs connection.
+#[derive(Clone)]
+pub struct RedisPresenceStore<C> {
+    connection: C,
+    keys: Arc<PresenceKeys>,
+}
+
+impl<C> std::fmt::Debug for RedisPresenceStore<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPresenceStore")
+            .field("keys", &self.keys.group_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisPresenceStore<C> {
+    /// A store for the cluster `prefix` on `connection`.
+    pub fn new(connection: C, prefix: &ClusterPrefix) -> Self {
+        let tag = format!("{{{prefix}}}");
+        Self {
+            connection,
+            keys: Arc::new(PresenceKeys {
+                group_prefix: format!("{tag}:presence:"),
+                node_prefix: format!("{tag}:presence-node:"),
+            }),
+        }
+    }
+
+    fn run<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> BoxFuture<'static, Result<T, RegistryError>> {
+        let mut connection = self.connection.clone();
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        Box::pin(async move {
+            invocation
+                .invoke_async::<T>(&mut connection)
+                .await
+                .map_err(classify)
+        })
+    }
+}
+
+fn malformed(key: String, reason: &str) -> RegistryError {
+    RegistryError::Malformed {
+        key,
+        reason: reason.to_owned(),
+    }
+}
+
+/// Reads a group's hash: a share for each `{user}\n{node}` field.
+fn shares(key: String, fields: Vec<(String, String)>) -> Result<Vec<PresenceShare>, RegistryError> {
+    let mut shares = Vec::new();
+    for (field, count) in fields {
+        let Some((user, node)) = field.split_once('\n') else {
+            continue;
+        };
+        let share = PresenceShare {
+            user: UserId::new(user).map_err(|_| malformed(key.clone(), "a user id is invalid"))?,
+            node: NodeId::new(node).map_err(|_| malformed(key.clone(), "a node id is invalid"))?,
+            connections: count
+                .parse()
+                .map_err(|_| malformed(key.clone(), "a count is not a number"))?,
+        };
+        shares.push(share);
+    }
+    Ok(shares)
+}
+
+/// Reads a reap's answer: group, user, group, user…
+fn left(key: String, flat: Vec<String>) -> Result<Vec<(GroupName, UserId)>, RegistryError> {
+    flat.chunks(2)
+        .map(|pair| match pair {
+            [group, user] => Ok((
+                GroupName::new(group).map_err(|_| malformed(key.clone(), "a group is invalid"))?,
+                UserId::new(user).map_err(|_| malformed(key.clone(), "a user id is invalid"))?,
+            )),
+            _ => Err(malformed(key.clone(), "a reap answered an odd list")),
+        })
+        .collect()
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> PresenceStore for RedisPresenceStore<C> {
+    fn join(
+        &self,
+        node: &NodeId,
+        group: &GroupName,
+        user: &UserId,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<u64, RegistryError>> {
+        let keys = vec![self.keys.group(group), self.keys.node(node)];
+        let args = vec![
+            user.to_string(),
+            node.to_string(),
+            group.to_string(),
+            millis(ttl).to_string(),
+        ];
+        let joined = self.run::<i64>(&JOIN, keys, args);
+        Box::pin(async move { Ok(u64::try_from(joined.await?).unwrap_or(0)) })
+    }
+
+    fn leave(
+        &self,
+        node: &NodeId,
+        group: &GroupName,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<u64>, RegistryError>> {
+        let keys = vec![self.keys.group(group)];
+        let left = self.run::<i64>(&LEAVE, keys, vec![user.to_string(), node.to_string()]);
+        Box::pin(async move { Ok(u64::try_from(left.await?).ok()) })
+    }
+
+    fn members(
+        &self,
+        group: &GroupName,
+    ) -> BoxFuture<'static, Result<Vec<PresenceShare>, RegistryError>> {
+        let key = self.keys.group(group);
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await
+                .map_err(classify)?;
+            shares(key, fields)
+        })
+    }
+
+    fn reap(
+        &self,
+        node: &NodeId,
+    ) -> BoxFuture<'static, Result<Vec<(GroupName, UserId)>, RegistryError>> {
+        let key = self.keys.node(node);
+        let args = vec![node.to_string(), self.keys.group_prefix.clone()];
+        let reaped = self.run::<Vec<String>>(&REAP, vec![key.clone()], args);
+        Box::pin(async move { left(key, reaped.await?) })
+    }
+
+    fn keep_alive(
+        &self,
+        node: &NodeId,
+        groups: Vec<GroupName>,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), RegistryError>> {
+        let keys = std::iter::once(self.keys.node(node))
+            .chain(groups.iter().map(|group| self.keys.group(group)))
+            .collect();
+        let kept = self.run::<i64>(&KEEP_ALIVE, keys, vec![millis(ttl).to_string()]);
+        Box::pin(async move { kept.await.map(|_| ()) })
+    }
+}
