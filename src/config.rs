@@ -100,6 +100,8 @@ pub enum Backends {
         broker: std::sync::Arc<dyn Broker>,
         /// Where sessions live (used when [`ClusterConfig::sessions`] is set).
         sessions: std::sync::Arc<dyn SessionStore>,
+        /// Where presence lives (used when [`ClusterConfig::presence`] is set).
+        presence: std::sync::Arc<dyn hybrid_cluster_core::PresenceStore>,
     },
 }
 
@@ -242,6 +244,11 @@ pub struct ClusterConfig {
     /// [`ClusterHandle::rate_limiter`](crate::ClusterHandle::rate_limiter)). `None` (the
     /// default): no limit.
     pub rate_limit: Option<crate::RateLimit>,
+    /// Whether connections with a user are counted in the groups they join, cluster-wide
+    /// ([`ClusterHandle::presence`](crate::ClusterHandle::presence), `presence_join` and
+    /// `presence_leave` events): one registry operation per join and leave of such a
+    /// connection. Default `true`; connections without a user never cost any.
+    pub presence: bool,
 }
 
 impl ClusterConfig {
@@ -275,6 +282,7 @@ impl ClusterConfig {
             dedupe_memory: 64 * 1024 * 1024,
             sessions: None,
             rate_limit: None,
+            presence: true,
         }
     }
 

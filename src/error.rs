@@ -77,6 +77,12 @@ pub enum SendError {
         /// The group.
         group: GroupName,
     },
+    /// Presence is off on this cluster ([`ClusterConfig::presence`](crate::ClusterConfig)).
+    #[error("presence is off on this cluster")]
+    PresenceOff,
+    /// The presence store (Redis) did not answer, or not in time.
+    #[error("the presence store cannot be reached")]
+    Presence(#[source] RegistryError),
     /// Messages cannot be sent to this kind of target (a node as such takes none yet).
     #[error("messages cannot be sent to {target}")]
     UnsupportedTarget {
@@ -92,11 +98,14 @@ impl SendError {
             Self::NotFound { .. } | Self::NotRegistered { .. } | Self::UserNotFound { .. } => {
                 "not_found"
             }
-            Self::Unreachable { .. } | Self::Broadcast(_) | Self::Group(_) => "unreachable",
+            Self::Unreachable { .. } | Self::Broadcast(_) | Self::Group(_) | Self::Presence(_) => {
+                "unreachable"
+            }
             Self::Invalid(_)
             | Self::NoConnection
             | Self::UnsupportedTarget { .. }
-            | Self::ReservedGroup { .. } => "bad_request",
+            | Self::ReservedGroup { .. }
+            | Self::PresenceOff => "bad_request",
         }
     }
 }

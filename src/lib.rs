@@ -12,6 +12,7 @@ mod metered;
 pub mod metrics;
 mod node;
 mod notice;
+mod presence;
 pub mod protocol;
 #[cfg(feature = "axum")]
 mod relay;
@@ -53,12 +54,18 @@ pub use hybrid_cluster_core::{
     RegistryEvent, RegistryEvents, RemovalCause, RoutingKey, SECRET_ENV, SessionId, SessionLimits,
     SessionStore, Settlement, Signature, Target, UnknownDurability, UserId,
 };
-pub use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry, MemorySessionStore};
+pub use hybrid_cluster_core::{PresenceShare, PresenceStore};
+pub use hybrid_cluster_memory::{
+    MemoryBroker, MemoryPresenceStore, MemoryRegistry, MemorySessionStore,
+};
 #[cfg(feature = "jwt")]
 pub use identity::Jwt;
 pub use identity::{Identify, IdentityLayer, Unauthorized};
 pub use limit::{RateDecision, RateLimit, RateLimiter};
 pub use local::{CloseFrame, Inbox, InboxItem, Undeliverable};
+pub use presence::{
+    GroupPresence, PRESENCE_QUERY_BOUND, PresenceEvent, PresenceMember, UserConnections,
+};
 pub use relay::CLOSE_SESSION_MOVED;
 pub use shutdown::{CLOSE_SERVICE_RESTART, MAX_CLOSE_REASON, close_reason};
 pub use trace::{HEADER_TRACEPARENT, TraceContext, TraceId};

@@ -53,6 +53,8 @@ pub(crate) struct Node {
     pub(crate) state: RunState,
     /// Its connections' sessions, when sessions are on.
     pub(crate) sessions: Option<Arc<NodeSessions>>,
+    /// Its users' presence, when presence is on.
+    pub(crate) presence: Option<Arc<crate::presence::NodePresence>>,
 }
 
 /// A node's run: its status flags and the tasks it owns.

@@ -8,6 +8,12 @@
 //! | `{"op":"leave","group":G}` | the sender leaves `G` and gets `{"type":"left","group":G}` |
 //! | `{"op":"group","group":G,"data":ANY}` | every member of `G`, on any node, gets `{"type":"group","group":G,"from":SENDER,"data":ANY}` |
 //! | `{"op":"send_user","user":U,"data":ANY}` | every connection of user `U`, on any node, gets `{"type":"message","from":SENDER,"user":U,"data":ANY}` once |
+//! | `{"op":"presence","group":G}` | the sender gets `{"type":"presence","group":G,"members":[{"user":U,"connections":N},…]}` (with `"id"` when the op had one, and `"unreachable":[NODE,…]` naming nodes gone whose members are left out) |
+//!
+//! Members of a group get `{"type":"presence_join","group":G,"user":U}` when the first
+//! connection of user `U` joins it (on any node), and `{"type":"presence_leave",…}` when the
+//! last one leaves it, closes, or goes with its node: once each. Only connections with a user
+//! count.
 //!
 //! On open the server sends `{"type":"welcome","connection_id":ID,"node_id":NODE}`, with
 //! `"user":U` when the upgrade said who the client is (a JWT, see
@@ -78,6 +84,13 @@ pub enum ClientOp {
         user: String,
         /// The payload.
         data: Box<RawValue>,
+        /// The client's correlation id.
+        id: Option<Box<RawValue>>,
+    },
+    /// Ask who is in a group.
+    Presence {
+        /// The group.
+        group: String,
         /// The client's correlation id.
         id: Option<Box<RawValue>>,
     },
@@ -167,6 +180,10 @@ impl Frame {
                 (None, _) => return Err(missing("group", id)),
                 (_, None) => return Err(missing("data", id)),
             },
+            "presence" => match group {
+                Some(group) => ClientOp::Presence { group, id },
+                None => return Err(missing("group", id)),
+            },
             "send_user" => match (user, data) {
                 (Some(user), Some(data)) => ClientOp::SendUser { user, data, id },
                 (None, _) => return Err(missing("user", id)),
@@ -175,7 +192,7 @@ impl Frame {
             other => {
                 return Err(BadRequest {
                     message: format!(
-                        "unknown op `{other}` (expected send, broadcast, join, leave, group or send_user)"
+                        "unknown op `{other}` (expected send, broadcast, join, leave, group, send_user or presence)"
                     ),
                     id,
                 });
@@ -211,7 +228,8 @@ impl ClientOp {
             | Self::Join { id, .. }
             | Self::Leave { id, .. }
             | Self::Group { id, .. }
-            | Self::SendUser { id, .. } => id.as_deref(),
+            | Self::SendUser { id, .. }
+            | Self::Presence { id, .. } => id.as_deref(),
         }
     }
 }
@@ -282,6 +300,41 @@ pub enum ServerMessage<'a> {
         from: Option<&'a ConnectionId>,
         /// The payload.
         data: &'a RawValue,
+        /// Its number in the session (sessions on).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+    },
+    /// Who is in a group, across the cluster: the answer to a `presence` op.
+    Presence {
+        /// The op's correlation id, if it had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// The group.
+        group: &'a str,
+        /// Its members.
+        members: &'a [crate::PresenceMember],
+        /// Nodes gone (not reaped yet) whose members are left out.
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        unreachable: &'a [hybrid_cluster_core::NodeId],
+    },
+    /// A user's first connection joined a group this connection is a member of.
+    #[serde(rename = "presence_join")]
+    PresenceJoin {
+        /// The group.
+        group: &'a str,
+        /// The user.
+        user: &'a str,
+        /// Its number in the session (sessions on).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+    },
+    /// A user's last connection left a group this connection is a member of.
+    #[serde(rename = "presence_leave")]
+    PresenceLeave {
+        /// The group.
+        group: &'a str,
+        /// The user.
+        user: &'a str,
         /// Its number in the session (sessions on).
         #[serde(skip_serializing_if = "Option::is_none")]
         seq: Option<u64>,
@@ -409,6 +462,29 @@ mod tests {
             .to_json(),
             r#"{"type":"group","group":"g","from":"a:0000000000000001:1","data":{"x":1},"seq":7}"#
         );
+        let members = [crate::PresenceMember {
+            user: "alice".parse().unwrap(),
+            connections: 2,
+        }];
+        assert_eq!(
+            ServerMessage::Presence {
+                id: None,
+                group: "g",
+                members: &members,
+                unreachable: &[],
+            }
+            .to_json(),
+            r#"{"type":"presence","group":"g","members":[{"user":"alice","connections":2}]}"#
+        );
+        assert_eq!(
+            ServerMessage::PresenceLeave {
+                group: "g",
+                user: "bob",
+                seq: None,
+            }
+            .to_json(),
+            r#"{"type":"presence_leave","group":"g","user":"bob"}"#
+        );
         assert_eq!(
             ServerMessage::Resumed {
                 recovered: true,
@@ -468,7 +544,7 @@ mod tests {
             fn any_frame_reads_to_a_request_or_a_bad_request(
                 text in prop_oneof![
                     any::<String>(),
-                    r#"\{"op":"(send|broadcast|join|leave|group|send_user|x)"(,"(to|group|user|data|id)":("[^"]{0,300}"|[0-9]{1,30}|null|\[\]|\{\}))*\}"#,
+                    r#"\{"op":"(send|broadcast|join|leave|group|send_user|presence|x)"(,"(to|group|user|data|id)":("[^"]{0,300}"|[0-9]{1,30}|null|\[\]|\{\}))*\}"#,
                 ],
             ) {
                 match ClientOp::parse(&text) {

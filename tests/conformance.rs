@@ -16,8 +16,7 @@ use hybrid_cluster_memory::{MemoryPresenceStore, MemorySessionStore};
 use hybrid_cluster_test_support::conformance::{Cleanup, broker::NODES};
 use hybrid_cluster_test_support::servers::{amqp_url, redis_url, remove_cluster, unique_prefix};
 use hybrid_cluster_test_support::{
-    broker_conformance, presence_store_conformance, registry_conformance,
-    session_store_conformance,
+    broker_conformance, presence_store_conformance, registry_conformance, session_store_conformance,
 };
 
 async fn memory_registry(_case: &str) -> (Arc<dyn Registry>, Cleanup) {

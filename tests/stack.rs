@@ -573,6 +573,7 @@ async fn a_node_that_cannot_receive_is_degraded_until_it_can() {
         registry: std::sync::Arc::new(hybrid_cluster::MemoryRegistry::new()),
         broker: broker.clone(),
         sessions: std::sync::Arc::new(hybrid_cluster::MemorySessionStore::new()),
+        presence: std::sync::Arc::new(hybrid_cluster::MemoryPresenceStore::new()),
     };
     // Refused in HTTP, so that the refusal is an error of the upgrade (in-band refusals are
     // tested on their own).
@@ -1010,6 +1011,7 @@ async fn a_client_gone_while_its_join_binds_leaves_no_binding() {
         registry: std::sync::Arc::new(hybrid_cluster::MemoryRegistry::new()),
         broker: broker.clone(),
         sessions: std::sync::Arc::new(hybrid_cluster::MemorySessionStore::new()),
+        presence: std::sync::Arc::new(hybrid_cluster::MemoryPresenceStore::new()),
     };
     let (cluster, listener) = start(&backends, "gated").await;
     let url = ws_url(&listener);

@@ -425,3 +425,203 @@ async fn a_flooding_client_is_refused_then_closed_while_its_neighbours_are_serve
     assert_eq!(count("refused"), 99.0 * FLOODERS as f64, "{metrics}");
     assert_eq!(count("closed"), FLOODERS as f64, "{metrics}");
 }
+
+/// Notes `frame` in `events` when it is a presence event of the room; false otherwise.
+fn note_event(frame: &Value, events: &mut Vec<(String, String)>) -> bool {
+    let Some(kind @ ("presence_join" | "presence_leave")) = frame["type"].as_str() else {
+        return false;
+    };
+    assert_eq!(frame["group"], "room", "{frame}");
+    events.push((kind.to_owned(), frame["user"].as_str().unwrap().to_owned()));
+    true
+}
+
+/// Reads `client`'s frames until a group message with `marker` as data comes, noting the
+/// presence events in `events`; returns them all, and empties `events`.
+async fn presence_events(
+    client: &mut Client,
+    events: &mut Vec<(String, String)>,
+    marker: &str,
+    cluster: &NodeCluster,
+) -> Vec<(String, String)> {
+    loop {
+        let frame = next_frame(client, cluster).await;
+        if !note_event(&frame, events) && frame["type"] == "group" && frame["data"] == marker {
+            return std::mem::take(events);
+        }
+    }
+}
+
+/// The members of `room` as `client` asks them: (user, connections), and the nodes named
+/// unreachable.
+async fn members(
+    client: &mut Client,
+    events: &mut Vec<(String, String)>,
+    cluster: &NodeCluster,
+) -> (Vec<(String, u64)>, Value) {
+    client
+        .send(&json!({"op": "presence", "group": "room", "id": "who"}))
+        .await
+        .unwrap();
+    loop {
+        let frame = next_frame(client, cluster).await;
+        note_event(&frame, events);
+        if frame["type"] == "presence" {
+            assert_eq!(frame["id"], "who", "{frame}");
+            let members = frame["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["user"].as_str().unwrap().to_owned(),
+                        m["connections"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            return (members, frame["unreachable"].clone());
+        }
+    }
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+async fn join_room(client: &mut Client, cluster: &NodeCluster) {
+    let id = format!("join-{}", client.id);
+    let answer = request(
+        client,
+        json!({"op": "join", "group": "room", "id": id}),
+        cluster,
+    )
+    .await;
+    assert_eq!(answer["type"], "ack", "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_right_across_three_nodes_and_each_change_is_announced_once() {
+    let mut cluster = NodeCluster::new("users-presence");
+    let options = with_auth(&cluster);
+    let a = cluster.start("presence-a", &options).await;
+    let b = cluster.start("presence-b", &options).await;
+    let c = cluster.start("presence-c", &options).await;
+    cluster.wait_for_nodes(3, WAIT).await;
+    let urls: Vec<String> = [a, b, c]
+        .iter()
+        .map(|&i| cluster.nodes[i].ws_url())
+        .collect();
+
+    // Watchers on a and b see every event of the room.
+    let mut watcher_a = connect_as(&urls[0], "watcher-a").await;
+    join_room(&mut watcher_a, &cluster).await;
+    let mut watcher_b = connect_as(&urls[1], "watcher-b").await;
+    join_room(&mut watcher_b, &cluster).await;
+    let mut alice_a = connect_as(&urls[0], "alice").await;
+    join_room(&mut alice_a, &cluster).await;
+    let mut alice_b = connect_as(&urls[1], "alice").await;
+    join_room(&mut alice_b, &cluster).await;
+    let mut bob_c = connect_as(&urls[2], "bob").await;
+    join_room(&mut bob_c, &cluster).await;
+    let marker = |n: u32| json!({"op": "group", "group": "room", "data": format!("marker-{n}")});
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    watcher_a.send(&marker(1)).await.unwrap();
+    assert_eq!(
+        presence_events(&mut watcher_b, &mut seen_b, "marker-1", &cluster).await,
+        // (Its own arrival came before its join's ack, which `join_room` read past.)
+        pairs(&[("presence_join", "alice"), ("presence_join", "bob")]),
+        "alice arrives once for her two connections"
+    );
+    let _ = presence_events(&mut watcher_a, &mut seen_a, "marker-1", &cluster).await;
+    let (listed, unreachable) = members(&mut watcher_b, &mut seen_b, &cluster).await;
+    assert_eq!(
+        listed,
+        [
+            ("alice".to_owned(), 2),
+            ("bob".to_owned(), 1),
+            ("watcher-a".to_owned(), 1),
+            ("watcher-b".to_owned(), 1)
+        ]
+    );
+    assert!(unreachable.is_null(), "{unreachable}");
+
+    // Alice's connection on a closes: she is still there on b; leaving there, she is gone.
+    alice_a.close().await;
+    let answer = request(
+        &mut alice_b,
+        json!({"op": "leave", "group": "room", "id": "l"}),
+        &cluster,
+    )
+    .await;
+    assert_eq!(answer["type"], "ack", "{answer}");
+    // Bob's node dies with him: after its lease, one peer reaps it and says so once.
+    cluster.nodes[c].signal("KILL").unwrap();
+    drop(bob_c);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (listed, _) = members(&mut watcher_a, &mut seen_a, &cluster).await;
+        if listed.iter().all(|(user, _)| user != "bob") {
+            assert_eq!(
+                listed,
+                [("watcher-a".to_owned(), 1), ("watcher-b".to_owned(), 1)]
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob is still listed\n{}",
+            cluster.logs(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Reaped: the node is not named unreachable any more either.
+    let (_, unreachable) = members(&mut watcher_a, &mut seen_a, &cluster).await;
+    assert!(unreachable.is_null(), "{unreachable}");
+    // Each watcher gets both departures (the reaping node announces bob's after the store
+    // forgot him), then nothing more up to a marker sent after them: once each.
+    for (watcher, seen) in [(&mut watcher_a, &mut seen_a), (&mut watcher_b, &mut seen_b)] {
+        while seen.len() < 2 {
+            let frame = next_frame(watcher, &cluster).await;
+            note_event(&frame, seen);
+        }
+        let mut departures = std::mem::take(seen);
+        departures.sort();
+        assert_eq!(
+            departures,
+            pairs(&[("presence_leave", "alice"), ("presence_leave", "bob")]),
+            "{}",
+            watcher.id
+        );
+    }
+    watcher_b.send(&marker(2)).await.unwrap();
+    for (watcher, seen) in [(&mut watcher_a, &mut seen_a), (&mut watcher_b, &mut seen_b)] {
+        let more = presence_events(watcher, seen, "marker-2", &cluster).await;
+        assert!(more.is_empty(), "{}: announced twice: {more:?}", watcher.id);
+    }
+
+    // Everyone gone: the room's presence is gone from Redis.
+    watcher_a.close().await;
+    watcher_b.close().await;
+    alice_b.close().await;
+    let mut redis = redis::Client::open(hybrid_cluster_test_support::servers::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{{{}}}:presence:room", cluster.prefix);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if !exists {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{key} is left behind");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use hybrid_cluster_balance::{Placer, Selector};
 use hybrid_cluster_core::{
     AmqpUrl, Broker, BrokerError, ConnectionIds, ConsumeOptions, Deliveries, Incarnation,
-    LiveNodeInfo, NodeInfo, Registry, SessionStore,
+    LiveNodeInfo, NodeInfo, PresenceStore, Registry, SessionStore,
 };
 use hybrid_cluster_discovery::{
-    ConnectionCounter, Discovery, RedisOptions, RedisRegistry, RedisSessionStore,
+    ConnectionCounter, Discovery, RedisOptions, RedisPresenceStore, RedisRegistry,
+    RedisSessionStore,
 };
 use hybrid_cluster_routing::{Forward, NodeTopology, RabbitBroker};
 use tokio::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use crate::local::LocalConnections;
 use crate::metered::{MeteredBroker, MeteredRegistry};
 use crate::metrics::Metrics;
 use crate::node::{Node, RunState};
+use crate::presence::NodePresence;
 use crate::session::NodeSessions;
 
 /// Starts the node of `config` on `backends`: see [`Cluster::start`](crate::Cluster::start).
@@ -29,8 +31,19 @@ pub(super) async fn start(
     backends: Backends,
 ) -> Result<Arc<Node>, ClusterError> {
     let config = settled(config);
-    let (registry, broker, store) = connect_backends(&config, backends).await?;
-    let sessions = node_sessions(&config, store);
+    let Stores {
+        registry,
+        broker,
+        sessions,
+        presence,
+    } = connect_backends(&config, backends).await?;
+    let sessions = node_sessions(&config, sessions);
+    let presence = config.presence.then(|| {
+        Arc::new(NodePresence {
+            store: presence,
+            ttl: presence_ttl(&config),
+        })
+    });
     let id = config.node_id.clone();
     let incarnation = Incarnation::random();
     let topology = NodeTopology::declare_with(
@@ -73,6 +86,7 @@ pub(super) async fn start(
         metrics,
         state: RunState::default(),
         sessions,
+        presence,
     });
     run(&node, deliveries);
     Ok(node)
@@ -84,19 +98,36 @@ fn local_connections(
     counter: &ConnectionCounter,
     metrics: &Metrics,
 ) -> Arc<LocalConnections> {
-    let local = Arc::new(
-        LocalConnections::new(
-            counter.clone(),
-            config.inbox_capacity,
-            config.slow_client,
-            metrics.clone(),
-        )
-        .with_byte_bound(config.inbox_bytes),
-    );
+    let mut local = LocalConnections::new(
+        counter.clone(),
+        config.inbox_capacity,
+        config.slow_client,
+        metrics.clone(),
+    )
+    .with_byte_bound(config.inbox_bytes);
+    if config.presence {
+        local = local.with_presence();
+    }
+    let local = Arc::new(local);
     if let Some(limits) = &config.sessions {
         local.park_for(limits.resume_window);
     }
     local
+}
+
+/// How long a node's presence entries live unless it keeps them alive: well past the time
+/// its peers take to see it gone and reap them (a lease), so that only a cluster gone whole
+/// leaves them to expire.
+fn presence_ttl(config: &ClusterConfig) -> Duration {
+    (config.discovery.lease * 10).max(Duration::from_secs(60))
+}
+
+/// What a node keeps its state in, connected.
+struct Stores {
+    registry: Arc<dyn Registry>,
+    broker: Arc<dyn Broker>,
+    sessions: Arc<dyn SessionStore>,
+    presence: Arc<dyn PresenceStore>,
 }
 
 /// The node's sessions on `store`, when `config` turns them on.
@@ -131,42 +162,67 @@ fn settled(mut config: ClusterConfig) -> ClusterConfig {
 async fn connect_backends(
     config: &ClusterConfig,
     backends: Backends,
-) -> Result<(Arc<dyn Registry>, Arc<dyn Broker>, Arc<dyn SessionStore>), ClusterError> {
-    let (registry, broker, store): (Arc<dyn Registry>, Arc<dyn Broker>, Arc<dyn SessionStore>) =
-        match backends {
-            Backends::Embedded { registry, broker } => {
-                let store = Arc::new(registry.sessions());
-                (Arc::new(registry), Arc::new(broker), store)
+) -> Result<Stores, ClusterError> {
+    let stores = match backends {
+        Backends::Embedded { registry, broker } => Stores {
+            sessions: Arc::new(registry.sessions()),
+            presence: Arc::new(registry.presence()),
+            registry: Arc::new(registry),
+            broker: Arc::new(broker),
+        },
+        Backends::Custom {
+            registry,
+            broker,
+            sessions,
+            presence,
+        } => Stores {
+            registry,
+            broker,
+            sessions,
+            presence,
+        },
+        Backends::Servers { redis, amqp } => {
+            warn_if_lapin_logs_payloads();
+            let registry =
+                RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
+            Stores {
+                sessions: Arc::new(RedisSessionStore::new(
+                    registry.connection(),
+                    &config.prefix,
+                )),
+                presence: Arc::new(RedisPresenceStore::new(
+                    registry.connection(),
+                    &config.prefix,
+                )),
+                broker: connect_rabbitmq(config, &amqp).await?,
+                registry: Arc::new(registry),
             }
-            Backends::Custom {
-                registry,
-                broker,
-                sessions,
-            } => (registry, broker, sessions),
-            Backends::Servers { redis, amqp } => {
-                warn_if_lapin_logs_payloads();
-                let registry =
-                    RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
-                let store = RedisSessionStore::new(registry.connection(), &config.prefix);
-                let broker = connect_rabbitmq(config, &amqp).await?;
-                (Arc::new(registry), broker, Arc::new(store))
+        }
+        Backends::RedisCluster { seeds, amqp } => {
+            warn_if_lapin_logs_payloads();
+            let registry =
+                RedisRegistry::connect_cluster(&seeds, &config.prefix, RedisOptions::default())
+                    .await?;
+            Stores {
+                sessions: Arc::new(RedisSessionStore::new(
+                    registry.connection(),
+                    &config.prefix,
+                )),
+                presence: Arc::new(RedisPresenceStore::new(
+                    registry.connection(),
+                    &config.prefix,
+                )),
+                broker: connect_rabbitmq(config, &amqp).await?,
+                registry: Arc::new(registry),
             }
-            Backends::RedisCluster { seeds, amqp } => {
-                warn_if_lapin_logs_payloads();
-                let registry =
-                    RedisRegistry::connect_cluster(&seeds, &config.prefix, RedisOptions::default())
-                        .await?;
-                let store = RedisSessionStore::new(registry.connection(), &config.prefix);
-                let broker = connect_rabbitmq(config, &amqp).await?;
-                (Arc::new(registry), broker, Arc::new(store))
-            }
-        };
+        }
+    };
     let node = &config.node_id;
-    Ok((
-        Arc::new(MeteredRegistry::new(registry, node)),
-        Arc::new(MeteredBroker::new(broker, node)),
-        store,
-    ))
+    Ok(Stores {
+        registry: Arc::new(MeteredRegistry::new(stores.registry, node)),
+        broker: Arc::new(MeteredBroker::new(stores.broker, node)),
+        ..stores
+    })
 }
 
 /// The node's RabbitMQ connection, named after the node.

@@ -29,6 +29,9 @@ pub(super) fn spawn_all(node: &Arc<Node>, deliveries: Deliveries) {
     if node.sessions.is_some() {
         node.spawn(keeping_sessions_alive(node));
     }
+    if node.presence.is_some() {
+        node.spawn(crate::presence::follow(Arc::downgrade(node)));
+    }
 }
 
 /// Pushes back the expiry of the sessions whose clients are connected here, four times a
@@ -132,6 +135,7 @@ fn watching(node: &Arc<Node>) -> impl Task + use<> {
                     MemberChange::Left(gone) => {
                         metrics.discovery_change("leave");
                         if let Some(node) = weak.upgrade() {
+                            reap_presence(&node, &gone);
                             node.take_over_queue(gone);
                         }
                     }
@@ -149,6 +153,19 @@ fn watching(node: &Arc<Node>) -> impl Task + use<> {
             }
         }
     }
+}
+
+/// Takes away the presence of `gone`, a node that left, in a task of its own.
+fn reap_presence(node: &Arc<Node>, gone: &NodeId) {
+    if node.presence.is_none() || gone == &node.id {
+        return;
+    }
+    let (weak, gone) = (Arc::downgrade(node), gone.clone());
+    node.spawn(async move {
+        if let Some(node) = weak.upgrade() {
+            crate::presence::reap(&node, &gone).await;
+        }
+    });
 }
 
 /// Logs each peer newly seen to key group messages otherwise (of those not in `known`), sets

@@ -209,8 +209,19 @@ impl ClusterHandle {
             self.node.local.abandon(id, group, join);
             return Err(error);
         }
+        self.presence_applied().await;
         self.save_groups(id).await;
         Ok(())
+    }
+
+    /// Waits until the presence changes of this node made so far are in the presence store
+    /// (a join's or a leave's among them), so that a query after it sees it.
+    async fn presence_applied(&self) {
+        if let Some(changes) = self.node.local.presence()
+            && self.user().is_some()
+        {
+            changes.wait_applied(changes.last()).await;
+        }
     }
 
     /// Records the groups of connection `id` in its session, if it has one (a resume joins
@@ -293,6 +304,7 @@ impl ClusterHandle {
             self.save_groups(id).await;
             return Ok(());
         }
+        self.presence_applied().await;
         let changed = self.change_membership(group, None).await;
         self.save_groups(id).await;
         changed
@@ -567,9 +579,21 @@ impl OrderedSender {
     /// A group message: this node's members get it at once, the other nodes' through the
     /// broker.
     fn group(&mut self, group: &GroupName, kind: PayloadKind, payload: Bytes) -> Confirmation {
-        let envelope = self
+        self.group_with(group, kind, payload, std::collections::BTreeMap::new())
+    }
+
+    /// A group message carrying `headers` (a presence event, say).
+    pub(crate) fn group_with(
+        &mut self,
+        group: &GroupName,
+        kind: PayloadKind,
+        payload: Bytes,
+        headers: std::collections::BTreeMap<String, String>,
+    ) -> Confirmation {
+        let mut envelope = self
             .handle
             .envelope(Target::Group(group.clone()), kind, payload);
+        envelope.headers = headers;
         let shared = Arc::new(envelope.clone());
         let node = &self.handle.node;
         let kept = node.settle_fanned(node.local.deliver_group(group, &shared));

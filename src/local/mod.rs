@@ -1,6 +1,7 @@
 //! This node's connections: their bounded inboxes, their groups, and their count.
 
 mod bounced;
+mod changes;
 mod inbox;
 #[cfg(test)]
 mod tests;
@@ -15,6 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 pub(crate) use self::bounced::{Bounce, Bounced};
+pub(crate) use self::changes::{PresenceChange, PresenceChanges};
 pub(crate) use self::inbox::{Phase, Pushed, Refused, SlotSession};
 
 pub(crate) use self::inbox::InboxSlot;
@@ -76,6 +78,8 @@ pub(crate) struct LocalConnections {
     pub(crate) bounced: Arc<Bounced>,
     /// How long a parked session stays; `None`: sessions are off.
     park_window: Mutex<Option<std::time::Duration>>,
+    /// Presence changes of connections with a user, when presence is on.
+    presence: Option<PresenceChanges>,
 }
 
 impl LocalConnections {
@@ -98,6 +102,32 @@ impl LocalConnections {
             departures: Notify::new(),
             bounced,
             park_window: Mutex::new(None),
+            presence: None,
+        }
+    }
+
+    /// Records the presence changes of connections with a user (see [`PresenceChanges`]).
+    pub(crate) fn with_presence(mut self) -> Self {
+        self.presence = Some(PresenceChanges::default());
+        self
+    }
+
+    /// The presence changes, when presence is on.
+    pub(crate) fn presence(&self) -> Option<&PresenceChanges> {
+        self.presence.as_ref()
+    }
+
+    /// Queues, for the groups `counted` of a connection of `user` that goes or leaves them,
+    /// that it left them (called under the table's lock).
+    fn push_left<'a>(
+        &self,
+        user: Option<&UserId>,
+        counted: impl IntoIterator<Item = &'a GroupName>,
+    ) {
+        if let (Some(presence), Some(user)) = (&self.presence, user) {
+            for group in counted {
+                presence.push(PresenceChange::Left(group.clone(), user.clone()));
+            }
         }
     }
 
@@ -219,6 +249,7 @@ impl LocalConnections {
                     }
                 }
             }
+            self.push_left(entry.user.as_ref(), &entry.counted);
             (entry, table.entries.len() - table.parked)
         };
         // Messages the socket task never took: their senders are told.
@@ -329,7 +360,11 @@ impl LocalConnections {
         let Some(entry) = table.entries.get_mut(id) else {
             return false;
         };
-        entry.groups.get(group) == Some(&join) && entry.counted.insert(group.clone())
+        let counted = entry.groups.get(group) == Some(&join) && entry.counted.insert(group.clone());
+        if counted && let (Some(presence), Some(user)) = (&self.presence, &entry.user) {
+            presence.push(PresenceChange::Joined(group.clone(), user.clone()));
+        }
+        counted
     }
 
     /// Undoes join number `join` of `group`, whose bind failed: the membership goes, unless
@@ -366,6 +401,9 @@ impl LocalConnections {
         let mut table = self.table.write();
         let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
         let counted = entry.counted.remove(group);
+        if counted {
+            self.push_left(entry.user.as_ref(), [group]);
+        }
         if entry.groups.remove(group).is_none() {
             return Ok(counted);
         }
@@ -387,6 +425,7 @@ impl LocalConnections {
             };
             let groups = std::mem::take(&mut entry.groups);
             let counted = std::mem::take(&mut entry.counted);
+            self.push_left(entry.user.as_ref(), &counted);
             for group in groups.keys() {
                 if let Some(members) = table.groups.get_mut(group) {
                     members.remove(id);
@@ -424,6 +463,18 @@ impl LocalConnections {
                 .flatten()
             })
             .collect()
+    }
+
+    /// The groups this node counts a connection with a user in (presence to keep alive).
+    pub(crate) fn presence_groups(&self) -> Vec<GroupName> {
+        let table = self.table.read();
+        let groups: BTreeSet<&GroupName> = table
+            .entries
+            .values()
+            .filter(|entry| entry.user.is_some())
+            .flat_map(|entry| &entry.counted)
+            .collect();
+        groups.into_iter().cloned().collect()
     }
 
     /// The user connection `id` belongs to, if known.

@@ -46,7 +46,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use hybrid_cluster_core::{Envelope, NodeInfo, PayloadKind, Target, USER_GROUP_PREFIX, UserId};
+use hybrid_cluster_core::{
+    Envelope, GroupName, NodeInfo, PayloadKind, Target, USER_GROUP_PREFIX, UserId,
+};
 use serde_json::value::RawValue;
 
 use self::requests::{Requests, error_reply};
@@ -56,6 +58,7 @@ use crate::hybrid::{RETRY_AFTER_SECS, Refusal};
 use crate::identity::{Identify, IdentityLayer};
 use crate::limit::RateDecision;
 use crate::local::{Inbox, InboxItem};
+use crate::presence::{HEADER_PRESENCE, PresenceEvent};
 use crate::protocol::ServerMessage;
 
 /// WebSocket settings of the node server.
@@ -645,6 +648,26 @@ async fn write(
     matches!(tokio::time::timeout(limit, writing).await, Ok(Ok(())))
 }
 
+/// The frame of a presence event for `group`.
+fn render_presence(group: &GroupName, envelope: &Envelope, seq: Option<u64>) -> String {
+    let group = group.as_str();
+    match PresenceEvent::of(envelope) {
+        Some(PresenceEvent::Join(user)) => ServerMessage::PresenceJoin {
+            group,
+            user: user.as_str(),
+            seq,
+        }
+        .to_json(),
+        Some(PresenceEvent::Leave(user)) => ServerMessage::PresenceLeave {
+            group,
+            user: user.as_str(),
+            seq,
+        }
+        .to_json(),
+        None => error_reply(None, "internal", "a malformed presence event arrived"),
+    }
+}
+
 /// The frame a client gets for a message from its inbox, numbered `seq` in its session.
 fn render(envelope: &Envelope, seq: Option<u64>) -> String {
     let text = match envelope.kind {
@@ -682,6 +705,9 @@ fn render(envelope: &Envelope, seq: Option<u64>) -> String {
             seq,
         },
         Target::Broadcast => ServerMessage::Broadcast { from, data, seq },
+        Target::Group(group) if envelope.headers.contains_key(HEADER_PRESENCE) => {
+            return render_presence(group, envelope, seq);
+        }
         Target::Group(group) if group.is_reserved() => ServerMessage::Message {
             from,
             user: group.as_str().strip_prefix(USER_GROUP_PREFIX),

@@ -72,6 +72,10 @@ enum Request {
         group: GroupName,
         id: Option<Box<RawValue>>,
     },
+    Presence {
+        group: GroupName,
+        id: Option<Box<RawValue>>,
+    },
 }
 
 impl Request {
@@ -99,6 +103,10 @@ impl Request {
                 Ok(user) => Self::SendUser { user, data, id },
                 Err(e) => return Err(bad(id, e.to_string())),
             },
+            ClientOp::Presence { group, id } => match client_group(&group) {
+                Ok(group) => Self::Presence { group, id },
+                Err(e) => return Err(bad(id, e)),
+            },
             ClientOp::Join { group, id } => Self::membership(true, &group, id)?,
             ClientOp::Leave { group, id } => Self::membership(false, &group, id)?,
         })
@@ -118,7 +126,8 @@ impl Request {
             | Self::Broadcast { id, .. }
             | Self::Group { id, .. }
             | Self::SendUser { id, .. }
-            | Self::Membership { id, .. } => id.as_deref(),
+            | Self::Membership { id, .. }
+            | Self::Presence { id, .. } => id.as_deref(),
         }
     }
 }
@@ -153,7 +162,9 @@ impl<'a> Ahead<'a> {
             // A local unicast must not overtake a message that may reach the same connection.
             Request::Send { .. } => !self.fanout,
             // Membership decides who gets a group message: not before one already sent.
+            // A presence query sees the memberships asked before it.
             Request::Membership { group, .. } => !self.groups.contains(&group),
+            Request::Presence { .. } => false,
             Request::Broadcast { .. } | Request::Group { .. } | Request::SendUser { .. } => false,
         }
     }
@@ -167,7 +178,9 @@ impl<'a> Ahead<'a> {
                 self.groups.push(group);
             }
             Request::Send { .. } if needs_place => {}
-            Request::Send { .. } | Request::Membership { .. } => self.local = true,
+            Request::Send { .. } | Request::Membership { .. } | Request::Presence { .. } => {
+                self.local = true
+            }
         }
     }
 }
@@ -316,7 +329,7 @@ impl Requests {
         match request {
             Request::Send { to, .. } => self.sender.needs_place(to),
             Request::Broadcast { .. } | Request::Group { .. } | Request::SendUser { .. } => true,
-            Request::Membership { .. } => false,
+            Request::Membership { .. } | Request::Presence { .. } => false,
         }
     }
 
@@ -421,6 +434,24 @@ impl Requests {
             Request::SendUser { user, data, id } => {
                 let confirmation = self.sender.send_user(&user, Payload::text(data.get()));
                 Box::pin(async move { sent_replies(confirmation.await, id.as_deref()).into() })
+            }
+            Request::Presence { group, id } => {
+                let handle = self.handle.clone();
+                Box::pin(async move {
+                    let replies = match handle.presence(&group).await {
+                        Ok(presence) => vec![
+                            ServerMessage::Presence {
+                                id: id.as_deref(),
+                                group: group.as_str(),
+                                members: &presence.members,
+                                unreachable: &presence.unreachable,
+                            }
+                            .to_json(),
+                        ],
+                        Err(error) => vec![send_error_reply(id.as_deref(), &error)],
+                    };
+                    replies.into()
+                })
             }
             Request::Membership { join, group, id } => {
                 let handle = self.handle.clone();

@@ -35,13 +35,23 @@ async fn shares(store: &Arc<dyn PresenceStore>, name: &str) -> Vec<(String, Stri
     shares
 }
 
+/// Each node's share counts apart; the cluster-wide count says who arrived (1) and who left
+/// (0); a leave a node never counted changes nothing.
 pub async fn counts_span_nodes_and_say_who_arrived_and_who_left(store: Arc<dyn PresenceStore>) {
     let (n1, n2, room) = (node("n1"), node("n2"), group("room: 1"));
     let (alice, bob) = (user("alice@example.com"), user("bob"));
-    assert_eq!(store.join(&n1, &room, &alice, TTL).await.unwrap(), 1, "alice arrives");
+    assert_eq!(
+        store.join(&n1, &room, &alice, TTL).await.unwrap(),
+        1,
+        "alice arrives"
+    );
     assert_eq!(store.join(&n2, &room, &alice, TTL).await.unwrap(), 2);
     assert_eq!(store.join(&n1, &room, &alice, TTL).await.unwrap(), 3);
-    assert_eq!(store.join(&n1, &room, &bob, TTL).await.unwrap(), 1, "bob arrives");
+    assert_eq!(
+        store.join(&n1, &room, &bob, TTL).await.unwrap(),
+        1,
+        "bob arrives"
+    );
     assert_eq!(
         shares(&store, "room: 1").await,
         [
@@ -52,15 +62,27 @@ pub async fn counts_span_nodes_and_say_who_arrived_and_who_left(store: Arc<dyn P
     );
     assert_eq!(store.leave(&n1, &room, &alice).await.unwrap(), Some(2));
     assert_eq!(store.leave(&n1, &room, &alice).await.unwrap(), Some(1));
-    assert_eq!(store.leave(&n1, &room, &alice).await.unwrap(), None, "n1 counts none");
-    assert_eq!(store.leave(&n2, &room, &alice).await.unwrap(), Some(0), "alice left");
+    assert_eq!(
+        store.leave(&n1, &room, &alice).await.unwrap(),
+        None,
+        "n1 counts none"
+    );
+    assert_eq!(
+        store.leave(&n2, &room, &alice).await.unwrap(),
+        Some(0),
+        "alice left"
+    );
     assert_eq!(store.leave(&n2, &room, &alice).await.unwrap(), None);
     assert_eq!(store.leave(&n1, &group("other"), &bob).await.unwrap(), None);
-    assert_eq!(shares(&store, "room: 1").await, [("bob".into(), "n1".into(), 1)]);
+    assert_eq!(
+        shares(&store, "room: 1").await,
+        [("bob".into(), "n1".into(), 1)]
+    );
     assert_eq!(store.leave(&n1, &room, &bob).await.unwrap(), Some(0));
     assert!(shares(&store, "room: 1").await.is_empty());
 }
 
+/// Reaping a node takes its shares, and tells who left a group altogether, once.
 pub async fn a_reaped_node_takes_its_shares_and_only_the_first_reap_tells(
     store: Arc<dyn PresenceStore>,
 ) {
@@ -90,9 +112,14 @@ pub async fn a_reaped_node_takes_its_shares_and_only_the_first_reap_tells(
     assert_eq!(shares(&store, "g").await, [("bob".into(), "n2".into(), 1)]);
     assert!(shares(&store, "h").await.is_empty());
     assert_eq!(store.leave(&n1, &g, &bob).await.unwrap(), None, "reaped");
-    assert_eq!(store.join(&n1, &g, &bob, TTL).await.unwrap(), 2, "n1 counts anew");
+    assert_eq!(
+        store.join(&n1, &g, &bob, TTL).await.unwrap(),
+        2,
+        "n1 counts anew"
+    );
 }
 
+/// A node's entries go a ttl after it stops keeping them alive.
 pub async fn a_nodes_entries_expire_unless_kept_alive(store: Arc<dyn PresenceStore>) {
     let (n1, n2, g) = (node("n1"), node("n2"), group("g"));
     let short = Duration::from_millis(400);

@@ -1,0 +1,272 @@
+//! Presence across the cluster: which users are in a group, on which nodes, and the
+//! `presence_join` / `presence_leave` events its members get.
+//!
+//! The node applies its connections' presence changes ([`PresenceChanges`], in the order its
+//! table made them) to the cluster's [`PresenceStore`], one at a time; the change that takes a
+//! user's count in a group from 0 to 1 (or from 1 to 0) across the cluster is announced to the
+//! group, so each arrival and departure is announced once. A node that goes without leaving
+//! is reaped by the first peer to see it go, which announces who left with it; a node
+//! starting reaps what a previous run of it left. A user's own group counts their
+//! connections per node, which [`ClusterHandle::user_connections`] reads; it has no events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hybrid_cluster_core::{
+    Envelope, GroupName, NodeId, PayloadKind, PresenceShare, PresenceStore, RegistryError, UserId,
+};
+use serde::Serialize;
+
+use crate::error::SendError;
+use crate::handle::ClusterHandle;
+use crate::local::PresenceChange;
+use crate::node::Node;
+
+/// The header of a presence event: `join` or `leave`.
+pub(crate) const HEADER_PRESENCE: &str = "presence";
+/// The header naming the user of a presence event.
+pub(crate) const HEADER_PRESENCE_USER: &str = "presence-user";
+
+/// How long a query of presence may take before it fails.
+pub const PRESENCE_QUERY_BOUND: Duration = Duration::from_secs(2);
+
+/// A node's presence: the store every node shares, and how long its entries live unless kept.
+#[derive(Debug)]
+pub(crate) struct NodePresence {
+    pub(crate) store: Arc<dyn PresenceStore>,
+    pub(crate) ttl: Duration,
+}
+
+/// One member of a group, as [`ClusterHandle::presence`] lists them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PresenceMember {
+    /// The user.
+    pub user: UserId,
+    /// Their connections in the group, on the nodes that answered.
+    pub connections: u64,
+}
+
+/// A group's members across the cluster ([`ClusterHandle::presence`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupPresence {
+    /// Every user with a connection in the group, on a node this node sees alive, by user.
+    pub members: Vec<PresenceMember>,
+    /// Nodes that count members of the group but are not alive in this node's view (gone,
+    /// not reaped yet): their members are left out.
+    pub unreachable: Vec<NodeId>,
+}
+
+/// A user's connections across the cluster ([`ClusterHandle::user_connections`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserConnections {
+    /// Each node alive in this node's view with connections of the user, and how many.
+    pub nodes: Vec<(NodeId, u64)>,
+    /// Nodes that count connections of the user but are not alive in this node's view.
+    pub unreachable: Vec<NodeId>,
+}
+
+/// A presence event, as a member of the group receives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PresenceEvent {
+    /// The user's first connection joined the group.
+    Join(UserId),
+    /// The user's last connection left the group.
+    Leave(UserId),
+}
+
+impl PresenceEvent {
+    /// The event `envelope` carries, when it is one (a group message with the presence
+    /// headers, as an [`InboxItem::Message`](crate::InboxItem::Message)).
+    pub fn of(envelope: &Envelope) -> Option<Self> {
+        let user = UserId::new(envelope.headers.get(HEADER_PRESENCE_USER)?).ok()?;
+        match envelope.headers.get(HEADER_PRESENCE)?.as_str() {
+            "join" => Some(Self::Join(user)),
+            "leave" => Some(Self::Leave(user)),
+            _ => None,
+        }
+    }
+}
+
+/// The shares of `shares` on nodes alive in `node`'s view, and the nodes that are not.
+fn split_alive(node: &Node, shares: Vec<PresenceShare>) -> (Vec<PresenceShare>, Vec<NodeId>) {
+    let view = node.discovery.view();
+    let mut unreachable = BTreeSet::new();
+    let alive = shares
+        .into_iter()
+        .filter(|share| {
+            let alive = view.node(&share.node).is_some();
+            if !alive {
+                unreachable.insert(share.node.clone());
+            }
+            alive
+        })
+        .collect();
+    (alive, unreachable.into_iter().collect())
+}
+
+impl ClusterHandle {
+    fn presence_store(&self) -> Result<&NodePresence, SendError> {
+        self.node()
+            .presence
+            .as_deref()
+            .ok_or(SendError::PresenceOff)
+    }
+
+    async fn shares(&self, group: &GroupName) -> Result<Vec<PresenceShare>, SendError> {
+        let store = &self.presence_store()?.store;
+        match tokio::time::timeout(PRESENCE_QUERY_BOUND, store.members(group)).await {
+            Ok(shares) => shares.map_err(SendError::Presence),
+            Err(_) => Err(SendError::Presence(RegistryError::Unavailable {
+                source: "the presence store did not answer in time".into(),
+            })),
+        }
+    }
+
+    /// The members of `group` across the cluster: every user with a connection in it, and
+    /// how many, on the nodes alive in this node's view; nodes gone but not reaped yet are
+    /// named in [`GroupPresence::unreachable`], their members left out. Answers within
+    /// [`PRESENCE_QUERY_BOUND`] or fails. Only connections with a user count.
+    pub async fn presence(&self, group: &GroupName) -> Result<GroupPresence, SendError> {
+        let (alive, unreachable) = split_alive(self.node(), self.shares(group).await?);
+        let mut members: BTreeMap<UserId, u64> = BTreeMap::new();
+        for share in alive {
+            *members.entry(share.user).or_insert(0) += share.connections;
+        }
+        Ok(GroupPresence {
+            members: members
+                .into_iter()
+                .map(|(user, connections)| PresenceMember { user, connections })
+                .collect(),
+            unreachable,
+        })
+    }
+
+    /// Where `user`'s connections are: each node alive in this node's view with some, and
+    /// how many; nodes gone but not reaped yet are named apart. Answers within
+    /// [`PRESENCE_QUERY_BOUND`] or fails.
+    pub async fn user_connections(&self, user: &UserId) -> Result<UserConnections, SendError> {
+        let shares = self.shares(&GroupName::of_user(user)).await?;
+        let (alive, unreachable) = split_alive(self.node(), shares);
+        Ok(UserConnections {
+            nodes: alive
+                .into_iter()
+                .filter(|share| &share.user == user)
+                .map(|share| (share.node, share.connections))
+                .collect(),
+            unreachable,
+        })
+    }
+}
+
+/// Tells `group`'s members, on every node, that `user` joined or left it.
+async fn announce(node: &Arc<Node>, group: &GroupName, event: &'static str, user: &UserId) {
+    let handle = ClusterHandle::new(Arc::clone(node), None);
+    let mut sender = handle.ordered();
+    if let Err(error) = sender.ready().await {
+        tracing::warn!(%group, error = %crate::error_chain(&error), "could not announce a presence change");
+        return;
+    }
+    let headers = BTreeMap::from([
+        (HEADER_PRESENCE.to_owned(), event.to_owned()),
+        (HEADER_PRESENCE_USER.to_owned(), user.to_string()),
+    ]);
+    let sent = sender.group_with(group, PayloadKind::Text, Bytes::new(), headers);
+    if let Err(error) = sent.await {
+        tracing::warn!(%group, error = %crate::error_chain(&error), "could not announce a presence change");
+    }
+}
+
+/// Applies one change to the store, and announces it when it is an arrival or a departure.
+async fn apply(node: &Arc<Node>, presence: &NodePresence, change: PresenceChange) {
+    let (group, user, arrived) = match change {
+        PresenceChange::Joined(group, user) => {
+            let joined = presence
+                .store
+                .join(&node.id, &group, &user, presence.ttl)
+                .await;
+            let arrived = joined.map(|count| (count == 1).then_some("join"));
+            (group, user, arrived)
+        }
+        PresenceChange::Left(group, user) => {
+            let left = presence.store.leave(&node.id, &group, &user).await;
+            let departed = left.map(|count| (count == Some(0)).then_some("leave"));
+            (group, user, departed)
+        }
+    };
+    match arrived {
+        Ok(Some(event)) if !group.is_reserved() => announce(node, &group, event, &user).await,
+        Ok(_) => {}
+        Err(error) => {
+            tracing::warn!(%group, error = %crate::error_chain(&error), "could not record a presence change: the group's presence may be off until the user joins or leaves again");
+        }
+    }
+}
+
+/// Takes away what `gone` counted, and announces who left with it (to the first node that
+/// does so only).
+pub(crate) async fn reap(node: &Arc<Node>, gone: &NodeId) {
+    let Some(presence) = node.presence.as_deref() else {
+        return;
+    };
+    match presence.store.reap(gone).await {
+        Ok(left) => {
+            if !left.is_empty() {
+                tracing::info!(node = %gone, departures = left.len(), "presence of a node gone taken away");
+            }
+            for (group, user) in left.iter().filter(|(group, _)| !group.is_reserved()) {
+                announce(node, group, "leave", user).await;
+            }
+        }
+        Err(error) => {
+            tracing::warn!(node = %gone, error = %crate::error_chain(&error), "could not take away the presence of a node gone: its members stay listed until its entries expire");
+        }
+    }
+}
+
+/// Applies the node's presence changes as they come, after reaping what a previous run of
+/// the node left; keeps the node's entries alive meanwhile. Holds the node weakly while it
+/// waits.
+pub(crate) async fn follow(node: Weak<Node>) {
+    let Some((local, presence)) = node.upgrade().and_then(|node| {
+        node.local.presence()?;
+        Some((Arc::clone(&node.local), node.presence.clone()?))
+    }) else {
+        return;
+    };
+    if let Some(first) = node.upgrade() {
+        let own = first.id.clone();
+        reap(&first, &own).await;
+    }
+    let Some(queue) = local.presence() else {
+        return;
+    };
+    let mut keeping = tokio::time::interval(presence.ttl / 4);
+    loop {
+        let (last, taken) = tokio::select! {
+            taken = queue.take() => taken,
+            _ = keeping.tick() => {
+                let Some(node) = node.upgrade() else { return };
+                keep_alive(&node, &presence).await;
+                continue;
+            }
+        };
+        let Some(node) = node.upgrade() else { return };
+        for change in taken {
+            apply(&node, &presence, change).await;
+        }
+        queue.applied(last);
+    }
+}
+
+async fn keep_alive(node: &Arc<Node>, presence: &NodePresence) {
+    let groups = node.local.presence_groups();
+    if let Err(error) = presence
+        .store
+        .keep_alive(&node.id, groups, presence.ttl)
+        .await
+    {
+        tracing::warn!(error = %crate::error_chain(&error), "could not keep this node's presence alive");
+    }
+}
