@@ -270,3 +270,58 @@ async fn keep_alive(node: &Arc<Node>, presence: &NodePresence) {
         tracing::warn!(error = %crate::error_chain(&error), "could not keep this node's presence alive");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use hybrid_cluster_core::{GroupName, NodeId, PresenceStore, UserId};
+    use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
+
+    use super::*;
+    use crate::cluster::Cluster;
+    use crate::config::{Backends, ClusterConfig};
+
+    #[tokio::test]
+    async fn a_query_leaves_out_and_names_the_nodes_not_alive_in_view() {
+        let registry = MemoryRegistry::new();
+        let store = registry.presence();
+        let backends = Backends::Embedded {
+            registry,
+            broker: MemoryBroker::new(),
+        };
+        let here = NodeId::new("presence-here").unwrap();
+        let config = ClusterConfig::new(here.clone(), "127.0.0.1", 1);
+        let cluster = Cluster::start(config, backends).await.unwrap();
+        let (room, ghost) = (
+            GroupName::new("room").unwrap(),
+            NodeId::new("ghost").unwrap(),
+        );
+        let ttl = Duration::from_secs(60);
+        let (alice, bob) = (UserId::new("alice").unwrap(), UserId::new("bob").unwrap());
+        store.join(&here, &room, &alice, ttl).await.unwrap();
+        store.join(&ghost, &room, &alice, ttl).await.unwrap();
+        store.join(&ghost, &room, &bob, ttl).await.unwrap();
+        let of_alice = GroupName::of_user(&alice);
+        store.join(&here, &of_alice, &alice, ttl).await.unwrap();
+        store.join(&here, &of_alice, &alice, ttl).await.unwrap();
+        store.join(&ghost, &of_alice, &alice, ttl).await.unwrap();
+
+        let handle = cluster.handle();
+        let presence = handle.presence(&room).await.unwrap();
+        assert_eq!(
+            presence.members,
+            [PresenceMember {
+                user: alice.clone(),
+                connections: 1
+            }]
+        );
+        assert_eq!(presence.unreachable, std::slice::from_ref(&ghost));
+        let connections = handle.user_connections(&alice).await.unwrap();
+        assert_eq!(connections.nodes, [(here, 2)]);
+        assert_eq!(connections.unreachable, [ghost]);
+        cluster.shutdown().await.unwrap();
+    }
+}

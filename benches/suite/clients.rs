@@ -63,10 +63,26 @@ pub(crate) fn send_frame(to: &str, seq: usize) -> String {
     format!(r#"{{"op":"send","to":"{to}","data":{}}}"#, data(seq))
 }
 
+/// A `send_user` to `user`, without an id.
+pub(crate) fn send_user_frame(user: &str, seq: usize) -> String {
+    format!(
+        r#"{{"op":"send_user","user":"{user}","data":{}}}"#,
+        data(seq)
+    )
+}
+
 /// A send the server acknowledges (once the broker confirmed it, or at once on one node).
 pub(crate) fn acked_send_frame(to: &str, seq: usize) -> String {
     format!(
         r#"{{"op":"send","to":"{to}","data":{},"id":{seq}}}"#,
+        data(seq)
+    )
+}
+
+/// A `send_user` the server acknowledges.
+pub(crate) fn acked_send_user_frame(user: &str, seq: usize) -> String {
+    format!(
+        r#"{{"op":"send_user","user":"{user}","data":{},"id":{seq}}}"#,
         data(seq)
     )
 }

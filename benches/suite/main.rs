@@ -36,6 +36,9 @@
 //!    RabbitMQ together, for unicast, a group of 20 members on two nodes, and a broadcast to
 //!    the first broadcast audience over 3 nodes; next to raw lapin's per message (its process
 //!    and RabbitMQ; durable queue, persistent messages, confirms and acks).
+//! 8. `sessions`: sessions on next to off (throughput, latency, memory per session).
+//! 9. `users`: `send_user` next to plain unicast on the same nodes (throughput, latency), and
+//!    Redis commands per user connection (presence) and per `send_user`.
 //!
 //! Every run uses cluster prefixes of its own (`hc-suite:<run>:<section>`), shuts its nodes
 //! down and deletes what they leave (exchanges, the dead-letter queue, Redis keys). Every loop
@@ -64,6 +67,7 @@ mod serve;
 mod sessions;
 mod stages;
 mod throughput;
+mod users;
 
 use std::time::Duration;
 
@@ -93,7 +97,7 @@ pub(crate) const SECTION_LIMIT: Duration = Duration::from_secs(900);
 /// Where the table is written.
 pub(crate) const RESULTS: &str = "bench-results/suite.md";
 
-pub(crate) const SECTIONS: [&str; 8] = [
+pub(crate) const SECTIONS: [&str; 9] = [
     "throughput",
     "latency",
     "local",
@@ -102,6 +106,7 @@ pub(crate) const SECTIONS: [&str; 8] = [
     "balance",
     "cpu",
     "sessions",
+    "users",
 ];
 
 /// The suite's command line.
@@ -117,7 +122,7 @@ pub(crate) struct Options {
     /// Passed by `cargo bench` to benches without a harness; nothing to do with it.
     #[arg(long, hide = true)]
     bench: bool,
-    /// The sections to run, by name or number (1-8); every section when none is given.
+    /// The sections to run, by name or number (1-9); every section when none is given.
     #[arg(value_name = "SECTION", value_parser = section_named)]
     pub(crate) sections: Vec<&'static str>,
 }
@@ -246,6 +251,7 @@ async fn run_section(ctx: &mut Ctx, section: &str) {
             "memory" => memory::run(ctx).await,
             "cpu" => cpu::run(ctx).await,
             "sessions" => sessions::run(ctx).await,
+            "users" => users::run(ctx).await,
             _ => balance::run(ctx).await,
         }
     };

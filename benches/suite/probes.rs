@@ -14,7 +14,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::amqp::RawQueue;
-use crate::clients::{acked_send_frame, client, connect, next_text, seq_of};
+use crate::clients::{acked_send_frame, acked_send_user_frame, client, connect, next_text, seq_of};
 use crate::report::Lat;
 use crate::serve::{WAIT, echo_server};
 use crate::{PAYLOAD, Ws};
@@ -37,6 +37,8 @@ pub(crate) enum Probe {
         to: Box<Ws>,
         to_id: String,
         seq: usize,
+        /// Sent to this user (`send_user`, `to` being their one connection), not to `to_id`.
+        user: Option<String>,
     },
 }
 
@@ -72,7 +74,22 @@ impl Probe {
             to: Box::new(to),
             to_id,
             seq: 0,
+            user: None,
         })
+    }
+
+    /// [`one_way`](Probe::one_way) to a user: `to_url` carries the user's token, and each
+    /// message is a `send_user` to `user`.
+    pub(crate) async fn one_way_to_user(
+        from_url: &str,
+        to_url: &str,
+        user: &str,
+    ) -> Result<Self, BoxError> {
+        let mut probe = Self::one_way(from_url, to_url).await?;
+        if let Self::OneWay { user: to_user, .. } = &mut probe {
+            *to_user = Some(user.to_owned());
+        }
+        Ok(probe)
     }
 
     pub(crate) async fn sample(&mut self) -> Result<Duration, BoxError> {
@@ -111,9 +128,13 @@ impl Probe {
                 to,
                 to_id,
                 seq,
+                user,
             } => {
                 *seq += 1;
-                let frame = acked_send_frame(to_id, *seq);
+                let frame = match user {
+                    Some(user) => acked_send_user_frame(user, *seq),
+                    None => acked_send_frame(to_id, *seq),
+                };
                 let start = Instant::now();
                 from.send(Message::text(frame)).await?;
                 let got = next_text(to).await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
-use hybrid_cluster::server::{ServerConfig, router};
+use hybrid_cluster::server::{ServerAuth, ServerConfig, router_with};
 use hybrid_cluster::{
     AmqpUrl, Backends, Cluster, ClusterConfig, ClusterPrefix, Durability, NodeId, RedisUrl,
     SessionLimits,
@@ -43,6 +43,17 @@ pub(crate) async fn start_node(
     durability: Durability,
     sessions: bool,
 ) -> Result<RunningNode, BoxError> {
+    start_node_with(prefix, name, durability, sessions, ServerAuth::default()).await
+}
+
+/// [`start_node`], its clients identified as `auth` says.
+pub(crate) async fn start_node_with(
+    prefix: &ClusterPrefix,
+    name: &str,
+    durability: Durability,
+    sessions: bool,
+    auth: ServerAuth,
+) -> Result<RunningNode, BoxError> {
     let redis: RedisUrl = servers::redis_url().parse()?;
     let amqp: AmqpUrl = servers::amqp_url().parse()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -54,7 +65,7 @@ pub(crate) async fn start_node(
     config.shutdown_grace = Duration::from_secs(5);
     config.sessions = sessions.then(SessionLimits::default);
     let cluster = timeout(WAIT, Cluster::start(config, Backends::servers(redis, amqp))).await??;
-    let app = router(cluster.clone(), ServerConfig::default());
+    let app = router_with(cluster.clone(), ServerConfig::default(), auth);
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });

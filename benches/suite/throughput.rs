@@ -10,7 +10,7 @@ use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::amqp::raw_lapin_rate;
-use crate::clients::{client, send_frame, seq_of};
+use crate::clients::{client, send_frame, send_user_frame, seq_of};
 use crate::report::{Report, Verdict, median, rate, ratio};
 use crate::serve::{WAIT, start_nodes, stop_nodes};
 use crate::{Ctx, Ws, cleanup};
@@ -30,13 +30,35 @@ pub(crate) async fn unicast_run(
     pairs: usize,
     total: usize,
 ) -> Result<Unicast, BoxError> {
+    pairs_run(a, b, pairs, total, None).await
+}
+
+/// [`unicast_run`], or with `users` (a JWT maker), each receiver connected as user `u{k}`
+/// and each sender sending to that user (`send_user`) rather than to its connection.
+pub(crate) async fn pairs_run(
+    a: &str,
+    b: &str,
+    pairs: usize,
+    total: usize,
+    users: Option<&dyn Fn(&str) -> String>,
+) -> Result<Unicast, BoxError> {
     let per_pair = total / pairs;
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
-    for _ in 0..pairs {
+    for k in 0..pairs {
         let (sender, _) = client(a, None).await?;
-        let (receiver, receiver_id) = client(b, None).await?;
-        let frames: Vec<String> = (0..per_pair).map(|i| send_frame(&receiver_id, i)).collect();
+        let user = format!("u{k}");
+        let url = match users {
+            Some(token) => format!("{b}?token={}", token(&user)),
+            None => b.to_owned(),
+        };
+        let (receiver, receiver_id) = client(&url, None).await?;
+        let frames: Vec<String> = (0..per_pair)
+            .map(|i| match users {
+                Some(_) => send_user_frame(&user, i),
+                None => send_frame(&receiver_id, i),
+            })
+            .collect();
         senders.push((sender, frames));
         receivers.push(receiver);
     }

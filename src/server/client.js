@@ -302,6 +302,18 @@ export class ClusterClient {
   }
 
   /**
+   * Who is in `group`, across the cluster: resolves with the server's
+   * `{"type":"presence","group":…,"members":[{"user":…,"connections":…},…]}`. Members of a
+   * group also get `presence_join` and `presence_leave` frames (see the `frame` event).
+   *
+   * @param {string} group
+   * @returns {Promise<any>}
+   */
+  presence(group) {
+    return this.#request({ op: "presence", group });
+  }
+
+  /**
    * Sends `data` to every member of `group`, on any node.
    *
    * @param {string} group
@@ -628,6 +640,9 @@ export class ClusterClient {
     if (frame.type === "ack") {
       this.#pending.delete(frame.id);
       waiting.resolve();
+    } else if (frame.type === "presence") {
+      this.#pending.delete(frame.id);
+      waiting.resolve(frame);
     } else if (frame.type === "error") {
       this.#pending.delete(frame.id);
       waiting.reject(new ClusterError(String(frame.code), String(frame.message)));
