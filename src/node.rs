@@ -12,13 +12,13 @@ use futures_core::future::BoxFuture;
 use hybrid_cluster_balance::Placer;
 use hybrid_cluster_core::{
     Broker, ConnectionId, ConnectionIds, ConsumerState, Envelope, Incarnation, LiveNodeInfo,
-    NodeId, NodeStatus, Target,
+    NodeId, NodeStatus, PresenceStore, Target,
 };
 use hybrid_cluster_discovery::Discovery;
 use hybrid_cluster_routing::{AckAfter, Forward, NodeTopology};
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::ClusterConfig;
@@ -53,8 +53,9 @@ pub(crate) struct Node {
     pub(crate) state: RunState,
     /// Its connections' sessions, when sessions are on.
     pub(crate) sessions: Option<Arc<NodeSessions>>,
-    /// Its users' presence, when presence is on.
-    pub(crate) presence: Option<Arc<crate::presence::NodePresence>>,
+    /// Where its users' presence is kept, and how long its entries live unless kept alive,
+    /// when presence is on.
+    pub(crate) presence: Option<(Arc<dyn PresenceStore>, Duration)>,
 }
 
 /// A node's run: its status flags and the tasks it owns.
@@ -154,8 +155,7 @@ impl Node {
                 self.settle_fanned(fanned)
             }
             Target::Group(group) if envelope.origin != self.id => {
-                if let Some((user, reason)) = crate::users::disconnect_of(group, &envelope) {
-                    self.disconnect_local(&user, reason);
+                if self.took_disconnect(group, &envelope) {
                     return Ok(AckAfter(None));
                 }
                 self.metrics
@@ -264,20 +264,13 @@ impl Node {
         let secret = self.config.secret.clone();
         let sessions = self.sessions.is_some();
         let weak = Arc::downgrade(self);
+        let answer = self.orphan_taker(gone.clone());
         self.spawn(async move {
-            let answering = weak.clone();
             let is_back = {
                 let gone = gone.clone();
                 move || {
                     weak.upgrade()
                         .is_none_or(|node| node.discovery.view().node(&gone).is_some())
-                }
-            };
-            let orphans = Arc::new(crate::relay::Orphans::of(gone.clone()));
-            let answer = move |envelope: Envelope| -> BoxFuture<'static, ()> {
-                match answering.upgrade() {
-                    Some(node) => node.take_in_orphan(Arc::clone(&orphans), envelope),
-                    None => Box::pin(std::future::ready(())),
                 }
             };
             crate::takeover::take_over(broker, gone, secret, sessions, is_back, answer).await;

@@ -32,11 +32,19 @@ pub(crate) const HEADER_PRESENCE_USER: &str = "presence-user";
 /// How long a query of presence may take before it fails.
 pub const PRESENCE_QUERY_BOUND: Duration = Duration::from_secs(2);
 
-/// A node's presence: the store every node shares, and how long its entries live unless kept.
-#[derive(Debug)]
+/// A node's presence: the store every node shares, and how long the node's entries live
+/// unless it keeps them alive.
+#[derive(Clone, Debug)]
 pub(crate) struct NodePresence {
     pub(crate) store: Arc<dyn PresenceStore>,
     pub(crate) ttl: Duration,
+}
+
+impl NodePresence {
+    fn of(node: &Node) -> Option<Self> {
+        let (store, ttl) = node.presence.clone()?;
+        Some(Self { store, ttl })
+    }
 }
 
 /// One member of a group, as [`ClusterHandle::presence`] lists them.
@@ -107,15 +115,10 @@ fn split_alive(node: &Node, shares: Vec<PresenceShare>) -> (Vec<PresenceShare>, 
 }
 
 impl ClusterHandle {
-    fn presence_store(&self) -> Result<&NodePresence, SendError> {
-        self.node()
-            .presence
-            .as_deref()
-            .ok_or(SendError::PresenceOff)
-    }
-
     async fn shares(&self, group: &GroupName) -> Result<Vec<PresenceShare>, SendError> {
-        let store = &self.presence_store()?.store;
+        let store = NodePresence::of(self.node())
+            .ok_or(SendError::PresenceOff)?
+            .store;
         match tokio::time::timeout(PRESENCE_QUERY_BOUND, store.members(group)).await {
             Ok(shares) => shares.map_err(SendError::Presence),
             Err(_) => Err(SendError::Presence(RegistryError::Unavailable {
@@ -207,7 +210,7 @@ async fn apply(node: &Arc<Node>, presence: &NodePresence, change: PresenceChange
 /// Takes away what `gone` counted, and announces who left with it (to the first node that
 /// does so only).
 pub(crate) async fn reap(node: &Arc<Node>, gone: &NodeId) {
-    let Some(presence) = node.presence.as_deref() else {
+    let Some(presence) = NodePresence::of(node) else {
         return;
     };
     match presence.store.reap(gone).await {
@@ -231,7 +234,7 @@ pub(crate) async fn reap(node: &Arc<Node>, gone: &NodeId) {
 pub(crate) async fn follow(node: Weak<Node>) {
     let Some((local, presence)) = node.upgrade().and_then(|node| {
         node.local.presence()?;
-        Some((Arc::clone(&node.local), node.presence.clone()?))
+        Some((Arc::clone(&node.local), NodePresence::of(&node)?))
     }) else {
         return;
     };

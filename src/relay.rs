@@ -256,6 +256,21 @@ impl Node {
     /// the session of its connection (in its log, or sent where the session is now), or its
     /// sender told; a group message or broadcast is kept for the sessions `gone` held that it
     /// is for.
+    /// What a takeover of `gone`'s queue does with each message it reads: see
+    /// [`take_in_orphan`](Node::take_in_orphan). Holds the node weakly.
+    pub(crate) fn orphan_taker(
+        self: &Arc<Self>,
+        gone: NodeId,
+    ) -> impl Fn(Envelope) -> BoxFuture<'static, ()> + Send + Sync + 'static {
+        let (node, orphans) = (Arc::downgrade(self), Arc::new(Orphans::of(gone)));
+        move |envelope: Envelope| -> BoxFuture<'static, ()> {
+            match node.upgrade() {
+                Some(node) => node.take_in_orphan(Arc::clone(&orphans), envelope),
+                None => Box::pin(std::future::ready(())),
+            }
+        }
+    }
+
     pub(crate) fn take_in_orphan(
         self: Arc<Self>,
         orphans: Arc<Orphans>,

@@ -29,16 +29,22 @@ pub(crate) fn fit_reason(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
-/// The user a message for `group` disconnects, when it is such a message.
-pub(crate) fn disconnect_of<'a>(
-    group: &GroupName,
-    envelope: &'a Envelope,
-) -> Option<(UserId, &'a str)> {
-    let reason = envelope.headers.get(HEADER_DISCONNECT)?;
-    Some((group.user()?, reason))
-}
-
 impl Node {
+    /// Disconnects the user of `group` here when `envelope` says so; returns whether it did
+    /// (the message is then taken: nothing to deliver).
+    pub(crate) fn took_disconnect(
+        self: &Arc<Self>,
+        group: &GroupName,
+        envelope: &Envelope,
+    ) -> bool {
+        let (Some(reason), Some(user)) = (envelope.headers.get(HEADER_DISCONNECT), group.user())
+        else {
+            return false;
+        };
+        self.disconnect_local(&user, reason);
+        true
+    }
+
     /// Closes every connection of `user` on this node with [`CLOSE_USER_DISCONNECTED`] and
     /// `reason`, ending their sessions; returns how many there were.
     pub(crate) fn disconnect_local(self: &Arc<Self>, user: &UserId, reason: &str) -> usize {

@@ -22,7 +22,6 @@ use crate::local::LocalConnections;
 use crate::metered::{MeteredBroker, MeteredRegistry};
 use crate::metrics::Metrics;
 use crate::node::{Node, RunState};
-use crate::presence::NodePresence;
 use crate::session::NodeSessions;
 
 /// Starts the node of `config` on `backends`: see [`Cluster::start`](crate::Cluster::start).
@@ -38,12 +37,7 @@ pub(super) async fn start(
         presence,
     } = connect_backends(&config, backends).await?;
     let sessions = node_sessions(&config, sessions);
-    let presence = config.presence.then(|| {
-        Arc::new(NodePresence {
-            store: presence,
-            ttl: presence_ttl(&config),
-        })
-    });
+    let presence = config.presence.then(|| (presence, presence_ttl(&config)));
     let id = config.node_id.clone();
     let incarnation = Incarnation::random();
     let topology = NodeTopology::declare_with(
@@ -157,6 +151,21 @@ fn settled(mut config: ClusterConfig) -> ClusterConfig {
     config
 }
 
+/// The stores of a node on Redis (`registry`, and its command connection for sessions and
+/// presence: a single server's or a Redis Cluster's, two types) and RabbitMQ (`amqp`).
+macro_rules! on_servers {
+    ($config:expr, $registry:expr, $amqp:expr) => {{
+        warn_if_lapin_logs_payloads();
+        let (config, registry, prefix) = ($config, $registry, &$config.prefix);
+        Stores {
+            sessions: Arc::new(RedisSessionStore::new(registry.connection(), prefix)),
+            presence: Arc::new(RedisPresenceStore::new(registry.connection(), prefix)),
+            broker: connect_rabbitmq(config, &$amqp).await?,
+            registry: Arc::new(registry),
+        }
+    }};
+}
+
 /// The registry and broker of `backends`, connected, and counting what the node asks of them
 /// (see [`metered`](crate::metered)).
 async fn connect_backends(
@@ -182,39 +191,15 @@ async fn connect_backends(
             presence,
         },
         Backends::Servers { redis, amqp } => {
-            warn_if_lapin_logs_payloads();
             let registry =
                 RedisRegistry::connect(&redis, &config.prefix, RedisOptions::default()).await?;
-            Stores {
-                sessions: Arc::new(RedisSessionStore::new(
-                    registry.connection(),
-                    &config.prefix,
-                )),
-                presence: Arc::new(RedisPresenceStore::new(
-                    registry.connection(),
-                    &config.prefix,
-                )),
-                broker: connect_rabbitmq(config, &amqp).await?,
-                registry: Arc::new(registry),
-            }
+            on_servers!(config, registry, amqp)
         }
         Backends::RedisCluster { seeds, amqp } => {
-            warn_if_lapin_logs_payloads();
             let registry =
                 RedisRegistry::connect_cluster(&seeds, &config.prefix, RedisOptions::default())
                     .await?;
-            Stores {
-                sessions: Arc::new(RedisSessionStore::new(
-                    registry.connection(),
-                    &config.prefix,
-                )),
-                presence: Arc::new(RedisPresenceStore::new(
-                    registry.connection(),
-                    &config.prefix,
-                )),
-                broker: connect_rabbitmq(config, &amqp).await?,
-                registry: Arc::new(registry),
-            }
+            on_servers!(config, registry, amqp)
         }
     };
     let node = &config.node_id;

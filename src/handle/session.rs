@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use hybrid_cluster_core::{RegistryError, SessionId, SessionRecord};
 
-use super::ClusterConnection;
+use super::{ClusterConnection, ClusterHandle};
 use crate::local::{InboxItem, InboxSlot, Phase, SlotSession};
 use crate::node::Node;
 use crate::session::from_stored;
@@ -322,4 +322,20 @@ async fn missed_messages(
             Some((InboxItem::Message(Arc::new(envelope)), entry.seq))
         })
         .collect()
+}
+
+impl ClusterHandle {
+    /// Ends the session of this handle's connection for good (its client said goodbye): the
+    /// session and its log go at once, and the connection, when it closes, is not waited for.
+    /// Nothing happens when the connection has no session.
+    pub async fn end_session(&self) -> Result<(), SessionError> {
+        let id = self.sender().map_err(|_| SessionError::NotAvailable)?;
+        let (Some(sessions), Some(slot)) = (&self.node.sessions, self.node.local.slot(id)) else {
+            return Ok(());
+        };
+        let Some(session) = slot.take_session() else {
+            return Ok(());
+        };
+        Ok(sessions.store.end(session.id, id).await?)
+    }
 }

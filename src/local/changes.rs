@@ -1,7 +1,7 @@
 //! The presence changes of this node's connections, in the order the table made them: a
 //! connection of a user counted in a group, or no longer. Pushed under the table's lock, so
 //! that a leave is never queued before the join it undoes; applied by the node, one at a
-//! time (see [`crate::presence`]).
+//! time (see the presence module).
 
 use std::collections::VecDeque;
 

@@ -26,39 +26,34 @@
 //! ```
 
 mod admin;
+mod render;
 mod requests;
+mod routes;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::Duration;
 
-use axum::Json;
 use axum::Router;
 use axum::extract::ws::{
     CloseFrame as WsCloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade,
 };
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
-use axum::http::header::{ACCESS_CONTROL_ALLOW_ORIGIN, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use axum::http::request::Parts;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use hybrid_cluster_core::{
-    Envelope, GroupName, NodeInfo, PayloadKind, Target, USER_GROUP_PREFIX, UserId,
-};
-use serde_json::value::RawValue;
+use hybrid_cluster_core::UserId;
 
 use self::requests::{Requests, error_reply};
 use crate::cluster::Cluster;
 use crate::handle::{ClusterConnection, ClusterHandle};
-use crate::hybrid::{RETRY_AFTER_SECS, Refusal};
 use crate::identity::{Identify, IdentityLayer};
 use crate::limit::RateDecision;
 use crate::local::{Inbox, InboxItem};
-use crate::presence::{HEADER_PRESENCE, PresenceEvent};
 use crate::protocol::ServerMessage;
 
 /// WebSocket settings of the node server.
@@ -93,6 +88,9 @@ impl Default for ServerConfig {
 }
 
 pub use self::admin::AdminToken;
+use self::render::render;
+pub use self::routes::{CLIENT_JS, STATUS_PAGE};
+use self::routes::{client_js, health, nodes, placement, status_page};
 
 /// Who the node server lets do what: who its WebSocket clients are, and the token of its
 /// admin routes.
@@ -183,66 +181,6 @@ async fn upgrade(
         // A frame is refused from its header: never read (nor buffered) past the bound.
         .max_frame_size(config.max_message_size)
         .on_upgrade(move |socket| serve_connection(socket, connection, config))
-}
-
-/// The status page: every node, its status, connections against capacity, CPU and memory,
-/// refreshed every 2 s from `/cluster/nodes`. Plain HTML and JavaScript, no build step.
-pub const STATUS_PAGE: &str = include_str!("status.html");
-
-async fn status_page() -> Html<&'static str> {
-    Html(STATUS_PAGE)
-}
-
-/// The client for browsers (and Node.js): an ES module without dependency nor build step,
-/// exporting `connect(url, options)`, which asks `/cluster/placement` where to go, follows
-/// in-band redirects, and reconnects after a drain or a lost connection with backoff and
-/// jitter. Served at `GET /cluster/client.js` to pages of any origin.
-pub const CLIENT_JS: &str = include_str!("client.js");
-
-async fn client_js() -> impl IntoResponse {
-    // Pages served from another origin import it as a module, which takes CORS.
-    let headers = [ANY_ORIGIN, (CONTENT_TYPE, "text/javascript; charset=utf-8")];
-    (headers, CLIENT_JS)
-}
-
-async fn nodes(State(state): State<AppState>) -> Json<Vec<NodeInfo>> {
-    Json(
-        state
-            .cluster
-            .nodes()
-            .iter()
-            .map(|n| (**n).clone())
-            .collect(),
-    )
-}
-
-/// Answers whatever origin asks: pages served elsewhere call these routes.
-const ANY_ORIGIN: (axum::http::HeaderName, &str) = (ACCESS_CONTROL_ALLOW_ORIGIN, "*");
-
-/// 200 with `{"url":URL,"node_id":ID}`, the node a new client should connect to now; 503
-/// with `Retry-After: 5` and `{"type":"unavailable","retry_after_ms":5000}` when no node has
-/// room. Any origin may ask.
-async fn placement(State(state): State<AppState>) -> Response {
-    match state.cluster.placement() {
-        Some(advice) => ([ANY_ORIGIN], Json(advice)).into_response(),
-        None => {
-            let headers = [ANY_ORIGIN, (CONTENT_TYPE, "application/json")];
-            let body = Refusal::UNAVAILABLE.to_json();
-            let mut response = (StatusCode::SERVICE_UNAVAILABLE, headers, body).into_response();
-            let retry_after = HeaderValue::from(RETRY_AFTER_SECS);
-            response.headers_mut().insert(RETRY_AFTER, retry_after);
-            response
-        }
-    }
-}
-
-/// 200 (no body) while the node serves as it should; 503, saying why, while it drains or
-/// does not receive from the broker.
-async fn health(State(state): State<AppState>) -> (StatusCode, String) {
-    match state.cluster.health() {
-        Ok(()) => (StatusCode::OK, String::new()),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
-    }
 }
 
 /// Serves one client: the demo protocol in, the connection's inbox out.
@@ -646,80 +584,4 @@ async fn write(
         sink.flush().await
     };
     matches!(tokio::time::timeout(limit, writing).await, Ok(Ok(())))
-}
-
-/// The frame of a presence event for `group`.
-fn render_presence(group: &GroupName, envelope: &Envelope, seq: Option<u64>) -> String {
-    let group = group.as_str();
-    match PresenceEvent::of(envelope) {
-        Some(PresenceEvent::Join(user)) => ServerMessage::PresenceJoin {
-            group,
-            user: user.as_str(),
-            seq,
-        }
-        .to_json(),
-        Some(PresenceEvent::Leave(user)) => ServerMessage::PresenceLeave {
-            group,
-            user: user.as_str(),
-            seq,
-        }
-        .to_json(),
-        None => error_reply(None, "internal", "a malformed presence event arrived"),
-    }
-}
-
-/// The frame a client gets for a message from its inbox, numbered `seq` in its session.
-fn render(envelope: &Envelope, seq: Option<u64>) -> String {
-    let text = match envelope.kind {
-        PayloadKind::Text => String::from_utf8_lossy(&envelope.payload),
-        PayloadKind::Binary => std::borrow::Cow::Borrowed(""),
-    };
-    // Clients of this protocol send JSON `data`, which goes out as it came, borrowed; anything
-    // else sent through the API arrives as a JSON string.
-    let quoted;
-    let data: &RawValue = match serde_json::from_str(&text) {
-        Ok(raw) => raw,
-        Err(_) => {
-            match RawValue::from_string(serde_json::Value::String(text.to_string()).to_string()) {
-                Ok(raw) => {
-                    quoted = raw;
-                    &quoted
-                }
-                Err(_) => {
-                    return ServerMessage::Error {
-                        id: None,
-                        code: "internal",
-                        message: "a message could not be encoded",
-                    }
-                    .to_json();
-                }
-            }
-        }
-    };
-    let from = envelope.sender.as_ref();
-    match &envelope.target {
-        Target::Connection(_) | Target::Node(_) => ServerMessage::Message {
-            from,
-            user: None,
-            data,
-            seq,
-        },
-        Target::Broadcast => ServerMessage::Broadcast { from, data, seq },
-        Target::Group(group) if envelope.headers.contains_key(HEADER_PRESENCE) => {
-            return render_presence(group, envelope, seq);
-        }
-        Target::Group(group) if group.is_reserved() => ServerMessage::Message {
-            from,
-            user: group.as_str().strip_prefix(USER_GROUP_PREFIX),
-            data,
-            seq,
-        },
-        Target::Group(group) => ServerMessage::Group {
-            group: group.as_str(),
-            from,
-            data,
-            seq,
-        },
-    }
-    .to_json()
 }

@@ -436,22 +436,7 @@ impl Requests {
                 Box::pin(async move { sent_replies(confirmation.await, id.as_deref()).into() })
             }
             Request::Presence { group, id } => {
-                let handle = self.handle.clone();
-                Box::pin(async move {
-                    let replies = match handle.presence(&group).await {
-                        Ok(presence) => vec![
-                            ServerMessage::Presence {
-                                id: id.as_deref(),
-                                group: group.as_str(),
-                                members: &presence.members,
-                                unreachable: &presence.unreachable,
-                            }
-                            .to_json(),
-                        ],
-                        Err(error) => vec![send_error_reply(id.as_deref(), &error)],
-                    };
-                    replies.into()
-                })
+                Box::pin(presence_replies(self.handle.clone(), group, id))
             }
             Request::Membership { join, group, id } => {
                 let handle = self.handle.clone();
@@ -466,6 +451,25 @@ impl Requests {
             }
         }
     }
+}
+
+/// The answer to a `presence` op: the group's members, or why not.
+async fn presence_replies(
+    handle: ClusterHandle,
+    group: GroupName,
+    id: Option<Box<RawValue>>,
+) -> Settled {
+    let reply = match handle.presence(&group).await {
+        Ok(presence) => ServerMessage::Presence {
+            id: id.as_deref(),
+            group: group.as_str(),
+            members: &presence.members,
+            unreachable: &presence.unreachable,
+        }
+        .to_json(),
+        Err(error) => send_error_reply(id.as_deref(), &error),
+    };
+    vec![reply].into()
 }
 
 fn sent_replies(outcome: Result<MessageId, SendError>, id: Option<&RawValue>) -> Replies {
