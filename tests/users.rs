@@ -306,20 +306,26 @@ async fn a_missing_bad_or_expired_token_gets_401_before_the_upgrade() {
     );
 }
 
-/// What a flooding client saw: requests acked, requests refused, and its close code.
-async fn flood(mut flooder: Client, requests: u64) -> (u64, u64, Option<u16>) {
+/// What a flooding client saw: requests acked (or, for binary frames, answered
+/// `bad_request`), requests refused, and its close code. `binary`: it sends binary frames,
+/// which count against the limit as requests do.
+async fn flood(mut flooder: Client, requests: u64, binary: bool) -> (u64, u64, Option<u16>) {
     let me = flooder.id.clone();
-    let ops: Vec<Value> = (0..requests)
-        .map(|n| json!({"op": "send", "to": me, "data": n, "id": n}))
-        .collect();
-    let _ = flooder.send_all(&ops).await;
+    if binary {
+        let _ = flooder.send_binary(&[0u8; 64], requests as usize).await;
+    } else {
+        let ops: Vec<Value> = (0..requests)
+            .map(|n| json!({"op": "send", "to": me, "data": n, "id": n}))
+            .collect();
+        let _ = flooder.send_all(&ops).await;
+    }
     let (mut acks, mut refused) = (0, 0);
     loop {
         match flooder.next_json(WAIT).await.unwrap() {
-            Ok(frame) if frame["type"] == "ack" => acks += 1,
+            Ok(frame) if frame["type"] == "ack" || frame["code"] == "bad_request" => acks += 1,
             Ok(frame) if frame["code"] == "rate_limited" => {
                 assert!(
-                    frame["id"].is_u64(),
+                    binary || frame["id"].is_u64(),
                     "the refusal names its request: {frame}"
                 );
                 refused += 1;
@@ -382,9 +388,11 @@ async fn a_flooding_client_is_refused_then_closed_while_its_neighbours_are_serve
         flooders.push(Client::connect(&url_a).await.unwrap());
     }
     let neighbours = tokio::spawn(async move { round_trips(&mut pairs, 20).await });
+    // The first sends binary frames: not requests, but counted as ones.
     let floods: Vec<_> = flooders
         .into_iter()
-        .map(|flooder| tokio::spawn(flood(flooder, REQUESTS)))
+        .enumerate()
+        .map(|(i, flooder)| tokio::spawn(flood(flooder, REQUESTS, i == 0)))
         .collect();
     for flood in floods {
         let (acks, refused, close) = flood.await.unwrap();
@@ -624,4 +632,38 @@ async fn presence_is_right_across_three_nodes_and_each_change_is_announced_once(
         assert!(Instant::now() < deadline, "{key} is left behind");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_an_rsa_public_key_takes_rs256_tokens_only() {
+    let mut cluster = NodeCluster::new("users-rsa");
+    let key = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/identity/testdata/rsa-public.pem"
+    );
+    let mut options = cluster.options().arg("--jwt-public-key", key);
+    options.args.push("--require-auth".to_owned());
+    let a = cluster.start("rsa-a", &options).await;
+    let url = cluster.nodes[a].ws_url();
+    let private = include_bytes!("../src/identity/testdata/rsa-private.pem");
+    let exp = now() + 600;
+    let signed = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"sub": "carol", "exp": exp}),
+        &EncodingKey::from_rsa_pem(private).unwrap(),
+    )
+    .unwrap();
+    let carol = Client::connect(&format!("{url}?token={signed}"))
+        .await
+        .unwrap();
+    assert_eq!(carol.user.as_deref(), Some("carol"));
+    // A token signed with HMAC over the public key (algorithm confusion) is refused.
+    let confused = token_with(
+        "mallory",
+        &String::from_utf8_lossy(include_bytes!("../src/identity/testdata/rsa-public.pem")),
+        600,
+    );
+    let (status, body) = refused_upgrade(&format!("{url}?token={confused}")).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("algorithm"), "{body}");
 }

@@ -37,11 +37,15 @@ impl ClusterHandle {
 
     /// Waits until the presence changes of this node made so far are in the presence store
     /// (a join's or a leave's among them), so that a query after it sees it.
+    ///
+    /// Bounded by [`PRESENCE_QUERY_BOUND`](crate::PRESENCE_QUERY_BOUND): with the presence store
+    /// out of reach, joins and leaves go on (the changes are applied once it is back, in order).
     async fn presence_applied(&self) {
         if let Some(changes) = self.node.local.presence()
             && self.user().is_some()
         {
-            changes.wait_applied(changes.last()).await;
+            let applied = changes.wait_applied(changes.last());
+            let _ = tokio::time::timeout(crate::PRESENCE_QUERY_BOUND, applied).await;
         }
     }
 

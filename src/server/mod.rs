@@ -469,23 +469,10 @@ fn client_frame(
             tracing::trace!(name: "hybrid_cluster.stage.frame_read", "frame read");
             // Start at once what can start, rather than on a later turn of the loop (the
             // replies branch waits, with the real waker, for the rest).
-            match requests.push(text.as_str(), &mut Context::from_waker(Waker::noop())) {
-                RateDecision::Close => Read::Close(vec![Message::Close(Some(WsCloseFrame {
-                    code: CLOSE_POLICY,
-                    reason: "over the rate limit, again and again".into(),
-                }))]),
-                RateDecision::Allow | RateDecision::Refuse => Read::Answer(Vec::new()),
-            }
+            let pushed = requests.push(text.as_str(), &mut Context::from_waker(Waker::noop()));
+            answered_in_turn(pushed)
         }
-        Some(Ok(Message::Binary(_))) => Read::Answer(vec![Message::Text(
-            ServerMessage::Error {
-                id: None,
-                code: "bad_request",
-                message: "binary frames are not part of the protocol: send JSON text",
-            }
-            .to_json()
-            .into(),
-        )]),
+        Some(Ok(Message::Binary(bytes))) => answered_in_turn(requests.push_binary(bytes.len())),
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Read::Answer(Vec::new()),
         Some(Err(error)) if is_too_big(&error) => {
             let reason = format!("message too big: at most {} bytes", config.max_message_size);
@@ -499,6 +486,18 @@ fn client_frame(
             Read::Gone
         }
         Some(Err(_)) | None => Read::Gone,
+    }
+}
+
+/// A frame taken in as a request (answered in turn), or the close of a connection past its
+/// rate limit once too often.
+fn answered_in_turn(decision: RateDecision) -> Read {
+    match decision {
+        RateDecision::Close => Read::Close(vec![Message::Close(Some(WsCloseFrame {
+            code: CLOSE_POLICY,
+            reason: "over the rate limit, again and again".into(),
+        }))]),
+        RateDecision::Allow | RateDecision::Refuse => Read::Answer(Vec::new()),
     }
 }
 

@@ -265,29 +265,64 @@ impl Requests {
     /// connection's rate limit is refused (`rate_limited`, answered in turn) or, once too
     /// often, closes the connection: then `Close` is returned.
     pub(super) fn push(&mut self, text: &str, cx: &mut Context<'_>) -> RateDecision {
-        let decision = self
-            .limiter
-            .as_mut()
-            .map_or(RateDecision::Allow, |limiter| limiter.check(text.len()));
+        let decision = self.check_rate(text.len());
         match decision {
             RateDecision::Allow => self.push_allowed(text, cx),
             RateDecision::Refuse => {
-                self.handle.node().metrics.rate_limited("refused");
                 let id = match ClientOp::parse(text) {
                     Ok(op) => op.id().map(ToOwned::to_owned),
                     Err(bad) => bad.id,
                 };
-                let refused = error_reply(
-                    id.as_deref(),
-                    "rate_limited",
-                    "over this connection's rate limit: the request was not carried out",
+                self.refuse(id.as_deref());
+            }
+            RateDecision::Close => {}
+        }
+        decision
+    }
+
+    /// Takes a frame that is not a request (binary): answered `bad_request` in its turn, or
+    /// refused like a request over the rate limit, which it counts against as one.
+    pub(super) fn push_binary(&mut self, len: usize) -> RateDecision {
+        let decision = self.check_rate(len);
+        match decision {
+            RateDecision::Allow => {
+                let bad = error_reply(
+                    None,
+                    "bad_request",
+                    "binary frames are not part of the protocol: send JSON text",
                 );
                 self.started
-                    .push_back(Box::pin(std::future::ready(vec![refused].into())));
+                    .push_back(Box::pin(std::future::ready(vec![bad].into())));
             }
+            RateDecision::Refuse => self.refuse(None),
+            RateDecision::Close => {}
+        }
+        decision
+    }
+
+    /// What the connection's rate limit says of a frame of `len` bytes (counted in metrics).
+    fn check_rate(&mut self, len: usize) -> RateDecision {
+        let Some(limiter) = self.limiter.as_mut() else {
+            return RateDecision::Allow;
+        };
+        let decision = limiter.check(len);
+        match decision {
+            RateDecision::Allow => {}
+            RateDecision::Refuse => self.handle.node().metrics.rate_limited("refused"),
             RateDecision::Close => self.handle.node().metrics.rate_limited("closed"),
         }
         decision
+    }
+
+    /// Answers the request of correlation id `id` (if any) `rate_limited`, in its turn.
+    fn refuse(&mut self, id: Option<&RawValue>) {
+        let refused = error_reply(
+            id,
+            "rate_limited",
+            "over this connection's rate limit: the request was not carried out",
+        );
+        self.started
+            .push_back(Box::pin(std::future::ready(vec![refused].into())));
     }
 
     fn push_allowed(&mut self, text: &str, cx: &mut Context<'_>) {

@@ -97,6 +97,15 @@ impl Client {
         Ok(())
     }
 
+    /// Sends `count` binary frames of `bytes`, in one flush.
+    pub async fn send_binary(&mut self, bytes: &[u8], count: usize) -> Result<(), BoxError> {
+        for _ in 0..count {
+            self.socket.feed(Message::binary(bytes.to_vec())).await?;
+        }
+        self.socket.flush().await?;
+        Ok(())
+    }
+
     /// Sends one op.
     pub async fn send(&mut self, op: &Value) -> Result<(), BoxError> {
         self.send_all(std::slice::from_ref(op)).await
