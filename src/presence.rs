@@ -181,29 +181,54 @@ async fn announce(node: &Arc<Node>, group: &GroupName, event: &'static str, user
     }
 }
 
-/// Applies one change to the store, and announces it when it is an arrival or a departure.
+/// How often, at most, a change is tried while the presence store is out of reach; the waits
+/// between tries double from [`RETRY_FIRST`] to [`RETRY_MOST`].
+const TRIES: u32 = 12;
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MOST: Duration = Duration::from_secs(5);
+
+/// Applies one change to the store (tried again while the store is out of reach: each
+/// connection counts once however often it is tried), and announces it when it is an arrival
+/// or a departure.
 async fn apply(node: &Arc<Node>, presence: &NodePresence, change: PresenceChange) {
-    let (group, user, arrived) = match change {
-        PresenceChange::Joined(group, user) => {
-            let joined = presence
-                .store
-                .join(&node.id, &group, &user, presence.ttl)
-                .await;
-            let arrived = joined.map(|count| (count == 1).then_some("join"));
-            (group, user, arrived)
-        }
-        PresenceChange::Left(group, user) => {
-            let left = presence.store.leave(&node.id, &group, &user).await;
-            let departed = left.map(|count| (count == Some(0)).then_some("leave"));
-            (group, user, departed)
+    let (group, user) = match &change {
+        PresenceChange::Joined(group, user, _) | PresenceChange::Left(group, user, _) => {
+            (group.clone(), user.clone())
         }
     };
-    match arrived {
-        Ok(Some(event)) if !group.is_reserved() => announce(node, &group, event, &user).await,
-        Ok(_) => {}
-        Err(error) => {
-            tracing::warn!(%group, error = %crate::error_chain(&error), "could not record a presence change: the group's presence may be off until the user joins or leaves again");
+    let mut wait = RETRY_FIRST;
+    let mut tries = 0;
+    let event = loop {
+        tries += 1;
+        let outcome = match &change {
+            PresenceChange::Joined(group, user, connection) => presence
+                .store
+                .join(group, user, connection, presence.ttl)
+                .await
+                .map(|count| (count == 1).then_some("join")),
+            PresenceChange::Left(group, user, connection) => presence
+                .store
+                .leave(group, user, connection)
+                .await
+                .map(|count| (count == Some(0)).then_some("leave")),
+        };
+        match outcome {
+            Ok(event) => break event,
+            Err(error) if error.is_transient() && tries < TRIES => {
+                tracing::debug!(%group, error = %crate::error_chain(&error), "the presence store is out of reach: trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MOST);
+            }
+            Err(error) => {
+                tracing::warn!(%group, error = %crate::error_chain(&error), tries, "could not record a presence change: the group's presence may be off until the user joins or leaves again");
+                return;
+            }
         }
+    };
+    if let Some(event) = event
+        && !group.is_reserved()
+    {
+        announce(node, &group, event, &user).await;
     }
 }
 
@@ -280,7 +305,9 @@ mod tests {
 
     use std::time::Duration;
 
-    use hybrid_cluster_core::{GroupName, NodeId, PresenceStore, UserId};
+    use hybrid_cluster_core::{
+        ConnectionId, GroupName, Incarnation, NodeId, PresenceStore, UserId,
+    };
     use hybrid_cluster_memory::{MemoryBroker, MemoryRegistry};
 
     use super::*;
@@ -304,13 +331,26 @@ mod tests {
         );
         let ttl = Duration::from_secs(60);
         let (alice, bob) = (UserId::new("alice").unwrap(), UserId::new("bob").unwrap());
-        store.join(&here, &room, &alice, ttl).await.unwrap();
-        store.join(&ghost, &room, &alice, ttl).await.unwrap();
-        store.join(&ghost, &room, &bob, ttl).await.unwrap();
+        let on = |node: &NodeId, n| ConnectionId::new(node.clone(), Incarnation::from_u64(1), n);
+        store.join(&room, &alice, &on(&here, 1), ttl).await.unwrap();
+        store
+            .join(&room, &alice, &on(&ghost, 1), ttl)
+            .await
+            .unwrap();
+        store.join(&room, &bob, &on(&ghost, 2), ttl).await.unwrap();
         let of_alice = GroupName::of_user(&alice);
-        store.join(&here, &of_alice, &alice, ttl).await.unwrap();
-        store.join(&here, &of_alice, &alice, ttl).await.unwrap();
-        store.join(&ghost, &of_alice, &alice, ttl).await.unwrap();
+        store
+            .join(&of_alice, &alice, &on(&here, 1), ttl)
+            .await
+            .unwrap();
+        store
+            .join(&of_alice, &alice, &on(&here, 2), ttl)
+            .await
+            .unwrap();
+        store
+            .join(&of_alice, &alice, &on(&ghost, 1), ttl)
+            .await
+            .unwrap();
 
         let handle = cluster.handle();
         let presence = handle.presence(&room).await.unwrap();

@@ -667,3 +667,124 @@ async fn a_node_with_an_rsa_public_key_takes_rs256_tokens_only() {
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("algorithm"), "{body}");
 }
+
+/// A Redis user of its own for one node, so that its connections, and no other test's, can be
+/// killed with `CLIENT KILL USER`; returns the user and the node's `--redis` URL.
+async fn redis_user(redis: &mut redis::aio::MultiplexedConnection, name: &str) -> (String, String) {
+    let user = hybrid_cluster_test_support::servers::unique_prefix(name);
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg(&["on", ">victim-password", "~*", "&*", "+@all"][..])
+        .query_async(redis)
+        .await
+        .unwrap();
+    (
+        user.clone(),
+        format!("redis://{user}:victim-password@127.0.0.1:6379"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_stays_right_while_a_nodes_redis_connections_are_killed() {
+    const USERS: usize = 20;
+    let mut redis = redis::Client::open(hybrid_cluster_test_support::servers::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (victim, victim_url) = redis_user(&mut redis, "hc-presence-victim").await;
+    let mut cluster = NodeCluster::new("users-redis-kill");
+    let mut options = with_auth(&cluster);
+    options.servers = false;
+    options.args.extend([
+        "--redis".to_owned(),
+        victim_url,
+        "--amqp".to_owned(),
+        hybrid_cluster_test_support::servers::amqp_url(),
+    ]);
+    let a = cluster.start("kill-a", &options).await;
+    let b = cluster.start("kill-b", &with_auth(&cluster)).await;
+    cluster.wait_for_nodes(2, WAIT).await;
+    let (url_a, url_b) = (cluster.nodes[a].ws_url(), cluster.nodes[b].ws_url());
+    let mut watcher = connect_as(&url_b, "watcher").await;
+    join_room(&mut watcher, &cluster).await;
+    let kill = || async {
+        let mut redis = redis::Client::open(hybrid_cluster_test_support::servers::redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "USER", victim.as_str()][..])
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        killed
+    };
+
+    // Users join on a while its Redis connections are killed, again and again.
+    let (mut users, mut killed) = (Vec::new(), 0);
+    for k in 0..USERS {
+        if k % 4 == 0 {
+            killed += kill().await;
+        }
+        let mut client = connect_as(&url_a, &format!("user-{k}")).await;
+        join_room(&mut client, &cluster).await;
+        users.push(client);
+    }
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (listed, _) = members(&mut watcher, &mut seen, &cluster).await;
+        if listed.len() == USERS + 1 {
+            assert!(listed.iter().all(|(_, n)| *n == 1), "{listed:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "listed: {listed:?}\n{}",
+            cluster.logs(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each arrival once (the watcher's own came before its join's ack).
+    while seen.len() < USERS {
+        let frame = next_frame(&mut watcher, &cluster).await;
+        note_event(&frame, &mut seen);
+    }
+    let arrivals: std::collections::BTreeSet<_> = seen.drain(..).collect();
+    assert_eq!(arrivals.len(), USERS, "{arrivals:?}");
+
+    // They go, with more kills: each departure once, and only the watcher is left.
+    for (k, client) in users.into_iter().enumerate() {
+        if k % 4 == 0 {
+            killed += kill().await;
+        }
+        client.close().await;
+    }
+    assert!(
+        killed >= 10,
+        "node a's connections were killed {killed} times in all"
+    );
+    while seen.len() < USERS {
+        let frame = next_frame(&mut watcher, &cluster).await;
+        note_event(&frame, &mut seen);
+    }
+    let departures: std::collections::BTreeSet<_> = seen.drain(..).collect();
+    assert_eq!(departures.len(), USERS, "{departures:?}");
+    assert!(departures.iter().all(|(kind, _)| kind == "presence_leave"));
+    let (listed, _) = members(&mut watcher, &mut seen, &cluster).await;
+    assert_eq!(listed, [("watcher".to_owned(), 1)]);
+    watcher
+        .send(&json!({"op": "group", "group": "room", "data": "end"}))
+        .await
+        .unwrap();
+    let more = presence_events(&mut watcher, &mut seen, "end", &cluster).await;
+    assert!(more.is_empty(), "announced twice: {more:?}");
+    let () = redis::cmd("ACL")
+        .arg(&["DELUSER", victim.as_str()][..])
+        .query_async(&mut redis)
+        .await
+        .unwrap_or(());
+}

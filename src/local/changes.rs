@@ -5,17 +5,17 @@
 
 use std::collections::VecDeque;
 
-use hybrid_cluster_core::{GroupName, UserId};
+use hybrid_cluster_core::{ConnectionId, GroupName, UserId};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 
 /// One change of presence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum PresenceChange {
-    /// A connection of `user` is counted in `group` now.
-    Joined(GroupName, UserId),
-    /// One is not any more.
-    Left(GroupName, UserId),
+    /// Connection `.2`, of user `.1`, is counted in group `.0` now.
+    Joined(GroupName, UserId, ConnectionId),
+    /// It is not any more.
+    Left(GroupName, UserId, ConnectionId),
 }
 
 /// The queue of changes, with the number of the last one pushed and of the last one applied.
@@ -96,18 +96,22 @@ mod tests {
     async fn changes_come_out_in_order_and_waiters_learn_when_they_are_applied() {
         let changes = PresenceChanges::default();
         let (g, u) = (GroupName::new("g").unwrap(), UserId::new("u").unwrap());
+        let c: ConnectionId = "n:1:1".parse().unwrap();
         assert_eq!(
-            changes.push(PresenceChange::Joined(g.clone(), u.clone())),
+            changes.push(PresenceChange::Joined(g.clone(), u.clone(), c.clone())),
             1
         );
-        assert_eq!(changes.push(PresenceChange::Left(g.clone(), u.clone())), 2);
+        assert_eq!(
+            changes.push(PresenceChange::Left(g.clone(), u.clone(), c.clone())),
+            2
+        );
         let (last, taken) = changes.take().await;
         assert_eq!(last, 2);
         assert_eq!(
             taken,
             [
-                PresenceChange::Joined(g.clone(), u.clone()),
-                PresenceChange::Left(g, u)
+                PresenceChange::Joined(g.clone(), u.clone(), c.clone()),
+                PresenceChange::Left(g, u, c)
             ]
         );
         let waiting = changes.wait_applied(2);

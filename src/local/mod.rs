@@ -117,16 +117,18 @@ impl LocalConnections {
         self.presence.as_ref()
     }
 
-    /// Queues, for the groups `counted` of a connection of `user` that goes or leaves them,
-    /// that it left them (called under the table's lock).
+    /// Queues, for the groups `counted` of connection `id` of `user` that goes or leaves
+    /// them, that it left them (called under the table's lock).
     fn push_left<'a>(
         &self,
+        id: &ConnectionId,
         user: Option<&UserId>,
         counted: impl IntoIterator<Item = &'a GroupName>,
     ) {
         if let (Some(presence), Some(user)) = (&self.presence, user) {
             for group in counted {
-                presence.push(PresenceChange::Left(group.clone(), user.clone()));
+                let change = PresenceChange::Left(group.clone(), user.clone(), id.clone());
+                presence.push(change);
             }
         }
     }
@@ -249,7 +251,7 @@ impl LocalConnections {
                     }
                 }
             }
-            self.push_left(entry.user.as_ref(), &entry.counted);
+            self.push_left(id, entry.user.as_ref(), &entry.counted);
             (entry, table.entries.len() - table.parked)
         };
         // Messages the socket task never took: their senders are told.
@@ -362,7 +364,11 @@ impl LocalConnections {
         };
         let counted = entry.groups.get(group) == Some(&join) && entry.counted.insert(group.clone());
         if counted && let (Some(presence), Some(user)) = (&self.presence, &entry.user) {
-            presence.push(PresenceChange::Joined(group.clone(), user.clone()));
+            presence.push(PresenceChange::Joined(
+                group.clone(),
+                user.clone(),
+                id.clone(),
+            ));
         }
         counted
     }
@@ -402,7 +408,7 @@ impl LocalConnections {
         let entry = table.entries.get_mut(id).ok_or(Refused::NotFound)?;
         let counted = entry.counted.remove(group);
         if counted {
-            self.push_left(entry.user.as_ref(), [group]);
+            self.push_left(id, entry.user.as_ref(), [group]);
         }
         if entry.groups.remove(group).is_none() {
             return Ok(counted);
@@ -425,7 +431,7 @@ impl LocalConnections {
             };
             let groups = std::mem::take(&mut entry.groups);
             let counted = std::mem::take(&mut entry.counted);
-            self.push_left(entry.user.as_ref(), &counted);
+            self.push_left(id, entry.user.as_ref(), &counted);
             for group in groups.keys() {
                 if let Some(members) = table.groups.get_mut(group) {
                     members.remove(id);

@@ -1,10 +1,11 @@
 //! Presence: which users are in which group, across the cluster, each node's share counted
 //! under its own name.
 //!
-//! A node counts a user in a group once per connection of the user that is a member there.
-//! [`PresenceStore::join`] and [`PresenceStore::leave`] answer the user's count in the group
-//! across every node, so the node that takes it from 0 to 1 (or from 1 to 0) is the one that
-//! announces the user's arrival (or departure), exactly once. A node that goes without
+//! A node counts a user in a group once per connection of the user that is a member there,
+//! each connection under its own id, so that a join or leave tried again (its answer lost)
+//! counts once. [`PresenceStore::join`] and [`PresenceStore::leave`] answer the user's count in
+//! the group across every node, so the node that takes it from 0 to 1 (or from 1 to 0) is the
+//! one that announces the user's arrival (or departure), exactly once. A node that goes without
 //! leaving (a crash) leaves its share behind; the first peer to call
 //! [`PresenceStore::reap`] for it takes that share away and learns which users left which
 //! groups with it, once. Every entry of a node expires unless the node keeps it alive, so a
@@ -16,7 +17,7 @@ use std::time::Duration;
 use futures_core::future::BoxFuture;
 
 use crate::error::RegistryError;
-use crate::ids::{GroupName, NodeId, UserId};
+use crate::ids::{ConnectionId, GroupName, NodeId, UserId};
 
 /// A user's connections in a group on one node, as [`PresenceStore::members`] lists them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,25 +32,25 @@ pub struct PresenceShare {
 
 /// Where presence is kept, shared by every node of a cluster: see the [module docs](self).
 pub trait PresenceStore: fmt::Debug + Send + Sync + 'static {
-    /// Counts one more connection of `user` in `group` on `node`, its entries kept for `ttl`;
-    /// returns the user's connections in the group on every node now (1: the user just
-    /// arrived).
+    /// Counts `connection` (of `user`, on its node) in `group`, the node's entries kept for
+    /// `ttl`; returns the user's connections in the group on every node now (1: the user just
+    /// arrived). Counting a connection counted already changes nothing.
     fn join(
         &self,
-        node: &NodeId,
         group: &GroupName,
         user: &UserId,
+        connection: &ConnectionId,
         ttl: Duration,
     ) -> BoxFuture<'static, Result<u64, RegistryError>>;
 
-    /// Counts one connection of `user` in `group` on `node` less; returns the user's
-    /// connections in the group on every node now (0: the user just left), or `None` when
-    /// `node` counted none (it was reaped meanwhile, say): nothing changed.
+    /// Counts `connection` (of `user`) out of `group`; returns the user's connections in the
+    /// group on every node now (0: the user just left), or `None` when it was not counted
+    /// (left already, or its node reaped): nothing changed.
     fn leave(
         &self,
-        node: &NodeId,
         group: &GroupName,
         user: &UserId,
+        connection: &ConnectionId,
     ) -> BoxFuture<'static, Result<Option<u64>, RegistryError>>;
 
     /// Every share of `group`: each user, on each node that counts them.

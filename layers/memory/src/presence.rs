@@ -1,12 +1,14 @@
 //! An in-memory [`PresenceStore`]: each node's share of each group in one process, expiring on
 //! tokio's clock like their Redis keys do.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::future::BoxFuture;
-use hybrid_cluster_core::{GroupName, NodeId, PresenceShare, PresenceStore, RegistryError, UserId};
+use hybrid_cluster_core::{
+    ConnectionId, GroupName, NodeId, PresenceShare, PresenceStore, RegistryError, UserId,
+};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -18,8 +20,8 @@ pub struct MemoryPresenceStore {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Per group, per user, per node: connections counted.
-    groups: HashMap<GroupName, BTreeMap<UserId, BTreeMap<NodeId, u64>>>,
+    /// Per group, per user: the connections counted (each names its node).
+    groups: HashMap<GroupName, BTreeMap<UserId, BTreeSet<ConnectionId>>>,
     /// Per node, when its entries expire.
     expiries: HashMap<NodeId, Instant>,
 }
@@ -44,11 +46,13 @@ impl State {
         self.expiries.remove(node);
         let mut left = Vec::new();
         for (group, users) in &mut self.groups {
-            users.retain(|user, nodes| {
-                if nodes.remove(node).is_some() && nodes.is_empty() {
+            users.retain(|user, connections| {
+                let before = connections.len();
+                connections.retain(|connection| connection.node() != node);
+                if connections.len() < before && connections.is_empty() {
                     left.push((group.clone(), user.clone()));
                 }
-                !nodes.is_empty()
+                !connections.is_empty()
             });
         }
         self.groups.retain(|_, users| !users.is_empty());
@@ -63,54 +67,47 @@ impl MemoryPresenceStore {
     }
 }
 
-fn total(nodes: &BTreeMap<NodeId, u64>) -> u64 {
-    nodes.values().sum()
-}
-
 impl PresenceStore for MemoryPresenceStore {
     fn join(
         &self,
-        node: &NodeId,
         group: &GroupName,
         user: &UserId,
+        connection: &ConnectionId,
         ttl: Duration,
     ) -> BoxFuture<'static, Result<u64, RegistryError>> {
         let mut state = self.state.lock();
         state.expire();
-        state.expiries.insert(node.clone(), Instant::now() + ttl);
-        let nodes = state
+        let node = connection.node().clone();
+        state.expiries.insert(node, Instant::now() + ttl);
+        let connections = state
             .groups
             .entry(group.clone())
             .or_default()
             .entry(user.clone())
             .or_default();
-        *nodes.entry(node.clone()).or_insert(0) += 1;
-        let count = total(nodes);
+        connections.insert(connection.clone());
+        let count = connections.len() as u64;
         Box::pin(std::future::ready(Ok(count)))
     }
 
     fn leave(
         &self,
-        node: &NodeId,
         group: &GroupName,
         user: &UserId,
+        connection: &ConnectionId,
     ) -> BoxFuture<'static, Result<Option<u64>, RegistryError>> {
         let mut state = self.state.lock();
         state.expire();
         let Some(users) = state.groups.get_mut(group) else {
             return Box::pin(std::future::ready(Ok(None)));
         };
-        let Some(nodes) = users.get_mut(user) else {
+        let Some(connections) = users.get_mut(user) else {
             return Box::pin(std::future::ready(Ok(None)));
         };
-        let Some(mine) = nodes.get_mut(node) else {
+        if !connections.remove(connection) {
             return Box::pin(std::future::ready(Ok(None)));
-        };
-        *mine -= 1;
-        if *mine == 0 {
-            nodes.remove(node);
         }
-        let count = total(nodes);
+        let count = connections.len() as u64;
         if count == 0 {
             users.remove(user);
             if users.is_empty() {
@@ -126,17 +123,20 @@ impl PresenceStore for MemoryPresenceStore {
     ) -> BoxFuture<'static, Result<Vec<PresenceShare>, RegistryError>> {
         let mut state = self.state.lock();
         state.expire();
-        let shares = state
-            .groups
-            .get(group)
+        let mut counts: BTreeMap<(UserId, NodeId), u64> = BTreeMap::new();
+        for (user, connections) in state.groups.get(group).into_iter().flatten() {
+            for connection in connections {
+                *counts
+                    .entry((user.clone(), connection.node().clone()))
+                    .or_insert(0) += 1;
+            }
+        }
+        let shares: Vec<PresenceShare> = counts
             .into_iter()
-            .flatten()
-            .flat_map(|(user, nodes)| {
-                nodes.iter().map(|(node, connections)| PresenceShare {
-                    user: user.clone(),
-                    node: node.clone(),
-                    connections: *connections,
-                })
+            .map(|((user, node), connections)| PresenceShare {
+                user,
+                node,
+                connections,
             })
             .collect();
         Box::pin(std::future::ready(Ok(shares)))

@@ -1,30 +1,38 @@
 //! The [`PresenceStore`] kept in Redis, next to the registry's keys.
 //!
 //! A group is a hash `{prefix}:presence:{group}`: for each user, the field `{user}` holds
-//! their connections in the group on every node, and the field `{user}\n{node}` those on one
-//! node (neither a user id nor a node id holds a newline). Each node has a set
-//! `{prefix}:presence-node:{node}` of the groups it counts someone in, for a peer to reap its
-//! shares. Every step is one Lua script; every key expires unless its node keeps it alive.
+//! their connections in the group on every node, and a field `{user}\n{connection}` stands
+//! for each of those connections (neither a user id nor a connection id holds a newline; a
+//! connection id starts with its node's). Each node has a set `{prefix}:presence-node:{node}`
+//! of the groups it counts someone in, for a peer to reap its shares. Every step is one Lua
+//! script, and a join or leave tried again counts once; every key expires unless its node
+//! keeps it alive.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    ClusterPrefix, GroupName, NodeId, PresenceShare, PresenceStore, RegistryError, UserId,
+    ClusterPrefix, ConnectionId, GroupName, NodeId, PresenceShare, PresenceStore, RegistryError,
+    UserId,
 };
 use redis::Script;
 use redis::aio::ConnectionLike;
 
 use super::{classify, millis};
 
-/// Counts one more connection: `KEYS[1]` the group, `KEYS[2]` the node's set; `ARGV`: user,
-/// node, group, ttl (ms). Returns the user's count on every node.
+/// Counts a connection: `KEYS[1]` the group, `KEYS[2]` the node's set; `ARGV`: user,
+/// connection, group, ttl (ms). Returns the user's count on every node.
 static JOIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-redis.call('HINCRBY', KEYS[1], ARGV[1] .. '\n' .. ARGV[2], 1)
-local total = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+local total
+if redis.call('HSETNX', KEYS[1], ARGV[1] .. '\n' .. ARGV[2], 1) == 1 then
+  total = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+else
+  total = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+end
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -33,15 +41,12 @@ return total
     )
 });
 
-/// Counts one connection less: `KEYS[1]` the group; `ARGV`: user, node. Returns the user's
-/// count on every node, or -1 when the node counted none.
+/// Counts a connection out: `KEYS[1]` the group; `ARGV`: user, connection. Returns the user's
+/// count on every node, or -1 when the connection was not counted.
 static LEAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local field = ARGV[1] .. '\n' .. ARGV[2]
-local mine = tonumber(redis.call('HGET', KEYS[1], field) or '0')
-if mine <= 0 then return -1 end
-if mine == 1 then redis.call('HDEL', KEYS[1], field) else redis.call('HINCRBY', KEYS[1], field, -1) end
+if redis.call('HDEL', KEYS[1], ARGV[1] .. '\n' .. ARGV[2]) == 0 then return -1 end
 local total = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 if total <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -58,17 +63,15 @@ return total
 static REAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local suffix = '\n' .. ARGV[1]
 local left = {}
 for _, group in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[2] .. group
   local fields = redis.call('HGETALL', key)
   for i = 1, #fields, 2 do
-    local field = fields[i]
-    if #field > #suffix and string.sub(field, -#suffix) == suffix then
-      local user = string.sub(field, 1, #field - #suffix)
-      redis.call('HDEL', key, field)
-      local total = redis.call('HINCRBY', key, user, -tonumber(fields[i + 1]))
+    local user, connection = string.match(fields[i], '^([^\n]+)\n(.+)$')
+    if connection and string.match(connection, '^[^:]+') == ARGV[1] then
+      redis.call('HDEL', key, fields[i])
+      local total = redis.call('HINCRBY', key, user, -1)
       if total <= 0 then
         redis.call('HDEL', key, user)
         table.insert(left, group)
@@ -169,23 +172,28 @@ fn malformed(key: String, reason: &str) -> RegistryError {
     }
 }
 
-/// Reads a group's hash: a share for each `{user}\n{node}` field.
+/// Reads a group's hash: a share for each user and node, counting its `{user}\n{connection}`
+/// fields.
 fn shares(key: String, fields: Vec<(String, String)>) -> Result<Vec<PresenceShare>, RegistryError> {
-    let mut shares = Vec::new();
-    for (field, count) in fields {
-        let Some((user, node)) = field.split_once('\n') else {
+    let mut counts: BTreeMap<(UserId, NodeId), u64> = BTreeMap::new();
+    for (field, _) in fields {
+        let Some((user, connection)) = field.split_once('\n') else {
             continue;
         };
-        let share = PresenceShare {
-            user: UserId::new(user).map_err(|_| malformed(key.clone(), "a user id is invalid"))?,
-            node: NodeId::new(node).map_err(|_| malformed(key.clone(), "a node id is invalid"))?,
-            connections: count
-                .parse()
-                .map_err(|_| malformed(key.clone(), "a count is not a number"))?,
-        };
-        shares.push(share);
+        let user = UserId::new(user).map_err(|_| malformed(key.clone(), "a user id is invalid"))?;
+        let connection: ConnectionId = connection
+            .parse()
+            .map_err(|_| malformed(key.clone(), "a connection id is invalid"))?;
+        *counts.entry((user, connection.node().clone())).or_insert(0) += 1;
     }
-    Ok(shares)
+    Ok(counts
+        .into_iter()
+        .map(|((user, node), connections)| PresenceShare {
+            user,
+            node,
+            connections,
+        })
+        .collect())
 }
 
 /// Reads a reap's answer: group, user, group, user…
@@ -204,15 +212,15 @@ fn left(key: String, flat: Vec<String>) -> Result<Vec<(GroupName, UserId)>, Regi
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> PresenceStore for RedisPresenceStore<C> {
     fn join(
         &self,
-        node: &NodeId,
         group: &GroupName,
         user: &UserId,
+        connection: &ConnectionId,
         ttl: Duration,
     ) -> BoxFuture<'static, Result<u64, RegistryError>> {
-        let keys = vec![self.keys.group(group), self.keys.node(node)];
+        let keys = vec![self.keys.group(group), self.keys.node(connection.node())];
         let args = vec![
             user.to_string(),
-            node.to_string(),
+            connection.to_string(),
             group.to_string(),
             millis(ttl).to_string(),
         ];
@@ -222,12 +230,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> PresenceStore for RedisP
 
     fn leave(
         &self,
-        node: &NodeId,
         group: &GroupName,
         user: &UserId,
+        connection: &ConnectionId,
     ) -> BoxFuture<'static, Result<Option<u64>, RegistryError>> {
         let keys = vec![self.keys.group(group)];
-        let left = self.run::<i64>(&LEAVE, keys, vec![user.to_string(), node.to_string()]);
+        let args = vec![user.to_string(), connection.to_string()];
+        let left = self.run::<i64>(&LEAVE, keys, args);
         Box::pin(async move { Ok(u64::try_from(left.await?).ok()) })
     }
 

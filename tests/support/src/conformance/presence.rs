@@ -6,12 +6,17 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hybrid_cluster_core::{GroupName, NodeId, PresenceStore, UserId};
+use hybrid_cluster_core::{ConnectionId, GroupName, Incarnation, NodeId, PresenceStore, UserId};
 
 const TTL: Duration = Duration::from_secs(60);
 
 fn node(name: &str) -> NodeId {
     NodeId::new(name).unwrap()
+}
+
+/// Connection `n` of a run of node `name`.
+fn conn(name: &str, n: u64) -> ConnectionId {
+    ConnectionId::new(node(name), Incarnation::from_u64(7), n)
 }
 
 fn group(name: &str) -> GroupName {
@@ -36,19 +41,26 @@ async fn shares(store: &Arc<dyn PresenceStore>, name: &str) -> Vec<(String, Stri
 }
 
 /// Each node's share counts apart; the cluster-wide count says who arrived (1) and who left
-/// (0); a leave a node never counted changes nothing.
+/// (0); a join or leave made twice counts once; a leave of a connection never counted changes
+/// nothing.
 pub async fn counts_span_nodes_and_say_who_arrived_and_who_left(store: Arc<dyn PresenceStore>) {
-    let (n1, n2, room) = (node("n1"), node("n2"), group("room: 1"));
+    let room = group("room: 1");
     let (alice, bob) = (user("alice@example.com"), user("bob"));
+    let (a1, a2, a3, b1) = (conn("n1", 1), conn("n2", 1), conn("n1", 2), conn("n1", 3));
     assert_eq!(
-        store.join(&n1, &room, &alice, TTL).await.unwrap(),
+        store.join(&room, &alice, &a1, TTL).await.unwrap(),
         1,
         "alice arrives"
     );
-    assert_eq!(store.join(&n2, &room, &alice, TTL).await.unwrap(), 2);
-    assert_eq!(store.join(&n1, &room, &alice, TTL).await.unwrap(), 3);
+    assert_eq!(store.join(&room, &alice, &a2, TTL).await.unwrap(), 2);
+    assert_eq!(store.join(&room, &alice, &a3, TTL).await.unwrap(), 3);
     assert_eq!(
-        store.join(&n1, &room, &bob, TTL).await.unwrap(),
+        store.join(&room, &alice, &a3, TTL).await.unwrap(),
+        3,
+        "once"
+    );
+    assert_eq!(
+        store.join(&room, &bob, &b1, TTL).await.unwrap(),
         1,
         "bob arrives"
     );
@@ -60,25 +72,21 @@ pub async fn counts_span_nodes_and_say_who_arrived_and_who_left(store: Arc<dyn P
             ("bob".into(), "n1".into(), 1),
         ]
     );
-    assert_eq!(store.leave(&n1, &room, &alice).await.unwrap(), Some(2));
-    assert_eq!(store.leave(&n1, &room, &alice).await.unwrap(), Some(1));
+    assert_eq!(store.leave(&room, &alice, &a1).await.unwrap(), Some(2));
+    assert_eq!(store.leave(&room, &alice, &a3).await.unwrap(), Some(1));
+    assert_eq!(store.leave(&room, &alice, &a3).await.unwrap(), None, "once");
     assert_eq!(
-        store.leave(&n1, &room, &alice).await.unwrap(),
-        None,
-        "n1 counts none"
-    );
-    assert_eq!(
-        store.leave(&n2, &room, &alice).await.unwrap(),
+        store.leave(&room, &alice, &a2).await.unwrap(),
         Some(0),
         "alice left"
     );
-    assert_eq!(store.leave(&n2, &room, &alice).await.unwrap(), None);
-    assert_eq!(store.leave(&n1, &group("other"), &bob).await.unwrap(), None);
+    assert_eq!(store.leave(&room, &alice, &a2).await.unwrap(), None);
+    assert_eq!(store.leave(&group("other"), &bob, &b1).await.unwrap(), None);
     assert_eq!(
         shares(&store, "room: 1").await,
         [("bob".into(), "n1".into(), 1)]
     );
-    assert_eq!(store.leave(&n1, &room, &bob).await.unwrap(), Some(0));
+    assert_eq!(store.leave(&room, &bob, &b1).await.unwrap(), Some(0));
     assert!(shares(&store, "room: 1").await.is_empty());
 }
 
@@ -86,20 +94,19 @@ pub async fn counts_span_nodes_and_say_who_arrived_and_who_left(store: Arc<dyn P
 pub async fn a_reaped_node_takes_its_shares_and_only_the_first_reap_tells(
     store: Arc<dyn PresenceStore>,
 ) {
-    let (n1, n2) = (node("n1"), node("n2"));
     let (g, h) = (group("g"), group("h"));
     let (alice, bob) = (user("alice"), user("bob"));
-    for (on, in_group, who) in [
-        (&n1, &g, &alice),
-        (&n1, &g, &alice),
-        (&n1, &h, &alice),
-        (&n1, &g, &bob),
-        (&n2, &g, &bob),
+    for (in_group, who, connection) in [
+        (&g, &alice, conn("n1", 1)),
+        (&g, &alice, conn("n1", 2)),
+        (&h, &alice, conn("n1", 1)),
+        (&g, &bob, conn("n1", 3)),
+        (&g, &bob, conn("n2", 1)),
     ] {
-        store.join(on, in_group, who, TTL).await.unwrap();
+        store.join(in_group, who, &connection, TTL).await.unwrap();
     }
     let left: BTreeSet<(String, String)> = store
-        .reap(&n1)
+        .reap(&node("n1"))
         .await
         .unwrap()
         .into_iter()
@@ -108,12 +115,19 @@ pub async fn a_reaped_node_takes_its_shares_and_only_the_first_reap_tells(
     let expected: BTreeSet<(String, String)> =
         [("g".into(), "alice".into()), ("h".into(), "alice".into())].into();
     assert_eq!(left, expected, "bob is still in g on n2");
-    assert!(store.reap(&n1).await.unwrap().is_empty(), "once only");
+    assert!(
+        store.reap(&node("n1")).await.unwrap().is_empty(),
+        "once only"
+    );
     assert_eq!(shares(&store, "g").await, [("bob".into(), "n2".into(), 1)]);
     assert!(shares(&store, "h").await.is_empty());
-    assert_eq!(store.leave(&n1, &g, &bob).await.unwrap(), None, "reaped");
     assert_eq!(
-        store.join(&n1, &g, &bob, TTL).await.unwrap(),
+        store.leave(&g, &bob, &conn("n1", 3)).await.unwrap(),
+        None,
+        "reaped"
+    );
+    assert_eq!(
+        store.join(&g, &bob, &conn("n1", 4), TTL).await.unwrap(),
         2,
         "n1 counts anew"
     );
@@ -121,13 +135,22 @@ pub async fn a_reaped_node_takes_its_shares_and_only_the_first_reap_tells(
 
 /// A node's entries go a ttl after it stops keeping them alive.
 pub async fn a_nodes_entries_expire_unless_kept_alive(store: Arc<dyn PresenceStore>) {
-    let (n1, n2, g) = (node("n1"), node("n2"), group("g"));
+    let g = group("g");
     let short = Duration::from_millis(400);
-    store.join(&n1, &g, &user("gone"), short).await.unwrap();
-    store.join(&n2, &g, &user("kept"), short).await.unwrap();
+    store
+        .join(&g, &user("gone"), &conn("n1", 1), short)
+        .await
+        .unwrap();
+    store
+        .join(&g, &user("kept"), &conn("n2", 1), short)
+        .await
+        .unwrap();
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        store.keep_alive(&n2, vec![g.clone()], short).await.unwrap();
+        store
+            .keep_alive(&node("n2"), vec![g.clone()], short)
+            .await
+            .unwrap();
     }
     let left = shares(&store, "g").await;
     assert!(
