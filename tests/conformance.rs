@@ -24,18 +24,8 @@ async fn memory_registry(_case: &str) -> (Arc<dyn Registry>, Cleanup) {
 }
 
 async fn redis(case: &str) -> (Arc<dyn Registry>, Cleanup) {
-    let prefix = unique_prefix(&format!("conformance-{case}"));
-    let registry = RedisRegistry::connect(
-        &redis_url().parse().unwrap(),
-        &ClusterPrefix::new(&prefix).unwrap(),
-        RedisOptions::default(),
-    )
-    .await
-    .unwrap();
-    (
-        Arc::new(registry),
-        Box::pin(async move { remove_cluster(&prefix, &[]).await }),
-    )
+    let (registry, _, cleanup) = redis_registry(case).await;
+    (Arc::new(registry), cleanup)
 }
 
 async fn memory_broker(_case: &str) -> (Arc<dyn Broker>, Cleanup) {
@@ -62,7 +52,8 @@ async fn memory_sessions(_case: &str) -> (Arc<dyn SessionStore>, Cleanup) {
     (Arc::new(MemorySessionStore::new()), Box::pin(async {}))
 }
 
-async fn redis_sessions(case: &str) -> (Arc<dyn SessionStore>, Cleanup) {
+/// A registry on the real Redis under a prefix of `case`'s own, its prefix, and the cleanup.
+async fn redis_registry(case: &str) -> (RedisRegistry, ClusterPrefix, Cleanup) {
     let prefix = unique_prefix(&format!("conformance-{case}"));
     let prefix_name = ClusterPrefix::new(&prefix).unwrap();
     let registry = RedisRegistry::connect(
@@ -72,10 +63,14 @@ async fn redis_sessions(case: &str) -> (Arc<dyn SessionStore>, Cleanup) {
     )
     .await
     .unwrap();
-    (
-        Arc::new(RedisSessionStore::new(registry.connection(), &prefix_name)),
-        Box::pin(async move { remove_cluster(&prefix, &[]).await }),
-    )
+    let cleanup: Cleanup = Box::pin(async move { remove_cluster(&prefix, &[]).await });
+    (registry, prefix_name, cleanup)
+}
+
+async fn redis_sessions(case: &str) -> (Arc<dyn SessionStore>, Cleanup) {
+    let (registry, prefix, cleanup) = redis_registry(case).await;
+    let store = RedisSessionStore::new(registry.connection(), &prefix);
+    (Arc::new(store), cleanup)
 }
 
 async fn memory_presence(_case: &str) -> (Arc<dyn PresenceStore>, Cleanup) {
@@ -83,19 +78,9 @@ async fn memory_presence(_case: &str) -> (Arc<dyn PresenceStore>, Cleanup) {
 }
 
 async fn redis_presence(case: &str) -> (Arc<dyn PresenceStore>, Cleanup) {
-    let prefix = unique_prefix(&format!("conformance-{case}"));
-    let prefix_name = ClusterPrefix::new(&prefix).unwrap();
-    let registry = RedisRegistry::connect(
-        &redis_url().parse().unwrap(),
-        &prefix_name,
-        RedisOptions::default(),
-    )
-    .await
-    .unwrap();
-    (
-        Arc::new(RedisPresenceStore::new(registry.connection(), &prefix_name)),
-        Box::pin(async move { remove_cluster(&prefix, &[]).await }),
-    )
+    let (registry, prefix, cleanup) = redis_registry(case).await;
+    let store = RedisPresenceStore::new(registry.connection(), &prefix);
+    (Arc::new(store), cleanup)
 }
 
 registry_conformance!(memory_registry);
