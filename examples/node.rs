@@ -33,7 +33,7 @@
 //! `--session-max-messages N`, `--session-max-bytes BYTES`), `--jwt-secret SECRET` or
 //! `--jwt-public-key FILE` (identify clients by an HS256 or RS256 JWT, `Authorization:
 //! Bearer` or `?token=`; the welcome then names the user; prefer `HYBRID_CLUSTER_JWT_SECRET`
-//! to the flag), `--require-auth` (401 without a token), `--admin-token TOKEN` (or
+//! to the flag), `--jwt-audience AUD`, `--require-auth` (401 without a token), `--admin-token TOKEN` (or
 //! `HYBRID_CLUSTER_ADMIN_TOKEN`: the token of `POST /cluster/users/{user}/disconnect`),
 //! `--rate-limit N` (requests per second per connection, burst N). `RUST_LOG` sets the log level (default `info`);
 //! `HYBRID_CLUSTER_SECRET` (at least 16 bytes, the same on every node) signs node-to-node
@@ -176,6 +176,9 @@ struct Args {
     /// Identify clients by an RS256 JWT, verified with this PEM public key file.
     #[arg(long, value_name = "FILE")]
     jwt_public_key: Option<std::path::PathBuf>,
+    /// Accept only tokens whose `aud` names AUD (without it, a token's `aud` is not checked).
+    #[arg(long, value_name = "AUD")]
+    jwt_audience: Option<String>,
     /// Refuse (401) clients without a token: needs --jwt-secret, --jwt-public-key or
     /// HYBRID_CLUSTER_JWT_SECRET.
     #[arg(long)]
@@ -227,7 +230,14 @@ impl Args {
     fn auth(&mut self) -> Result<ServerAuth, BoxError> {
         let secret = flag_or_env(self.jwt_secret.take(), JWT_SECRET_ENV);
         let jwt = match (secret, &self.jwt_public_key) {
-            (Some(secret), _) => Some(Jwt::hs256(secret.as_bytes())?),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "--jwt-public-key and a JWT secret ({JWT_SECRET_ENV} or --jwt-secret) \
+                     exclude each other: tokens are verified one way"
+                )
+                .into());
+            }
+            (Some(secret), None) => Some(Jwt::hs256(secret.as_bytes())?),
             (None, Some(path)) => {
                 let pem = std::fs::read(path)
                     .map_err(|e| format!("--jwt-public-key {}: {e}", path.display()))?;
@@ -241,6 +251,11 @@ impl Args {
             }
             (None, None) => None,
         };
+        let audience = self.jwt_audience.take();
+        let jwt = jwt.map(|jwt| match &audience {
+            Some(audience) => jwt.with_audience(&[audience.as_str()]),
+            None => jwt,
+        });
         let identity = jwt.map(|jwt| {
             let identify: Arc<dyn Identify> = Arc::new(jwt);
             let layer = IdentityLayer::new(identify);

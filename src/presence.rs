@@ -192,95 +192,106 @@ const RETRY_MOST: Duration = Duration::from_secs(5);
 /// or a departure.
 async fn apply(node: &Arc<Node>, presence: &NodePresence, change: PresenceChange) {
     let (group, user) = match &change {
-        PresenceChange::Joined(group, user, _) | PresenceChange::Left(group, user, _) => {
-            (group.clone(), user.clone())
-        }
+        PresenceChange::Joined(group, user, _)
+        | PresenceChange::Left(group, user, _)
+        | PresenceChange::Recounted(group, user, _) => (group.clone(), user.clone()),
     };
-    let mut wait = RETRY_FIRST;
-    let mut tries = 0;
-    let event = loop {
-        tries += 1;
-        let outcome = match &change {
-            PresenceChange::Joined(group, user, connection) => presence
-                .store
-                .join(group, user, connection, presence.ttl)
-                .await
-                .map(|count| (count == 1).then_some("join")),
-            PresenceChange::Left(group, user, connection) => presence
-                .store
-                .leave(group, user, connection)
-                .await
-                .map(|count| (count == Some(0)).then_some("leave")),
-        };
-        match outcome {
-            Ok(event) => break event,
-            Err(error) if error.is_transient() && tries < TRIES => {
-                tracing::debug!(%group, error = %crate::error_chain(&error), "the presence store is out of reach: trying again");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RETRY_MOST);
+    let tried = retried("record a presence change", || async {
+        Ok(match &change {
+            PresenceChange::Joined(group, user, connection) => {
+                let joined = presence.store.join(group, user, connection, presence.ttl);
+                (joined.await?.connections == 1).then_some("join")
             }
-            Err(error) => {
-                tracing::warn!(%group, error = %crate::error_chain(&error), tries, "could not record a presence change: the group's presence may be off until the user joins or leaves again");
-                return;
+            // Counted again after the store lost it: an arrival only if this count made it.
+            PresenceChange::Recounted(group, user, connection) => {
+                let joined = presence.store.join(group, user, connection, presence.ttl);
+                let joined = joined.await?;
+                (joined.new && joined.connections == 1).then_some("join")
             }
-        }
-    };
-    if let Some(event) = event
+            PresenceChange::Left(group, user, connection) => {
+                let left = presence.store.leave(group, user, connection).await?;
+                (left == Some(0)).then_some("leave")
+            }
+        })
+    });
+    if let Some(Some(event)) = tried.await
         && !group.is_reserved()
     {
         announce(node, &group, event, &user).await;
     }
 }
 
-/// Takes away what `gone` counted, and announces who left with it (to the first node that
-/// does so only).
-pub(crate) async fn reap(node: &Arc<Node>, gone: &NodeId) {
-    let Some(presence) = NodePresence::of(node) else {
-        return;
-    };
-    match presence.store.reap(gone).await {
-        Ok(left) => {
-            if !left.is_empty() {
-                tracing::info!(node = %gone, departures = left.len(), "presence of a node gone taken away");
+/// `step` until it succeeds, tried again while the store is out of reach (for about a
+/// minute); `None`, logged, when it fails for good.
+async fn retried<T, F, Fut>(what: &'static str, mut step: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RegistryError>>,
+{
+    let mut wait = RETRY_FIRST;
+    for tries in 1..=TRIES {
+        match step().await {
+            Ok(value) => return Some(value),
+            Err(error) if error.is_transient() && tries < TRIES => {
+                tracing::debug!(error = %crate::error_chain(&error), "the presence store is out of reach: trying again to {what}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MOST);
             }
-            for (group, user) in left.iter().filter(|(group, _)| !group.is_reserved()) {
-                announce(node, group, "leave", user).await;
+            Err(error) => {
+                tracing::warn!(error = %crate::error_chain(&error), tries, "could not {what}: the presence of that group may be off until its members join or leave again");
+                return None;
             }
-        }
-        Err(error) => {
-            tracing::warn!(node = %gone, error = %crate::error_chain(&error), "could not take away the presence of a node gone: its members stay listed until its entries expire");
         }
     }
+    None
 }
 
-/// Applies the node's presence changes as they come, after reaping what a previous run of
-/// the node left; keeps the node's entries alive meanwhile. Holds the node weakly while it
-/// waits.
+/// Takes away what `gone` counted, and announces who left with it (to the first node that
+/// does so only).
+pub(crate) async fn reap(node: &Arc<Node>, gone: &NodeId) -> bool {
+    let Some(presence) = NodePresence::of(node) else {
+        return true;
+    };
+    let Some(left) = retried("take away the presence of a node gone", || {
+        presence.store.reap(gone)
+    })
+    .await
+    else {
+        return false;
+    };
+    if !left.is_empty() {
+        tracing::info!(node = %gone, departures = left.len(), "presence of a node gone taken away");
+    }
+    for (group, user) in left.iter().filter(|(group, _)| !group.is_reserved()) {
+        announce(node, group, "leave", user).await;
+    }
+    true
+}
+
+/// Applies the node's presence changes as they come, once what a previous run of the node
+/// left is taken away (tried until it is). Holds the node weakly while it waits.
 pub(crate) async fn follow(node: Weak<Node>) {
-    let Some((local, presence)) = node.upgrade().and_then(|node| {
-        node.local.presence()?;
-        Some((Arc::clone(&node.local), NodePresence::of(&node)?))
-    }) else {
+    let Some(local) = node.upgrade().map(|node| Arc::clone(&node.local)) else {
         return;
     };
-    if let Some(first) = node.upgrade() {
-        let own = first.id.clone();
-        reap(&first, &own).await;
-    }
     let Some(queue) = local.presence() else {
         return;
     };
-    let mut keeping = tokio::time::interval(presence.ttl / 4);
     loop {
-        let (last, taken) = tokio::select! {
-            taken = queue.take() => taken,
-            _ = keeping.tick() => {
-                let Some(node) = node.upgrade() else { return };
-                keep_alive(&node, &presence).await;
-                continue;
-            }
-        };
+        let Some(first) = node.upgrade() else { return };
+        let own = first.id.clone();
+        if reap(&first, &own).await {
+            break;
+        }
+        drop(first);
+        tokio::time::sleep(RETRY_MOST).await;
+    }
+    loop {
+        let (last, taken) = queue.take().await;
         let Some(node) = node.upgrade() else { return };
+        let Some(presence) = NodePresence::of(&node) else {
+            return;
+        };
         for change in taken {
             apply(&node, &presence, change).await;
         }
@@ -288,14 +299,42 @@ pub(crate) async fn follow(node: Weak<Node>) {
     }
 }
 
-async fn keep_alive(node: &Arc<Node>, presence: &NodePresence) {
-    let groups = node.local.presence_groups();
-    if let Err(error) = presence
-        .store
-        .keep_alive(&node.id, groups, presence.ttl)
-        .await
-    {
-        tracing::warn!(error = %crate::error_chain(&error), "could not keep this node's presence alive");
+/// Keeps the node's presence entries alive, once a lease; when the store lost them (the node
+/// was taken for gone and reaped, or they expired), counts its connections again.
+pub(crate) async fn keep_alive(node: Weak<Node>) {
+    let Some((ttl, lease)) = node.upgrade().and_then(|node| {
+        let ttl = NodePresence::of(&node)?.ttl;
+        Some((ttl, node.config.discovery.lease))
+    }) else {
+        return;
+    };
+    // Once a lease: a node taken for gone and reaped counts its connections again about as
+    // soon as its peers see it back.
+    let mut ticks = tokio::time::interval(lease.max(Duration::from_millis(500)).min(ttl / 4));
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let Some(presence) = NodePresence::of(&node) else {
+            return;
+        };
+        let groups = node.local.presence_groups();
+        if groups.is_empty() {
+            continue;
+        }
+        match presence.store.keep_alive(&node.id, groups, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let recounted = node.local.recount_presence();
+                tracing::warn!(
+                    recounted,
+                    "this node's presence was gone from the store (taken for gone, or expired): counting its connections again"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(error = %crate::error_chain(&error), "could not keep this node's presence alive");
+            }
+        }
     }
 }
 

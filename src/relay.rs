@@ -17,6 +17,7 @@ use tower::{Service, ServiceExt};
 use crate::local::{CloseFrame, InboxItem, Phase, Pushed};
 use crate::node::Node;
 use crate::session::{HEADER_SESSION_TO, Kept, from_stored, stored_form};
+use crate::users::HEADER_DISCONNECT;
 
 /// The close code of a connection whose session was resumed on another connection.
 pub const CLOSE_SESSION_MOVED: u16 = 4002;
@@ -320,6 +321,8 @@ impl Node {
             }
         };
         let envelope = Arc::new(envelope);
+        // A user disconnected while their node was gone: their sessions end, nothing is kept.
+        let disconnects = envelope.headers.contains_key(HEADER_DISCONNECT);
         for record in held.iter() {
             let member = match &envelope.target {
                 Target::Broadcast => true,
@@ -327,6 +330,12 @@ impl Node {
                 Target::Connection(_) | Target::Node(_) => false,
             };
             if !member {
+                continue;
+            }
+            if disconnects {
+                if let Err(error) = sessions.store.end(record.id, &record.owner).await {
+                    tracing::warn!(error = %crate::error_chain(&error), "could not end the session of a user disconnected while their node was gone: it expires with its window");
+                }
                 continue;
             }
             let logging = sessions.log_orphan(record.id, &record.owner, &envelope);

@@ -788,3 +788,89 @@ async fn presence_stays_right_while_a_nodes_redis_connections_are_killed() {
         .await
         .unwrap_or(());
 }
+
+/// Asks `watcher` for the room's members until they are `want` (within [`WAIT`]).
+async fn wait_for(
+    watcher: &mut Client,
+    seen: &mut Vec<(String, String)>,
+    cluster: &NodeCluster,
+    want: Vec<(String, u64)>,
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (members, _) = members(watcher, seen, cluster).await;
+        if members == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{members:?}\n{}",
+            cluster.logs(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taken_for_gone_and_back_counts_its_members_again() {
+    let mut cluster = NodeCluster::new("users-paused");
+    let options = with_auth(&cluster);
+    let a = cluster.start("paused-a", &options).await;
+    let b = cluster.start("paused-b", &options).await;
+    cluster.wait_for_nodes(2, WAIT).await;
+    let mut watcher = connect_as(&cluster.nodes[b].ws_url(), "watcher").await;
+    join_room(&mut watcher, &cluster).await;
+    let mut alice = connect_as(&cluster.nodes[a].ws_url(), "alice").await;
+    join_room(&mut alice, &cluster).await;
+    let mut seen = Vec::new();
+    let listed = |who: &[&str]| -> Vec<(String, u64)> {
+        who.iter().map(|user| ((*user).to_owned(), 1)).collect()
+    };
+    wait_for(
+        &mut watcher,
+        &mut seen,
+        &cluster,
+        listed(&["alice", "watcher"]),
+    )
+    .await;
+
+    // Paused past its lease, a is taken for gone: alice is reaped and said to leave.
+    cluster.nodes[a].signal("STOP").unwrap();
+    wait_for(&mut watcher, &mut seen, &cluster, listed(&["watcher"])).await;
+    // Back, a finds its presence gone and counts alice again: she is said to arrive.
+    cluster.nodes[a].signal("CONT").unwrap();
+    wait_for(
+        &mut watcher,
+        &mut seen,
+        &cluster,
+        listed(&["alice", "watcher"]),
+    )
+    .await;
+    while seen.len() < 3 {
+        let frame = next_frame(&mut watcher, &cluster).await;
+        note_event(&frame, &mut seen);
+    }
+    assert_eq!(
+        std::mem::take(&mut seen),
+        pairs(&[
+            ("presence_join", "alice"),
+            ("presence_leave", "alice"),
+            ("presence_join", "alice"),
+        ])
+    );
+    // Her leave is announced once, and the list is right.
+    let answer = request(
+        &mut alice,
+        json!({"op": "leave", "group": "room", "id": "l"}),
+        &cluster,
+    )
+    .await;
+    assert_eq!(answer["type"], "ack", "{answer}");
+    wait_for(&mut watcher, &mut seen, &cluster, listed(&["watcher"])).await;
+    watcher
+        .send(&json!({"op": "group", "group": "room", "data": "end"}))
+        .await
+        .unwrap();
+    let more = presence_events(&mut watcher, &mut seen, "end", &cluster).await;
+    assert_eq!(more, pairs(&[("presence_leave", "alice")]));
+}

@@ -31,6 +31,7 @@ pub(super) fn spawn_all(node: &Arc<Node>, deliveries: Deliveries) {
     }
     if node.presence.is_some() {
         node.spawn(crate::presence::follow(Arc::downgrade(node)));
+        node.spawn(crate::presence::keep_alive(Arc::downgrade(node)));
     }
 }
 
@@ -163,7 +164,7 @@ fn reap_presence(node: &Arc<Node>, gone: &NodeId) {
     let (weak, gone) = (Arc::downgrade(node), gone.clone());
     node.spawn(async move {
         if let Some(node) = weak.upgrade() {
-            crate::presence::reap(&node, &gone).await;
+            let _ = crate::presence::reap(&node, &gone).await;
         }
     });
 }

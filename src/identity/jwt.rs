@@ -39,6 +39,9 @@ impl Jwt {
         let mut validation = Validation::new(algorithm);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
+        // A token's `aud` is checked only against an audience this side named: most issuers
+        // set one, and a token is not refused for it unless asked.
+        validation.validate_aud = false;
         Self { key, validation }
     }
 
@@ -65,6 +68,7 @@ impl Jwt {
     /// Accepts only tokens whose `aud` names one of `audience`.
     pub fn with_audience(mut self, audience: &[&str]) -> Self {
         self.validation.set_audience(audience);
+        self.validation.validate_aud = true;
         self
     }
 
@@ -215,6 +219,9 @@ mod tests {
             )
             .unwrap()
         };
+        // Without an audience named, a token's `aud` is not held against it.
+        let open = Jwt::rs256_pem(TEST_PUBLIC_KEY).unwrap();
+        assert_eq!(open.verify(&token("admin")).unwrap().as_str(), "bob");
         let jwt = Jwt::rs256_pem(TEST_PUBLIC_KEY)
             .unwrap()
             .with_audience(&["chat"]);

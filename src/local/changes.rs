@@ -16,6 +16,9 @@ pub(crate) enum PresenceChange {
     Joined(GroupName, UserId, ConnectionId),
     /// It is not any more.
     Left(GroupName, UserId, ConnectionId),
+    /// It is counted still, but the store lost it (the node was taken for gone): count it
+    /// again.
+    Recounted(GroupName, UserId, ConnectionId),
 }
 
 /// The queue of changes, with the number of the last one pushed and of the last one applied.

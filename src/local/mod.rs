@@ -471,6 +471,29 @@ impl LocalConnections {
             .collect()
     }
 
+    /// Queues every connection with a user as counted again in each group it is counted in
+    /// (the presence store lost them); returns how many changes that made. Under the table's
+    /// lock, so that a leave made meanwhile comes after.
+    pub(crate) fn recount_presence(&self) -> usize {
+        let Some(presence) = &self.presence else {
+            return 0;
+        };
+        let table = self.table.write();
+        let mut count = 0;
+        for (id, entry) in &table.entries {
+            let Some(user) = &entry.user else { continue };
+            for group in &entry.counted {
+                presence.push(PresenceChange::Recounted(
+                    group.clone(),
+                    user.clone(),
+                    id.clone(),
+                ));
+                count += 1;
+            }
+        }
+        count
+    }
+
     /// The groups this node counts a connection with a user in (presence to keep alive).
     pub(crate) fn presence_groups(&self) -> Vec<GroupName> {
         let table = self.table.read();

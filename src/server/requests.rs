@@ -162,7 +162,8 @@ impl<'a> Ahead<'a> {
             // A local unicast must not overtake a message that may reach the same connection.
             Request::Send { .. } => !self.fanout,
             // Membership decides who gets a group message: not before one already sent.
-            // A presence query sees the memberships asked before it.
+            // Not ahead of a waiting request. (A membership change started before it may still
+            // be under way: a client that wants to see its own join waits for its answer.)
             Request::Membership { group, .. } => !self.groups.contains(&group),
             Request::Presence { .. } => false,
             Request::Broadcast { .. } | Request::Group { .. } | Request::SendUser { .. } => false,
@@ -280,7 +281,7 @@ impl Requests {
         decision
     }
 
-    /// Takes a frame that is not a request (binary): answered `bad_request` in its turn, or
+    /// Takes a frame that is not a request (binary): answered `bad_request` at once, or
     /// refused like a request over the rate limit, which it counts against as one.
     pub(super) fn push_binary(&mut self, len: usize) -> RateDecision {
         let decision = self.check_rate(len);
@@ -314,7 +315,8 @@ impl Requests {
         decision
     }
 
-    /// Answers the request of correlation id `id` (if any) `rate_limited`, in its turn.
+    /// Answers the request of correlation id `id` (if any) `rate_limited`, at once (ahead of
+    /// requests still waiting for a place).
     fn refuse(&mut self, id: Option<&RawValue>) {
         let refused = error_reply(
             id,

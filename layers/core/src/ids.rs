@@ -401,8 +401,9 @@ impl fmt::Debug for GroupName {
     }
 }
 
-/// The prefix of the groups the cluster keeps for itself: clients and handles cannot join
-/// them nor send to them as groups.
+/// The prefix of the groups the cluster keeps for itself: no handle joins or leaves one, and
+/// the node server refuses a client's join, leave, group message or presence query naming
+/// one.
 pub const RESERVED_GROUP_PREFIX: char = '~';
 
 /// The prefix of a user's own group (see [`GroupName::of_user`]): the user id follows.

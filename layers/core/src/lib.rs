@@ -68,7 +68,7 @@ pub use ids::{
 };
 pub use live::{Epoch, HasNodeInfo, LiveNodeInfo};
 pub use node::{NodeInfo, NodeRecordError, NodeStatus};
-pub use presence::{PresenceShare, PresenceStore};
+pub use presence::{Joined, PresenceShare, PresenceStore};
 pub use registry::{NodeRecord, Registry, RegistryEvent, RegistryEvents, RemovalCause};
 pub use session::{
     Appended, InvalidSessionId, InvalidToken, LogEntry, SessionId, SessionLimits, SessionRecord,

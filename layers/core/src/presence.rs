@@ -30,22 +30,35 @@ pub struct PresenceShare {
     pub connections: u64,
 }
 
+/// What a [`PresenceStore::join`] answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The user's connections in the group on every node (1: the user arrived), as the first
+    /// count of this connection answered.
+    pub connections: u64,
+    /// Whether this call counted the connection (false: it was counted already).
+    pub new: bool,
+}
+
 /// Where presence is kept, shared by every node of a cluster: see the [module docs](self).
 pub trait PresenceStore: fmt::Debug + Send + Sync + 'static {
     /// Counts `connection` (of `user`, on its node) in `group`, the node's entries kept for
     /// `ttl`; returns the user's connections in the group on every node now (1: the user just
-    /// arrived). Counting a connection counted already changes nothing.
+    /// arrived). Counting a connection counted already changes nothing and answers what the
+    /// first count answered, so that a join tried again after its answer was lost says the
+    /// same.
     fn join(
         &self,
         group: &GroupName,
         user: &UserId,
         connection: &ConnectionId,
         ttl: Duration,
-    ) -> BoxFuture<'static, Result<u64, RegistryError>>;
+    ) -> BoxFuture<'static, Result<Joined, RegistryError>>;
 
     /// Counts `connection` (of `user`) out of `group`; returns the user's connections in the
-    /// group on every node now (0: the user just left), or `None` when it was not counted
-    /// (left already, or its node reaped): nothing changed.
+    /// group on every node now (0: the user just left), or `None` when it was not counted (its
+    /// node reaped, say): nothing changed. A leave made again (its answer lost) answers what
+    /// the first one did, for a few minutes.
     fn leave(
         &self,
         group: &GroupName,
@@ -67,11 +80,13 @@ pub trait PresenceStore: fmt::Debug + Send + Sync + 'static {
         node: &NodeId,
     ) -> BoxFuture<'static, Result<Vec<(GroupName, UserId)>, RegistryError>>;
 
-    /// Keeps `node`'s entries in `groups` for `ttl` more.
+    /// Keeps `node`'s entries in `groups` for `ttl` more; returns whether the store still
+    /// held them (false: they expired or were reaped, the node taken for gone: it counts its
+    /// connections again).
     fn keep_alive(
         &self,
         node: &NodeId,
         groups: Vec<GroupName>,
         ttl: Duration,
-    ) -> BoxFuture<'static, Result<(), RegistryError>>;
+    ) -> BoxFuture<'static, Result<bool, RegistryError>>;
 }

@@ -1,16 +1,19 @@
 //! An in-memory [`PresenceStore`]: each node's share of each group in one process, expiring on
 //! tokio's clock like their Redis keys do.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    ConnectionId, GroupName, NodeId, PresenceShare, PresenceStore, RegistryError, UserId,
+    ConnectionId, GroupName, Joined, NodeId, PresenceShare, PresenceStore, RegistryError, UserId,
 };
 use parking_lot::Mutex;
 use tokio::time::Instant;
+
+/// How long the answer of a leave is kept, for a leave made again.
+const LEAVES_KEPT: Duration = Duration::from_secs(300);
 
 /// Presence kept in memory, shared by its clones (every node of a process gets one).
 #[derive(Clone, Debug, Default)]
@@ -20,8 +23,12 @@ pub struct MemoryPresenceStore {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Per group, per user: the connections counted (each names its node).
-    groups: HashMap<GroupName, BTreeMap<UserId, BTreeSet<ConnectionId>>>,
+    /// Per group, per user: the connections counted (each names its node), with what their
+    /// join answered.
+    groups: HashMap<GroupName, BTreeMap<UserId, BTreeMap<ConnectionId, u64>>>,
+    /// What the latest leave of each connection from each group answered, and until when it
+    /// is kept.
+    left: HashMap<(GroupName, ConnectionId), (u64, Instant)>,
     /// Per node, when its entries expire.
     expiries: HashMap<NodeId, Instant>,
 }
@@ -30,6 +37,7 @@ impl State {
     /// Drops the shares of nodes whose entries expired.
     fn expire(&mut self) {
         let now = Instant::now();
+        self.left.retain(|_, (_, until)| *until > now);
         let expired: Vec<NodeId> = self
             .expiries
             .iter()
@@ -48,7 +56,7 @@ impl State {
         for (group, users) in &mut self.groups {
             users.retain(|user, connections| {
                 let before = connections.len();
-                connections.retain(|connection| connection.node() != node);
+                connections.retain(|connection, _| connection.node() != node);
                 if connections.len() < before && connections.is_empty() {
                     left.push((group.clone(), user.clone()));
                 }
@@ -74,20 +82,33 @@ impl PresenceStore for MemoryPresenceStore {
         user: &UserId,
         connection: &ConnectionId,
         ttl: Duration,
-    ) -> BoxFuture<'static, Result<u64, RegistryError>> {
+    ) -> BoxFuture<'static, Result<Joined, RegistryError>> {
         let mut state = self.state.lock();
         state.expire();
         let node = connection.node().clone();
         state.expiries.insert(node, Instant::now() + ttl);
+        state.left.remove(&(group.clone(), connection.clone()));
         let connections = state
             .groups
             .entry(group.clone())
             .or_default()
             .entry(user.clone())
             .or_default();
-        connections.insert(connection.clone());
-        let count = connections.len() as u64;
-        Box::pin(std::future::ready(Ok(count)))
+        let count = connections.len() as u64 + 1;
+        let joined = match connections.get(connection) {
+            Some(first) => Joined {
+                connections: *first,
+                new: false,
+            },
+            None => {
+                connections.insert(connection.clone(), count);
+                Joined {
+                    connections: count,
+                    new: true,
+                }
+            }
+        };
+        Box::pin(std::future::ready(Ok(joined)))
     }
 
     fn leave(
@@ -98,22 +119,30 @@ impl PresenceStore for MemoryPresenceStore {
     ) -> BoxFuture<'static, Result<Option<u64>, RegistryError>> {
         let mut state = self.state.lock();
         state.expire();
-        let Some(users) = state.groups.get_mut(group) else {
-            return Box::pin(std::future::ready(Ok(None)));
+        let key = (group.clone(), connection.clone());
+        let counted = state
+            .groups
+            .get_mut(group)
+            .and_then(|users| users.get_mut(user))
+            .and_then(|connections| {
+                connections.remove(connection)?;
+                Some(connections.len() as u64)
+            });
+        let Some(count) = counted else {
+            let earlier = state.left.get(&key).map(|(count, _)| *count);
+            return Box::pin(std::future::ready(Ok(earlier)));
         };
-        let Some(connections) = users.get_mut(user) else {
-            return Box::pin(std::future::ready(Ok(None)));
-        };
-        if !connections.remove(connection) {
-            return Box::pin(std::future::ready(Ok(None)));
-        }
-        let count = connections.len() as u64;
-        if count == 0 {
+        if count == 0
+            && let Some(users) = state.groups.get_mut(group)
+        {
             users.remove(user);
             if users.is_empty() {
                 state.groups.remove(group);
             }
         }
+        state
+            .left
+            .insert(key, (count, Instant::now() + LEAVES_KEPT));
         Box::pin(std::future::ready(Ok(Some(count))))
     }
 
@@ -125,7 +154,7 @@ impl PresenceStore for MemoryPresenceStore {
         state.expire();
         let mut counts: BTreeMap<(UserId, NodeId), u64> = BTreeMap::new();
         for (user, connections) in state.groups.get(group).into_iter().flatten() {
-            for connection in connections {
+            for connection in connections.keys() {
                 *counts
                     .entry((user.clone(), connection.node().clone()))
                     .or_insert(0) += 1;
@@ -155,10 +184,13 @@ impl PresenceStore for MemoryPresenceStore {
         node: &NodeId,
         _groups: Vec<GroupName>,
         ttl: Duration,
-    ) -> BoxFuture<'static, Result<(), RegistryError>> {
+    ) -> BoxFuture<'static, Result<bool, RegistryError>> {
         let mut state = self.state.lock();
         state.expire();
-        state.expiries.insert(node.clone(), Instant::now() + ttl);
-        Box::pin(std::future::ready(Ok(())))
+        let held = state
+            .expiries
+            .insert(node.clone(), Instant::now() + ttl)
+            .is_some();
+        Box::pin(std::future::ready(Ok(held)))
     }
 }

@@ -3,10 +3,12 @@
 //! A group is a hash `{prefix}:presence:{group}`: for each user, the field `{user}` holds
 //! their connections in the group on every node, and a field `{user}\n{connection}` stands
 //! for each of those connections (neither a user id nor a connection id holds a newline; a
-//! connection id starts with its node's). Each node has a set `{prefix}:presence-node:{node}`
-//! of the groups it counts someone in, for a peer to reap its shares. Every step is one Lua
-//! script, and a join or leave tried again counts once; every key expires unless its node
-//! keeps it alive.
+//! connection id starts with its node's), holding what its join answered. Each node has a
+//! set `{prefix}:presence-node:{node}` of the groups it counts someone in, for a peer to reap
+//! its shares; a leave leaves its answer in `{prefix}:presence-left:{group}\n{connection}` for
+//! five minutes. Every step is one Lua script, and a join or leave tried again counts once
+//! and answers as the first did. A node's set expires unless the node keeps it alive; a
+//! group's hash, while any node keeps it alive.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
@@ -14,44 +16,58 @@ use std::time::Duration;
 
 use futures_core::future::BoxFuture;
 use hybrid_cluster_core::{
-    ClusterPrefix, ConnectionId, GroupName, NodeId, PresenceShare, PresenceStore, RegistryError,
-    UserId,
+    ClusterPrefix, ConnectionId, GroupName, Joined, NodeId, PresenceShare, PresenceStore,
+    RegistryError, UserId,
 };
 use redis::Script;
 use redis::aio::ConnectionLike;
 
 use super::{classify, millis};
 
-/// Counts a connection: `KEYS[1]` the group, `KEYS[2]` the node's set; `ARGV`: user,
-/// connection, group, ttl (ms). Returns the user's count on every node.
+/// How long the answer of a leave is kept, for a leave made again (ms).
+const LEAVES_KEPT_MS: u64 = 300_000;
+
+/// Counts a connection: `KEYS[1]` the group, `KEYS[2]` the node's set, `KEYS[3]` the answer
+/// of its last leave; `ARGV`: user, connection, group, ttl (ms). Returns the user's count on
+/// every node (the first answer, for a connection counted already), and 1 when it counted the
+/// connection now.
 static JOIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local total
-if redis.call('HSETNX', KEYS[1], ARGV[1] .. '\n' .. ARGV[2], 1) == 1 then
-  total = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+local field = ARGV[1] .. '\n' .. ARGV[2]
+local total = redis.call('HGET', KEYS[1], field)
+local new = 0
+if total then
+  total = tonumber(total)
 else
-  total = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+  total = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+  redis.call('HSET', KEYS[1], field, total)
+  redis.call('DEL', KEYS[3])
+  new = 1
 end
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return total
+return {total, new}
 "#,
     )
 });
 
-/// Counts a connection out: `KEYS[1]` the group; `ARGV`: user, connection. Returns the user's
-/// count on every node, or -1 when the connection was not counted.
+/// Counts a connection out: `KEYS[1]` the group, `KEYS[2]` the answer of its leave; `ARGV`:
+/// user, connection, how long the answer is kept (ms). Returns the user's count on every node
+/// (the first answer, for a leave made again), or -1 when the connection was not counted.
 static LEAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('HDEL', KEYS[1], ARGV[1] .. '\n' .. ARGV[2]) == 0 then return -1 end
+if redis.call('HDEL', KEYS[1], ARGV[1] .. '\n' .. ARGV[2]) == 0 then
+  return tonumber(redis.call('GET', KEYS[2]) or '-1')
+end
 local total = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 if total <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
   total = 0
 end
+redis.call('SET', KEYS[2], total, 'PX', ARGV[3])
 return total
 "#,
     )
@@ -87,11 +103,13 @@ return left
 });
 
 /// Keeps a node's keys: `KEYS[1]` the node's set, then its groups; `ARGV[1]` the ttl (ms).
+/// Returns whether the node's set was there.
 static KEEP_ALIVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local held = redis.call('EXISTS', KEYS[1])
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[1]) end
-return 1
+return held
 "#,
     )
 });
@@ -101,6 +119,7 @@ return 1
 struct PresenceKeys {
     group_prefix: String,
     node_prefix: String,
+    left_prefix: String,
 }
 
 impl PresenceKeys {
@@ -110,6 +129,10 @@ impl PresenceKeys {
 
     fn node(&self, node: &NodeId) -> String {
         format!("{}{node}", self.node_prefix)
+    }
+
+    fn left(&self, group: &GroupName, connection: &ConnectionId) -> String {
+        format!("{}{group}\n{connection}", self.left_prefix)
     }
 }
 
@@ -138,6 +161,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisPresenceStore<C> {
             keys: Arc::new(PresenceKeys {
                 group_prefix: format!("{tag}:presence:"),
                 node_prefix: format!("{tag}:presence-node:"),
+                left_prefix: format!("{tag}:presence-left:"),
             }),
         }
     }
@@ -216,16 +240,26 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> PresenceStore for RedisP
         user: &UserId,
         connection: &ConnectionId,
         ttl: Duration,
-    ) -> BoxFuture<'static, Result<u64, RegistryError>> {
-        let keys = vec![self.keys.group(group), self.keys.node(connection.node())];
+    ) -> BoxFuture<'static, Result<Joined, RegistryError>> {
+        let keys = vec![
+            self.keys.group(group),
+            self.keys.node(connection.node()),
+            self.keys.left(group, connection),
+        ];
         let args = vec![
             user.to_string(),
             connection.to_string(),
             group.to_string(),
             millis(ttl).to_string(),
         ];
-        let joined = self.run::<i64>(&JOIN, keys, args);
-        Box::pin(async move { Ok(u64::try_from(joined.await?).unwrap_or(0)) })
+        let joined = self.run::<(i64, i64)>(&JOIN, keys, args);
+        Box::pin(async move {
+            let (connections, new) = joined.await?;
+            Ok(Joined {
+                connections: u64::try_from(connections).unwrap_or(0),
+                new: new == 1,
+            })
+        })
     }
 
     fn leave(
@@ -234,8 +268,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> PresenceStore for RedisP
         user: &UserId,
         connection: &ConnectionId,
     ) -> BoxFuture<'static, Result<Option<u64>, RegistryError>> {
-        let keys = vec![self.keys.group(group)];
-        let args = vec![user.to_string(), connection.to_string()];
+        let keys = vec![self.keys.group(group), self.keys.left(group, connection)];
+        let args = vec![
+            user.to_string(),
+            connection.to_string(),
+            LEAVES_KEPT_MS.to_string(),
+        ];
         let left = self.run::<i64>(&LEAVE, keys, args);
         Box::pin(async move { Ok(u64::try_from(left.await?).ok()) })
     }
@@ -271,11 +309,11 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> PresenceStore for RedisP
         node: &NodeId,
         groups: Vec<GroupName>,
         ttl: Duration,
-    ) -> BoxFuture<'static, Result<(), RegistryError>> {
+    ) -> BoxFuture<'static, Result<bool, RegistryError>> {
         let keys = std::iter::once(self.keys.node(node))
             .chain(groups.iter().map(|group| self.keys.group(group)))
             .collect();
         let kept = self.run::<i64>(&KEEP_ALIVE, keys, vec![millis(ttl).to_string()]);
-        Box::pin(async move { kept.await.map(|_| ()) })
+        Box::pin(async move { kept.await.map(|held| held == 1) })
     }
 }

@@ -40,28 +40,35 @@ async fn shares(store: &Arc<dyn PresenceStore>, name: &str) -> Vec<(String, Stri
     shares
 }
 
+/// `(connections, new)` of a join.
+async fn join(
+    store: &Arc<dyn PresenceStore>,
+    group: &GroupName,
+    user: &UserId,
+    connection: &ConnectionId,
+) -> (u64, bool) {
+    let joined = store.join(group, user, connection, TTL).await.unwrap();
+    (joined.connections, joined.new)
+}
+
 /// Each node's share counts apart; the cluster-wide count says who arrived (1) and who left
-/// (0); a join or leave made twice counts once; a leave of a connection never counted changes
-/// nothing.
+/// (0); a join or leave made again counts once and answers as the first did; a leave of a
+/// connection never counted changes nothing.
 pub async fn counts_span_nodes_and_say_who_arrived_and_who_left(store: Arc<dyn PresenceStore>) {
     let room = group("room: 1");
     let (alice, bob) = (user("alice@example.com"), user("bob"));
     let (a1, a2, a3, b1) = (conn("n1", 1), conn("n2", 1), conn("n1", 2), conn("n1", 3));
     assert_eq!(
-        store.join(&room, &alice, &a1, TTL).await.unwrap(),
-        1,
+        join(&store, &room, &alice, &a1).await,
+        (1, true),
         "alice arrives"
     );
-    assert_eq!(store.join(&room, &alice, &a2, TTL).await.unwrap(), 2);
-    assert_eq!(store.join(&room, &alice, &a3, TTL).await.unwrap(), 3);
+    assert_eq!(join(&store, &room, &alice, &a2).await, (2, true));
+    assert_eq!(join(&store, &room, &alice, &a3).await, (3, true));
+    assert_eq!(join(&store, &room, &alice, &a3).await, (3, false), "once");
     assert_eq!(
-        store.join(&room, &alice, &a3, TTL).await.unwrap(),
-        3,
-        "once"
-    );
-    assert_eq!(
-        store.join(&room, &bob, &b1, TTL).await.unwrap(),
-        1,
+        join(&store, &room, &bob, &b1).await,
+        (1, true),
         "bob arrives"
     );
     assert_eq!(
@@ -74,13 +81,17 @@ pub async fn counts_span_nodes_and_say_who_arrived_and_who_left(store: Arc<dyn P
     );
     assert_eq!(store.leave(&room, &alice, &a1).await.unwrap(), Some(2));
     assert_eq!(store.leave(&room, &alice, &a3).await.unwrap(), Some(1));
-    assert_eq!(store.leave(&room, &alice, &a3).await.unwrap(), None, "once");
+    assert_eq!(
+        store.leave(&room, &alice, &a3).await.unwrap(),
+        Some(1),
+        "again: once"
+    );
     assert_eq!(
         store.leave(&room, &alice, &a2).await.unwrap(),
         Some(0),
         "alice left"
     );
-    assert_eq!(store.leave(&room, &alice, &a2).await.unwrap(), None);
+    assert_eq!(store.leave(&room, &alice, &a2).await.unwrap(), Some(0));
     assert_eq!(store.leave(&group("other"), &bob, &b1).await.unwrap(), None);
     assert_eq!(
         shares(&store, "room: 1").await,
@@ -88,9 +99,12 @@ pub async fn counts_span_nodes_and_say_who_arrived_and_who_left(store: Arc<dyn P
     );
     assert_eq!(store.leave(&room, &bob, &b1).await.unwrap(), Some(0));
     assert!(shares(&store, "room: 1").await.is_empty());
+    // Back after leaving: counted anew.
+    assert_eq!(join(&store, &room, &alice, &a1).await, (1, true));
 }
 
-/// Reaping a node takes its shares, and tells who left a group altogether, once.
+/// Reaping a node takes its shares, and tells who left a group altogether, once; the node's
+/// keep-alive then says its entries are gone.
 pub async fn a_reaped_node_takes_its_shares_and_only_the_first_reap_tells(
     store: Arc<dyn PresenceStore>,
 ) {
@@ -103,8 +117,14 @@ pub async fn a_reaped_node_takes_its_shares_and_only_the_first_reap_tells(
         (&g, &bob, conn("n1", 3)),
         (&g, &bob, conn("n2", 1)),
     ] {
-        store.join(in_group, who, &connection, TTL).await.unwrap();
+        join(&store, in_group, who, &connection).await;
     }
+    assert!(
+        store
+            .keep_alive(&node("n1"), vec![g.clone()], TTL)
+            .await
+            .unwrap()
+    );
     let left: BTreeSet<(String, String)> = store
         .reap(&node("n1"))
         .await
@@ -126,9 +146,22 @@ pub async fn a_reaped_node_takes_its_shares_and_only_the_first_reap_tells(
         None,
         "reaped"
     );
+    assert!(
+        !store
+            .keep_alive(&node("n1"), vec![g.clone()], TTL)
+            .await
+            .unwrap(),
+        "n1's entries are gone: it counts them again"
+    );
+    assert!(
+        store
+            .keep_alive(&node("n2"), vec![g.clone()], TTL)
+            .await
+            .unwrap()
+    );
     assert_eq!(
-        store.join(&g, &bob, &conn("n1", 4), TTL).await.unwrap(),
-        2,
+        join(&store, &g, &bob, &conn("n1", 3)).await,
+        (2, true),
         "n1 counts anew"
     );
 }
