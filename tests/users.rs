@@ -609,10 +609,35 @@ async fn presence_is_right_across_three_nodes_and_each_change_is_announced_once(
         assert!(more.is_empty(), "{}: announced twice: {more:?}", watcher.id);
     }
 
+    // A join and a presence query sent together: the answer counts the join.
+    let mut carol = connect_as(&urls[1], "carol").await;
+    carol
+        .send_all(&[
+            json!({"op": "join", "group": "room"}),
+            json!({"op": "presence", "group": "room", "id": "who"}),
+        ])
+        .await
+        .unwrap();
+    let answer = loop {
+        let frame = next_frame(&mut carol, &cluster).await;
+        if frame["type"] == "presence" {
+            break frame;
+        }
+    };
+    assert!(
+        answer["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["user"] == "carol"),
+        "{answer}"
+    );
+
     // Everyone gone: the room's presence is gone from Redis.
     watcher_a.close().await;
     watcher_b.close().await;
     alice_b.close().await;
+    carol.close().await;
     let mut redis = redis::Client::open(hybrid_cluster_test_support::servers::redis_url())
         .unwrap()
         .get_multiplexed_async_connection()

@@ -10,6 +10,8 @@
 //! same connections (then the sender's order comes first).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use hybrid_cluster_core::{ConnectionId, GroupName, MessageId, Target, UserId};
 use serde_json::value::RawValue;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::SendError;
@@ -162,8 +165,8 @@ impl<'a> Ahead<'a> {
             // A local unicast must not overtake a message that may reach the same connection.
             Request::Send { .. } => !self.fanout,
             // Membership decides who gets a group message: not before one already sent.
-            // Not ahead of a waiting request. (A membership change started before it may still
-            // be under way: a client that wants to see its own join waits for its answer.)
+            // Not ahead of a waiting request; once started, it waits for the joins and leaves
+            // under way.
             Request::Membership { group, .. } => !self.groups.contains(&group),
             Request::Presence { .. } => false,
             Request::Broadcast { .. } | Request::Group { .. } | Request::SendUser { .. } => false,
@@ -207,6 +210,44 @@ pub(super) struct Requests {
     pub(super) goodbye: bool,
     /// The connection's rate limit, when the cluster has one.
     limiter: Option<RateLimiter>,
+    /// Joins and leaves under way: a presence query waits for them, so that it sees the
+    /// memberships asked before it.
+    memberships: Arc<InFlight>,
+}
+
+/// Requests of one kind under way, and a wait for none to be.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    done: Notify,
+}
+
+impl InFlight {
+    /// Counts one in until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(Arc::clone(self))
+    }
+
+    /// Waits until none is under way.
+    async fn idle(&self) {
+        loop {
+            let done = self.done.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.done.notify_waiters();
+    }
 }
 
 impl Requests {
@@ -220,6 +261,7 @@ impl Requests {
             unanswered: Vec::new(),
             goodbye: false,
             limiter: handle.rate_limiter(),
+            memberships: Arc::default(),
             handle,
         }
     }
@@ -473,11 +515,17 @@ impl Requests {
                 Box::pin(async move { sent_replies(confirmation.await, id.as_deref()).into() })
             }
             Request::Presence { group, id } => {
-                Box::pin(presence_replies(self.handle.clone(), group, id))
+                let (handle, memberships) = (self.handle.clone(), Arc::clone(&self.memberships));
+                Box::pin(async move {
+                    memberships.idle().await;
+                    presence_replies(handle, group, id).await
+                })
             }
             Request::Membership { join, group, id } => {
                 let handle = self.handle.clone();
+                let under_way = self.memberships.enter();
                 Box::pin(async move {
+                    let _under_way = under_way;
                     let result = if join {
                         handle.join(&group).await
                     } else {
