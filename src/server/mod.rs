@@ -29,6 +29,7 @@ mod admin;
 mod render;
 mod requests;
 mod routes;
+mod tracking;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -11,18 +11,15 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use hybrid_cluster_core::{ConnectionId, GroupName, MessageId, Target, UserId};
 use serde_json::value::RawValue;
-use tokio::sync::Notify;
-use tokio::time::Instant;
 
+use super::tracking::{InFlight, InFlightGuard, SentIds};
 use crate::error::SendError;
 use crate::handle::{ClusterHandle, OrderedSender, Payload};
 use crate::limit::{RateDecision, RateLimiter};
@@ -213,41 +210,6 @@ pub(super) struct Requests {
     /// Joins and leaves under way: a presence query waits for them, so that it sees the
     /// memberships asked before it.
     memberships: Arc<InFlight>,
-}
-
-/// Requests of one kind under way, and a wait for none to be.
-#[derive(Default)]
-struct InFlight {
-    count: AtomicUsize,
-    done: Notify,
-}
-
-impl InFlight {
-    /// Counts one in until the guard is dropped.
-    fn enter(self: &Arc<Self>) -> InFlightGuard {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard(Arc::clone(self))
-    }
-
-    /// Waits until none is under way.
-    async fn idle(&self) {
-        loop {
-            let done = self.done.notified();
-            if self.count.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            done.await;
-        }
-    }
-}
-
-struct InFlightGuard(Arc<InFlight>);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.done.notify_waiters();
-    }
 }
 
 impl Requests {
@@ -522,20 +484,28 @@ impl Requests {
                 })
             }
             Request::Membership { join, group, id } => {
-                let handle = self.handle.clone();
                 let under_way = self.memberships.enter();
-                Box::pin(async move {
-                    let _under_way = under_way;
-                    let result = if join {
-                        handle.join(&group).await
-                    } else {
-                        handle.leave(&group).await
-                    };
-                    membership_replies(join, &group, result, id.as_deref()).into()
-                })
+                Box::pin(membership(self.handle.clone(), join, group, id, under_way))
             }
         }
     }
+}
+
+/// A join or leave, and its answer; `under_way` counts it until it is settled.
+async fn membership(
+    handle: ClusterHandle,
+    join: bool,
+    group: GroupName,
+    id: Option<Box<RawValue>>,
+    under_way: InFlightGuard,
+) -> Settled {
+    let result = if join {
+        handle.join(&group).await
+    } else {
+        handle.leave(&group).await
+    };
+    drop(under_way);
+    membership_replies(join, &group, result, id.as_deref()).into()
 }
 
 /// The answer to a `presence` op: the group's members, or why not.
@@ -593,43 +563,6 @@ fn send_error_reply(id: Option<&RawValue>, error: &SendError) -> String {
 
 fn ack(id: Option<&RawValue>) -> Option<String> {
     id.map(|id| ServerMessage::Ack { id }.to_json())
-}
-
-/// The correlation ids of a connection's latest unicasts, by message id, so that a notice of
-/// a message not delivered can name the request it answers.
-///
-/// Bounded by time and by count: an id is kept for [`SentIds::WINDOW`] (a notice comes once
-/// the message reached its node, long before that unless the node was away), and only the
-/// latest [`SentIds::CAPACITY`]; memory given back when a burst is over. A notice that comes
-/// later is still sent, naming the message but no request id.
-#[derive(Default)]
-struct SentIds(VecDeque<(Instant, MessageId, Box<RawValue>)>);
-
-impl SentIds {
-    const CAPACITY: usize = 1024;
-    const WINDOW: Duration = Duration::from_secs(60);
-
-    fn remember(&mut self, message_id: MessageId, id: Box<RawValue>) {
-        let now = Instant::now();
-        while let Some((sent, ..)) = self.0.front() {
-            if self.0.len() < Self::CAPACITY && now.duration_since(*sent) < Self::WINDOW {
-                break;
-            }
-            self.0.pop_front();
-        }
-        if self.0.capacity() > 64 && self.0.len() < self.0.capacity() / 4 {
-            self.0.shrink_to(self.0.len() * 2);
-        }
-        self.0.push_back((now, message_id, id));
-    }
-
-    fn client_id(&self, message_id: MessageId) -> Option<Box<RawValue>> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(_, sent_id, _)| *sent_id == message_id)
-            .map(|(.., id)| id.clone())
-    }
 }
 
 #[cfg(test)]
@@ -746,29 +679,5 @@ mod tests {
                 .contains(r#""id":7"#)
         );
         assert!(requests.unanswered.is_empty());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn sent_ids_are_forgotten_after_their_window_and_past_their_count() {
-        let id = |n: u32| RawValue::from_string(n.to_string()).unwrap();
-        let mut sent = SentIds::default();
-        let first = MessageId::random();
-        sent.remember(first, id(1));
-        assert_eq!(sent.client_id(first).unwrap().get(), "1");
-        tokio::time::advance(SentIds::WINDOW).await;
-        let second = MessageId::random();
-        sent.remember(second, id(2));
-        assert!(sent.client_id(first).is_none(), "past its window");
-        assert_eq!(sent.client_id(second).unwrap().get(), "2");
-        for n in 0..SentIds::CAPACITY as u32 {
-            sent.remember(MessageId::random(), id(n));
-        }
-        assert_eq!(sent.0.len(), SentIds::CAPACITY);
-        assert!(sent.client_id(second).is_none(), "past the count");
-        // A burst over, its memory goes back.
-        tokio::time::advance(SentIds::WINDOW).await;
-        sent.remember(MessageId::random(), id(0));
-        assert_eq!(sent.0.len(), 1);
-        assert!(sent.0.capacity() < SentIds::CAPACITY);
     }
 }
