@@ -60,6 +60,20 @@ fn with_auth(cluster: &NodeCluster) -> NodeOptions {
     options
 }
 
+/// Starts the nodes `names` of `cluster` with `options`, waits until each sees them all, and
+/// returns their WebSocket URLs, in order (node `i` is `cluster.nodes[i]`).
+async fn start_all<const N: usize>(
+    cluster: &mut NodeCluster,
+    names: [&str; N],
+    options: &NodeOptions,
+) -> [String; N] {
+    for name in names {
+        cluster.start(name, options).await;
+    }
+    cluster.wait_for_nodes(N, WAIT).await;
+    std::array::from_fn(|i| cluster.nodes[i].ws_url())
+}
+
 async fn connect_as(node_url: &str, user: &str) -> Client {
     let client = Client::connect(&format!("{node_url}?token={}", token(user)))
         .await
@@ -108,10 +122,7 @@ async fn a_user_with_connections_on_two_nodes_gets_each_send_user_once_on_each()
     const MESSAGES: u64 = 200;
     let mut cluster = NodeCluster::new("users-send");
     let options = with_auth(&cluster);
-    let a = cluster.start("users-a", &options).await;
-    let b = cluster.start("users-b", &options).await;
-    cluster.wait_for_nodes(2, WAIT).await;
-    let (url_a, url_b) = (cluster.nodes[a].ws_url(), cluster.nodes[b].ws_url());
+    let [url_a, url_b] = start_all(&mut cluster, ["users-a", "users-b"], &options).await;
 
     let mut alice = vec![
         connect_as(&url_a, "alice").await,
@@ -187,10 +198,8 @@ async fn a_user_with_connections_on_two_nodes_gets_each_send_user_once_on_each()
 async fn an_operator_disconnects_a_user_from_every_node() {
     let mut cluster = NodeCluster::new("users-kick");
     let options = with_auth(&cluster);
-    let a = cluster.start("kick-a", &options).await;
-    let b = cluster.start("kick-b", &options).await;
-    cluster.wait_for_nodes(2, WAIT).await;
-    let (url_a, url_b) = (cluster.nodes[a].ws_url(), cluster.nodes[b].ws_url());
+    let [url_a, url_b] = start_all(&mut cluster, ["kick-a", "kick-b"], &options).await;
+    let b = 1;
     let mut mallory = vec![
         connect_as(&url_a, "mallory").await,
         connect_as(&url_b, "mallory").await,
@@ -368,10 +377,8 @@ async fn a_flooding_client_is_refused_then_closed_while_its_neighbours_are_serve
     const REQUESTS: u64 = 2000;
     let mut cluster = NodeCluster::new("users-flood");
     let options = cluster.options().arg("--rate-limit", RATE);
-    let a = cluster.start("flood-a", &options).await;
-    let b = cluster.start("flood-b", &options).await;
-    cluster.wait_for_nodes(2, WAIT).await;
-    let (url_a, url_b) = (cluster.nodes[a].ws_url(), cluster.nodes[b].ws_url());
+    let [url_a, url_b] = start_all(&mut cluster, ["flood-a", "flood-b"], &options).await;
+    let a = 0;
     // Neighbours: pairs on the flooders' node, one talking within the node, one across.
     let mut pairs = Vec::new();
     for url in [&url_a, &url_b] {
@@ -513,14 +520,13 @@ async fn join_room(client: &mut Client, cluster: &NodeCluster) {
 async fn presence_is_right_across_three_nodes_and_each_change_is_announced_once() {
     let mut cluster = NodeCluster::new("users-presence");
     let options = with_auth(&cluster);
-    let a = cluster.start("presence-a", &options).await;
-    let b = cluster.start("presence-b", &options).await;
-    let c = cluster.start("presence-c", &options).await;
-    cluster.wait_for_nodes(3, WAIT).await;
-    let urls: Vec<String> = [a, b, c]
-        .iter()
-        .map(|&i| cluster.nodes[i].ws_url())
-        .collect();
+    let urls = start_all(
+        &mut cluster,
+        ["presence-a", "presence-b", "presence-c"],
+        &options,
+    )
+    .await;
+    let c = 2;
 
     // Watchers on a and b see every event of the room.
     let mut watcher_a = connect_as(&urls[0], "watcher-a").await;
@@ -840,12 +846,11 @@ async fn wait_for(
 async fn a_node_taken_for_gone_and_back_counts_its_members_again() {
     let mut cluster = NodeCluster::new("users-paused");
     let options = with_auth(&cluster);
-    let a = cluster.start("paused-a", &options).await;
-    let b = cluster.start("paused-b", &options).await;
-    cluster.wait_for_nodes(2, WAIT).await;
-    let mut watcher = connect_as(&cluster.nodes[b].ws_url(), "watcher").await;
+    let [url_a, url_b] = start_all(&mut cluster, ["paused-a", "paused-b"], &options).await;
+    let a = 0;
+    let mut watcher = connect_as(&url_b, "watcher").await;
     join_room(&mut watcher, &cluster).await;
-    let mut alice = connect_as(&cluster.nodes[a].ws_url(), "alice").await;
+    let mut alice = connect_as(&url_a, "alice").await;
     join_room(&mut alice, &cluster).await;
     let mut seen = Vec::new();
     let listed = |who: &[&str]| -> Vec<(String, u64)> {

@@ -62,6 +62,7 @@ mod local;
 mod machine;
 mod memory;
 mod probes;
+mod redis_info;
 mod report;
 mod serve;
 mod sessions;

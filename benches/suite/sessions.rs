@@ -9,6 +9,7 @@ use crate::child::ChildServer;
 use crate::machine::client_budget;
 use crate::memory::idle_memory;
 use crate::probes::{Probe, measure};
+use crate::redis_info::{info_number, redis_info};
 use crate::report::{Lat, Verdict, median, rate, ratio, us};
 use crate::serve::{start_nodes_with, stop_nodes};
 use crate::throughput::unicast_run;
@@ -161,14 +162,6 @@ async fn report_memory(ctx: &mut Ctx) -> Result<(), BoxError> {
 
 /// Redis's `used_memory`, in bytes.
 async fn redis_used_memory() -> Result<u64, BoxError> {
-    let client = redis::Client::open(hybrid_cluster_test_support::servers::redis_url())?;
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut connection)
-        .await?;
-    info.lines()
-        .find_map(|line| line.strip_prefix("used_memory:"))
-        .and_then(|bytes| bytes.trim().parse().ok())
-        .ok_or_else(|| "no used_memory in INFO".into())
+    let info = redis_info("memory").await?;
+    info_number(&info, "used_memory").ok_or_else(|| "no used_memory in INFO".into())
 }

@@ -13,6 +13,7 @@ use tokio::time::timeout;
 
 use crate::clients::{client, next_text};
 use crate::probes::{Probe, measure};
+use crate::redis_info::{info_number, redis_info};
 use crate::report::{Verdict, median, rate, ratio, us};
 use crate::serve::{NODE_NAMES, RunningNode, WAIT, start_node_with, stop_nodes};
 use crate::throughput::{Unicast, pairs_run};
@@ -56,25 +57,10 @@ async fn start_nodes(prefix: &ClusterPrefix) -> Result<Vec<RunningNode>, BoxErro
 /// Redis's counts so far: commands processed (those scripts run included), and scripts run
 /// (`EVAL` and `EVALSHA` calls: one round trip each).
 async fn redis_counts() -> Result<(u64, u64), BoxError> {
-    let client = redis::Client::open(hybrid_cluster_test_support::servers::redis_url())?;
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO")
-        .arg("all")
-        .query_async(&mut connection)
-        .await?;
-    let commands = info
-        .lines()
-        .find_map(|line| line.strip_prefix("total_commands_processed:"))
-        .and_then(|count| count.trim().parse().ok())
+    let info = redis_info("all").await?;
+    let commands = info_number(&info, "total_commands_processed")
         .ok_or("no total_commands_processed in INFO")?;
-    let calls = |name: &str| -> u64 {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.strip_prefix(":calls="))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|count| count.parse().ok())
-            .unwrap_or(0)
-    };
+    let calls = |name| info_number(&info, name).unwrap_or(0);
     Ok((commands, calls("cmdstat_evalsha") + calls("cmdstat_eval")))
 }
 

@@ -35,34 +35,35 @@ struct Claims {
 }
 
 impl Jwt {
-    fn with(key: DecodingKey, algorithm: Algorithm) -> Self {
+    /// Tokens of `algorithm` verified with `key`, or `reason` when there is no key.
+    fn with(
+        key: jsonwebtoken::errors::Result<DecodingKey>,
+        algorithm: Algorithm,
+        reason: &'static str,
+    ) -> Result<Self, JwtKeyError> {
+        let key = key.map_err(|source| JwtKeyError { reason, source })?;
         let mut validation = Validation::new(algorithm);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
         // A token's `aud` is checked only against an audience this side named: most issuers
         // set one, and a token is not refused for it unless asked.
         validation.validate_aud = false;
-        Self { key, validation }
+        Ok(Self { key, validation })
     }
 
     /// Tokens signed with HMAC-SHA256 and `secret`, which the issuer shares. Fails on an
     /// empty secret.
     pub fn hs256(secret: &[u8]) -> Result<Self, JwtKeyError> {
-        let key = DecodingKey::from_secret(secret).map_err(|source| JwtKeyError {
-            reason: "the secret is empty",
-            source,
-        })?;
-        Ok(Self::with(key, Algorithm::HS256))
+        let key = DecodingKey::from_secret(secret);
+        Self::with(key, Algorithm::HS256, "the secret is empty")
     }
 
     /// Tokens signed with RSA-SHA256 by the holder of the private half of `public_key_pem`
     /// (`-----BEGIN PUBLIC KEY-----` or `-----BEGIN RSA PUBLIC KEY-----`).
     pub fn rs256_pem(public_key_pem: &[u8]) -> Result<Self, JwtKeyError> {
-        let key = DecodingKey::from_rsa_pem(public_key_pem).map_err(|source| JwtKeyError {
-            reason: "the key is not a PEM-encoded RSA public key",
-            source,
-        })?;
-        Ok(Self::with(key, Algorithm::RS256))
+        let key = DecodingKey::from_rsa_pem(public_key_pem);
+        let reason = "the key is not a PEM-encoded RSA public key";
+        Self::with(key, Algorithm::RS256, reason)
     }
 
     /// Accepts only tokens whose `aud` names one of `audience`.

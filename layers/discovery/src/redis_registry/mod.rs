@@ -135,6 +135,32 @@ async fn within<T>(
         .map_err(classify)
 }
 
+/// Runs `script` on `connection` with `keys` and `args`, its errors classified.
+fn invoke<C, T>(
+    mut connection: C,
+    script: &'static redis::Script,
+    keys: impl IntoIterator<Item = String>,
+    args: impl IntoIterator<Item = impl redis::ToRedisArgs>,
+) -> BoxFuture<'static, Result<T, RegistryError>>
+where
+    C: ConnectionLike + Send + 'static,
+    T: redis::FromRedisValue + Send + 'static,
+{
+    let mut invocation = script.prepare_invoke();
+    for key in keys {
+        invocation.key(key);
+    }
+    for arg in args {
+        invocation.arg(arg);
+    }
+    Box::pin(async move {
+        invocation
+            .invoke_async::<T>(&mut connection)
+            .await
+            .map_err(classify)
+    })
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)

@@ -22,7 +22,7 @@ use hybrid_cluster_core::{
 use redis::Script;
 use redis::aio::ConnectionLike;
 
-use super::{classify, millis};
+use super::{classify, invoke, millis};
 
 /// How long the answer of a leave is kept, for a leave made again (ms).
 const LEAVES_KEPT_MS: u64 = 300_000;
@@ -172,20 +172,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisPresenceStore<C> {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> BoxFuture<'static, Result<T, RegistryError>> {
-        let mut connection = self.connection.clone();
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        for arg in args {
-            invocation.arg(arg);
-        }
-        Box::pin(async move {
-            invocation
-                .invoke_async::<T>(&mut connection)
-                .await
-                .map_err(classify)
-        })
+        invoke(self.connection.clone(), script, keys, args)
     }
 }
 

@@ -24,7 +24,7 @@ use redis::{Script, Value};
 mod scripts;
 
 use self::scripts::SCRIPTS;
-use super::{classify, millis};
+use super::{classify, invoke, millis};
 
 /// The length of a log member's message-id prefix.
 const ID_LEN: usize = 32;
@@ -91,18 +91,8 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisSessionStore<C> {
         id: SessionId,
         args: Vec<Vec<u8>>,
     ) -> BoxFuture<'static, Result<T, RegistryError>> {
-        let mut connection = self.connection.clone();
-        let mut invocation = script.prepare_invoke();
-        invocation.key(self.keys.record(id)).key(self.keys.log(id));
-        for arg in args {
-            invocation.arg(arg);
-        }
-        Box::pin(async move {
-            invocation
-                .invoke_async::<T>(&mut connection)
-                .await
-                .map_err(classify)
-        })
+        let keys = [self.keys.record(id), self.keys.log(id)];
+        invoke(self.connection.clone(), script, keys, args)
     }
 
     fn index_prefix(&self) -> Vec<u8> {
