@@ -19,7 +19,7 @@ use axum::response::Html;
 use axum::routing::get;
 use futures_util::StreamExt;
 use hybrid_cluster::discovery::DiscoveryConfig;
-use hybrid_cluster::server::{self, ServerConfig};
+use hybrid_cluster::server::{self, ServerAuth, ServerConfig};
 use hybrid_cluster::{Backends, Cluster, ClusterConfig, ClusterPrefix, ConnectionId, NodeId};
 use hybrid_cluster_test_support::browser::{Browser, Page};
 use hybrid_cluster_test_support::client::Client;
@@ -92,6 +92,17 @@ impl TestCluster {
 
     /// Starts node `{test}-{name}`, after `configure` adjusted its configuration.
     async fn start(&self, name: &str, configure: impl FnOnce(&mut ClusterConfig)) -> Node {
+        self.start_with(name, configure, ServerAuth::default())
+            .await
+    }
+
+    /// [`start`](TestCluster::start), its server's clients identified as `auth` says.
+    async fn start_with(
+        &self,
+        name: &str,
+        configure: impl FnOnce(&mut ClusterConfig),
+        auth: ServerAuth,
+    ) -> Node {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let id = NodeId::new(format!("{}-{name}", self.test)).unwrap();
@@ -107,7 +118,7 @@ impl TestCluster {
         let cluster = Cluster::start(config, backends)
             .await
             .expect("Redis and RabbitMQ are running (./scripts/test.sh starts them)");
-        let app = server::router(cluster.clone(), ServerConfig::default());
+        let app = server::router_with(cluster.clone(), ServerConfig::default(), auth);
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
@@ -755,4 +766,78 @@ async fn client_js_follows_redirects_placement_and_drains_and_settles_requests()
             "turns": ["ws://f.test/ws", "ws://home2.test/ws", "ws://f.test/ws"],
         })
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_js_speaks_to_users_and_stays_closed_once_its_user_is_disconnected() {
+    use hybrid_cluster::{Identify, IdentityLayer, Jwt, UserId};
+    let tc = TestCluster::new("users");
+    let secret = b"browser-users-secret";
+    let identify: std::sync::Arc<dyn Identify> = std::sync::Arc::new(Jwt::hs256(secret).unwrap());
+    let auth = ServerAuth {
+        identity: Some(IdentityLayer::new(identify).required()),
+        admin_token: None,
+    };
+    let a = tc.start_with("a", |_| {}, auth).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+    )
+    .unwrap();
+    let url = format!("{}?token={token}", a.ws_url());
+    let mut tab = Tab::open(client_page(a.port, &url, "")).await;
+    let welcome = tab.until("ready", 1).await;
+    assert_eq!(welcome["user"], "alice", "{welcome}");
+
+    let script = r#"(async () => {
+  const settled = (promise) => promise.then(() => "ack", (error) => error.code);
+  const joined = await settled(client.join("room"));
+  const presence = await client.presence("room");
+  return {
+    joined,
+    members: presence.members,
+    sent: await settled(client.sendUser("alice", { to: "alice" })),
+    nobody: await settled(client.sendUser("nobody", 1)),
+  };
+})()"#;
+    let outcomes = within("the requests settle", tab.browser.eval(&tab.page, script))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        json!({"joined": "ack", "members": [{"user": "alice", "connections": 1}],
+               "sent": "ack", "nobody": "not_found"})
+    );
+    assert_eq!(tab.until("message", 1).await, json!({"to": "alice"}));
+
+    // An operator disconnects alice: the client closes for good, with the reason.
+    let alice = UserId::new("alice").unwrap();
+    within(
+        "the user is disconnected",
+        a.cluster
+            .handle()
+            .disconnect_user(&alice, "banned for spam"),
+    )
+    .await
+    .unwrap();
+    let close = tab.until("close", 1).await;
+    assert_eq!(close["code"], "user_disconnected", "{close}");
+    assert_eq!(close["message"], "banned for spam", "{close}");
+    let reconnecting = within(
+        "the page answers",
+        tab.browser.eval(
+            &tab.page,
+            "document.querySelectorAll('[data-kind=\"reconnecting\"]').length",
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reconnecting, 0, "no reconnection after 4003");
+    a.shutdown().await;
 }

@@ -904,3 +904,74 @@ async fn a_node_taken_for_gone_and_back_counts_its_members_again() {
     let more = presence_events(&mut watcher, &mut seen, "end", &cluster).await;
     assert_eq!(more, pairs(&[("presence_leave", "alice")]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_a_user_whose_client_is_away_waits_in_its_session() {
+    let mut cluster = NodeCluster::new("users-session");
+    let mut options = with_auth(&cluster);
+    options.args.push("--sessions".to_owned());
+    let [url_a, url_b] = start_all(&mut cluster, ["session-a", "session-b"], &options).await;
+    let alice = connect_as(&url_a, "alice").await;
+    let session = alice.session.clone().expect("a session token");
+    // Away (1001 keeps the session), then sent to as a user from another node.
+    alice.close_with(1001).await;
+    let mut bob = connect_as(&url_b, "bob").await;
+    let ack = request(
+        &mut bob,
+        json!({"op": "send_user", "user": "alice", "data": "while away", "id": 1}),
+        &cluster,
+    )
+    .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    // Back on the other node, with the session and a token: the message is replayed.
+    let url = format!("{url_b}?token={}&resume={session}&last=0", token("alice"));
+    let mut back = Client::connect(&url).await.unwrap();
+    assert_eq!(back.user.as_deref(), Some("alice"));
+    let resumed = next_frame(&mut back, &cluster).await;
+    assert_eq!(resumed["type"], "resumed", "{resumed}");
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    assert_eq!(resumed["missed"], 1, "{resumed}");
+    let missed = next_frame(&mut back, &cluster).await;
+    assert_eq!(missed["type"], "message", "{missed}");
+    assert_eq!(missed["user"], "alice", "{missed}");
+    assert_eq!(missed["data"], "while away", "{missed}");
+    // And the user is reached on the node they came back to.
+    let ack = request(
+        &mut bob,
+        json!({"op": "send_user", "user": "alice", "data": "back", "id": 2}),
+        &cluster,
+    )
+    .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(next_frame(&mut back, &cluster).await["data"], "back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_users_session_ends_and_cannot_be_resumed() {
+    let mut cluster = NodeCluster::new("users-kick-session");
+    let mut options = with_auth(&cluster);
+    options.args.push("--sessions".to_owned());
+    let [url_a] = start_all(&mut cluster, ["kick-session-a"], &options).await;
+    let mut mallory = connect_as(&url_a, "mallory").await;
+    let session = mallory.session.clone().expect("a session token");
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, body) = http_request(
+        cluster.nodes[0].port,
+        "POST",
+        "/cluster/users/mallory/disconnect",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    match mallory.next_json(WAIT).await.unwrap() {
+        Err(Ended::Closed(Some(frame))) => assert_eq!(u16::from(frame.code), 4003),
+        other => panic!("expected a close, got {other:?}"),
+    }
+    let url = format!("{url_a}?token={}&resume={session}&last=0", token("mallory"));
+    let mut back = Client::connect(&url).await.unwrap();
+    let resumed = next_frame(&mut back, &cluster).await;
+    assert_eq!(resumed["type"], "resumed", "{resumed}");
+    assert_eq!(resumed["recovered"], false, "the session ended: {resumed}");
+}
